@@ -1,0 +1,111 @@
+"""The method adapter API: every FSAD method is one subclass of :class:`Adapter`.
+
+Life of an adapter in a benchmark cell (see ``fsad_bench.engine``)::
+
+    a = Method(config)
+    a.fit(train)           # protocol-dependent training; may be a no-op
+    a.adapt(support)       # (K, 3, S, S) in [0, 1] -> the category's normal model
+    scores, maps = a.predict(images)   # (N,), (N, S, S); higher = more anomalous
+
+``train`` is a mapping ``category -> torch Dataset`` of ``(3, S, S)`` images in [0, 1]:
+
+* ``aggregated`` protocol: every category of the dataset except the held-out target
+  (its train/good images); one fit is shared by all k and runs of that target;
+* ``individual`` protocol: ``{target: support images}`` only, one fit per cell;
+* ``training-free`` methods never train (``fit`` is not called);
+* ``cross-dataset``: all categories of another dataset.
+
+A trained state is cached by the engine through :meth:`state_dict` / :meth:`load_state_dict`
+(default: the ``nn.Module`` attributes of the adapter), keyed by (method, dataset,
+held-out category, preset, seed, config).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+PROTOCOLS = ("aggregated", "individual", "training-free", "cross-dataset")
+TrainSet = Mapping[str, torch.utils.data.Dataset]
+
+
+@dataclass
+class AdapterConfig:
+    """What every adapter receives.
+
+    ``preset`` names an entry of the adapter's ``presets``; ``options`` override single
+    preset values (from the suite's ``[options.<method>]`` table); ``seed`` decides every
+    initialisation and augmentation of the adapter.
+    """
+
+    device: str = "cpu"
+    weights: str = "auto"
+    preset: str = "cpu"
+    seed: int = 0
+    image_size: int = 224
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Adapter(ABC):
+    """Base class of method adapters (scikit-learn-like: configure, fit, adapt, predict)."""
+
+    #: Registry name, e.g. ``"regad"``.
+    name: ClassVar[str] = ""
+    #: One of :data:`PROTOCOLS`.
+    protocol: ClassVar[str] = "training-free"
+    #: Named hyper-parameter sets; ``"cpu"`` must exist (fits a 2-core machine).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"cpu": {}}
+    #: Paper reference, shown by ``fsad-bench methods``.
+    paper: ClassVar[str] = ""
+
+    def __init__(self, config: AdapterConfig | None = None):
+        self.config = config or AdapterConfig()
+        preset = self.config.preset if self.config.preset in self.presets else "cpu"
+        self.preset_name = preset
+        self.hparams: dict[str, Any] = {**self.presets[preset], **self.config.options}
+        self.device = torch.device(self.config.device)
+        #: Backbone weights actually used ("imagenet", "random-init", "file:x.pth"); set by subclasses.
+        self.weights_tag = "n/a"
+
+    # -- the three stages -------------------------------------------------------------
+    def fit(self, train: TrainSet) -> None:
+        """Train on ``train`` (see module docstring). Default: nothing to train."""
+
+    @abstractmethod
+    def adapt(self, support: torch.Tensor) -> None:
+        """Build the normal model from support images ``(K, 3, S, S)`` in [0, 1]."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score images ``(N, 3, S, S)`` -> image scores ``(N,)``, anomaly maps ``(N, S, S)``."""
+
+    # -- caching of trained state -----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Trained state to cache after ``fit`` (default: every ``nn.Module`` attribute)."""
+        return {k: v.state_dict() for k, v in vars(self).items() if isinstance(v, nn.Module)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            getattr(self, k).load_state_dict(v)
+
+    # -- labels -----------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """Column label in tables: name plus preset / weights when they matter."""
+        tags = []
+        if len(self.presets) > 1:
+            tags.append(self.preset_name)
+        if self.weights_tag not in ("imagenet", "n/a"):
+            tags.append(self.weights_tag)
+        return f"{self.name} [{', '.join(tags)}]" if tags else self.name
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that changes the numbers (goes into the config hash)."""
+        return {"method": self.name, "protocol": self.protocol, "preset": self.preset_name,
+                "hparams": self.hparams, "weights": self.config.weights,
+                "image_size": self.config.image_size, "seed": self.config.seed}

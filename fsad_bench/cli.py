@@ -1,0 +1,175 @@
+"""Command line: ``fsad-bench run | table | methods | datasets | synth``."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import registry
+from .errors import FsadError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise FsadError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fsad-bench")
+def cli() -> None:
+    """Benchmark harness for few-shot anomaly detection."""
+
+
+@cli.command()
+@click.option("--suite", "suite_name", required=True, help="Built-in suite name (demo, paper_mvtec, ...) or a .toml file.")
+@click.option("--methods", help="Comma-separated methods (overrides the suite).")
+@click.option("--k", "ks", help="Comma-separated shot counts, e.g. 2,4,8.")
+@click.option("--runs", type=int, help="Runs (support-set draws) per k.")
+@click.option("--categories", help="Comma-separated categories (default: the suite's, else all).")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder in the MVTec AD layout.")
+@click.option("--out", type=click.Path(path_type=Path), help="Results folder (default results/<suite>).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (cuda when present).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Parallel worker processes.")
+@click.option("--weights", help="imagenet | auto | none | PATH to a backbone state dict.")
+@click.option("--preset", help="Method preset: cpu or paper.")
+@click.option("--image-size", type=int, help="Input size in pixels.")
+@click.option("--seed", type=int, help="The one seed deciding supports, augmentations and inits.")
+@click.option("--support-lists", type=click.Path(path_type=Path), help="JSON of fixed support sets.")
+def run(suite_name, methods, ks, runs, categories, data_root, out, device, jobs, weights, preset, image_size, seed,
+        support_lists) -> None:
+    """Run a benchmark suite (resumable: finished cells are skipped) and print its tables."""
+    from .engine import pick_device, plan, run_suite
+    from .protocols import load_suite, validate_numbers
+    from .report import print_table, write_tables
+
+    suite = load_suite(suite_name)
+    overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "categories": _names(categories),
+                 "data_root": str(data_root) if data_root else None, "weights": weights, "preset": preset,
+                 "image_size": image_size, "seed": seed, "support_lists": str(support_lists) if support_lists else None}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(suite, key, value)
+    validate_numbers(suite, f"suite {suite.name}")
+    if jobs < 1:
+        raise FsadError(f"--jobs must be >= 1, got {jobs}")
+    device = pick_device(device)
+    out = out or Path("results") / suite.name
+    _, cells = plan(suite)
+    from .store import ResultStore
+
+    todo = len(cells) - len(ResultStore(out).done_ids() & {c.cell_id for c in cells})
+    console.print(f"[bold]{suite.name}[/]: {len(cells)} cells ({len(cells) - todo} done), "
+                  f"{len(suite.methods)} methods, device {device}, results in {out}")
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                  transient=False) as bar:
+        task = bar.add_task("cells", total=todo)
+        run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n))
+    tables = write_tables(out, suite.methods)
+    for name, table in tables.items():
+        print_table(table, name, console)
+    console.print(f"done in {time.perf_counter() - t0:.1f} s; tables in {out / 'tables'}")
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+def table(results_dir: Path) -> None:
+    """Rebuild and print the tables of RESULTS_DIR without rerunning anything."""
+    from .report import print_table, write_tables
+
+    if not results_dir.is_dir():
+        raise FsadError(f"results folder {results_dir} does not exist")
+    for name, t in write_tables(results_dir).items():
+        print_table(t, name, console)
+    console.print(f"tables in {results_dir / 'tables'}")
+
+
+@cli.command()
+def methods() -> None:
+    """List registered method adapters."""
+    from rich.table import Table
+
+    t = Table(title="methods")
+    for col in ("name", "protocol", "presets", "reference"):
+        t.add_column(col)
+    for name in registry.available():
+        cls = registry.get(name)
+        t.add_row(name, cls.protocol, ", ".join(cls.presets), cls.paper)
+    console.print(t)
+
+
+@cli.command()
+def datasets() -> None:
+    """List known datasets, their categories, and the built-in suites."""
+    from rich.table import Table
+
+    from .data import KNOWN_DATASETS
+    from .protocols import builtin_suites
+
+    t = Table(title="datasets (MVTec AD folder layout; pass --data-root)")
+    t.add_column("name")
+    t.add_column("categories")
+    for name, cats in KNOWN_DATASETS.items():
+        t.add_row(name, ", ".join(cats) if cats else "generated by `fsad-bench synth` (built-in)")
+    console.print(t)
+    console.print("suites: " + ", ".join(builtin_suites()))
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option("--categories", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--train", "n_train", type=int, default=40, show_default=True, help="Normal training images per category.")
+@click.option("--size", type=int, default=256, show_default=True)
+def synth(out: Path, categories: int, seed: int, n_train: int, size: int) -> None:
+    """Write the synthetic dataset (MVTec AD layout) to OUT."""
+    from .synthetic import category_names, generate
+
+    generate(out, categories=categories, seed=seed, n_train=n_train, size=size)
+    console.print(f"wrote {', '.join(category_names(categories))} to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: FsadError -> one line on stderr, exit 2; a crash -> one line, exit 1."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted; finished cells are kept (rerun to resume)")
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except FsadError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; finished cells are kept (rerun to resume)")
+        sys.exit(130)
+    except Exception as err:  # a bug in a method: one line, the trace only on request
+        if "FSAD_BENCH_DEBUG" in __import__("os").environ:
+            traceback.print_exc()
+        err_console.print(f"error: {err.__class__.__name__}: {err} (set FSAD_BENCH_DEBUG=1 for the traceback; "
+                          "finished cells are kept)", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

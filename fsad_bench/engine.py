@@ -1,0 +1,296 @@
+"""Protocol engine: expands a suite into cells and runs them.
+
+A *cell* is (method, protocol, dataset, category, k, run). Cells are grouped by
+(method, category): an ``aggregated`` method trains once per held-out category (or loads
+that training from the model cache) and the fit is reused by every k and run; an
+``individual`` method trains on each cell's support set; a ``training-free`` one never
+trains. Every finished cell becomes one record in the :class:`~fsad_bench.store.ResultStore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+import torch
+import torchvision
+
+from . import __version__, registry
+from .adapter import AdapterConfig
+from .data import FolderDataset, TestSet, load_images, load_test_set
+from .errors import FsadError
+from .metrics import aupro, image_auroc, pixel_auroc
+from .sampler import SupportSampler, stable_seed
+from .store import ResultStore
+from .synthetic import generate
+from .protocols import Suite, training_data  # noqa: E402  (fsad_bench.protocols = top-level protocols/)
+
+PREDICT_BATCH = 16
+
+
+def cache_dir() -> Path:
+    """Where synthetic data and trained models are cached (``$FSAD_BENCH_CACHE`` or ~/.cache/fsad_bench)."""
+    return Path(os.environ.get("FSAD_BENCH_CACHE", Path.home() / ".cache" / "fsad_bench")).expanduser()
+
+
+def pick_device(requested: str | None) -> str:
+    """``cuda`` when present (or asked for), else ``cpu``; FsadError if cuda is asked for but absent."""
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise FsadError("--device cuda asked for, but torch sees no CUDA device")
+    return requested
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    protocol: str
+    dataset: str
+    category: str
+    k: int
+    run: int
+    config_hash: str
+
+    @property
+    def cell_id(self) -> str:
+        key = f"{self.method}|{self.protocol}|{self.dataset}|{self.category}|{self.k}|{self.run}|{self.config_hash}"
+        return f"{self.method}-{self.category}-k{self.k}-r{self.run}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def open_dataset(suite: Suite) -> FolderDataset:
+    """The suite's dataset; the synthetic one is generated into the cache on first use."""
+    if suite.data_root:
+        root = Path(suite.data_root).expanduser()
+    elif suite.dataset == "synthetic":
+        params = {"categories": 4, "seed": 0, **suite.synthetic}
+        root = cache_dir() / "synthetic" / "-".join(f"{k}{v}" for k, v in sorted(params.items()))
+        generate(root, **params)
+    else:
+        raise FsadError(f"suite {suite.name!r} needs --data-root DIR: the {suite.dataset} folder in the MVTec AD "
+                        f"layout (<category>/train/good, test/, ground_truth/)")
+    return FolderDataset(root, name=suite.dataset, categories=suite.categories or None)
+
+
+def _weights_fingerprint(weights: str) -> str:
+    if weights == "auto":  # resolves to whatever checkpoints the cache holds
+        ckpt = Path(torch.hub.get_dir()) / "checkpoints"
+        return "auto:" + ",".join(sorted(p.name for p in ckpt.glob("*"))) if ckpt.is_dir() else "auto:"
+    return weights
+
+
+def config_hash(suite: Suite, method: str) -> str:
+    """Hash of everything that changes a method's numbers besides (category, k, run)."""
+    payload = {
+        "method": method, "preset": suite.preset, "options": suite.options.get(method, {}),
+        "weights": _weights_fingerprint(suite.weights), "image_size": suite.image_size, "seed": suite.seed,
+        "synthetic": suite.synthetic if suite.dataset == "synthetic" else None,
+        "support_lists": Path(suite.support_lists).read_text() if suite.support_lists else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
+    """Validate the suite against the data and expand it into cells (nothing is computed)."""
+    adapters = {m: registry.get(m) for m in suite.methods}
+    dataset = open_dataset(suite)
+    sampler = SupportSampler(suite.seed, suite.support_lists)
+    for c in dataset.categories:  # fail now, not after hours: every split readable, every k possible
+        split = dataset.split(c)
+        for k in suite.k:
+            sampler.support(split, k, 0)
+    cells = []
+    for m, cls in adapters.items():
+        if cls.protocol == "cross-dataset":
+            raise FsadError(f"method {m!r} needs the cross-dataset protocol; run it with a cross-dataset suite")
+        h = config_hash(suite, m)
+        for c in dataset.categories:
+            for k in suite.k:
+                for r in range(suite.runs):
+                    cells.append(Cell(m, cls.protocol, dataset.name, c, k, r, h))
+    return dataset, cells
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def versions() -> dict[str, str]:
+    return {"fsad_bench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "sklearn": sklearn.__version__, "python": platform.python_version()}
+
+
+def predict_all(adapter, images: torch.Tensor, device: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scores ``(N,)``, maps ``(N, S, S)`` and seconds per image, predicting in batches."""
+    scores, maps = [], []
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(images), PREDICT_BATCH):
+        s, m = adapter.predict(images[i : i + PREDICT_BATCH])
+        scores.append(torch.as_tensor(s).detach().float().cpu().reshape(-1))
+        maps.append(torch.as_tensor(m).detach().float().cpu())
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / len(images)
+    scores_np, maps_np = torch.cat(scores).numpy(), torch.cat(maps).numpy()
+    if scores_np.shape != (len(images),) or maps_np.shape != (len(images), *images.shape[-2:]):
+        raise FsadError(f"{adapter.name}.predict returned scores {scores_np.shape} and maps {maps_np.shape}; "
+                        f"expected ({len(images)},) and ({len(images)}, {images.shape[-2]}, {images.shape[-1]})")
+    if not (np.isfinite(scores_np).all() and np.isfinite(maps_np).all()):
+        raise FsadError(f"{adapter.name}.predict returned non-finite scores")
+    return scores_np, maps_np, seconds
+
+
+def _fit_aggregated(adapter, suite: Suite, dataset: FolderDataset, category: str, chash: str) -> float:
+    """Fit (or load from the model cache) an aggregated adapter; returns training seconds."""
+    key = hashlib.sha256(f"{chash}|{dataset.root.resolve()}|{','.join(dataset.categories)}".encode()).hexdigest()[:16]
+    path = cache_dir() / "models" / adapter.name / dataset.name / f"{category}-{adapter.preset_name}-s{suite.seed}-{key}.pt"
+    if path.is_file():
+        blob = torch.load(path, map_location=adapter.device, weights_only=False)
+        adapter.load_state_dict(blob["state"])
+        return float(blob["train_seconds"])
+    torch.manual_seed(stable_seed("fit", suite.seed, adapter.name, dataset.name, category) % 2**63)
+    train = training_data("aggregated", dataset, category, torch.empty(0), suite.image_size)
+    t0 = time.perf_counter()
+    adapter.fit(train)
+    seconds = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state": adapter.state_dict(), "train_seconds": seconds}, tmp)
+    os.replace(tmp, path)
+    return seconds
+
+
+def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: str | Path,
+              device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None) -> int:
+    """Run the unfinished ``cells`` of one (method, category); returns how many were run."""
+    if threads:
+        torch.set_num_threads(threads)
+    store = ResultStore(out)
+    cells = [c for c in cells if not store.has(c.cell_id)]
+    if not cells:
+        return 0
+    cls = registry.get(method)
+    dataset = open_dataset(suite)
+    split = dataset.split(category)
+    test: TestSet = load_test_set(split, suite.image_size)
+    sampler = SupportSampler(suite.seed, suite.support_lists)
+
+    def make(seed: int):
+        torch.manual_seed(seed)
+        return cls(AdapterConfig(device=device, weights=suite.weights, preset=suite.preset, seed=seed,
+                                 image_size=suite.image_size, options=suite.options.get(method, {})))
+
+    shared, train_seconds = None, 0.0
+    if cls.protocol != "individual":
+        shared = make(suite.seed)
+        if cls.protocol == "aggregated":
+            train_seconds = _fit_aggregated(shared, suite, dataset, category, cells[0].config_hash)
+    for cell in cells:
+        support_paths = sampler.support(split, cell.k, cell.run)
+        support = load_images(support_paths, suite.image_size)
+        cell_seed = stable_seed("cell", suite.seed, method, category, cell.k, cell.run) % 2**31
+        _reset_peak_memory(device)
+        if shared is None:  # individual: the training on the support set is part of adaptation
+            adapter = make(cell_seed)
+            train = training_data("individual", dataset, category, support, suite.image_size)
+            _sync(device)
+            t0 = time.perf_counter()
+            adapter.fit(train)
+            _sync(device)
+            train_seconds = time.perf_counter() - t0
+        else:
+            adapter = shared
+            t0 = time.perf_counter()
+        torch.manual_seed(cell_seed)
+        adapter.adapt(support.to(adapter.device))
+        _sync(device)
+        adapt_seconds = time.perf_counter() - t0
+        scores, maps, infer_seconds = predict_all(adapter, test.images, device)
+        masks = test.masks.numpy()
+        record: dict[str, Any] = {
+            "cell_id": cell.cell_id, "method": method, "label": adapter.label, "protocol": cls.protocol,
+            "dataset": cell.dataset, "category": category, "k": cell.k, "run": cell.run,
+            "preset": adapter.preset_name, "weights": adapter.weights_tag, "seed": suite.seed,
+            "image_auroc": image_auroc(test.labels, scores),
+            "pixel_auroc": pixel_auroc(masks, maps),
+            "aupro": aupro(masks, maps),
+            "adapt_seconds": adapt_seconds, "train_seconds": train_seconds,
+            "infer_seconds_per_image": infer_seconds, "peak_memory_mb": _peak_memory_mb(device),
+            "n_test": int(len(test.labels)), "n_support": len(support_paths),
+            "support": [p.name for p in support_paths], "image_size": suite.image_size,
+            "config_hash": cell.config_hash, "device": device, "versions": versions(),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        store.put(record)
+        if on_cell:
+            on_cell(cell)
+    return len(cells)
+
+
+def groups_of(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
+    out: dict[tuple[str, str], list[Cell]] = {}
+    for c in cells:
+        out.setdefault((c.method, c.category), []).append(c)
+    return out
+
+
+def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
+              progress: Callable[[int], None] | None = None) -> ResultStore:
+    """Run every unfinished cell of ``suite`` into the store at ``out``.
+
+    ``progress(n)`` is called as cells finish. ``jobs > 1`` runs (method, category) groups
+    in parallel processes (joblib), each with ``cores / jobs`` torch threads.
+    """
+    _, cells = plan(suite)
+    store = ResultStore(out)
+    store.save_suite(suite.to_dict())
+    todo = groups_of([c for c in cells if not store.has(c.cell_id)])
+    if jobs <= 1:
+        for (m, c), group in todo.items():
+            run_group(suite, m, c, group, out, device, on_cell=(lambda _c: progress(1)) if progress else None)
+    else:
+        from joblib import Parallel, delayed
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        results = Parallel(n_jobs=jobs, return_as="generator_unordered")(
+            delayed(run_group)(suite, m, c, g, out, device, threads) for (m, c), g in todo.items())
+        for n in results:
+            if progress:
+                progress(n)
+    return store
+
+
+__all__ = ["Cell", "plan", "run_suite", "run_group", "open_dataset", "cache_dir", "pick_device"]

@@ -1,0 +1,124 @@
+"""Reporter: paper-style tables from a result store (pandas), as Markdown, CSV and LaTeX.
+
+Accuracy tables have one row per category plus ``Mean`` (macro average over categories)
+and ``Std (categories)`` rows, and one column per (k, method) — like Tables 1–2 of the
+RegAD paper. Cells read ``mean ± std`` in %, the mean over runs and the standard deviation
+over runs (for ``Mean``: the std over runs of the per-run macro average).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from .store import ResultStore, atomic_write_text
+
+METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)"}
+MEAN_ROW, STD_ROW = "Mean", "Std (categories)"
+
+
+def _method_order(df: pd.DataFrame, methods: list[str] | None) -> list[str]:
+    order = {m: i for i, m in enumerate(methods or [])}
+    firsts = df.drop_duplicates("label").set_index("label")["method"]
+    return sorted(firsts.index, key=lambda lab: (order.get(firsts[lab], len(order)), lab))
+
+
+def summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Tidy table: one row per (dataset, category, k, label) with mean, std over runs, n runs
+    (metric in %), plus ``Mean`` rows (macro average) per (dataset, k, label)."""
+    d = df.dropna(subset=[metric]).assign(value=lambda x: 100 * x[metric])
+    per_cat = (d.groupby(["dataset", "category", "k", "label"])["value"]
+               .agg(mean="mean", std_runs=lambda v: v.std(ddof=1) if len(v) > 1 else 0.0, n_runs="count")
+               .reset_index())
+    per_run = d.groupby(["dataset", "k", "label", "run"])["value"].mean().reset_index()
+    macro = (per_run.groupby(["dataset", "k", "label"])["value"]
+             .agg(mean="mean", std_runs=lambda v: v.std(ddof=1) if len(v) > 1 else 0.0, n_runs="count")
+             .reset_index())
+    macro["mean"] = per_cat.groupby(["dataset", "k", "label"])["mean"].mean().values
+    macro["std_categories"] = per_cat.groupby(["dataset", "k", "label"])["mean"].std(ddof=1).fillna(0).values
+    macro["category"] = MEAN_ROW
+    return pd.concat([per_cat, macro], ignore_index=True)
+
+
+def paper_table(df: pd.DataFrame, metric: str = "image_auroc", dataset: str | None = None,
+                methods: list[str] | None = None, show_std: bool = True, decimals: int = 1) -> pd.DataFrame:
+    """Wide table: rows = categories + Mean + Std (categories); columns = (k, method label)."""
+    if dataset is not None:
+        df = df[df["dataset"] == dataset]
+    s = summary(df, metric)
+    if s.empty:
+        return pd.DataFrame()
+    cats = [c for c in dict.fromkeys(df["category"]) if c in set(s["category"])]
+    labels = _method_order(df, methods)
+    ks = sorted(s["k"].unique())
+    cols = pd.MultiIndex.from_tuples([(f"k={k}", lab) for k in ks for lab in labels], names=["k", "method"])
+    table = pd.DataFrame(index=sorted(cats) + [MEAN_ROW, STD_ROW], columns=cols, dtype=object)
+    fmt = f"{{:.{decimals}f}}"
+    for r in s.itertuples():
+        text = fmt.format(r.mean) + (f" ± {fmt.format(r.std_runs)}" if show_std and r.n_runs > 1 else "")
+        table.loc[r.category, (f"k={r.k}", r.label)] = text
+        if r.category == MEAN_ROW:
+            table.loc[STD_ROW, (f"k={r.k}", r.label)] = fmt.format(r.std_categories)
+    table.index.name = "category"
+    return table.fillna("–")
+
+
+def cost_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
+    """Per method and k: adaptation seconds (mean ± std over cells), training seconds,
+    inference ms/image and peak memory (MiB)."""
+    g = df.groupby(["label", "k"])
+    out = pd.DataFrame({
+        "adapt_s": g["adapt_seconds"].mean(), "adapt_s_std": g["adapt_seconds"].std(ddof=1).fillna(0),
+        "train_s": g["train_seconds"].mean(), "infer_ms_per_image": 1000 * g["infer_seconds_per_image"].mean(),
+        "peak_memory_mib": g["peak_memory_mb"].max(), "cells": g.size(),
+    }).reset_index()
+    order = {lab: i for i, lab in enumerate(_method_order(df, methods))}
+    return out.sort_values(["label", "k"], key=lambda c: c.map(order) if c.name == "label" else c).reset_index(drop=True)
+
+
+def _latex(table: pd.DataFrame, caption: str) -> str:
+    return table.to_latex(caption=caption, escape=True, multicolumn=True, multicolumn_format="c")
+
+
+def write_tables(out: str | Path, methods: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Build every table of a results folder and write ``tables/*.{md,csv,tex}``; returns them by name."""
+    store = ResultStore(out)
+    df = store.frame()
+    if methods is None and (suite := store.load_suite()):
+        methods = suite.get("methods")
+    tables: dict[str, pd.DataFrame] = {}
+    for ds in sorted(df["dataset"].unique()):
+        for metric in METRICS:
+            t = paper_table(df, metric, ds, methods)
+            if not t.empty:
+                tables[f"{ds}_{metric}"] = t
+    tables["cost"] = cost_table(df, methods)
+    folder = Path(out) / "tables"
+    for name, t in tables.items():
+        caption = METRICS.get(name.split("_", 1)[-1], "Cost") + f" — {name}"
+        flat = t.copy()
+        if isinstance(flat.columns, pd.MultiIndex):
+            flat.columns = [" ".join(c) for c in flat.columns]
+        atomic_write_text(folder / f"{name}.md", flat.to_markdown(floatfmt=".3f") + "\n")
+        atomic_write_text(folder / f"{name}.csv", flat.to_csv())
+        atomic_write_text(folder / f"{name}.tex", _latex(t, caption))
+    summaries = [summary(df, m).assign(metric=m) for m in METRICS if df[m].notna().any()]
+    atomic_write_text(folder / "summary.csv", pd.concat(summaries).to_csv(index=False))
+    return tables
+
+
+def print_table(table: pd.DataFrame, title: str, console: Console | None = None) -> None:
+    """Print a table (MultiIndex columns shown on two header lines) with rich."""
+    console = console or Console()
+    rt = Table(title=title, show_lines=False)
+    rt.add_column(table.index.name or "", style="bold")
+    for col in table.columns:
+        rt.add_column("\n".join(map(str, col)) if isinstance(col, tuple) else str(col), justify="right")
+    for idx, row in table.iterrows():
+        cells = [f"{v:.3g}" if isinstance(v, (float, np.floating)) else str(v) for v in row.tolist()]
+        rt.add_row(str(idx), *cells, end_section=idx == table.index[-3] if len(table) > 2 else False)
+    console.print(rt)

@@ -1,0 +1,74 @@
+"""Seeded k-shot support sets, identical for every method (paired comparison).
+
+The support set of a cell is decided by (dataset, category, k, run, seed) alone: no
+method, protocol or process state enters the choice. Published fixed support sets can
+be used instead through a JSON file::
+
+    {"bottle": {"2": {"0": ["000.png", "017.png"], "1": [...]}, "4": {...}}}
+
+(file names relative to ``<category>/train/good``; keys are k, then run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .data import CategorySplit
+from .errors import FsadError
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit integer derived from ``parts`` (stable across processes and Python versions)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def support_indices(dataset: str, category: str, k: int, run: int, n_available: int, seed: int = 0) -> list[int]:
+    """Indices of the k support images among ``n_available`` sorted normal training images."""
+    if k < 1:
+        raise FsadError(f"k must be >= 1, got {k}")
+    if k > n_available:
+        raise FsadError(
+            f"k={k} is larger than the {n_available} normal training images of {dataset}/{category}"
+        )
+    rng = np.random.default_rng(stable_seed("support", dataset, category, k, run, seed))
+    return sorted(int(i) for i in rng.choice(n_available, size=k, replace=False))
+
+
+class SupportSampler:
+    """Chooses support sets: seeded by default, or read from an explicit JSON list."""
+
+    def __init__(self, seed: int = 0, lists: str | Path | None = None):
+        self.seed = seed
+        self.lists_path = Path(lists) if lists else None
+        self.lists: dict | None = None
+        if self.lists_path is not None:
+            try:
+                self.lists = json.loads(self.lists_path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise FsadError(f"cannot read support-set list {self.lists_path}: {err}") from None
+
+    def support(self, split: CategorySplit, k: int, run: int) -> list[Path]:
+        """Paths of the k support images of ``split`` for run ``run``."""
+        if self.lists is None:
+            idx = support_indices(split.dataset, split.name, k, run, len(split.train), self.seed)
+            return [split.train[i] for i in idx]
+        try:
+            names = self.lists[split.name][str(k)][str(run)]
+        except KeyError:
+            raise FsadError(
+                f"support-set list {self.lists_path} has no entry [{split.name!r}][{str(k)!r}][{str(run)!r}]"
+            ) from None
+        by_name = {p.name: p for p in split.train}
+        paths = []
+        for n in names:
+            if n not in by_name:
+                raise FsadError(f"support-set list {self.lists_path}: {n!r} is not in {split.root / 'train' / 'good'}")
+            paths.append(by_name[n])
+        if len(paths) != k:
+            raise FsadError(f"support-set list {self.lists_path}: {split.name}/k={k}/run={run} has {len(paths)} files")
+        return paths

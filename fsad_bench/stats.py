@@ -1,0 +1,82 @@
+"""Per-position multivariate Gaussians (PaDiM / RegAD), batched over all positions.
+
+At each of the ``P = H W`` positions, ``N`` feature vectors of ``C`` channels give a mean
+``μ`` and a covariance ``Σ = Xᵀ X / (N - 1) + ε I`` (``X``: centred samples, ``(N, C)``);
+a test vector ``x`` is scored by the Mahalanobis distance ``sqrt((x-μ)ᵀ Σ⁻¹ (x-μ))``.
+
+Two exact ways to compute it, chosen by ``form``:
+
+* ``primal`` — Cholesky of the ``C × C`` covariance, inverse factor kept: scoring costs
+  ``C²`` per position. Used when ``N >= C``.
+* ``dual`` — Woodbury identity, ``Σ⁻¹ = (I - Xᵀ (ε m I + X Xᵀ)⁻¹ X) / ε`` with ``m = N - 1``:
+  only an ``N × N`` matrix per position is factorised and scoring costs ``N C + N²``. The
+  few-shot case: RegAD's augmented support has ``22 k`` samples, fewer than ``C = 448`` up
+  to k = 20, so fitting is several times cheaper. Same numbers up to float32 round-off.
+
+Everything is batched over positions (``torch.bmm`` / ``torch.linalg``), no Python loop
+over positions; ``chunk`` positions are factorised at once to bound peak memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PositionGaussian:
+    """Gaussian per spatial position of ``(N, C, H, W)`` feature maps.
+
+    ``eps``: ridge added to every covariance (RegAD / PaDiM: 0.01). ``form``: ``"auto"``
+    (dual when N < C), ``"primal"`` or ``"dual"``.
+    """
+
+    def __init__(self, eps: float = 0.01, form: str = "auto", chunk: int = 512):
+        if form not in ("auto", "primal", "dual"):
+            raise ValueError(f"form must be auto, primal or dual, got {form!r}")
+        self.eps, self.form, self.chunk = eps, form, chunk
+        self.mean: torch.Tensor | None = None       # (P, C)
+        self.inv_chol: torch.Tensor | None = None   # primal: (P, C, C); dual: (P, N, N) — lower-triangular L⁻¹
+        self.samples: torch.Tensor | None = None    # dual only: centred samples (P, N, C)
+        self.shape: tuple[int, int] | None = None
+        self.used_form = ""
+
+    def fit(self, features: torch.Tensor) -> "PositionGaussian":
+        """Fit from ``features`` ``(N, C, H, W)``, N >= 2."""
+        n, c, h, w = features.shape
+        if n < 2:
+            raise ValueError(f"need at least 2 feature maps to fit a covariance, got {n}")
+        x = features.reshape(n, c, h * w).permute(2, 0, 1)  # (P, N, C) view
+        self.mean = x.mean(dim=1)
+        dual = self.form == "dual" or (self.form == "auto" and n < c)
+        self.used_form = "dual" if dual else "primal"
+        size = n if dual else c
+        eye = torch.eye(size, dtype=features.dtype, device=features.device)
+        self.inv_chol = torch.empty(h * w, size, size, dtype=features.dtype, device=features.device)
+        if dual:
+            self.samples = torch.empty(h * w, n, c, dtype=features.dtype, device=features.device)
+        for s in range(0, h * w, self.chunk):
+            xc = x[s : s + self.chunk] - self.mean[s : s + self.chunk, None]  # (p, N, C)
+            if dual:
+                self.samples[s : s + self.chunk] = xc
+                gram = torch.baddbmm(eye.expand(len(xc), n, n), xc, xc.transpose(1, 2), beta=self.eps * (n - 1))
+            else:
+                gram = torch.baddbmm(eye.expand(len(xc), c, c), xc.transpose(1, 2), xc,
+                                     beta=self.eps, alpha=1.0 / (n - 1))
+            chol = torch.linalg.cholesky(gram)
+            self.inv_chol[s : s + self.chunk] = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        self.shape = (h, w)
+        return self
+
+    def mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
+        """Distance of each position of ``features`` ``(B, C, H, W)`` to its Gaussian -> ``(B, H, W)``."""
+        if self.mean is None:
+            raise RuntimeError("PositionGaussian.fit must be called first")
+        b, c, h, w = features.shape
+        if (h, w) != self.shape:
+            raise ValueError(f"feature grid {(h, w)} differs from the fitted grid {self.shape}")
+        d = features.reshape(b, c, h * w).permute(2, 1, 0) - self.mean[:, :, None]  # (P, C, B)
+        if self.used_form == "dual":
+            z = torch.bmm(self.inv_chol, torch.bmm(self.samples, d))                   # (P, N, B)
+            sq = (d.square().sum(dim=1) - z.square().sum(dim=1)).clamp_min(0) / self.eps
+        else:
+            sq = torch.bmm(self.inv_chol, d).square().sum(dim=1)                       # (P, B)
+        return sq.sqrt().T.reshape(b, h, w)

@@ -1,0 +1,75 @@
+"""``gaussian``: PaDiM-style per-position Gaussian on ImageNet ResNet-18 layer1–3 features.
+
+This is RegAD without the registration training (Huang et al., ECCV 2022, Sec. 3.3):
+the support set is augmented with RegAD's 22 views, layer1–3 maps are upsampled to the
+layer1 grid and concatenated (448 channels for ResNet-18), a Gaussian is fitted at every
+position (covariance + εI, ε = 0.01), test positions are scored by Mahalanobis distance,
+the map is upsampled to the image, smoothed (Gaussian, σ = 4 px) and its maximum is the
+image score. Training-free: ``fit`` is never needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from fsad_bench.adapter import Adapter
+from fsad_bench.augment import augment_support
+from fsad_bench.backbone import ResNetFeatures
+from fsad_bench.stats import PositionGaussian
+
+
+def concat_pyramid(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Upsample every map to the first one's grid (bilinear) and concatenate -> ``(B, ΣC, H1, W1)``."""
+    size = maps[0].shape[-2:]
+    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                                  for m in maps[1:]], dim=1)
+
+
+def smooth_maps(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """Upsample ``(B, h, w)`` maps to ``(B, size, size)`` and blur with a Gaussian of ``sigma`` px."""
+    up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        k = 2 * int(4 * sigma + 0.5) + 1  # scipy.ndimage.gaussian_filter's default support
+        up = TF.gaussian_blur(up, kernel_size=[k, k], sigma=[sigma, sigma])
+    return up[:, 0]
+
+
+class GaussianAdapter(Adapter):
+    """Per-position Gaussian (PaDiM / RegAD test-time model) on a frozen ResNet."""
+
+    name = "gaussian"
+    protocol = "training-free"
+    paper = "PaDiM (Defard et al., ICPR 2020) with RegAD's support augmentation"
+    presets = {"cpu": {"arch": "resnet18", "eps": 0.01, "augment": True, "sigma": 4.0, "batch_size": 32}}
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        torch.manual_seed(self.config.seed)
+        self.backbone = ResNetFeatures(self.hparams["arch"], self.config.weights).to(self.device)
+        self.weights_tag = self.backbone.weights_tag
+        self.gaussian = PositionGaussian(eps=self.hparams["eps"])
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Concatenated layer1–3 features ``(N, 448, S/4, S/4)`` computed in batches."""
+        bs = self.hparams["batch_size"]
+        out = [concat_pyramid(self.backbone(images[i : i + bs].to(self.device)))
+               for i in range(0, len(images), bs)]
+        return torch.cat(out)
+
+    def adapt(self, support: torch.Tensor) -> None:
+        if self.hparams["augment"]:
+            g = torch.Generator().manual_seed(self.config.seed)
+            support = augment_support(support, generator=g)
+        self.gaussian.fit(self.features(support))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.gaussian.mahalanobis(self.features(images))
+        maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"]).cpu()
+        return maps.flatten(1).max(dim=1).values, maps
+
+    def state_dict(self):  # nothing is trained
+        return {}

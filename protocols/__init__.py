@@ -1,0 +1,122 @@
+"""Protocols (which images reach ``fit``) and benchmark suites (the ``*.toml`` files here).
+
+Protocols:
+
+* ``aggregated`` — leave-one-category-out: train on the train/good images of every other
+  category of the dataset, adapt on the target's k shots, no fine-tuning;
+* ``individual`` — train on the target category's k support images only;
+* ``training-free`` — no training at all (``gaussian``, ``random``);
+* ``cross-dataset`` — train once on another dataset (InCTRL's generalist setting).
+
+A suite is dataset × categories × methods × k values × runs (each method runs under its
+own protocol); see ``demo.toml`` for every key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fsad_bench.adapter import PROTOCOLS, TrainSet
+from fsad_bench.data import FolderDataset, ImageFiles, TensorImages
+from fsad_bench.errors import FsadError
+
+
+def training_data(protocol: str, dataset: FolderDataset, target: str, support: torch.Tensor,
+                  image_size: int) -> TrainSet | None:
+    """The images a method of ``protocol`` may train on when ``target`` is evaluated.
+
+    The held-out ``target``'s test images never appear; under ``aggregated`` none of its
+    images do, under ``individual`` only its support images (``(K, 3, S, S)``).
+    """
+    if protocol == "aggregated":
+        others = [c for c in dataset.categories if c != target]
+        if not others:
+            raise FsadError(f"the aggregated protocol needs at least 2 categories in {dataset.root}")
+        return {c: ImageFiles(dataset.split(c).train, image_size) for c in others}
+    if protocol == "individual":
+        return {target: TensorImages(support)}
+    if protocol == "training-free":
+        return None
+    raise FsadError(f"protocol {protocol!r} is not run by this engine (known: {', '.join(PROTOCOLS)})")
+
+
+SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",
+              "image_size", "weights", "preset", "options", "synthetic", "support_lists", "reference"}
+
+
+@dataclass
+class Suite:
+    """A benchmark suite: what to run. Every field has a TOML key of the same name."""
+
+    name: str
+    dataset: str
+    methods: list[str]
+    k: list[int]
+    runs: int = 10
+    seed: int = 0
+    image_size: int = 224
+    weights: str = "auto"
+    preset: str = "cpu"
+    data_root: str | None = None
+    categories: list[str] = field(default_factory=list)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    synthetic: dict[str, int] = field(default_factory=dict)
+    support_lists: str | None = None
+    description: str = ""
+    reference: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def builtin_suites() -> list[str]:
+    """Names of the suites shipped in this package."""
+    return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".toml"))
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """Load a shipped suite by name (``demo``) or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise FsadError(f"suite file {path} does not exist")
+        text, source = path.read_text(), str(path)
+    else:
+        res = resources.files(__name__) / f"{name_or_path}.toml"
+        if not res.is_file():
+            raise FsadError(f"unknown suite {name_or_path!r} (built-in: {', '.join(builtin_suites())}; or a .toml path)")
+        text, source = res.read_text(), f"{name_or_path}.toml"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise FsadError(f"cannot parse suite {source}: {err}") from None
+    unknown = sorted(set(raw) - SUITE_KEYS)
+    if unknown:
+        raise FsadError(f"suite {source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(SUITE_KEYS))})")
+    for key in ("name", "dataset", "methods", "k"):
+        if key not in raw:
+            raise FsadError(f"suite {source}: missing key {key!r}")
+    try:
+        suite = Suite(**raw)
+    except TypeError as err:
+        raise FsadError(f"suite {source}: {err}") from None
+    validate_numbers(suite, source)
+    return suite
+
+
+def validate_numbers(suite: Suite, source: str = "suite") -> None:
+    """Check the suite's numeric fields (after CLI overrides too)."""
+    if not suite.methods:
+        raise FsadError(f"{source}: no methods given")
+    if not suite.k or any((not isinstance(k, int)) or k < 1 for k in suite.k):
+        raise FsadError(f"{source}: k must be a list of positive integers, got {suite.k}")
+    if suite.runs < 1:
+        raise FsadError(f"{source}: runs must be >= 1, got {suite.runs}")
+    if suite.image_size < 32:
+        raise FsadError(f"{source}: image_size must be >= 32, got {suite.image_size}")
