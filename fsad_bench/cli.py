@@ -1,4 +1,4 @@
-"""Command line: ``fsad-bench run | table | methods | datasets | synth``."""
+"""Command line: ``fsad-bench run | table | compare | plot | methods | datasets | synth``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import registry
 from .errors import FsadError
 
-console = Console()
+# Wide tables stay readable when the output is a file or a CI log (rich defaults to 80 columns there).
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 
@@ -91,15 +92,60 @@ def run(suite_name, methods, ks, runs, categories, data_root, out, device, jobs,
 
 @cli.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
-def table(results_dir: Path) -> None:
+@click.option("--reference-method", help="Mark Mean rows significantly different from this method (Wilcoxon).")
+def table(results_dir: Path, reference_method: str | None) -> None:
     """Rebuild and print the tables of RESULTS_DIR without rerunning anything."""
     from .report import print_table, write_tables
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
-    for name, t in write_tables(results_dir).items():
+    for name, t in write_tables(results_dir, reference_method=reference_method).items():
         print_table(t, name, console)
     console.print(f"tables in {results_dir / 'tables'}")
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--a", "method_a", required=True, help="Method (name or table label) A.")
+@click.option("--b", "method_b", required=True, help="Method (name or table label) B.")
+@click.option("--metric", default="image_auroc", show_default=True,
+              type=click.Choice(["image_auroc", "pixel_auroc", "aupro"]))
+@click.option("--resamples", type=int, default=10_000, show_default=True, help="Bootstrap resamples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamples: int, seed: int) -> None:
+    """Paired comparison of A against B on the same cells of RESULTS_DIR: mean difference,
+    bootstrap 95% CI, wins/ties/losses and Wilcoxon signed-rank p, per k and overall."""
+    from .compare import compare_methods
+    from .report import print_table
+    from .store import ResultStore, atomic_write_text
+
+    if not results_dir.is_dir():
+        raise FsadError(f"results folder {results_dir} does not exist")
+    if resamples < 100:
+        raise FsadError(f"--resamples must be >= 100, got {resamples}")
+    t = compare_methods(ResultStore(results_dir).frame(), method_a, method_b, metric, resamples, seed=seed)
+    shown = t.drop(columns=["a", "b", "metric"]).set_index(["dataset", "k"])
+    shown.index = [f"{d} k={k}" for d, k in shown.index]
+    print_table(shown, f"{t['a'].iloc[0]} − {t['b'].iloc[0]} ({metric}, percentage points)", console)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{method_a}_vs_{method_b}")
+    path = results_dir / "tables" / f"compare_{safe}_{metric}.csv"
+    atomic_write_text(path, t.to_csv(index=False))
+    console.print(f"written {path}")
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+def plot(results_dir: Path) -> None:
+    """Write the figures of RESULTS_DIR to RESULTS_DIR/plots: AUROC vs k, per-category bars,
+    ROC curves and anomaly-map overlays."""
+    from .plots import write_plots
+
+    if not results_dir.is_dir():
+        raise FsadError(f"results folder {results_dir} does not exist")
+    paths = write_plots(results_dir)
+    for p in paths:
+        console.print(str(p))
+    console.print(f"{len(paths)} figures in {results_dir / 'plots'}")
 
 
 @cli.command()

@@ -31,6 +31,7 @@ from .adapter import AdapterConfig
 from .data import FolderDataset, TestSet, load_images, load_test_set
 from .errors import FsadError
 from .metrics import aupro, image_auroc, pixel_auroc
+from .plots import save_example_maps
 from .sampler import SupportSampler, stable_seed
 from .store import ResultStore
 from .synthetic import generate
@@ -253,7 +254,12 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
             "support": [p.name for p in support_paths], "image_size": suite.image_size,
             "config_hash": cell.config_hash, "device": device, "versions": versions(),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "scores": [float(f"{s:.7g}") for s in scores],   # per-image anomaly scores (ROC curves)
+            "labels": test.labels.astype(int).tolist(),       # per-image ground truth, 1 = anomalous
         }
+        if cell.run == 0 and cell.k == max(suite.k):  # a few maps per category for the overlay plots
+            save_example_maps(Path(out) / "maps" / f"{cell.cell_id}.npz", maps, test.images, masks,
+                              test.paths, labels=test.labels)
         store.put(record)
         if on_cell:
             on_cell(cell)

@@ -15,7 +15,28 @@ ENTRY_POINT_GROUP = "fsad_bench.methods"
 BUILTIN: dict[str, str] = {
     "random": "fsad_bench.methods.random_scorer:RandomScorer",
     "gaussian": "fsad_bench.methods.gaussian:GaussianAdapter",
+    "inctrl": "fsad_bench.methods.inctrl:InCTRL",
+    "diffnet": "fsad_bench.methods.diffnet:DiffNet",
+    "diffnet+": "fsad_bench.methods.diffnet:DiffNetPlus",
+    "tdg": "fsad_bench.methods.tdg:TDG",
+    "tdg+": "fsad_bench.methods.tdg:TDGPlus",
 }
+
+
+#: Adapters registered at run time with :func:`register` (notebooks, tests).
+_REGISTERED: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Register an adapter class under ``cls.name`` for this process (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter) and cls.name):
+        raise TypeError("register() takes an Adapter subclass with a non-empty `name`")
+    _REGISTERED[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    _REGISTERED.pop(name, None)
 
 
 def _targets() -> dict[str, str]:
@@ -27,14 +48,16 @@ def _targets() -> dict[str, str]:
 
 def available() -> list[str]:
     """Names of every registered method."""
-    return sorted(_targets())
+    return sorted(set(_targets()) | set(_REGISTERED))
 
 
 def get(name: str) -> type[Adapter]:
     """The adapter class registered as ``name``; FsadError for unknown names."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     targets = _targets()
     if name not in targets:
-        raise FsadError(f"unknown method {name!r} (registered: {', '.join(sorted(targets))})")
+        raise FsadError(f"unknown method {name!r} (registered: {', '.join(available())})")
     module, _, attr = targets[name].partition(":")
     cls = getattr(import_module(module), attr)
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):

@@ -77,29 +77,46 @@ def cost_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFra
         "peak_memory_mib": g["peak_memory_mb"].max(), "cells": g.size(),
     }).reset_index()
     order = {lab: i for i, lab in enumerate(_method_order(df, methods))}
-    return out.sort_values(["label", "k"], key=lambda c: c.map(order) if c.name == "label" else c).reset_index(drop=True)
+    out[["k", "cells"]] = out[["k", "cells"]].astype(int)
+    out = out.sort_values(["label", "k"], key=lambda c: c.map(order) if c.name == "label" else c)
+    return out.rename(columns={"label": "method"}).set_index("method")
 
 
 def _latex(table: pd.DataFrame, caption: str) -> str:
     return table.to_latex(caption=caption, escape=True, multicolumn=True, multicolumn_format="c")
 
 
-def write_tables(out: str | Path, methods: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Build every table of a results folder and write ``tables/*.{md,csv,tex}``; returns them by name."""
+def write_tables(out: str | Path, methods: list[str] | None = None,
+                 reference_method: str | None = None) -> dict[str, pd.DataFrame]:
+    """Build every table of a results folder and write ``tables/*.{md,csv,tex}``; returns them by name.
+
+    Accuracy tables get the published numbers as extra ``"<Method> (paper)"`` columns where
+    ``results/reference`` has them, and, with ``reference_method`` (label or method name),
+    significance markers on their ``Mean`` row (paired Wilcoxon vs that method)."""
+    from .compare import add_significance, attach_reference, cost_ratio_table, paper_difference
+
     store = ResultStore(out)
     df = store.frame()
     if methods is None and (suite := store.load_suite()):
         methods = suite.get("methods")
     tables: dict[str, pd.DataFrame] = {}
     for ds in sorted(df["dataset"].unique()):
+        sub = df[df["dataset"] == ds]
         for metric in METRICS:
             t = paper_table(df, metric, ds, methods)
-            if not t.empty:
-                tables[f"{ds}_{metric}"] = t
+            if t.empty:
+                continue
+            if reference_method and reference_method in set(sub["label"]) | set(sub["method"]):
+                t = add_significance(t, sub, reference_method, metric)
+            tables[f"{ds}_{metric}"] = attach_reference(t, ds, metric)  # no-op without published numbers
+            diff = paper_difference(df, ds, metric)
+            if not diff.empty:
+                tables[f"{ds}_{metric}_vs_paper"] = diff.set_index("label")
     tables["cost"] = cost_table(df, methods)
+    tables["cost_ratio"] = cost_ratio_table(df, methods)
     folder = Path(out) / "tables"
     for name, t in tables.items():
-        caption = METRICS.get(name.split("_", 1)[-1], "Cost") + f" — {name}"
+        caption = next((text for m, text in METRICS.items() if m in name), "Cost") + f" — {name}"
         flat = t.copy()
         if isinstance(flat.columns, pd.MultiIndex):
             flat.columns = [" ".join(c) for c in flat.columns]
@@ -117,8 +134,10 @@ def print_table(table: pd.DataFrame, title: str, console: Console | None = None)
     rt = Table(title=title, show_lines=False)
     rt.add_column(table.index.name or "", style="bold")
     for col in table.columns:
-        rt.add_column("\n".join(map(str, col)) if isinstance(col, tuple) else str(col), justify="right")
-    for idx, row in table.iterrows():
-        cells = [f"{v:.3g}" if isinstance(v, (float, np.floating)) else str(v) for v in row.tolist()]
-        rt.add_row(str(idx), *cells, end_section=idx == table.index[-3] if len(table) > 2 else False)
+        head = "\n".join(map(str, col)) if isinstance(col, tuple) else str(col)
+        rt.add_column(head.replace(" [", "\n["), justify="right")
+    index = list(table.index)
+    for i, (idx, row) in enumerate(table.iterrows()):
+        cells = [f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in row.tolist()]
+        rt.add_row(str(idx), *cells, end_section=i + 1 < len(index) and index[i + 1] == MEAN_ROW)
     console.print(rt)

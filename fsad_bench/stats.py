@@ -44,21 +44,25 @@ class PositionGaussian:
         n, c, h, w = features.shape
         if n < 2:
             raise ValueError(f"need at least 2 feature maps to fit a covariance, got {n}")
-        x = features.reshape(n, c, h * w).permute(2, 0, 1)  # (P, N, C) view
-        self.mean = x.mean(dim=1)
+        # (N, P, C) with channels contiguous: each position's (N, C) sample matrix is then a
+        # BLAS-friendly strided view, and chunks copy out in whole rows.
+        x = features.permute(0, 2, 3, 1).reshape(n, h * w, c).contiguous()
+        self.mean = x.mean(dim=0)                 # (P, C)
+        x -= self.mean
+        x = x.permute(1, 0, 2)                    # (P, N, C) view of the centred samples
         dual = self.form == "dual" or (self.form == "auto" and n < c)
         self.used_form = "dual" if dual else "primal"
         size = n if dual else c
         eye = torch.eye(size, dtype=features.dtype, device=features.device)
         self.inv_chol = torch.empty(h * w, size, size, dtype=features.dtype, device=features.device)
-        if dual:
-            self.samples = torch.empty(h * w, n, c, dtype=features.dtype, device=features.device)
+        self.samples = torch.empty(h * w, n, c, dtype=features.dtype, device=features.device) if dual else None
         for s in range(0, h * w, self.chunk):
-            xc = x[s : s + self.chunk] - self.mean[s : s + self.chunk, None]  # (p, N, C)
             if dual:
-                self.samples[s : s + self.chunk] = xc
+                xc = self.samples[s : s + self.chunk]
+                xc.copy_(x[s : s + self.chunk])
                 gram = torch.baddbmm(eye.expand(len(xc), n, n), xc, xc.transpose(1, 2), beta=self.eps * (n - 1))
             else:
+                xc = x[s : s + self.chunk].contiguous()
                 gram = torch.baddbmm(eye.expand(len(xc), c, c), xc.transpose(1, 2), xc,
                                      beta=self.eps, alpha=1.0 / (n - 1))
             chol = torch.linalg.cholesky(gram)

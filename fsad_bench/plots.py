@@ -1,0 +1,348 @@
+"""Figures of a results folder, written as PNG to ``<out>/plots/``.
+
+Uses matplotlib's object-oriented API on the Agg canvas (no pyplot, no global backend
+switch, safe in worker processes and without a display).
+
+Figures (``<dataset>`` = dataset name):
+
+* ``<dataset>_<metric>_vs_k.png`` — macro average over categories against k, one line per
+  method label: mean over runs ± std over runs (band) of the per-run macro average.
+* ``<dataset>_<metric>_categories.png`` — per-category bars, one panel per k, one bar per
+  label (mean over runs, error bar = std over runs).
+* ``<dataset>_roc.png`` — image-level ROC curves per category (largest k, run 0), one curve
+  per label. Needs per-image ``scores`` and ``labels`` lists in the records (see
+  :data:`RECORD_KEYS_FOR_ROC`); skipped when no record has them.
+* ``<dataset>_<category>_maps.png`` — grid of example test images: image, ground truth and each
+  label's anomaly map overlaid. Needs ``<out>/maps/<cell_id>.npz`` files written by
+  :func:`save_example_maps`; skipped when there are none.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .store import ResultStore
+
+METRIC_NAMES = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)"}
+RECORD_KEYS_FOR_ROC = ("scores", "labels")  # per-image anomaly scores (N,) and 0/1 labels (N,) of a cell
+EXAMPLE_MAPS = 4  # test images per category kept by save_example_maps
+DPI = 110
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Render ``fig`` to PNG and write it atomically."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _labels(df: pd.DataFrame, methods: list[str] | None) -> list[str]:
+    order = {m: i for i, m in enumerate(methods or [])}
+    firsts = df.drop_duplicates("label").set_index("label")["method"]
+    return sorted(firsts.index, key=lambda lab: (order.get(firsts[lab], len(order)), lab))
+
+
+def _colors(labels: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+
+
+# ---------------------------------------------------------------------------------------
+# accuracy plots
+# ---------------------------------------------------------------------------------------
+
+def plot_metric_vs_k(df: pd.DataFrame, dataset: str, metric: str, path: Path,
+                     methods: list[str] | None = None) -> Path | None:
+    """Macro-average ``metric`` against k per label, mean ± std over runs (band)."""
+    d = df[(df["dataset"] == dataset)].dropna(subset=[metric])
+    if d.empty:
+        return None
+    per_run = (d.assign(value=100 * d[metric].astype(float))
+               .groupby(["label", "k", "run"])["value"].mean().reset_index())
+    agg = per_run.groupby(["label", "k"])["value"].agg(["mean", "std"]).fillna(0).reset_index()
+    labels = _labels(d, methods)
+    colors = _colors(labels)
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.add_subplot()
+    for lab in labels:
+        a = agg[agg["label"] == lab].sort_values("k")
+        ax.plot(a["k"], a["mean"], marker="o", color=colors[lab], label=lab)
+        ax.fill_between(a["k"], a["mean"] - a["std"], a["mean"] + a["std"], color=colors[lab], alpha=0.2)
+    ks = sorted(agg["k"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k (support images)")
+    ax.set_ylabel(METRIC_NAMES.get(metric, metric) + ", macro avg.")
+    ax.set_title(f"{dataset}: {METRIC_NAMES.get(metric, metric)} vs k (mean ± std over runs)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_category_bars(df: pd.DataFrame, dataset: str, metric: str, path: Path,
+                       methods: list[str] | None = None) -> Path | None:
+    """Per-category grouped bars (mean over runs ± std over runs), one panel per k."""
+    d = df[(df["dataset"] == dataset)].dropna(subset=[metric])
+    if d.empty:
+        return None
+    s = (d.assign(value=100 * d[metric].astype(float))
+         .groupby(["k", "category", "label"])["value"].agg(["mean", "std"]).fillna(0).reset_index())
+    labels = _labels(d, methods)
+    colors = _colors(labels)
+    cats = sorted(s["category"].unique())
+    ks = sorted(s["k"].unique())
+    width = 0.8 / max(1, len(labels))
+    fig = Figure(figsize=(max(5.0, 0.6 * len(cats) * max(1, len(labels)) ** 0.5 + 2), 2.6 * len(ks)))
+    axes = [fig.add_subplot(len(ks), 1, i + 1) for i in range(len(ks))]
+    x = np.arange(len(cats))
+    for ax, k in zip(axes, ks):
+        for j, lab in enumerate(labels):
+            a = s[(s["k"] == k) & (s["label"] == lab)].set_index("category").reindex(cats)
+            ax.bar(x + (j - (len(labels) - 1) / 2) * width, a["mean"], width, yerr=a["std"], capsize=2,
+                   color=colors[lab], label=lab)
+        ax.set_xticks(x, cats, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(f"k={k}")
+        low = np.nanmin(s["mean"] - s["std"])
+        ax.set_ylim(max(0.0, min(50.0, low - 5)), 100.5)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title(f"{dataset}: {METRIC_NAMES.get(metric, metric)} per category", fontsize=9)
+    axes[0].legend(fontsize=7, ncol=min(4, len(labels)), loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_roc(df: pd.DataFrame, dataset: str, path: Path, methods: list[str] | None = None,
+             k: int | None = None, run: int = 0) -> Path | None:
+    """Image-level ROC curves per category at ``k`` (default: the largest) and ``run``, from the
+    records' per-image ``scores`` / ``labels``. None when no such record exists."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    if not set(RECORD_KEYS_FOR_ROC) <= set(df.columns):
+        return None
+    d = df[(df["dataset"] == dataset) & (df["run"] == run)]
+    d = d[d["scores"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)
+          & d["labels"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)]
+    if d.empty:
+        return None
+    d = d[d["k"] == (k if k is not None else d["k"].max())]
+    cats = sorted(d["category"].unique())
+    labels = _labels(d, methods)
+    colors = _colors(labels)
+    ncol = min(4, len(cats))
+    nrow = -(-len(cats) // ncol)
+    fig = Figure(figsize=(3.0 * ncol, 3.0 * nrow))
+    drawn = 0
+    for i, cat in enumerate(cats):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        for r in d[d["category"] == cat].itertuples():
+            y, s = np.asarray(r.labels, dtype=int), np.asarray(r.scores, dtype=float)
+            if len(y) != len(s) or len(np.unique(y)) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, color=colors[r.label], lw=1.2, label=f"{r.label} ({100 * roc_auc_score(y, s):.1f})")
+            drawn += 1
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+        ax.set_title(cat, fontsize=8)
+        ax.set_xlabel("FPR", fontsize=7)
+        ax.set_ylabel("TPR", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5, loc="lower right")
+    if not drawn:
+        return None
+    fig.suptitle(f"{dataset}: image-level ROC (k={int(d['k'].iloc[0])}, run {run}; AUROC % in legend)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# anomaly-map examples
+# ---------------------------------------------------------------------------------------
+
+def pick_examples(labels: np.ndarray | None, n: int, n_total: int, groups: list[str] | None = None) -> np.ndarray:
+    """Deterministic choice of ``n`` test indices (the same for every method of a category).
+
+    With labels: ``n - 1`` anomalous images, taken round-robin over ``groups`` (e.g. the defect
+    type of each image) so several defect types show, plus the first normal image; without
+    labels: the first ``n``. Too few of one kind: filled up in test order."""
+    if labels is None:
+        return np.arange(min(n, n_total))
+    labels = np.asarray(labels).reshape(-1)
+    bad = [int(i) for i in np.flatnonzero(labels == 1)]
+    by_group: dict[str, list[int]] = {}
+    for i in bad:
+        by_group.setdefault(groups[i] if groups is not None else "", []).append(i)
+    queues = list(by_group.values())
+    take: list[int] = []
+    while len(take) < max(0, n - 1) and any(queues):
+        for q in queues:
+            if q and len(take) < max(0, n - 1):
+                take.append(q.pop(0))
+    take += [int(i) for i in np.flatnonzero(labels == 0)[:1]]
+    if len(take) < n:
+        take += [i for i in range(n_total) if i not in take][: n - len(take)]
+    return np.array(sorted(take[:n]), dtype=int)
+
+
+def save_example_maps(path: str | Path, maps: Any, images: Any, masks: Any, paths: list[Any],
+                      labels: Any | None = None, n: int = EXAMPLE_MAPS) -> Path:
+    """Keep a few test images' anomaly maps of one cell for :func:`plot_map_grids`.
+
+    maps ``(N, S, S)`` float (higher = more anomalous), images ``(N, 3, S, S)`` in [0, 1],
+    masks ``(N, S, S)`` 0/1, paths: N image paths, labels: optional ``(N,)`` 0/1 image labels
+    (used to pick anomalous examples of several defect types — the images' parent folders —
+    plus one normal, see :func:`pick_examples`). numpy
+    arrays or torch tensors. Writes ``path`` (``<out>/maps/<cell_id>.npz``) with keys
+    ``maps`` (n, S, S) float16, ``images`` (n, S, S, 3) uint8, ``masks`` (n, S, S) uint8,
+    ``image_paths`` (n,) str, ``index`` (n,) int (positions in the test set)."""
+    maps, images, masks = _to_numpy(maps), _to_numpy(images), _to_numpy(masks)
+    idx = pick_examples(None if labels is None else _to_numpy(labels), n, len(maps),
+                        groups=[Path(str(p)).parent.name for p in paths])
+    rgb = np.clip(np.round(255 * images[idx].transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, maps=maps[idx].astype(np.float16), images=rgb, masks=(masks[idx] > 0.5).astype(np.uint8),
+                        image_paths=np.array([str(paths[i]) for i in idx]), index=idx)
+    os.replace(tmp, path)
+    return path
+
+
+def load_example_maps(out: str | Path, df: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """Every ``<out>/maps/*.npz`` joined with its record (by cell id): dicts with dataset,
+    category, label, k, run and the arrays. Files without a record are ignored."""
+    folder = Path(out) / "maps"
+    if not folder.is_dir():
+        return []
+    if df is None:
+        df = ResultStore(out).frame()
+    recs = df.set_index("cell_id") if "cell_id" in df.columns else pd.DataFrame()
+    found = []
+    for p in sorted(folder.glob("*.npz")):
+        if p.stem not in recs.index:
+            continue
+        r = recs.loc[p.stem]
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {key: z[key] for key in z.files}
+        found.append({"dataset": r["dataset"], "category": r["category"], "label": r["label"],
+                      "method": r["method"], "k": int(r["k"]), "run": int(r["run"]), **arrays})
+    return found
+
+
+def plot_map_grids(out: str | Path, plots: Path, df: pd.DataFrame | None = None,
+                   methods: list[str] | None = None) -> list[Path]:
+    """One figure per (dataset, category): rows = example test images, columns = image,
+    ground truth, then each label's map over the image (largest k saved, lowest run).
+    Maps are min-max scaled per label over that category's examples, so a label's colours
+    are comparable across its rows but not across labels."""
+    examples = load_example_maps(out, df)
+    if not examples:
+        return []
+    ex = pd.DataFrame(examples)
+    written = []
+    for (ds, cat), g in ex.groupby(["dataset", "category"], sort=True):
+        g = g[g["k"] == g["k"].max()]
+        g = g[g["run"] == g["run"].min()]
+        labels = [lab for lab in _labels(g, methods) if lab in set(g["label"])]
+        by_label = {lab: g[g["label"] == lab].iloc[0] for lab in labels}
+        first = by_label[labels[0]]
+        names = list(first["image_paths"])
+        rows = [i for i, name in enumerate(names)
+                if all(name in list(by_label[lab]["image_paths"]) for lab in labels)]
+        if not rows:
+            continue
+        ncol = 2 + len(labels)
+        fig = Figure(figsize=(1.9 * ncol, 1.9 * len(rows) + 0.4))
+        for ri, i in enumerate(rows):
+            name = names[i]
+            img, mask = first["images"][i], first["masks"][i]
+            cells = [("image", img, None), ("ground truth", mask, "gray")]
+            for lab in labels:
+                b = by_label[lab]
+                j = list(b["image_paths"]).index(name)
+                m = b["maps"].astype(np.float32)
+                lo, hi = float(m.min()), float(m.max())
+                cells.append((lab, (m[j] - lo) / (hi - lo) if hi > lo else np.zeros_like(m[j]), "jet"))
+            for ci, (title, arr, cmap) in enumerate(cells):
+                ax = fig.add_subplot(len(rows), ncol, ri * ncol + ci + 1)
+                if ci >= 2:
+                    ax.imshow(img)
+                    ax.imshow(arr, cmap=cmap, alpha=0.5, vmin=0, vmax=1)
+                    ax.contour(mask, levels=[0.5], colors="white", linewidths=0.6)
+                elif cmap:
+                    ax.imshow(arr, cmap=cmap, vmin=0, vmax=1)
+                else:
+                    ax.imshow(arr)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if ri == 0:
+                    ax.set_title(title, fontsize=7)
+                if ci == 0:
+                    ax.set_ylabel(Path(name).parent.name + "/" + Path(name).stem, fontsize=6)
+        fig.suptitle(f"{ds} / {cat}: anomaly maps (k={int(g['k'].iloc[0])}, run {int(g['run'].iloc[0])})", fontsize=9)
+        fig.tight_layout()
+        written.append(_save(fig, plots / f"{_safe(ds)}_{_safe(cat)}_maps.png"))
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# everything
+# ---------------------------------------------------------------------------------------
+
+def write_plots(out: str | Path, methods: list[str] | None = None) -> list[Path]:
+    """Write every figure of the results folder ``out`` to ``<out>/plots/``; returns the paths.
+    Figures whose inputs are absent (per-image scores, saved maps, a metric never computed)
+    are skipped."""
+    store = ResultStore(out)
+    df = store.frame()
+    if methods is None and (suite := store.load_suite()):
+        methods = suite.get("methods")
+    plots = Path(out) / "plots"
+    written: list[Path | None] = []
+    for ds in sorted(df["dataset"].unique()):
+        for metric in METRIC_NAMES:
+            if metric not in df.columns or not df.loc[df["dataset"] == ds, metric].notna().any():
+                continue
+            written.append(plot_metric_vs_k(df, ds, metric, plots / f"{_safe(ds)}_{metric}_vs_k.png", methods))
+            written.append(plot_category_bars(df, ds, metric, plots / f"{_safe(ds)}_{metric}_categories.png", methods))
+        written.append(plot_roc(df, ds, plots / f"{_safe(ds)}_roc.png", methods))
+    written += plot_map_grids(out, plots, df, methods)
+    return [p for p in written if p is not None]
+
+
+__all__ = ["EXAMPLE_MAPS", "RECORD_KEYS_FOR_ROC", "load_example_maps", "pick_examples", "plot_category_bars",
+           "plot_map_grids", "plot_metric_vs_k", "plot_roc", "save_example_maps", "write_plots"]

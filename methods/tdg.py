@@ -1,0 +1,549 @@
+"""``tdg`` / ``tdg+``: hierarchical transformation-discriminating generative model (Sheynin et al., ICCV 2021).
+
+A SinGAN-like pyramid of small fully-convolutional patch generators ``G_n`` and patch
+discriminators ``D_n`` is trained coarse-to-fine on the few normal images. Every ``D_n``
+has ``T + 1`` output classes per patch: which of the ``T`` image transformations was applied
+to the (real) image the patch comes from, or "fake" (class ``T``). The anomaly score of a
+test image is the lack of patch votes for the correct transformation, aggregated over
+transformations, patches and scales.
+
+Facts from the official code (github.com/shellysheynin/A-Hierarchical-Transformation-
+Discriminating-Generative-Model-for-Few-Shot-Anomaly-Detection), re-implemented here:
+
+* ``config_few_shot.py``: kernel 3, padding 0, 5 conv layers per net, nfc = min_nfc = 32
+  (doubled every 4 scales, ``training_parallel.train``), scale_factor 0.75, min_size 25,
+  max_size 64, lr_g = lr_d = 5e-4, Adam betas (0.5, 0.999), Dsteps = Gsteps = 3,
+  reconstruction weight alpha = 100, noise_amp 0.1 (times the RMSE of the coarser
+  reconstruction, per image), MultiStepLR gamma 0.1 at 500 (D) / 1000 (G) iterations;
+  ``main_train.py``: 1000 iterations per scale for RGB data (MVTec), size_image 128, so the
+  pyramid is 25 -> 64 px in 5 scales (``functions.adjust_scales2image``).
+* ``models.py``: ConvBlock = conv + BatchNorm + LeakyReLU(0.2); ``WDiscriminatorMulti``
+  ends in a conv to ``num_transforms + 1`` logits per patch; the generator takes the
+  noisy image plus one channel holding the training-image index and adds its output to
+  the upsampled coarser image (residual, tanh); weights N(0, 0.02), BN weight N(1, 0.02).
+* ``training_parallel.train_single_scale``: the losses are cross-entropies, not WGAN-GP:
+  D learns real transformed patches -> their transformation, all transformations of fakes
+  -> "fake"; G learns to make D recognise the transformations of its fakes, plus
+  alpha * MSE reconstruction of each image from a fixed noise map (shared by all images,
+  told apart by the index channel). A scale starts from the previous scale's weights
+  when the widths match.
+* ``Dataloaders/mvtec_loader.py`` + ``augments_transform_color.py``: 54 transformations
+  (colour rgb/gray x horizontal flip x translation by +-15 % of the side with reflection
+  padding x rotation by k * 90 deg, in 6 product groups), applied flip -> translate ->
+  rotate -> colour. Images are scaled to [-1, 1].
+* ``defect_detection_evaluation.py``: per scale, softmax over the T transformation logits
+  (fake logit dropped), the probability of the correct transformation per patch, the mean
+  of its lowest ``fraction_defect`` = 10 % of patches, summed over transformations; the
+  image's normality is the mean over scales (higher = more normal). We report
+  ``1 - mean`` (transformations, scales) of that quantity, a monotone transform of the
+  official unnormalised score. The official per-scale min-max normalisation over the
+  whole test set is not used (``predict`` sees batches).
+
+Deviations (ours): bicubic ``F.interpolate`` instead of SinGAN's Matlab-style ``imresize``;
+integer shifts with symmetric padding (what kornia's reflection warp does for integer
+shifts) and ``torch.rot90`` (exact); no CLAHE on training images; the anomaly map (not in
+the official code) is ``1 - p(correct transformation)`` per patch, mapped back through the
+inverse transformation, averaged over transformations and scales and upsampled.
+
+``tdg+`` (RegAD's aggregated variant of TDG, Huang et al., ECCV 2022): the same hierarchy
+is pre-trained on images of all other categories (minibatches drawn from the pool; each
+image keeps its own index channel and noise amplitude), then ``adapt`` copies the
+pre-trained nets and trains them further on the support set, scale by scale.
+
+Presets: ``paper`` = the official configuration above (GPU hours); ``cpu`` = internal
+pyramid 16 -> 32 px (3 scales), width 16, 8 rotation/flip transformations (a subset of
+the official 54), ~60 iterations per scale with 1 D and 1 G step: fits the 2-core demo budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsad_bench.adapter import Adapter, TrainSet
+
+TRANSLATION_RATIO = 0.15  # official augments_transform_color.translation
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # kornia.rgb_to_grayscale
+
+
+# ----------------------------------------------------------------------------------------
+# Transformations
+# ----------------------------------------------------------------------------------------
+def _symmetric_index(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices folded into [0, n) by symmetric reflection (edge pixel repeated)."""
+    period = 2 * n
+    idx = idx % period
+    return torch.where(idx >= n, period - 1 - idx, idx)
+
+
+def shift(x: torch.Tensor, dx: int, dy: int, fill: float | None = None) -> torch.Tensor:
+    """Translate ``(..., H, W)`` by ``dx`` px right and ``dy`` px down.
+
+    ``fill=None``: uncovered pixels are taken by symmetric reflection (official padding);
+    otherwise they are set to ``fill`` (used to map score maps back, e.g. NaN = no vote).
+    """
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, device=x.device) - dy
+    cols = torch.arange(w, device=x.device) - dx
+    out = x.index_select(-2, _symmetric_index(rows, h)).index_select(-1, _symmetric_index(cols, w))
+    if fill is not None:
+        bad_r = (rows < 0) | (rows >= h)
+        bad_c = (cols < 0) | (cols >= w)
+        out = out.masked_fill(bad_r[:, None] | bad_c[None, :], fill)
+    return out
+
+
+@dataclass(frozen=True)
+class Transformation:
+    """One of TDG's image transformations: ``flip`` -> translate (``tx``, ``ty`` in
+    {-1, 0, 1} x 15 % of the side) -> rotate by ``rot`` x 90 deg -> grayscale if ``gray``."""
+
+    gray: bool
+    flip: bool
+    tx: int
+    ty: int
+    rot: int
+
+    def offsets(self, size: int) -> tuple[int, int]:
+        """Translation in px for an image of side ``size``."""
+        s = int(size * TRANSLATION_RATIO)
+        return self.tx * s, self.ty * s
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> transformed ``(B, 3, H, W)`` (square images)."""
+        if self.flip:
+            x = x.flip(-1)
+        if self.tx or self.ty:
+            x = shift(x, *self.offsets(x.shape[-1]))
+        if self.rot:
+            x = torch.rot90(x, self.rot, dims=(-2, -1))
+        if self.gray:
+            w = x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+            x = (x * w).sum(1, keepdim=True).expand_as(x).contiguous()
+        return x
+
+    def invert(self, y: torch.Tensor, size: int | None = None, fill: float | None = None) -> torch.Tensor:
+        """Undo the geometric part on ``(..., H, W)`` (grayscale is not invertible).
+
+        ``size``: side of the image the translation was computed for (default: ``H``);
+        the map of a patch discriminator (a centred crop of the image grid) is inverted
+        with the image's ``size``. ``fill``: value for positions with no source (see :func:`shift`).
+        """
+        size = y.shape[-1] if size is None else size
+        if self.rot:
+            y = torch.rot90(y, -self.rot, dims=(-2, -1))
+        if self.tx or self.ty:
+            dx, dy = self.offsets(size)
+            y = shift(y, -dx, -dy, fill=fill)
+        if self.flip:
+            y = y.flip(-1)
+        return y
+
+
+def official_transformations() -> list[Transformation]:
+    """The official 54 RGB transformations (``mvtec_loader.py``'s six product groups)."""
+    groups = [
+        itertools.product((0,), (False, True), (-1, 1, 0), (-1,), (0,)),
+        itertools.product((0,), (False, True), (0, 1), (0, 1), (0, 1, 2, 3)),
+        itertools.product((1,), (False, True), (0,), (0,), (0, 1, 2, 3)),
+        itertools.product((0,), (False, True), (-1,), (1, 0), (0,)),
+        itertools.product((1,), (False,), (1, -1), (0,), (0,)),
+        itertools.product((1,), (False,), (0,), (1, -1), (0,)),
+    ]
+    return [Transformation(bool(c), f, tx, ty, r) for c, f, tx, ty, r in itertools.chain(*groups)]
+
+
+def dihedral_transformations() -> list[Transformation]:
+    """The 8 flips x 90-degree rotations of the official set (rgb, no translation)."""
+    return [Transformation(False, f, 0, 0, r) for f in (False, True) for r in range(4)]
+
+
+TRANSFORMATION_SETS = {"official54": official_transformations, "dihedral8": dihedral_transformations}
+
+
+def apply_all(transforms: list[Transformation], x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(T * B, 3, H, W)``, transformation-major."""
+    return torch.cat([t.apply(x) for t in transforms])
+
+
+# ----------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------
+class ConvBlock(nn.Sequential):
+    """3x3 conv (no padding) + BatchNorm + LeakyReLU(0.2)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int):
+        super().__init__(nn.Conv2d(cin, cout, kernel), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+
+
+def _widths(width: int, min_width: int, layers: int) -> list[int]:
+    """Channel widths of the ``layers - 1`` conv blocks (SinGAN: halving, floored at ``min_width``)."""
+    return [width] + [max(int(width / 2 ** (i + 1)), min_width) for i in range(layers - 2)]
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Conv2d):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class PatchDiscriminator(nn.Module):
+    """Patch classifier: ``(B, 3, H, W)`` in [-1, 1] -> logits ``(B, T + 1, H - 2m, W - 2m)``,
+    ``m = layers * (kernel - 1) / 2`` (5 px officially); class ``T`` = "fake"."""
+
+    def __init__(self, num_transforms: int, width: int, min_width: int, layers: int = 5, kernel: int = 3):
+        super().__init__()
+        w = _widths(width, min_width, layers)
+        self.features = nn.Sequential(*[ConvBlock(cin, cout, kernel) for cin, cout in zip([3] + w[:-1], w)])
+        self.classifier = nn.Conv2d(w[-1], num_transforms + 1, kernel)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class PatchGenerator(nn.Module):
+    """Residual generator of one scale.
+
+    ``forward(noisy, prev, image_id)``: ``noisy`` = amp * z + prev, ``(B, 3, H, W)``;
+    ``prev`` = the upsampled coarser output (zeros at the coarsest scale); ``image_id``
+    ``(B,)`` the training-image index, fed as a constant channel. Returns ``prev + G(..)``,
+    ``(B, 3, H, W)`` (input zero-padded by the receptive-field margin, as officially).
+    """
+
+    def __init__(self, width: int, min_width: int, layers: int = 5, kernel: int = 3):
+        super().__init__()
+        w = _widths(width, min_width, layers)
+        self.margin = layers * (kernel - 1) // 2
+        self.features = nn.Sequential(*[ConvBlock(cin, cout, kernel) for cin, cout in zip([4] + w[:-1], w)])
+        self.to_rgb = nn.Sequential(nn.Conv2d(w[-1], 3, kernel), nn.Tanh())
+        self.apply(_init_weights)
+
+    def forward(self, noisy: torch.Tensor, prev: torch.Tensor, image_id: torch.Tensor) -> torch.Tensor:
+        x = F.pad(noisy, [self.margin] * 4)
+        ids = image_id.to(x).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
+        return prev + self.to_rgb(self.features(torch.cat([x, ids], 1)))
+
+
+# ----------------------------------------------------------------------------------------
+# The hierarchy
+# ----------------------------------------------------------------------------------------
+def pyramid_sizes(image_size: int, min_size: int, max_size: int, scale_factor: float) -> list[int]:
+    """Image side per scale, coarsest first (official ``functions.adjust_scales2image``).
+
+    E.g. 128 px input, min 25, max 64, factor 0.75 -> [25, 32, 40, 51, 64].
+    """
+    num_scales = math.ceil(math.log(min_size / image_size, scale_factor)) + 1
+    stop_scale = num_scales - math.ceil(math.log(min(max_size, image_size) / image_size, scale_factor))
+    top = round(image_size * min(max_size / image_size, 1.0))
+    if stop_scale <= 0 or min_size >= top:
+        return [top]
+    factor = (min_size / top) ** (1.0 / stop_scale)
+    return [math.ceil(top * factor ** (stop_scale - i) - 1e-6) for i in range(stop_scale + 1)]
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=x.shape[-1] > size)
+
+
+class TDGHierarchy(nn.Module):
+    """The trained model: per-scale generators, discriminators and the recipe to train them.
+
+    Images enter in [0, 1] ``(B, 3, S, S)`` and are resized to the pyramid (in [-1, 1]).
+    """
+
+    def __init__(self, sizes: list[int], transforms: list[Transformation], hp: dict):
+        super().__init__()
+        self.sizes = sizes
+        self.transforms = transforms
+        self.hp = hp
+        T = len(transforms)
+        widths = [min(hp["nfc"] * 2 ** (n // 4), 128) for n in range(len(sizes))]
+        min_widths = [min(hp["min_nfc"] * 2 ** (n // 4), 128) for n in range(len(sizes))]
+        self.widths = widths
+        self.generators = nn.ModuleList(PatchGenerator(w, mw, hp["num_layer"]) for w, mw in zip(widths, min_widths))
+        self.discriminators = nn.ModuleList(
+            PatchDiscriminator(T, w, mw, hp["num_layer"]) for w, mw in zip(widths, min_widths))
+
+    # -- pyramid / noise -----------------------------------------------------------------
+    def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, 3, S, S)`` in [0, 1] -> list of ``(B, 3, s_n, s_n)`` in [-1, 1], coarsest first."""
+        x = (images * 2 - 1).clamp(-1, 1)
+        return [_resize(x, s).clamp(-1, 1) for s in self.sizes]
+
+    @staticmethod
+    def _noise(b: int, n: int, size: int, gen: torch.Generator, device) -> torch.Tensor:
+        """Gaussian noise ``(b, 3, size, size)``; single-channel (grey) at the coarsest scale ``n = 0``."""
+        ch = 1 if n == 0 else 3
+        z = torch.randn(b, ch, size, size, generator=gen).to(device)
+        return z.expand(b, 3, size, size)
+
+    def _up(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return _resize(x, self.sizes[n + 1])
+
+    @torch.no_grad()
+    def sample_prev(self, n: int, ids: torch.Tensor, amps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random sample of scales ``< n`` upsampled to scale ``n`` (zeros for n = 0), ``(B, 3, s_n, s_n)``."""
+        b, dev = len(ids), amps.device
+        x = torch.zeros(b, 3, self.sizes[0], self.sizes[0], device=dev)
+        for s in range(n):
+            z = self._noise(b, s, self.sizes[s], gen, dev)
+            x = self._up(self.generators[s](amps[:, s].view(-1, 1, 1, 1) * z + x, x, ids), s)
+        return x
+
+    @torch.no_grad()
+    def reconstruct_prev(self, n: int, ids: torch.Tensor, amps: torch.Tensor) -> torch.Tensor:
+        """Reconstruction chain from the fixed noise maps, up to scale ``n``, ``(B, 3, s_n, s_n)``."""
+        b, dev = len(ids), amps.device
+        x = torch.zeros(b, 3, self.sizes[0], self.sizes[0], device=dev)
+        for s in range(n):
+            z = self.z_rec[s].to(dev).expand(b, 3, -1, -1)
+            x = self._up(self.generators[s](amps[:, s].view(-1, 1, 1, 1) * z + x, x, ids), s)
+        return x
+
+    # -- training ------------------------------------------------------------------------
+    def train_hierarchy(self, images: torch.Tensor, niter: int, gen: torch.Generator, batch_size: int | None = None,
+                        log_sources=None) -> None:
+        """Train every scale, coarse to fine, on ``images`` ``(N, 3, S, S)`` in [0, 1].
+
+        ``batch_size``: images per iteration (None = all; the official few-shot setting).
+        Fresh Adam optimisers per scale; the nets keep their current weights (random init
+        for TDG, pre-trained ones when ``tdg+`` adapts).
+        """
+        hp, dev = self.hp, next(self.parameters()).device
+        reals = [r.to(dev) for r in self.pyramid(images.to(dev))]
+        n_img = len(images)
+        ids_all = torch.arange(n_img, dtype=torch.float32, device=dev)
+        # fixed reconstruction noise maps (official: one grey map per scale, shared by all images)
+        self.z_rec = [torch.randn(1, 1, s, s, generator=gen).expand(1, 3, s, s).to(dev) for s in self.sizes]
+        amps = torch.ones(n_img, len(self.sizes), device=dev)
+        T = len(self.transforms)
+        for n in range(len(self.sizes)):
+            G, D = self.generators[n], self.discriminators[n]
+            if n > 0 and self.widths[n] == self.widths[n - 1] and hp.get("init_from_previous", True) \
+                    and not getattr(self, "pretrained", False):
+                G.load_state_dict(self.generators[n - 1].state_dict())
+                D.load_state_dict(self.discriminators[n - 1].state_dict())
+            if n > 0:  # noise amplitude: noise_amp x mean |real - reconstruction| per image
+                rec = self.reconstruct_prev(n, ids_all, amps)
+                amps[:, n] = hp["noise_amp"] * (reals[n] - rec).abs().flatten(1).mean(1)
+            self._train_scale(n, G, D, reals[n], ids_all, amps, niter, gen, batch_size, T)
+        self.amps = amps
+
+    def _train_scale(self, n, G, D, real_all, ids_all, amps, niter, gen, batch_size, T) -> None:
+        hp, dev = self.hp, real_all.device
+        G.train(), D.train()
+        opt_d = torch.optim.Adam(D.parameters(), lr=hp["lr_d"], betas=(hp["beta1"], 0.999))
+        opt_g = torch.optim.Adam(G.parameters(), lr=hp["lr_g"], betas=(hp["beta1"], 0.999))
+        sched_d = torch.optim.lr_scheduler.MultiStepLR(opt_d, [hp["milestone_d"]], gamma=hp["gamma"])
+        sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, [hp["milestone_g"]], gamma=hp["gamma"])
+        size = self.sizes[n]
+        for it in range(niter):
+            if batch_size is None or batch_size >= len(real_all):
+                idx = torch.arange(len(real_all), device=dev)
+            else:
+                idx = torch.randperm(len(real_all), generator=gen)[:batch_size].to(dev)
+            real, ids, amp = real_all[idx], ids_all[idx], amps[idx]
+            b = len(idx)
+            z = self._noise(b, n, size, gen, dev)
+            if hp["transforms_per_step"] and hp["transforms_per_step"] < T:  # cpu preset: a random subset
+                chosen = torch.randperm(T, generator=gen)[: hp["transforms_per_step"]].tolist()
+            else:  # official: every transformation, every iteration
+                chosen = list(range(T))
+            transforms = [self.transforms[t] for t in chosen]
+            real_t = apply_all(transforms, real)  # (T'*b, 3, s, s)
+            labels = torch.tensor(chosen, device=dev).repeat_interleave(b)
+            # (1) D: real transformed patches -> their transformation, fakes -> class T
+            for p in D.parameters():
+                p.requires_grad_(True)
+            for _ in range(hp["d_steps"]):
+                opt_d.zero_grad()
+                loss_real = _patch_ce(D(real_t), labels)
+                prev = self.sample_prev(n, ids, amp, gen)
+                noisy = amp[:, n].view(-1, 1, 1, 1) * z + prev if n > 0 else z
+                with torch.no_grad():
+                    fake = G(noisy, prev, ids)
+                logits_fake = D(apply_all(transforms, fake))
+                loss_fake = _patch_ce(logits_fake, torch.full((len(logits_fake),), T, device=dev))
+                (loss_real + loss_fake).backward()
+                opt_d.step()
+            # (2) G: make D recognise the transformations of the fakes + reconstruction
+            for p in D.parameters():
+                p.requires_grad_(False)
+            rec_prev = self.reconstruct_prev(n, ids, amp)
+            z_rec = self.z_rec[n].expand(b, 3, -1, -1)
+            noisy_rec = amp[:, n].view(-1, 1, 1, 1) * z_rec + rec_prev
+            for _ in range(hp["g_steps"]):
+                opt_g.zero_grad()
+                fake = G(noisy, prev, ids)
+                loss = _patch_ce(D(apply_all(transforms, fake)), labels)
+                if hp["alpha"]:
+                    loss = loss + hp["alpha"] * F.mse_loss(G(noisy_rec, rec_prev, ids), real)
+                loss.backward()
+                opt_g.step()
+            for p in D.parameters():
+                p.requires_grad_(True)
+            sched_d.step(), sched_g.step()
+        G.eval(), D.eval()
+
+    # -- scoring -------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly scores ``(B,)`` and maps ``(B, S, S)`` for ``images`` ``(B, 3, S, S)`` in [0, 1].
+
+        Per scale: p(correct transformation) per patch for every transformation;
+        normality = mean over transformations of the mean of the lowest ``fraction`` of
+        patches; score = 1 - mean over scales. Map: 1 - p(correct), mapped back through
+        each inverse transformation, averaged (transformations with a vote there), padded
+        to the scale's grid and upsampled; averaged over scales.
+        """
+        dev = next(self.parameters()).device
+        out_size = images.shape[-1]
+        b, T = len(images), len(self.transforms)
+        normality, maps = [], []
+        for n, real in enumerate(self.pyramid(images.to(dev))):
+            D = self.discriminators[n].eval()
+            logits = D(apply_all(self.transforms, real))[:, :T]  # (T*b, T, h, w)
+            probs = logits.softmax(1).view(T, b, T, *logits.shape[-2:])
+            correct = torch.stack([probs[t, :, t] for t in range(T)])  # (T, b, h, w)
+            flat = correct.flatten(2).sort(dim=2).values
+            k = max(1, int(flat.shape[2] * fraction))
+            normality.append(flat[:, :, :k].mean(2).mean(0))
+            back = torch.stack([t.invert(1 - correct[i], size=real.shape[-1], fill=float("nan"))
+                                for i, t in enumerate(self.transforms)])
+            m = back.nanmean(0)
+            m = torch.where(torch.isnan(m), torch.nanmean(m), m)
+            margin = (real.shape[-1] - m.shape[-1]) // 2
+            m = F.pad(m[:, None], [margin] * 4, mode="replicate")
+            maps.append(F.interpolate(m, size=(out_size, out_size), mode="bilinear", align_corners=False)[:, 0])
+        scores = 1 - torch.stack(normality).mean(0)
+        return scores.cpu(), torch.stack(maps).mean(0).cpu()
+
+    @torch.no_grad()
+    def transformation_accuracy(self, images: torch.Tensor, n: int) -> float:
+        """Patch accuracy of ``D_n``'s transformation head on ``images`` (argmax over the T classes)."""
+        dev = next(self.parameters()).device
+        T = len(self.transforms)
+        real = self.pyramid(images.to(dev))[n]
+        logits = self.discriminators[n].eval()(apply_all(self.transforms, real))[:, :T]
+        labels = torch.arange(T, device=dev).repeat_interleave(len(real))
+        return (logits.argmax(1) == labels.view(-1, 1, 1)).float().mean().item()
+
+
+def _patch_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every patch's logits ``(B, C, h, w)`` against its image's label ``(B,)``."""
+    return F.cross_entropy(logits, labels.view(-1, 1, 1).expand(-1, *logits.shape[-2:]))
+
+
+# ----------------------------------------------------------------------------------------
+# Adapters
+# ----------------------------------------------------------------------------------------
+_PAPER = {
+    "min_size": 25, "max_size": 64, "scale_factor": 0.75, "nfc": 32, "min_nfc": 32, "num_layer": 5,
+    "niter": 1000, "d_steps": 3, "g_steps": 3, "lr_g": 5e-4, "lr_d": 5e-4, "beta1": 0.5,
+    "gamma": 0.1, "milestone_d": 500, "milestone_g": 1000, "alpha": 100.0, "noise_amp": 0.1,
+    "transforms": "official54", "transforms_per_step": None, "fraction": 0.1,
+}
+_CPU = {
+    **_PAPER, "min_size": 16, "max_size": 32, "scale_factor": 0.5, "nfc": 16, "min_nfc": 16,
+    "niter": 40, "d_steps": 1, "g_steps": 1, "lr_g": 2e-3, "lr_d": 2e-3, "milestone_d": 10**9,
+    "milestone_g": 10**9, "alpha": 10.0, "transforms": "dihedral8", "transforms_per_step": 4,
+}
+
+
+class TDG(Adapter):
+    """TDG, one-/few-shot: the hierarchy is trained on the k support images only."""
+
+    name = "tdg"
+    protocol = "individual"
+    paper = "Sheynin, Benaim, Wolf: A Hierarchical Transformation-Discriminating Generative Model for FSAD (ICCV 2021)"
+    presets = {"paper": dict(_PAPER), "cpu": dict(_CPU)}
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        torch.manual_seed(self.config.seed)
+        hp = self.hparams
+        sizes = pyramid_sizes(self.config.image_size, hp["min_size"], hp["max_size"], hp["scale_factor"])
+        transforms = TRANSFORMATION_SETS[hp["transforms"]]()
+        self.model = TDGHierarchy(sizes, transforms, hp).to(self.device)
+        self._trained = False
+
+    def _generator(self, tag: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1000003 + tag)
+
+    def fit(self, train: TrainSet) -> None:
+        """Train the whole hierarchy on the target's support images ``{target: (K, 3, S, S)}``."""
+        (images,) = [torch.stack([ds[i] for i in range(len(ds))]) for ds in train.values()]
+        self.model.train_hierarchy(images, self.hparams["niter"], self._generator(0))
+        self._trained = True
+
+    def adapt(self, support: torch.Tensor) -> None:
+        """``fit`` already trained on the support; train here only if it was not called."""
+        if not self._trained:
+            self.model.train_hierarchy(support, self.hparams["niter"], self._generator(0))
+            self._trained = True
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.score(images, self.hparams["fraction"])
+
+
+class TDGPlus(TDG):
+    """TDG+ (RegAD's aggregated TDG): pre-train on all other categories, train further on the support."""
+
+    name = "tdg+"
+    protocol = "aggregated"
+    paper = "TDG with aggregated training, as compared in RegAD (Huang et al., ECCV 2022)"
+    presets = {
+        "paper": {**_PAPER, "pretrain_niter": 1000, "pretrain_batch": 10, "pretrain_images_per_category": None,
+                  "adapt_niter": 1000},
+        "cpu": {**_CPU, "pretrain_niter": 100, "pretrain_batch": 4, "pretrain_images_per_category": 20,
+                "adapt_niter": 20},
+    }
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        #: (category, index) of every image pre-training used (never the held-out category)
+        self.pretrain_sources: list[tuple[str, int]] = []
+        self.adapted: TDGHierarchy | None = None
+
+    def fit(self, train: TrainSet) -> None:
+        """Pre-train the hierarchy on a pool of images from every category in ``train``."""
+        per_cat = self.hparams["pretrain_images_per_category"]
+        g = self._generator(1)
+        images, self.pretrain_sources = [], []
+        for cat in sorted(train):
+            ds = train[cat]
+            order = torch.randperm(len(ds), generator=g).tolist()
+            for i in order[:per_cat] if per_cat else order:
+                images.append(ds[i])
+                self.pretrain_sources.append((cat, i))
+        self.model.train_hierarchy(torch.stack(images), self.hparams["pretrain_niter"], g,
+                                   batch_size=self.hparams["pretrain_batch"])
+        self._trained = True
+
+    def adapt(self, support: torch.Tensor) -> None:
+        """Copy the pre-trained hierarchy and train it further on ``support`` ``(K, 3, S, S)``."""
+        self.adapted = copy.deepcopy(self.model)
+        self.adapted.pretrained = True  # keep each scale's own pre-trained weights
+        self.adapted.train_hierarchy(support, self.hparams["adapt_niter"], self._generator(2))
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.adapted if self.adapted is not None else self.model
+        return model.score(images, self.hparams["fraction"])
+
+    def state_dict(self):
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        self.model.load_state_dict(state["model"])
+        self._trained = True

@@ -1,0 +1,1 @@
+"""Published reference numbers (``regad_paper.csv``), installed as package data."""

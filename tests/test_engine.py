@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+from fsad_bench.data import FolderDataset, load_images
+from fsad_bench.engine import plan, run_suite
+from fsad_bench.sampler import SupportSampler
+from fsad_bench.store import ResultStore
+
+TIMING_KEYS = {"adapt_seconds", "train_seconds", "infer_seconds_per_image", "peak_memory_mb", "finished_at"}
+
+
+def _stable(records):
+    return sorted((json.dumps({k: v for k, v in r.items() if k not in TIMING_KEYS}, sort_keys=True)
+                   for r in records))
+
+
+def test_aggregated_fit_never_sees_the_held_out_category(make_suite, spies, synth_root):
+    suite = make_suite(methods=["spy-agg"], k=[1, 2], runs=2)
+    run_suite(suite, synth_root.parent / "out-agg")
+    calls = spies["spy-agg"].fit_calls
+    assert len(calls) == 3  # one training per held-out category, shared by its 2 k x 2 runs
+    cats = {"grid", "stripes", "washer"}
+    for call, held_out in zip(calls, sorted(cats)):
+        assert set(call) == cats - {held_out}
+        for ds in call.values():
+            assert all(held_out not in p.parts for p in ds.paths)
+            assert all("train" in p.parts for p in ds.paths)  # never a test image
+
+
+def test_individual_fit_sees_only_the_support_set(make_suite, spies, synth_root):
+    suite = make_suite(methods=["spy-ind"], k=[2], runs=2)
+    run_suite(suite, synth_root.parent / "out-ind")
+    calls = spies["spy-ind"].fit_calls
+    assert len(calls) == 3 * 2  # one training per cell
+    ds = FolderDataset(synth_root, name="synthetic")
+    sampler = SupportSampler(0)
+    expected = [(c, load_images(sampler.support(ds.split(c), 2, r), 64)) for c in ds.categories for r in range(2)]
+    for call, (cat, support) in zip(calls, expected):
+        assert list(call) == [cat]
+        assert torch.equal(call[cat].images, support)
+
+
+def test_aggregated_training_is_cached_across_runs(make_suite, spies, tmp_path):
+    suite = make_suite(methods=["spy-agg"], k=[1], runs=1)
+    run_suite(suite, tmp_path / "a")
+    run_suite(suite, tmp_path / "b")  # new results folder, same model cache
+    assert len(spies["spy-agg"].fit_calls) == 3
+
+
+def test_resume_after_interruption_runs_only_missing_cells(make_suite, spies, tmp_path, monkeypatch):
+    suite = make_suite(methods=["meandiff", "random"], k=[1, 2], runs=2)
+    full = run_suite(suite, tmp_path / "full")
+
+    calls = {"n": 0}
+    original = spies["meandiff"].adapt
+
+    def crash_on_fifth(self, support):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # the process is killed while this cell is in flight
+        return original(self, support)
+
+    monkeypatch.setattr(spies["meandiff"], "adapt", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, tmp_path / "part")
+    part = ResultStore(tmp_path / "part")
+    assert len(part.records()) == 4  # the four finished cells are on disk, nothing else
+    assert not list((tmp_path / "part" / "cells").glob("*.tmp"))
+
+    monkeypatch.setattr(spies["meandiff"], "adapt", original)
+    done_before = part.done_ids()
+    ran = []
+    monkeypatch.setattr("fsad_bench.engine.ResultStore.put",
+                        lambda self, rec, _put=ResultStore.put: (ran.append(rec["cell_id"]), _put(self, rec)))
+    run_suite(suite, tmp_path / "part")
+    _, cells = plan(suite)
+    assert set(ran) == {c.cell_id for c in cells} - done_before  # only the missing cells ran
+    assert _stable(part.records()) == _stable(full.records())
+
+
+def test_same_command_same_numbers(make_suite, tmp_path):
+    suite = make_suite(methods=["random"], k=[2], runs=2)
+    a = run_suite(suite, tmp_path / "a").records()
+    b = run_suite(suite, tmp_path / "b").records()
+    assert _stable(a) == _stable(b)
+    assert len({r["image_auroc"] for r in a}) > 1  # runs differ from each other
