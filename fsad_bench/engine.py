@@ -104,8 +104,8 @@ def config_hash(suite: Suite, method: str) -> str:
 
 def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
     """Validate the suite against the data and expand it into cells (nothing is computed)."""
-    adapters = {m: registry.get(m) for m in suite.methods}
     dataset = open_dataset(suite)
+    adapters = {m: registry.get(m) for m in suite.methods}
     sampler = SupportSampler(suite.seed, suite.support_lists)
     for c in dataset.categories:  # fail now, not after hours: every split readable, every k possible
         split = dataset.split(c)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .store import ResultStore, atomic_write_text
 
@@ -135,9 +136,9 @@ def print_table(table: pd.DataFrame, title: str, console: Console | None = None)
     rt.add_column(table.index.name or "", style="bold")
     for col in table.columns:
         head = "\n".join(map(str, col)) if isinstance(col, tuple) else str(col)
-        rt.add_column(head.replace(" [", "\n["), justify="right")
+        rt.add_column(Text(head.replace(" [", "\n[")), justify="right")  # Text: "[cpu]" is not markup
     index = list(table.index)
     for i, (idx, row) in enumerate(table.iterrows()):
         cells = [f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in row.tolist()]
-        rt.add_row(str(idx), *cells, end_section=i + 1 < len(index) and index[i + 1] == MEAN_ROW)
+        rt.add_row(Text(str(idx)), *map(Text, cells), end_section=i + 1 < len(index) and index[i + 1] == MEAN_ROW)
     console.print(rt)

@@ -151,22 +151,30 @@ def _defect(kind: str, img: np.ndarray, fg: np.ndarray | None, rng: np.random.Ge
     return np.asarray(out, dtype=np.float32), mask
 
 
-def render(category: str, seed: int, split: str, index: int, defect: str | None = None, size: int = 256):
-    """One image ``(size, size, 3)`` float in [0, 1] and its defect mask ``(size, size)`` bool."""
+NATIVE = 256  # geometry is defined in pixels of a 256 x 256 canvas
+
+
+def render(category: str, seed: int, split: str, index: int, defect: str | None = None, size: int = NATIVE):
+    """One image ``(size, size, 3)`` float in [0, 1] and its defect mask ``(size, size)`` bool
+    (drawn at 256 px, then resized: area-averaged image, nearest-neighbour mask)."""
     kind = category.rstrip("0123456789")
     rng = np.random.default_rng(stable_seed("synth", seed, category, split, index, defect))
     base, accent = _palette(category)
     if kind in TEXTURES:
-        img, fg = _texture(kind, rng, size, base, accent), None
+        img, fg = _texture(kind, rng, NATIVE, base, accent), None
     elif kind in OBJECTS:
-        img, fg = _object(kind, rng, size, base, accent)
+        img, fg = _object(kind, rng, NATIVE, base, accent)
     else:
         raise FsadError(f"unknown synthetic category {category!r} (kinds: {', '.join(TEXTURES + OBJECTS)})")
-    mask = np.zeros((size, size), bool)
+    mask = np.zeros((NATIVE, NATIVE), bool)
     if defect is not None:
         img, mask = _defect(defect, img, fg, rng)
-    img = np.clip(img * rng.uniform(0.95, 1.05) + rng.normal(0, 0.02, img.shape), 0, 1)
-    return img.astype(np.float32), mask
+    img = np.clip(img * rng.uniform(0.95, 1.05) + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
+    if size != NATIVE:
+        img = np.asarray(Image.fromarray((img * 255).round().astype(np.uint8)).resize((size, size), Image.BOX),
+                         dtype=np.float32) / 255
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+    return img, mask
 
 
 def _save(img: np.ndarray, path: Path) -> None:

@@ -452,12 +452,13 @@ _PAPER = {
     "min_size": 25, "max_size": 64, "scale_factor": 0.75, "nfc": 32, "min_nfc": 32, "num_layer": 5,
     "niter": 1000, "d_steps": 3, "g_steps": 3, "lr_g": 5e-4, "lr_d": 5e-4, "beta1": 0.5,
     "gamma": 0.1, "milestone_d": 500, "milestone_g": 1000, "alpha": 100.0, "noise_amp": 0.1,
-    "transforms": "official54", "transforms_per_step": None, "fraction": 0.1,
+    "transforms": "official54", "transforms_per_step": None, "batch_size": None, "fraction": 0.1,
 }
 _CPU = {
     **_PAPER, "min_size": 16, "max_size": 32, "scale_factor": 0.5, "nfc": 16, "min_nfc": 16,
     "niter": 40, "d_steps": 1, "g_steps": 1, "lr_g": 2e-3, "lr_d": 2e-3, "milestone_d": 10**9,
     "milestone_g": 10**9, "alpha": 10.0, "transforms": "dihedral8", "transforms_per_step": 4,
+    "batch_size": 2,
 }
 
 
@@ -484,13 +485,15 @@ class TDG(Adapter):
     def fit(self, train: TrainSet) -> None:
         """Train the whole hierarchy on the target's support images ``{target: (K, 3, S, S)}``."""
         (images,) = [torch.stack([ds[i] for i in range(len(ds))]) for ds in train.values()]
-        self.model.train_hierarchy(images, self.hparams["niter"], self._generator(0))
+        self.model.train_hierarchy(images, self.hparams["niter"], self._generator(0),
+                                   batch_size=self.hparams["batch_size"])
         self._trained = True
 
     def adapt(self, support: torch.Tensor) -> None:
         """``fit`` already trained on the support; train here only if it was not called."""
         if not self._trained:
-            self.model.train_hierarchy(support, self.hparams["niter"], self._generator(0))
+            self.model.train_hierarchy(support, self.hparams["niter"], self._generator(0),
+                                       batch_size=self.hparams["batch_size"])
             self._trained = True
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -535,7 +538,8 @@ class TDGPlus(TDG):
         """Copy the pre-trained hierarchy and train it further on ``support`` ``(K, 3, S, S)``."""
         self.adapted = copy.deepcopy(self.model)
         self.adapted.pretrained = True  # keep each scale's own pre-trained weights
-        self.adapted.train_hierarchy(support, self.hparams["adapt_niter"], self._generator(2))
+        self.adapted.train_hierarchy(support, self.hparams["adapt_niter"], self._generator(2),
+                                     batch_size=self.hparams["batch_size"])
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.adapted if self.adapted is not None else self.model
