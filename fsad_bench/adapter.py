@@ -13,7 +13,9 @@ Life of an adapter in a benchmark cell (see ``fsad_bench.engine``)::
   (its train/good images); one fit is shared by all k and runs of that target;
 * ``individual`` protocol: ``{target: support images}`` only, one fit per cell;
 * ``training-free`` methods never train (``fit`` is not called);
-* ``cross-dataset``: all categories of another dataset.
+* ``cross-dataset``: every category of the suite's *training dataset* (another dataset), as
+  labelled images ``(image, label)`` (:class:`~fsad_bench.data.LabelledImages`: train/good and
+  test/good are 0, test/<defect> are 1); one fit is shared by every target category, k and run.
 
 A trained state is cached by the engine through :meth:`state_dict` / :meth:`load_state_dict`
 (default: the ``nn.Module`` attributes of the adapter), keyed by (method, dataset,
@@ -71,6 +73,8 @@ class Adapter(ABC):
         self.device = torch.device(self.config.device)
         #: Backbone weights actually used ("imagenet", "random-init", "file:x.pth"); set by subclasses.
         self.weights_tag = "n/a"
+        #: Name of the category being evaluated; the engine sets it before ``adapt`` (text priors use it).
+        self.category: str | None = None
 
     # -- the three stages -------------------------------------------------------------
     def fit(self, train: TrainSet) -> None:

@@ -45,6 +45,8 @@ def cli() -> None:
 @click.option("--runs", type=int, help="Runs (support-set draws) per k.")
 @click.option("--categories", help="Comma-separated categories (default: the suite's, else all).")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder in the MVTec AD layout.")
+@click.option("--train-data-root", type=click.Path(path_type=Path),
+              help="Training dataset folder of cross-dataset methods (InCTRL).")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder (default results/<suite>).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (cuda when present).")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Parallel worker processes.")
@@ -53,8 +55,8 @@ def cli() -> None:
 @click.option("--image-size", type=int, help="Input size in pixels.")
 @click.option("--seed", type=int, help="The one seed deciding supports, augmentations and inits.")
 @click.option("--support-lists", type=click.Path(path_type=Path), help="JSON of fixed support sets.")
-def run(suite_name, methods, ks, runs, categories, data_root, out, device, jobs, weights, preset, image_size, seed,
-        support_lists) -> None:
+def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, out, device, jobs, weights, preset,
+        image_size, seed, support_lists) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables."""
     from .engine import pick_device, plan, run_suite
     from .protocols import load_suite, validate_numbers
@@ -62,8 +64,9 @@ def run(suite_name, methods, ks, runs, categories, data_root, out, device, jobs,
 
     suite = load_suite(suite_name)
     overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "categories": _names(categories),
-                 "data_root": str(data_root) if data_root else None, "weights": weights, "preset": preset,
-                 "image_size": image_size, "seed": seed, "support_lists": str(support_lists) if support_lists else None}
+                 "data_root": str(data_root) if data_root else None,
+                 "train_data_root": str(train_data_root) if train_data_root else None,
+                 "weights": weights, "preset": preset, "image_size": image_size, "seed": seed, "support_lists": str(support_lists) if support_lists else None}
     for key, value in overrides.items():
         if value is not None:
             setattr(suite, key, value)

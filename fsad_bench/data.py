@@ -197,6 +197,23 @@ class TensorImages(torch.utils.data.Dataset):
         return self.images[i]
 
 
+class LabelledImages(torch.utils.data.Dataset):
+    """Lazy labelled images (cross-dataset training): ``ds[i]`` is ``((3, size, size) in [0, 1], label)``,
+    label 1 = anomalous; ``ds.labels`` lists every label without loading images."""
+
+    def __init__(self, paths: list[Path], labels: list[int], size: int):
+        if len(paths) != len(labels):
+            raise ValueError("paths and labels differ in length")
+        self.images = ImageFiles(paths, size)
+        self.labels = [int(v) for v in labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], self.labels[i]
+
+
 @dataclass
 class TestSet:
     """A category's test set in memory: images ``(N,3,S,S)``, labels ``(N,)``, masks ``(N,S,S)``."""

@@ -70,18 +70,32 @@ class Cell:
         return f"{self.method}-{self.category}-k{self.k}-r{self.run}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-def open_dataset(suite: Suite) -> FolderDataset:
-    """The suite's dataset; the synthetic one is generated into the cache on first use."""
-    if suite.data_root:
-        root = Path(suite.data_root).expanduser()
-    elif suite.dataset == "synthetic":
-        params = {"categories": 4, "seed": 0, **suite.synthetic}
+def _open(suite_name: str, name: str, data_root: str | None, synthetic: dict, categories: list[str],
+          flag: str) -> FolderDataset:
+    if data_root:
+        root = Path(data_root).expanduser()
+    elif name == "synthetic":
+        params = {"categories": 4, "seed": 0, **synthetic}
         root = cache_dir() / "synthetic" / "-".join(f"{k}{v}" for k, v in sorted(params.items()))
         generate(root, **params)
     else:
-        raise FsadError(f"suite {suite.name!r} needs --data-root DIR: the {suite.dataset} folder in the MVTec AD "
+        raise FsadError(f"suite {suite_name!r} needs {flag}: the {name} folder in the MVTec AD "
                         f"layout (<category>/train/good, test/, ground_truth/)")
-    return FolderDataset(root, name=suite.dataset, categories=suite.categories or None)
+    return FolderDataset(root, name=name, categories=categories or None)
+
+
+def open_dataset(suite: Suite) -> FolderDataset:
+    """The suite's dataset; the synthetic one is generated into the cache on first use."""
+    return _open(suite.name, suite.dataset, suite.data_root, suite.synthetic, suite.categories, "--data-root DIR")
+
+
+def open_train_dataset(suite: Suite) -> FolderDataset:
+    """The training dataset of cross-dataset methods (``train_dataset`` & co. in the suite)."""
+    if not suite.train_dataset:
+        raise FsadError(f"suite {suite.name!r} has a cross-dataset method but no train_dataset "
+                        f"(e.g. train_dataset = \"mvtec\" and train_data_root = \"/data/mvtec\")")
+    return _open(suite.name, suite.train_dataset, suite.train_data_root, suite.train_synthetic,
+                 suite.train_categories, "train_data_root = DIR")
 
 
 def _weights_fingerprint(weights: str) -> str:
@@ -99,6 +113,10 @@ def config_hash(suite: Suite, method: str) -> str:
         "synthetic": suite.synthetic if suite.dataset == "synthetic" else None,
         "support_lists": Path(suite.support_lists).read_text() if suite.support_lists else None,
     }
+    if registry.get(method).protocol == "cross-dataset":
+        payload["train"] = {"dataset": suite.train_dataset, "root": suite.train_data_root,
+                            "categories": suite.train_categories,
+                            "synthetic": suite.train_synthetic if suite.train_dataset == "synthetic" else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -111,10 +129,16 @@ def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
         split = dataset.split(c)
         for k in suite.k:
             sampler.support(split, k, 0)
+    if any(cls.protocol == "cross-dataset" for cls in adapters.values()):
+        train_ds = open_train_dataset(suite)
+        if train_ds.root.resolve() == dataset.root.resolve():
+            raise FsadError(f"train_dataset of suite {suite.name!r} is the evaluated dataset ({dataset.root}); "
+                            f"cross-dataset methods must train on another one")
+        for c in train_ds.categories:
+            if not any(s.label for s in train_ds.split(c).test):
+                raise FsadError(f"training dataset {train_ds.root}: category {c!r} has no anomalous test images")
     cells = []
     for m, cls in adapters.items():
-        if cls.protocol == "cross-dataset":
-            raise FsadError(f"method {m!r} needs the cross-dataset protocol; run it with a cross-dataset suite")
         h = config_hash(suite, m)
         for c in dataset.categories:
             for k in suite.k:
@@ -174,21 +198,27 @@ def predict_all(adapter, images: torch.Tensor, device: str) -> tuple[np.ndarray,
     return scores_np, maps_np, seconds
 
 
-def _fit_aggregated(adapter, suite: Suite, dataset: FolderDataset, category: str, chash: str) -> float:
-    """Fit (or load from the model cache) an aggregated adapter; returns training seconds."""
-    key = hashlib.sha256(f"{chash}|{dataset.root.resolve()}|{','.join(dataset.categories)}".encode()).hexdigest()[:16]
-    path = cache_dir() / "models" / adapter.name / dataset.name / f"{category}-{adapter.preset_name}-s{suite.seed}-{key}.pt"
+def _fit_cached(adapter, suite: Suite, train_ds: FolderDataset, held_out: str, chash: str) -> float:
+    """Fit ``adapter`` (or load the fit from the model cache); returns training seconds.
+
+    ``aggregated``: trains on every category of ``train_ds`` but ``held_out``;
+    ``cross-dataset``: on all of ``train_ds`` (another dataset), ``held_out`` is "".
+    The cache key is (method, dataset, held-out category, preset, seed, config hash, data)."""
+    key = hashlib.sha256(f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}".encode()).hexdigest()[:16]
+    folder = train_ds.name if adapter.protocol == "aggregated" else f"cross-{train_ds.name}"
+    path = (cache_dir() / "models" / adapter.name / folder
+            / f"{held_out or 'all'}-{adapter.preset_name}-s{suite.seed}-{key}.pt")
     if path.is_file():
         blob = torch.load(path, map_location=adapter.device, weights_only=False)
         adapter.load_state_dict(blob["state"])
         return float(blob["train_seconds"])
-    torch.manual_seed(stable_seed("fit", suite.seed, adapter.name, dataset.name, category) % 2**63)
-    train = training_data("aggregated", dataset, category, torch.empty(0), suite.image_size)
+    torch.manual_seed(stable_seed("fit", suite.seed, adapter.name, train_ds.name, held_out) % 2**63)
+    train = training_data(adapter.protocol, train_ds, held_out, torch.empty(0), suite.image_size)
     t0 = time.perf_counter()
     adapter.fit(train)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel workers may fit the same model
     torch.save({"state": adapter.state_dict(), "train_seconds": seconds}, tmp)
     os.replace(tmp, path)
     return seconds
@@ -218,7 +248,9 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
     if cls.protocol != "individual":
         shared = make(suite.seed)
         if cls.protocol == "aggregated":
-            train_seconds = _fit_aggregated(shared, suite, dataset, category, cells[0].config_hash)
+            train_seconds = _fit_cached(shared, suite, dataset, category, cells[0].config_hash)
+        elif cls.protocol == "cross-dataset":
+            train_seconds = _fit_cached(shared, suite, open_train_dataset(suite), "", cells[0].config_hash)
     for cell in cells:
         support_paths = sampler.support(split, cell.k, cell.run)
         support = load_images(support_paths, suite.image_size)
@@ -236,6 +268,7 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
             adapter = shared
             t0 = time.perf_counter()
         torch.manual_seed(cell_seed)
+        adapter.category = category
         adapter.adapt(support.to(adapter.device))
         _sync(device)
         adapt_seconds = time.perf_counter() - t0
@@ -244,6 +277,7 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
         record: dict[str, Any] = {
             "cell_id": cell.cell_id, "method": method, "label": adapter.label, "protocol": cls.protocol,
             "dataset": cell.dataset, "category": category, "k": cell.k, "run": cell.run,
+            "train_dataset": suite.train_dataset if cls.protocol == "cross-dataset" else None,
             "preset": adapter.preset_name, "weights": adapter.weights_tag, "seed": suite.seed,
             "image_auroc": image_auroc(test.labels, scores),
             "pixel_auroc": pixel_auroc(masks, maps),
@@ -299,4 +333,5 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
     return store
 
 
-__all__ = ["Cell", "plan", "run_suite", "run_group", "open_dataset", "cache_dir", "pick_device"]
+__all__ = ["Cell", "plan", "run_suite", "run_group", "open_dataset", "open_train_dataset", "cache_dir",
+           "pick_device"]

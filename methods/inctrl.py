@@ -62,7 +62,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsad_bench.adapter import Adapter
-from fsad_bench.data import FolderDataset, ImageFiles
 from fsad_bench.errors import FsadError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -101,34 +100,7 @@ def _open_clip():
     return open_clip
 
 
-# -- data for the cross-dataset protocol ---------------------------------------------------
-
-class LabelledImages(torch.utils.data.Dataset):
-    """Lazy labelled images: ``ds[i]`` is ``(image (3, S, S) in [0, 1], label)``, 1 = anomalous."""
-
-    def __init__(self, paths: list[Path], labels: list[int], size: int):
-        if len(paths) != len(labels):
-            raise ValueError("paths and labels differ in length")
-        self.images = ImageFiles(paths, size)
-        self.labels = [int(v) for v in labels]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i], self.labels[i]
-
-
-def cross_dataset_training_data(dataset: FolderDataset, image_size: int) -> dict[str, LabelledImages]:
-    """InCTRL's auxiliary data: per category train/good + test/good (label 0) and test/<defect> (1)."""
-    out = {}
-    for c in dataset.categories:
-        split = dataset.split(c)
-        paths = list(split.train) + [s.path for s in split.test]
-        labels = [0] * len(split.train) + [s.label for s in split.test]
-        out[c] = LabelledImages(paths, labels, image_size)
-    return out
-
+# -- data for the cross-dataset protocol (see fsad_bench.protocols.training_data) ---------
 
 def _items(ds: torch.utils.data.Dataset) -> tuple[list[int], list[int]]:
     """Indices of normal and anomalous items of a train dataset (plain image datasets: all normal)."""
@@ -400,7 +372,7 @@ class InCTRL(Adapter):
     def fit(self, train: Mapping[str, torch.utils.data.Dataset]) -> None:
         """Train adapter + heads on labelled auxiliary data (see module docstring).
 
-        ``train``: category -> Dataset of ``(image, label)`` (:class:`LabelledImages`) or of
+        ``train``: category -> Dataset of ``(image, label)`` (:class:`fsad_bench.data.LabelledImages`) or of
         plain images (all normal; anomalies are then synthesised with :func:`cutpaste`).
         """
         h = self.hparams
@@ -514,4 +486,4 @@ class TrainingPool:
                 torch.stack(p_patch).to(dev), cats, torch.tensor(labels, device=dev))
 
 
-__all__ = ["InCTRL", "LabelledImages", "cross_dataset_training_data", "patch_residuals", "cutpaste", "TINY_CLIP"]
+__all__ = ["InCTRL", "patch_residuals", "cutpaste", "TINY_CLIP"]

@@ -456,8 +456,7 @@ _PAPER = {
 }
 _CPU = {
     **_PAPER, "min_size": 16, "max_size": 32, "scale_factor": 0.5, "nfc": 16, "min_nfc": 16,
-    "niter": 40, "d_steps": 1, "g_steps": 1, "lr_g": 2e-3, "lr_d": 2e-3, "milestone_d": 10**9,
-    "milestone_g": 10**9, "alpha": 10.0, "transforms": "dihedral8", "transforms_per_step": 4,
+    "niter": 40, "d_steps": 1, "g_steps": 1, "transforms": "dihedral8", "transforms_per_step": 4,
     "batch_size": 2,
 }
 

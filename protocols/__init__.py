@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fsad_bench.adapter import PROTOCOLS, TrainSet
-from fsad_bench.data import FolderDataset, ImageFiles, TensorImages
+from fsad_bench.data import FolderDataset, ImageFiles, LabelledImages, TensorImages
 from fsad_bench.errors import FsadError
 
 
@@ -32,7 +32,8 @@ def training_data(protocol: str, dataset: FolderDataset, target: str, support: t
     """The images a method of ``protocol`` may train on when ``target`` is evaluated.
 
     The held-out ``target``'s test images never appear; under ``aggregated`` none of its
-    images do, under ``individual`` only its support images (``(K, 3, S, S)``).
+    images do, under ``individual`` only its support images (``(K, 3, S, S)``); under
+    ``cross-dataset`` ``dataset`` is the suite's training dataset (all of it, with labels).
     """
     if protocol == "aggregated":
         others = [c for c in dataset.categories if c != target]
@@ -43,11 +44,19 @@ def training_data(protocol: str, dataset: FolderDataset, target: str, support: t
         return {target: TensorImages(support)}
     if protocol == "training-free":
         return None
+    if protocol == "cross-dataset":  # ``dataset`` is the suite's training dataset, never the target one
+        out = {}
+        for c in dataset.categories:
+            split = dataset.split(c)
+            out[c] = LabelledImages(list(split.train) + [s.path for s in split.test],
+                                    [0] * len(split.train) + [s.label for s in split.test], image_size)
+        return out
     raise FsadError(f"protocol {protocol!r} is not run by this engine (known: {', '.join(PROTOCOLS)})")
 
 
 SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",
-              "image_size", "weights", "preset", "options", "synthetic", "support_lists", "reference"}
+              "image_size", "weights", "preset", "options", "synthetic", "support_lists", "reference",
+              "train_dataset", "train_data_root", "train_categories", "train_synthetic"}
 
 
 @dataclass
@@ -70,6 +79,11 @@ class Suite:
     support_lists: str | None = None
     description: str = ""
     reference: dict[str, Any] = field(default_factory=dict)
+    #: cross-dataset methods train on this dataset (name, folder, categories, synthetic parameters).
+    train_dataset: str | None = None
+    train_data_root: str | None = None
+    train_categories: list[str] = field(default_factory=list)
+    train_synthetic: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,12 @@ from fsad_bench.data import FolderDataset, TensorImages  # noqa: E402
 from fsad_bench.errors import FsadError  # noqa: E402
 from fsad_bench.synthetic import generate  # noqa: E402
 from fsad_bench.methods import inctrl  # noqa: E402
-from fsad_bench.methods.inctrl import InCTRL, cross_dataset_training_data, patch_residuals  # noqa: E402
+from fsad_bench.methods.inctrl import InCTRL, patch_residuals  # noqa: E402
+from fsad_bench.protocols import training_data  # noqa: E402
+
+
+def cross_dataset_training_data(dataset, image_size):
+    return training_data("cross-dataset", dataset, "", torch.empty(0), image_size)
 
 TINY = {"clip_model": "tiny", "epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "train_shots": 2}
 

@@ -64,14 +64,14 @@ def test_inverse_transform_undoes_forward_away_from_borders():
 def test_composition_order_matches_successive_warps():
     """Warping by θ1 then the result by θ2 samples the original at θ1 θ2 p (the STN chain's frame)."""
     m = smooth_map(1)
-    t1, t2 = rotation_scale(0.2, 1.0, 1.0), rotation_scale(0.0, 0.8, 0.8)
-    t2 = t2 + torch.tensor([[[0.0, 0.0, 0.1], [0.0, 0.0, -0.05]]])
+    t1 = rotation_scale(0.4, 1.0, 1.0)  # rotation, then an anisotropic scale and a shift: no commuting
+    t2 = rotation_scale(0.0, 0.7, 1.0) + torch.tensor([[[0.0, 0.0, 0.2], [0.0, 0.0, -0.1]]])
     twice = affine_warp(affine_warp(m, t1), t2)
     once = affine_warp(m, compose_affine(t1, t2))
     wrong = affine_warp(m, compose_affine(t2, t1))
     inner = (slice(None), slice(None), slice(12, 36), slice(12, 36))
     assert (twice - once)[inner].abs().max() < 0.03
-    assert (twice - wrong)[inner].abs().max() > 0.05
+    assert (twice - wrong)[inner].abs().max() > 0.1
 
 
 def test_simsiam_stop_gradient():
@@ -146,10 +146,11 @@ def test_state_dict_round_trip_gives_identical_predictions():
     b.adapt(support)
     sa, ma = a.predict(images)
     sb, mb = b.predict(images)
-    assert torch.equal(sa, sb) and torch.equal(ma, mb)
+    # b's seed also shuffles its 22-view support differently: equal up to float32 summation order
+    assert torch.allclose(sa, sb, rtol=1e-5, atol=0) and torch.allclose(ma, mb, rtol=1e-5, atol=1e-5)
     c = RegAD(AdapterConfig(weights="none", image_size=SIZE, seed=7, options=TINY))
     c.adapt(support)
-    assert not torch.allclose(c.predict(images)[0], sa)  # the loaded state is what made them equal
+    assert not torch.allclose(c.predict(images)[0], sa, rtol=1e-3)  # the loaded state is what made them equal
 
 
 def test_image_frame_variant_and_bad_options():
