@@ -42,7 +42,8 @@ class AdapterConfig:
 
     ``preset`` names an entry of the adapter's ``presets``; ``options`` override single
     preset values (from the suite's ``[options.<method>]`` table); ``seed`` decides every
-    initialisation and augmentation of the adapter.
+    initialisation and augmentation of the adapter; ``feature_cache`` is where frozen-backbone
+    features may be cached on disk (see :mod:`fsad_bench.features`).
     """
 
     device: str = "cpu"
@@ -51,6 +52,8 @@ class AdapterConfig:
     seed: int = 0
     image_size: int = 224
     options: dict[str, Any] = field(default_factory=dict)
+    #: Folder for the on-disk feature cache of frozen backbones (None: memory only).
+    feature_cache: str | None = None
 
 
 class Adapter(ABC):

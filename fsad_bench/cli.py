@@ -49,14 +49,18 @@ def cli() -> None:
               help="Training dataset folder of cross-dataset methods (InCTRL).")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder (default results/<suite>).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (cuda when present).")
-@click.option("--jobs", type=int, default=1, show_default=True, help="Parallel worker processes.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Parallel worker processes (loky backend).")
+@click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
+              help="joblib backend: local processes, or a Dask distributed cluster.")
+@click.option("--scheduler", help="Dask scheduler address (tcp://HOST:PORT) for --backend dask.")
+@click.option("--cache-features", is_flag=True, help="Also cache frozen-backbone features on disk.")
 @click.option("--weights", help="imagenet | auto | none | PATH to a backbone state dict.")
 @click.option("--preset", help="Method preset: cpu or paper.")
 @click.option("--image-size", type=int, help="Input size in pixels.")
 @click.option("--seed", type=int, help="The one seed deciding supports, augmentations and inits.")
 @click.option("--support-lists", type=click.Path(path_type=Path), help="JSON of fixed support sets.")
-def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, out, device, jobs, weights, preset,
-        image_size, seed, support_lists) -> None:
+def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, out, device, jobs, backend, scheduler,
+        cache_features, weights, preset, image_size, seed, support_lists) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables."""
     from .engine import pick_device, plan, run_suite
     from .protocols import load_suite, validate_numbers
@@ -66,7 +70,8 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
     overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "categories": _names(categories),
                  "data_root": str(data_root) if data_root else None,
                  "train_data_root": str(train_data_root) if train_data_root else None,
-                 "weights": weights, "preset": preset, "image_size": image_size, "seed": seed, "support_lists": str(support_lists) if support_lists else None}
+                 "weights": weights, "preset": preset, "image_size": image_size, "seed": seed,
+                 "support_lists": str(support_lists) if support_lists else None}
     for key, value in overrides.items():
         if value is not None:
             setattr(suite, key, value)
@@ -86,7 +91,8 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                   transient=False) as bar:
         task = bar.add_task("cells", total=todo)
-        run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n))
+        run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
+                  scheduler=scheduler, cache_features=cache_features)
     tables = write_tables(out, suite.methods)
     for name, table in tables.items():
         print_table(table, name, console)

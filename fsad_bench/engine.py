@@ -225,8 +225,11 @@ def _fit_cached(adapter, suite: Suite, train_ds: FolderDataset, held_out: str, c
 
 
 def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: str | Path,
-              device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None) -> int:
-    """Run the unfinished ``cells`` of one (method, category); returns how many were run."""
+              device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None,
+              feature_cache: str | None = None) -> int:
+    """Run the unfinished ``cells`` of one (method, category); returns how many were run.
+
+    ``feature_cache``: folder where frozen-backbone features may be cached on disk."""
     if threads:
         torch.set_num_threads(threads)
     store = ResultStore(out)
@@ -242,7 +245,8 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
     def make(seed: int):
         torch.manual_seed(seed)
         return cls(AdapterConfig(device=device, weights=suite.weights, preset=suite.preset, seed=seed,
-                                 image_size=suite.image_size, options=suite.options.get(method, {})))
+                                 image_size=suite.image_size, options=suite.options.get(method, {}),
+                                 feature_cache=feature_cache))
 
     shared, train_seconds = None, 0.0
     if cls.protocol != "individual":
@@ -307,29 +311,55 @@ def groups_of(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
     return out
 
 
+BACKENDS = ("loky", "dask")
+
+
 def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
-              progress: Callable[[int], None] | None = None) -> ResultStore:
+              progress: Callable[[int], None] | None = None, backend: str = "loky",
+              scheduler: str | None = None, cache_features: bool = False) -> ResultStore:
     """Run every unfinished cell of ``suite`` into the store at ``out``.
 
-    ``progress(n)`` is called as cells finish. ``jobs > 1`` runs (method, category) groups
-    in parallel processes (joblib), each with ``cores / jobs`` torch threads.
+    ``progress(n)`` is called as cells finish. ``jobs > 1`` runs (method, category) groups in
+    parallel with joblib: ``backend="loky"`` on this machine (``cores / jobs`` torch threads
+    each), ``backend="dask"`` on the Dask distributed cluster at ``scheduler``
+    (``tcp://host:port``; ``out`` and the cache folder must be on storage every worker sees).
+    Records are one file per cell, so workers finishing together neither lose nor duplicate one.
     """
+    if backend not in BACKENDS:
+        raise FsadError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    if backend == "dask" and not scheduler:
+        raise FsadError("--backend dask needs --scheduler tcp://HOST:PORT (a running dask scheduler)")
     _, cells = plan(suite)
     store = ResultStore(out)
     store.save_suite(suite.to_dict())
     todo = groups_of([c for c in cells if not store.has(c.cell_id)])
-    if jobs <= 1:
+    features = str(cache_dir() / "features") if cache_features else None
+    if backend == "loky" and jobs <= 1:
         for (m, c), group in todo.items():
-            run_group(suite, m, c, group, out, device, on_cell=(lambda _c: progress(1)) if progress else None)
-    else:
-        from joblib import Parallel, delayed
+            run_group(suite, m, c, group, out, device, feature_cache=features,
+                      on_cell=(lambda _c: progress(1)) if progress else None)
+        return store
+    from joblib import Parallel, delayed, parallel_config
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        results = Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            delayed(run_group)(suite, m, c, g, out, device, threads) for (m, c), g in todo.items())
-        for n in results:
-            if progress:
-                progress(n)
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1)) if backend == "loky" else None
+    tasks = (delayed(run_group)(suite, m, c, g, out, device, threads, None, features) for (m, c), g in todo.items())
+    if backend == "dask":
+        try:
+            from distributed import Client
+        except ImportError:
+            raise FsadError("--backend dask needs dask.distributed: pip install 'fsad-bench[dask]'") from None
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as err:
+            raise FsadError(f"cannot reach the dask scheduler at {scheduler}: {err}") from None
+        with client, parallel_config(backend="dask"):
+            for n in Parallel(n_jobs=-1, return_as="generator_unordered")(tasks):
+                if progress:
+                    progress(n)
+        return store
+    for n in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+        if progress:
+            progress(n)
     return store
 
 

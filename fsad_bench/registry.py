@@ -20,6 +20,8 @@ BUILTIN: dict[str, str] = {
     "diffnet+": "fsad_bench.methods.diffnet:DiffNetPlus",
     "tdg": "fsad_bench.methods.tdg:TDG",
     "tdg+": "fsad_bench.methods.tdg:TDGPlus",
+    "regad": "fsad_bench.methods.regad:RegAD",
+    "regad-l": "fsad_bench.methods.regad:RegADL",
 }
 
 

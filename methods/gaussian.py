@@ -16,7 +16,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from fsad_bench.adapter import Adapter
 from fsad_bench.augment import augment_support
-from fsad_bench.backbone import ResNetFeatures
+from fsad_bench.backbone import ResNetFeatures, state_hash
+from fsad_bench.features import CachedBackbone
 from fsad_bench.stats import PositionGaussian
 
 
@@ -49,13 +50,16 @@ class GaussianAdapter(Adapter):
         torch.manual_seed(self.config.seed)
         self.backbone = ResNetFeatures(self.hparams["arch"], self.config.weights).to(self.device)
         self.weights_tag = self.backbone.weights_tag
+        # frozen backbone: test images are shared by every k and run of a category -> cache them
+        self.cached = CachedBackbone(self.backbone, f"{self.hparams['arch']}-{state_hash(self.backbone)}",
+                                     disk=self.config.feature_cache)
         self.gaussian = PositionGaussian(eps=self.hparams["eps"])
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Concatenated layer1–3 features ``(N, 448, S/4, S/4)`` computed in batches."""
         bs = self.hparams["batch_size"]
-        out = [concat_pyramid(self.backbone(images[i : i + bs].to(self.device)))
+        out = [concat_pyramid(self.cached(images[i : i + bs].to(self.device)))
                for i in range(0, len(images), bs)]
         return torch.cat(out)
 

@@ -326,9 +326,9 @@ class RegAD(Adapter):
         # official train.py: SGD(0.9), lr 1e-4, 50 epochs, 32 queries/step, per-epoch cosine, shot 2
         "paper": {**_common, "epochs": 50, "batch_size": 32, "lr": 1e-4, "lr_schedule": "epoch-cosine",
                   "max_queries_per_category": None},
-        # demo budget (128 px, 2 cores, ≤ ~30 s per aggregated fit): 2 epochs of ≤ 24 queries per
+        # demo budget (128 px, 2 cores, ≤ ~30 s per aggregated fit): 3 epochs of ≤ 24 queries per
         # category, 8 queries x 1 support per step, 100x the paper's lr with a per-step cosine
-        "cpu": {**_common, "train_shot": 1, "epochs": 2, "batch_size": 8, "lr": 1e-2, "lr_schedule": "step-cosine",
+        "cpu": {**_common, "train_shot": 1, "epochs": 3, "batch_size": 8, "lr": 1e-2, "lr_schedule": "step-cosine",
                 "max_queries_per_category": 24},
     }
 

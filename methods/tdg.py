@@ -45,14 +45,21 @@ shifts) and ``torch.rot90`` (exact); no CLAHE on training images; the anomaly ma
 the official code) is ``1 - p(correct transformation)`` per patch, mapped back through the
 inverse transformation, averaged over transformations and scales and upsampled.
 
-``tdg+`` (RegAD's aggregated variant of TDG, Huang et al., ECCV 2022): the same hierarchy
-is pre-trained on images of all other categories (minibatches drawn from the pool; each
-image keeps its own index channel and noise amplitude), then ``adapt`` copies the
-pre-trained nets and trains them further on the support set, scale by scale.
+``tdg+`` (RegAD's aggregated variant of TDG, Huang et al., ECCV 2022, which gives no
+training details): the same hierarchy is pre-trained on images of all other categories
+(our choice: minibatches of 10 images per iteration drawn from the pool, each image with
+its own index channel and noise amplitude), then ``adapt`` copies the pre-trained nets and
+trains them further on the support set, scale by scale (``paper``: the full 1000
+iterations per scale again).
 
-Presets: ``paper`` = the official configuration above (GPU hours); ``cpu`` = internal
-pyramid 16 -> 32 px (3 scales), width 16, 8 rotation/flip transformations (a subset of
-the official 54), ~60 iterations per scale with 1 D and 1 G step: fits the 2-core demo budget.
+Presets: ``paper`` = the official configuration above (GPU hours). ``cpu`` = the official
+losses, learning rates, betas and alpha, but a reduced internal resolution (pyramid
+16 -> 23 -> 32 px, 3 scales, whatever the input size), width 16, the 8 rotation/flip
+transformations of the official set (4 drawn per iteration), 40 iterations per scale with
+1 D and 1 G step on 2 support images per iteration; ``tdg+`` pre-trains 100 iterations per
+scale on batches of 4 images (20 per other category) and adapts 20 iterations per scale.
+Measured on the synthetic demo at 128 px (2 shared cores): ~4-6 s per ``tdg`` cell
+(fit + adapt), ~21-24 s per ``tdg+`` pre-training and ~3 s per ``tdg+`` adaptation.
 """
 
 from __future__ import annotations
@@ -274,6 +281,10 @@ class TDGHierarchy(nn.Module):
         self.generators = nn.ModuleList(PatchGenerator(w, mw, hp["num_layer"]) for w, mw in zip(widths, min_widths))
         self.discriminators = nn.ModuleList(
             PatchDiscriminator(T, w, mw, hp["num_layer"]) for w, mw in zip(widths, min_widths))
+        #: fixed reconstruction noise per scale ``(1, 3, s, s)`` and noise amplitudes ``(N, scales)``,
+        #: set by :meth:`train_hierarchy` (training state only; scoring needs the discriminators)
+        self.z_rec: list[torch.Tensor] = []
+        self.amps = torch.ones(0, len(sizes))
 
     # -- pyramid / noise -----------------------------------------------------------------
     def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -313,12 +324,13 @@ class TDGHierarchy(nn.Module):
 
     # -- training ------------------------------------------------------------------------
     def train_hierarchy(self, images: torch.Tensor, niter: int, gen: torch.Generator, batch_size: int | None = None,
-                        log_sources=None) -> None:
+                        warm_start: bool = False) -> None:
         """Train every scale, coarse to fine, on ``images`` ``(N, 3, S, S)`` in [0, 1].
 
         ``batch_size``: images per iteration (None = all; the official few-shot setting).
-        Fresh Adam optimisers per scale; the nets keep their current weights (random init
-        for TDG, pre-trained ones when ``tdg+`` adapts).
+        Fresh Adam optimisers per scale. ``warm_start=False`` (TDG): a scale whose width
+        equals the previous one's starts from its trained weights (official); ``True``
+        (``tdg+`` adapting): every scale keeps its own pre-trained weights.
         """
         hp, dev = self.hp, next(self.parameters()).device
         reals = [r.to(dev) for r in self.pyramid(images.to(dev))]
@@ -330,8 +342,7 @@ class TDGHierarchy(nn.Module):
         T = len(self.transforms)
         for n in range(len(self.sizes)):
             G, D = self.generators[n], self.discriminators[n]
-            if n > 0 and self.widths[n] == self.widths[n - 1] and hp.get("init_from_previous", True) \
-                    and not getattr(self, "pretrained", False):
+            if n > 0 and self.widths[n] == self.widths[n - 1] and not warm_start:
                 G.load_state_dict(self.generators[n - 1].state_dict())
                 D.load_state_dict(self.discriminators[n - 1].state_dict())
             if n > 0:  # noise amplitude: noise_amp x mean |real - reconstruction| per image
@@ -535,10 +546,9 @@ class TDGPlus(TDG):
 
     def adapt(self, support: torch.Tensor) -> None:
         """Copy the pre-trained hierarchy and train it further on ``support`` ``(K, 3, S, S)``."""
-        self.adapted = copy.deepcopy(self.model)
-        self.adapted.pretrained = True  # keep each scale's own pre-trained weights
+        self.adapted = copy.deepcopy(self.model)  # every cell starts from the pre-trained state
         self.adapted.train_hierarchy(support, self.hparams["adapt_niter"], self._generator(2),
-                                     batch_size=self.hparams["batch_size"])
+                                     batch_size=self.hparams["batch_size"], warm_start=True)
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.adapted if self.adapted is not None else self.model

@@ -1,0 +1,89 @@
+"""Caching of frozen-backbone features shared by several cells.
+
+Every cell of a (method, category) group scores the same test images, and a training-free
+method adapts on images that other k / runs also draw; with a frozen backbone their
+features never change. :class:`CachedBackbone` wraps such a backbone and keys each image's
+outputs by (backbone tag, SHA-1 of the image's pixels) — the pixels stand for the file and
+the transform that produced them — in memory (LRU, bounded in MiB) and, optionally, on disk
+(one ``.pt`` file per image, written atomically), so repeated commands and other methods
+with the same backbone and weights reuse them. Outputs are bit-identical to the backbone's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CachedBackbone:
+    """Call like the backbone: ``images (B, 3, H, W) -> list of maps (B, C_i, H_i, W_i)``.
+
+    ``tag`` must identify the backbone and its weights (e.g. ``"resnet18-<state hash>"``);
+    ``disk`` is a folder for the persistent cache (None = memory only).
+    """
+
+    def __init__(self, backbone: nn.Module, tag: str, disk: str | Path | None = None, max_memory_mb: float = 1024):
+        self.backbone, self.tag = backbone, tag
+        self.disk = Path(disk) / tag if disk else None
+        self.max_bytes = max_memory_mb * 2**20
+        self.memory: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def key(self, image: torch.Tensor) -> str:
+        return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def _get(self, key: str) -> list[torch.Tensor] | None:
+        if key in self.memory:
+            self.memory.move_to_end(key)
+            return self.memory[key]
+        if self.disk is not None:
+            path = self.disk / key[:2] / f"{key}.pt"
+            if path.is_file():
+                try:
+                    feats = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception:  # a damaged cache file is recomputed, never fatal
+                    return None
+                self._remember(key, feats)
+                return feats
+        return None
+
+    def _remember(self, key: str, feats: list[torch.Tensor]) -> None:
+        size = sum(f.numel() * f.element_size() for f in feats)
+        if size > self.max_bytes:
+            return
+        self.memory[key] = feats
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.memory.popitem(last=False)
+            self.bytes -= sum(f.numel() * f.element_size() for f in old)
+
+    def _put(self, key: str, feats: list[torch.Tensor]) -> None:
+        self._remember(key, feats)
+        if self.disk is not None:
+            path = self.disk / key[:2] / f"{key}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(feats, tmp)
+            os.replace(tmp, path)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        keys = [self.key(im) for im in images]
+        found = [self._get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            device = next(self.backbone.parameters()).device
+            outs = self.backbone(images[missing].to(device))
+            for j, i in enumerate(missing):
+                found[i] = [o[j].cpu().clone() for o in outs]
+                self._put(keys[i], found[i])
+        device = images.device
+        return [torch.stack([f[level] for f in found]).to(device) for level in range(len(found[0]))]
