@@ -44,8 +44,8 @@ class PositionGaussian:
         n, c, h, w = features.shape
         if n < 2:
             raise ValueError(f"need at least 2 feature maps to fit a covariance, got {n}")
-        # (N, P, C) with channels contiguous: each position's (N, C) sample matrix is then a
-        # BLAS-friendly strided view, and chunks copy out in whole rows.
+        # (N, P, C) with channels contiguous (no copy for channels-last input): each position's
+        # (N, C) sample matrix is then a BLAS-friendly strided view, and chunks copy out in whole rows.
         x = features.permute(0, 2, 3, 1).reshape(n, h * w, c).contiguous()
         self.mean = x.mean(dim=0)                 # (P, C)
         x -= self.mean
@@ -77,10 +77,11 @@ class PositionGaussian:
         b, c, h, w = features.shape
         if (h, w) != self.shape:
             raise ValueError(f"feature grid {(h, w)} differs from the fitted grid {self.shape}")
-        d = features.reshape(b, c, h * w).permute(2, 1, 0) - self.mean[:, :, None]  # (P, C, B)
+        # (P, B, C) view; free when the features are channels-last (ResNetFeatures' output)
+        d = features.permute(2, 3, 0, 1).reshape(h * w, b, c) - self.mean[:, None, :]
         if self.used_form == "dual":
-            z = torch.bmm(self.inv_chol, torch.bmm(self.samples, d))                   # (P, N, B)
-            sq = (d.square().sum(dim=1) - z.square().sum(dim=1)).clamp_min(0) / self.eps
+            z = torch.bmm(torch.bmm(d, self.samples.transpose(1, 2)), self.inv_chol.transpose(1, 2))  # (P, B, N)
+            sq = (d.square().sum(dim=2) - z.square().sum(dim=2)).clamp_min(0) / self.eps
         else:
-            sq = torch.bmm(self.inv_chol, d).square().sum(dim=1)                       # (P, B)
+            sq = torch.bmm(d, self.inv_chol.transpose(1, 2)).square().sum(dim=2)                     # (P, B)
         return sq.sqrt().T.reshape(b, h, w)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from fsad_bench.adapter import Adapter
 from fsad_bench.augment import augment_support
@@ -28,12 +27,23 @@ def concat_pyramid(maps: list[torch.Tensor]) -> torch.Tensor:
                                   for m in maps[1:]], dim=1)
 
 
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps with scipy.ndimage.gaussian_filter's support (radius 4σ)."""
+    radius = int(4 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
 def smooth_maps(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Upsample ``(B, h, w)`` maps to ``(B, size, size)`` and blur with a Gaussian of ``sigma`` px."""
+    """Upsample ``(B, h, w)`` maps to ``(B, size, size)`` (bilinear) and blur with a Gaussian of
+    ``sigma`` px (separable: a row pass and a column pass, reflect padding)."""
     up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)
     if sigma > 0:
-        k = 2 * int(4 * sigma + 0.5) + 1  # scipy.ndimage.gaussian_filter's default support
-        up = TF.gaussian_blur(up, kernel_size=[k, k], sigma=[sigma, sigma])
+        k = gaussian_kernel1d(sigma).to(up)
+        r = len(k) // 2
+        up = F.conv2d(F.pad(up, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        up = F.conv2d(F.pad(up, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
     return up[:, 0]
 
 

@@ -437,6 +437,6 @@ class RegADL(RegAD):
     protocol = "individual"
     presets = {
         "paper": dict(RegAD.presets["paper"]),
-        # ≤ ~5 s fit + adapt at 128 px (k ≤ 4): 8 steps, each query with 1 support
-        "cpu": {**RegAD.presets["cpu"], "epochs": 8, "max_queries_per_category": None},
+        # ≤ ~5 s fit + adapt at 128 px (k ≤ 4): 4 steps, each query with 1 support
+        "cpu": {**RegAD.presets["cpu"], "epochs": 4, "max_queries_per_category": None},
     }

@@ -54,7 +54,7 @@ iterations per scale again).
 
 Presets: ``paper`` = the official configuration above (GPU hours). ``cpu`` = the official
 losses, learning rates, betas and alpha, but a reduced internal resolution (pyramid
-16 -> 23 -> 32 px, 3 scales, whatever the input size), width 16, the 8 rotation/flip
+16 -> 23 -> 32 px, 3 scales, for inputs of 64 px and more), width 16, the 8 rotation/flip
 transformations of the official set (4 drawn per iteration), 40 iterations per scale with
 1 D and 1 G step on 2 support images per iteration; ``tdg+`` pre-trains 100 iterations per
 scale on batches of 4 images (20 per other category) and adapts 20 iterations per scale.

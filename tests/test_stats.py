@@ -43,3 +43,18 @@ def test_support_augmentation_views():
         assert any(torch.equal(img, v) for v in out)
     # grey views have equal channels
     assert sum(bool(torch.allclose(v[0], v[1]) and torch.allclose(v[1], v[2])) for v in out) >= 3
+
+
+def test_separable_smoothing_matches_scipy():
+    from scipy.ndimage import gaussian_filter
+    import numpy as np
+    import torch.nn.functional as F
+
+    from fsad_bench.methods.gaussian import smooth_maps
+
+    maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    got = smooth_maps(maps, 64, 4.0)
+    up = F.interpolate(maps[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0].numpy()
+    ref = np.stack([gaussian_filter(u, 4.0, mode="mirror") for u in up])
+    assert got.shape == (3, 64, 64)
+    assert np.abs(got.numpy() - ref).max() < 1e-5
