@@ -156,7 +156,8 @@ NATIVE = 256  # geometry is defined in pixels of a 256 x 256 canvas
 
 def render(category: str, seed: int, split: str, index: int, defect: str | None = None, size: int = NATIVE):
     """One image ``(size, size, 3)`` float in [0, 1] and its defect mask ``(size, size)`` bool
-    (drawn at 256 px, then resized: area-averaged image, nearest-neighbour mask)."""
+    (drawn at 256 px, then resized: area-averaged image; a mask pixel is set when the defect
+    covers any part of it)."""
     kind = category.rstrip("0123456789")
     rng = np.random.default_rng(stable_seed("synth", seed, category, split, index, defect))
     base, accent = _palette(category)
@@ -173,7 +174,9 @@ def render(category: str, seed: int, split: str, index: int, defect: str | None 
     if size != NATIVE:
         img = np.asarray(Image.fromarray((img * 255).round().astype(np.uint8)).resize((size, size), Image.BOX),
                          dtype=np.float32) / 255
-        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+        # a pixel of the small mask is defective when the defect covers any of its area
+        cover = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX)
+        mask = np.asarray(cover) > 0
     return img, mask
 
 

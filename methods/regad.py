@@ -431,7 +431,12 @@ class RegAD(Adapter):
 
 
 class RegADL(RegAD):
-    """RegAD trained on the target category's k support images only (individual protocol)."""
+    """RegAD trained on the target category's k support images only (individual protocol).
+
+    ``paper``: RegAD's official training hyper-parameters applied to the support set (the
+    official repository has no RegAD-L script); pairs are formed among the k support images,
+    with k = 1 the support view is a randomly rotated / shifted copy of the query.
+    """
 
     name = "regad-l"
     protocol = "individual"
