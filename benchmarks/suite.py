@@ -35,13 +35,13 @@ def main() -> None:
     base = [sys.executable, "-m", "fsad_bench.cli", "run", "--suite", args.suite, *extra]
     # warm-up: generate the synthetic data (not timed)
     subprocess.run(base + ["--out", str(work / "warm"), "--runs", "1", "--k", "1", "--methods", "random"],
-                   env=env, check=True, capture_output=True)
+                   env=env, cwd=work, check=True, capture_output=True)
     times = {}
     for jobs in (1, 2):
         shutil.rmtree(work / "cache" / "models", ignore_errors=True)  # both runs train from scratch
         t0 = time.perf_counter()
-        subprocess.run(base + ["--out", str(work / f"jobs{jobs}"), "--jobs", str(jobs)], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(base + ["--out", str(work / f"jobs{jobs}"), "--jobs", str(jobs)], env=env, cwd=work,
+                       check=True, capture_output=True)
         times[jobs] = time.perf_counter() - t0
     t = Table(title=f"suite {args.suite} wall time ({os.cpu_count()} cores)")
     t.add_column("jobs")
