@@ -4,14 +4,15 @@
 
 * ``"imagenet"`` — torchvision's ImageNet weights from its cache (``$TORCH_HOME/hub/checkpoints``),
   downloaded if possible; an FsadError names the file to put where when they cannot be had;
-* ``"auto"`` — ImageNet weights when they can be had, otherwise random initialisation
-  (labelled ``random-init`` in every table);
+* ``"auto"`` — ImageNet weights when the cache holds them, otherwise random initialisation
+  (labelled ``random-init`` in every table; warned once per process; never downloads);
 * ``"none"`` — random initialisation (seeded), for tests;
 * a path to a ``.pth`` state dict.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from pathlib import Path
@@ -32,6 +33,12 @@ def _checkpoint_path(arch: str) -> tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / fname, w.url
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_random_init(arch: str, path: str) -> None:
+    warnings.warn(f"ImageNet weights for {arch} not cached ({path}); using random init (labelled random-init)",
+                  stacklevel=3)
+
+
 def load_state_dict(arch: str, weights: str) -> tuple[dict | None, str]:
     """Resolve ``weights`` for torchvision model ``arch``.
 
@@ -42,13 +49,13 @@ def load_state_dict(arch: str, weights: str) -> tuple[dict | None, str]:
         return None, "random-init"
     if weights in ("imagenet", "auto"):
         path, url = _checkpoint_path(arch)
+        if not path.is_file() and weights == "auto":
+            _warn_random_init(arch, str(path))
+            return None, "random-init"
         if not path.is_file():
             try:
                 torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
             except Exception as err:  # offline, proxy, disk: all mean "not available"
-                if weights == "auto":
-                    warnings.warn(f"ImageNet weights for {arch} unavailable ({path} missing); using random init")
-                    return None, "random-init"
                 raise FsadError(
                     f"ImageNet weights for {arch} not found: put {path.name} (from {url}) into {path.parent} "
                     f"(or set TORCH_HOME, pass --weights PATH, or --weights none) [{err.__class__.__name__}]"

@@ -130,10 +130,19 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
 
 
 def print_table(table: pd.DataFrame, title: str, console: Console | None = None) -> None:
-    """Print a table (MultiIndex columns shown on two header lines) with rich."""
+    """Print a table with rich; paper-style tables (columns ``(k, method)``) print one block per k
+    so that they stay readable in a terminal (the written files keep the full table)."""
     console = console or Console()
+    if isinstance(table.columns, pd.MultiIndex) and table.columns.names[0] == "k":
+        for k in dict.fromkeys(table.columns.get_level_values(0)):
+            _print_one(table[k], f"{title} — {k}", console)
+        return
+    _print_one(table, title, console)
+
+
+def _print_one(table: pd.DataFrame, title: str, console: Console) -> None:
     rt = Table(title=title, show_lines=False)
-    rt.add_column(table.index.name or "", style="bold")
+    rt.add_column(table.index.name or "", style="bold", no_wrap=True)
     for col in table.columns:
         head = "\n".join(map(str, col)) if isinstance(col, tuple) else str(col)
         rt.add_column(Text(head.replace(" [", "\n[")), justify="right")  # Text: "[cpu]" is not markup
