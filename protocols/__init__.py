@@ -55,7 +55,7 @@ def training_data(protocol: str, dataset: FolderDataset, target: str, support: t
 
 
 SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",
-              "image_size", "weights", "preset", "options", "synthetic", "support_lists", "reference",
+              "image_size", "weights", "preset", "options", "synthetic", "support_lists",
               "train_dataset", "train_data_root", "train_categories", "train_synthetic"}
 
 
@@ -78,7 +78,6 @@ class Suite:
     synthetic: dict[str, int] = field(default_factory=dict)
     support_lists: str | None = None
     description: str = ""
-    reference: dict[str, Any] = field(default_factory=dict)
     #: cross-dataset methods train on this dataset (name, folder, categories, synthetic parameters).
     train_dataset: str | None = None
     train_data_root: str | None = None
