@@ -37,7 +37,7 @@ from .store import ResultStore
 from .synthetic import generate
 from .protocols import Suite, training_data  # noqa: E402  (fsad_bench.protocols = top-level protocols/)
 
-PREDICT_BATCH = 16
+PREDICT_BATCH = 32  # test images per predict call (amortises per-call model traffic)
 
 
 def cache_dir() -> Path:

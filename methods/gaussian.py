@@ -61,16 +61,18 @@ class GaussianAdapter(Adapter):
         self.backbone = ResNetFeatures(self.hparams["arch"], self.config.weights).to(self.device)
         self.weights_tag = self.backbone.weights_tag
         # frozen backbone: test images are shared by every k and run of a category -> cache them
+        # (support views differ from cell to cell: not cached)
         self.cached = CachedBackbone(self.backbone, f"{self.hparams['arch']}-{state_hash(self.backbone)}",
                                      disk=self.config.feature_cache)
         self.gaussian = PositionGaussian(eps=self.hparams["eps"])
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated layer1–3 features ``(N, 448, S/4, S/4)`` computed in batches."""
+    def features(self, images: torch.Tensor, cache: bool = False) -> torch.Tensor:
+        """Concatenated layer1–3 features ``(N, 448, S/4, S/4)`` computed in batches; ``cache``:
+        through the feature cache (test images, shared by every k and run of a category)."""
         bs = self.hparams["batch_size"]
-        out = [concat_pyramid(self.cached(images[i : i + bs].to(self.device)))
-               for i in range(0, len(images), bs)]
+        backbone = self.cached if cache else self.backbone
+        out = [concat_pyramid(backbone(images[i : i + bs].to(self.device))) for i in range(0, len(images), bs)]
         return torch.cat(out)
 
     def adapt(self, support: torch.Tensor) -> None:
@@ -81,7 +83,7 @@ class GaussianAdapter(Adapter):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.gaussian.mahalanobis(self.features(images))
+        dist = self.gaussian.mahalanobis(self.features(images, cache=True))
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"]).cpu()
         return maps.flatten(1).max(dim=1).values, maps
 
