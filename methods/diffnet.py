@@ -82,8 +82,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from fsad_bench.adapter import Adapter, TrainSet
+from fsad_bench.augment import affine_warp
 from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
 from fsad_bench.data import TensorImages
+
+from .gaussian import gaussian_blur
 
 ALEXNET_CHANNELS = 256  # channels of AlexNet's last ``features`` map
 ALEXNET_MIN_SIZE = 63  # smallest input size AlexNet's ``features`` accept
@@ -181,8 +184,7 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cos(angles), torch.sin(angles)
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return affine_warp(x, theta.to(x), padding_mode="zeros")
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -351,7 +353,6 @@ class DiffNet(Adapter):
         angles, factors = self.views.sample(n_views, self._generator(2))  # same views for every image
         size = images.shape[-1]
         sigma = hp["grad_sigma"] * size / hp["img_size"]
-        ksize = 2 * int(4 * sigma + 0.5) + 1
         per_chunk = max(1, hp["view_chunk"] // n_views)
         scores, maps = [], []
         for i in range(0, len(images), per_chunk):
@@ -362,7 +363,7 @@ class DiffNet(Adapter):
                 z, log_jac = flow(self.extractor(self.views.apply(x, angles.repeat(b), factors.repeat(b, 1))))
                 (grad,) = torch.autograd.grad(nll_per_sample(z, log_jac).sum(), x)
             if sigma > 0:
-                grad = TF.gaussian_blur(grad, kernel_size=[ksize, ksize], sigma=[sigma, sigma])
+                grad = gaussian_blur(grad, sigma)
             grad_map = grad.abs().mean(dim=1).view(b, n_views, size, size).mean(dim=1) ** 2
             scores.append(z.detach().pow(2).view(b, -1).mean(dim=1).cpu())
             maps.append(grad_map.cpu())
