@@ -4,7 +4,7 @@ Prints a table, last line a one-line summary. Measures, on this machine and in o
 
 1. the per-position Gaussian fit + Mahalanobis scoring as the official RegAD / PaDiM code
    does it (a Python loop over the H x W positions: ``torch.cov`` + ``torch.linalg.inv`` per
-   position, one distance per sample) vs ours (:class:`fsad_bench.stats.PositionGaussian`,
+   position, one distance per sample) vs ours (:class:`fsad_bench.gaussian_model.PositionGaussian`,
    batched), on the same random features of the real shape (k shots x 22 augmented views,
    448 channels, 56 x 56): seconds, speed-up and the largest score difference;
 2. the floor: the backbone forward of the augmented support set alone, and our whole
@@ -28,7 +28,7 @@ from rich.table import Table
 
 from fsad_bench.adapter import AdapterConfig
 from fsad_bench.augment import N_VIEWS, augment_support
-from fsad_bench.stats import PositionGaussian
+from fsad_bench.gaussian_model import PositionGaussian
 
 
 def official_loop(train: torch.Tensor, test: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
@@ -124,7 +124,7 @@ def main() -> None:
     images = torch.rand(args.test, 3, args.size, args.size)
     with torch.no_grad():
         fwd_s, feats = timed(lambda: [adapter.backbone(images)], repeat=2)  # one batch, as the engine does
-    from fsad_bench.methods.gaussian import concat_pyramid, smooth_maps
+    from fsad_bench.maps import concat_pyramid, smooth_maps
 
     emb = torch.cat([concat_pyramid(f) for f in feats])
     score_s, dist = timed(lambda: adapter.gaussian.mahalanobis(emb), repeat=2)

@@ -124,7 +124,7 @@ def table(results_dir: Path, reference_method: str | None) -> None:
 def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamples: int, seed: int) -> None:
     """Paired comparison of A against B on the same cells of RESULTS_DIR: mean difference,
     bootstrap 95% CI, wins/ties/losses and Wilcoxon signed-rank p, per k and overall."""
-    from .compare import compare_methods
+    from .significance import compare_methods
     from .report import print_table
     from .store import ResultStore, atomic_write_text
 

@@ -231,3 +231,22 @@ def load_test_set(split: CategorySplit, size: int) -> TestSet:
     masks = torch.stack([load_mask(s.mask_path, size) for s in split.test])
     labels = np.array([s.label for s in split.test], dtype=np.int64)
     return TestSet(images, labels, masks, [s.path for s in split.test], [s.defect for s in split.test])
+
+
+def open_folder_dataset(name: str, root: str | Path | None, categories: list[str] | None = None,
+                        synthetic: dict | None = None, cache: Path | None = None,
+                        missing_root: str = "--data-root DIR is needed") -> FolderDataset:
+    """The dataset ``name`` at ``root``; without a root, the built-in ``synthetic`` dataset is
+    generated (once) into ``cache/synthetic/<parameters>`` from the ``synthetic`` parameters."""
+    if root:
+        folder = Path(root).expanduser()
+    elif name == "synthetic":
+        from .synthetic import generate
+
+        params = {"categories": 4, "seed": 0, **(synthetic or {})}
+        folder = Path(cache or ".") / "synthetic" / "-".join(f"{k}{v}" for k, v in sorted(params.items()))
+        generate(folder, **params)
+    else:
+        raise FsadError(f"{missing_root}: the {name} folder in the MVTec AD layout "
+                        f"(<category>/train/good, test/, ground_truth/)")
+    return FolderDataset(folder, name=name, categories=categories or None)

@@ -28,13 +28,11 @@ import torchvision
 
 from . import __version__, registry
 from .adapter import AdapterConfig
-from .data import FolderDataset, TestSet, load_images, load_test_set
+from .data import FolderDataset, TestSet, load_images, load_test_set, open_folder_dataset
 from .errors import FsadError
 from .metrics import aupro, image_auroc, pixel_auroc
-from .plots import save_example_maps
 from .sampler import SupportSampler, stable_seed
-from .store import ResultStore
-from .synthetic import generate
+from .store import ResultStore, save_example_maps
 from .protocols import Suite, training_data  # noqa: E402  (fsad_bench.protocols = top-level protocols/)
 
 PREDICT_BATCH = 32  # test images per predict call (amortises per-call model traffic)
@@ -70,23 +68,10 @@ class Cell:
         return f"{self.method}-{self.category}-k{self.k}-r{self.run}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-def _open(suite_name: str, name: str, data_root: str | None, synthetic: dict, categories: list[str],
-          flag: str) -> FolderDataset:
-    if data_root:
-        root = Path(data_root).expanduser()
-    elif name == "synthetic":
-        params = {"categories": 4, "seed": 0, **synthetic}
-        root = cache_dir() / "synthetic" / "-".join(f"{k}{v}" for k, v in sorted(params.items()))
-        generate(root, **params)
-    else:
-        raise FsadError(f"suite {suite_name!r} needs {flag}: the {name} folder in the MVTec AD "
-                        f"layout (<category>/train/good, test/, ground_truth/)")
-    return FolderDataset(root, name=name, categories=categories or None)
-
-
 def open_dataset(suite: Suite) -> FolderDataset:
     """The suite's dataset; the synthetic one is generated into the cache on first use."""
-    return _open(suite.name, suite.dataset, suite.data_root, suite.synthetic, suite.categories, "--data-root DIR")
+    return open_folder_dataset(suite.dataset, suite.data_root, suite.categories, suite.synthetic, cache_dir(),
+                               f"suite {suite.name!r} needs --data-root DIR")
 
 
 def open_train_dataset(suite: Suite) -> FolderDataset:
@@ -94,8 +79,8 @@ def open_train_dataset(suite: Suite) -> FolderDataset:
     if not suite.train_dataset:
         raise FsadError(f"suite {suite.name!r} has a cross-dataset method but no train_dataset "
                         f"(e.g. train_dataset = \"mvtec\" and train_data_root = \"/data/mvtec\")")
-    return _open(suite.name, suite.train_dataset, suite.train_data_root, suite.train_synthetic,
-                 suite.train_categories, "train_data_root = DIR")
+    return open_folder_dataset(suite.train_dataset, suite.train_data_root, suite.train_categories,
+                               suite.train_synthetic, cache_dir(), f"suite {suite.name!r} needs train_data_root = DIR")
 
 
 def _weights_fingerprint(weights: str) -> str:

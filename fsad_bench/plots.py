@@ -14,7 +14,7 @@ Figures (``<dataset>`` = dataset name):
   :data:`RECORD_KEYS_FOR_ROC`); skipped when no record has them.
 * ``<dataset>_<category>_maps.png`` — grid of example test images: image, ground truth and each
   label's anomaly map overlaid. Needs ``<out>/maps/<cell_id>.npz`` files written by
-  :func:`save_example_maps`; skipped when there are none.
+  :func:`fsad_bench.store.save_example_maps`; skipped when there are none.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from .store import ResultStore
 
 METRIC_NAMES = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)"}
 RECORD_KEYS_FOR_ROC = ("scores", "labels")  # per-image anomaly scores (N,) and 0/1 labels (N,) of a cell
-EXAMPLE_MAPS = 4  # test images per category kept by save_example_maps
 DPI = 110
 
 
@@ -70,12 +69,6 @@ def _colors(labels: list[str]) -> dict[str, Any]:
 
     cmap = colormaps["tab10"]
     return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _safe(name: str) -> str:
@@ -193,55 +186,6 @@ def plot_roc(df: pd.DataFrame, dataset: str, path: Path, methods: list[str] | No
 # anomaly-map examples
 # ---------------------------------------------------------------------------------------
 
-def pick_examples(labels: np.ndarray | None, n: int, n_total: int, groups: list[str] | None = None) -> np.ndarray:
-    """Deterministic choice of ``n`` test indices (the same for every method of a category).
-
-    With labels: ``n - 1`` anomalous images, taken round-robin over ``groups`` (e.g. the defect
-    type of each image) so several defect types show, plus the first normal image; without
-    labels: the first ``n``. Too few of one kind: filled up in test order."""
-    if labels is None:
-        return np.arange(min(n, n_total))
-    labels = np.asarray(labels).reshape(-1)
-    bad = [int(i) for i in np.flatnonzero(labels == 1)]
-    by_group: dict[str, list[int]] = {}
-    for i in bad:
-        by_group.setdefault(groups[i] if groups is not None else "", []).append(i)
-    queues = list(by_group.values())
-    take: list[int] = []
-    while len(take) < max(0, n - 1) and any(queues):
-        for q in queues:
-            if q and len(take) < max(0, n - 1):
-                take.append(q.pop(0))
-    take += [int(i) for i in np.flatnonzero(labels == 0)[:1]]
-    if len(take) < n:
-        take += [i for i in range(n_total) if i not in take][: n - len(take)]
-    return np.array(sorted(take[:n]), dtype=int)
-
-
-def save_example_maps(path: str | Path, maps: Any, images: Any, masks: Any, paths: list[Any],
-                      labels: Any | None = None, n: int = EXAMPLE_MAPS) -> Path:
-    """Keep a few test images' anomaly maps of one cell for :func:`plot_map_grids`.
-
-    maps ``(N, S, S)`` float (higher = more anomalous), images ``(N, 3, S, S)`` in [0, 1],
-    masks ``(N, S, S)`` 0/1, paths: N image paths, labels: optional ``(N,)`` 0/1 image labels
-    (used to pick anomalous examples of several defect types — the images' parent folders —
-    plus one normal, see :func:`pick_examples`). numpy
-    arrays or torch tensors. Writes ``path`` (``<out>/maps/<cell_id>.npz``) with keys
-    ``maps`` (n, S, S) float16, ``images`` (n, S, S, 3) uint8, ``masks`` (n, S, S) uint8,
-    ``image_paths`` (n,) str, ``index`` (n,) int (positions in the test set)."""
-    maps, images, masks = _to_numpy(maps), _to_numpy(images), _to_numpy(masks)
-    idx = pick_examples(None if labels is None else _to_numpy(labels), n, len(maps),
-                        groups=[Path(str(p)).parent.name for p in paths])
-    rgb = np.clip(np.round(255 * images[idx].transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, maps=maps[idx].astype(np.float16), images=rgb, masks=(masks[idx] > 0.5).astype(np.uint8),
-                        image_paths=np.array([str(paths[i]) for i in idx]), index=idx)
-    os.replace(tmp, path)
-    return path
-
-
 def load_example_maps(out: str | Path, df: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Every ``<out>/maps/*.npz`` joined with its record (by cell id): dicts with dataset,
     category, label, k, run and the arrays. Files without a record are ignored."""
@@ -344,5 +288,5 @@ def write_plots(out: str | Path, methods: list[str] | None = None) -> list[Path]
     return [p for p in written if p is not None]
 
 
-__all__ = ["EXAMPLE_MAPS", "RECORD_KEYS_FOR_ROC", "load_example_maps", "pick_examples", "plot_category_bars",
-           "plot_map_grids", "plot_metric_vs_k", "plot_roc", "save_example_maps", "write_plots"]
+__all__ = ["RECORD_KEYS_FOR_ROC", "load_example_maps", "plot_category_bars",
+           "plot_map_grids", "plot_metric_vs_k", "plot_roc", "write_plots"]

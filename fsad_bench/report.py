@@ -16,16 +16,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .costs import method_order
 from .store import ResultStore, atomic_write_text
 
 METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)"}
-MEAN_ROW, STD_ROW = "Mean", "Std (categories)"
-
-
-def _method_order(df: pd.DataFrame, methods: list[str] | None) -> list[str]:
-    order = {m: i for i, m in enumerate(methods or [])}
-    firsts = df.drop_duplicates("label").set_index("label")["method"]
-    return sorted(firsts.index, key=lambda lab: (order.get(firsts[lab], len(order)), lab))
+from .published import MEAN_ROW, STD_ROW  # noqa: E402  (one definition of the row names)
 
 
 def summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -54,7 +49,7 @@ def paper_table(df: pd.DataFrame, metric: str = "image_auroc", dataset: str | No
     if s.empty:
         return pd.DataFrame()
     cats = [c for c in dict.fromkeys(df["category"]) if c in set(s["category"])]
-    labels = _method_order(df, methods)
+    labels = method_order(df, methods)
     ks = sorted(s["k"].unique())
     cols = pd.MultiIndex.from_tuples([(f"k={k}", lab) for k in ks for lab in labels], names=["k", "method"])
     table = pd.DataFrame(index=sorted(cats) + [MEAN_ROW, STD_ROW], columns=cols, dtype=object)
@@ -68,21 +63,6 @@ def paper_table(df: pd.DataFrame, metric: str = "image_auroc", dataset: str | No
     return table.fillna("–")
 
 
-def cost_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
-    """Per method and k: adaptation seconds (mean ± std over cells), training seconds,
-    inference ms/image and peak memory (MiB)."""
-    g = df.groupby(["label", "k"])
-    out = pd.DataFrame({
-        "adapt_s": g["adapt_seconds"].mean(), "adapt_s_std": g["adapt_seconds"].std(ddof=1).fillna(0),
-        "train_s": g["train_seconds"].mean(), "infer_ms_per_image": 1000 * g["infer_seconds_per_image"].mean(),
-        "peak_memory_mib": g["peak_memory_mb"].max(), "cells": g.size(),
-    }).reset_index()
-    order = {lab: i for i, lab in enumerate(_method_order(df, methods))}
-    out[["k", "cells"]] = out[["k", "cells"]].astype(int)
-    out = out.sort_values(["label", "k"], key=lambda c: c.map(order) if c.name == "label" else c)
-    return out.rename(columns={"label": "method"}).set_index("method")
-
-
 def _latex(table: pd.DataFrame, caption: str) -> str:
     return table.to_latex(caption=caption, escape=True, multicolumn=True, multicolumn_format="c")
 
@@ -94,7 +74,9 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     Accuracy tables get the published numbers as extra ``"<Method> (paper)"`` columns where
     ``results/reference`` has them, and, with ``reference_method`` (label or method name),
     significance markers on their ``Mean`` row (paired Wilcoxon vs that method)."""
-    from .compare import add_significance, attach_reference, cost_ratio_table, paper_difference
+    from .costs import cost_ratio_table, cost_table
+    from .published import attach_reference, paper_difference
+    from .significance import add_significance
 
     store = ResultStore(out)
     df = store.frame()

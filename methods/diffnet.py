@@ -85,8 +85,7 @@ from fsad_bench.adapter import Adapter, TrainSet
 from fsad_bench.augment import affine_warp
 from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
 from fsad_bench.data import TensorImages
-
-from .gaussian import gaussian_blur
+from fsad_bench.maps import gaussian_blur
 
 ALEXNET_CHANNELS = 256  # channels of AlexNet's last ``features`` map
 ALEXNET_MIN_SIZE = 63  # smallest input size AlexNet's ``features`` accept

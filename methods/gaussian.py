@@ -11,48 +11,13 @@ image score. Training-free: ``fit`` is never needed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fsad_bench.adapter import Adapter
 from fsad_bench.augment import augment_support
 from fsad_bench.backbone import ResNetFeatures, state_hash
 from fsad_bench.features import CachedBackbone
-from fsad_bench.stats import PositionGaussian
-
-
-def concat_pyramid(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Upsample every map to the first one's grid (bilinear) and concatenate -> ``(B, ΣC, H1, W1)``."""
-    size = maps[0].shape[-2:]
-    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                                  for m in maps[1:]], dim=1)
-
-
-def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps with scipy.ndimage.gaussian_filter's support (radius 4σ)."""
-    radius = int(4 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur every channel of ``(B, C, H, W)`` with a Gaussian of ``sigma`` px: separable (a row
-    pass and a column pass), reflect padding — torchvision's ``gaussian_blur`` with the same
-    kernel, at 2·(8σ+1) instead of (8σ+1)² multiply-adds per pixel."""
-    b, c, h, w = x.shape
-    k = gaussian_kernel1d(sigma).to(x)
-    r = len(k) // 2
-    y = x.reshape(b * c, 1, h, w)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return y.reshape(b, c, h, w)
-
-
-def smooth_maps(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Upsample ``(B, h, w)`` maps to ``(B, size, size)`` (bilinear) and blur with a Gaussian of
-    ``sigma`` px (:func:`gaussian_blur`)."""
-    up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)
-    return (gaussian_blur(up, sigma) if sigma > 0 else up)[:, 0]
+from fsad_bench.gaussian_model import PositionGaussian
+from fsad_bench.maps import concat_pyramid, smooth_maps
 
 
 class GaussianAdapter(Adapter):

@@ -66,9 +66,8 @@ from torch import nn
 from fsad_bench.adapter import Adapter, TrainSet
 from fsad_bench.augment import affine_warp, augment_support
 from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
-from fsad_bench.stats import PositionGaussian
-
-from .gaussian import concat_pyramid, smooth_maps
+from fsad_bench.gaussian_model import PositionGaussian
+from fsad_bench.maps import concat_pyramid, smooth_maps
 
 #: Parameters predicted by the localisation net for each transformation family (official N_PARAMS).
 N_PARAMS = {"affine": 6, "translation": 2, "rotation": 1, "scale": 2, "shear": 2, "rotation_scale": 3,

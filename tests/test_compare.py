@@ -1,4 +1,4 @@
-"""Paired comparison statistics, significance markers, reference numbers and cost ratios."""
+"""Paired comparison statistics, significance markers, published reference numbers and cost ratios."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fsad_bench.compare import (add_significance, attach_reference, bootstrap_ci, compare_methods,
-                                cost_ratio_table, load_reference, marker, paired_cells, paper_difference,
-                                reference_rows, significance_markers, wilcoxon_p)
+from fsad_bench.costs import cost_ratio_table
+from fsad_bench.published import attach_reference, load_reference, paper_difference, reference_rows
+from fsad_bench.significance import (add_significance, bootstrap_ci, compare_methods, marker, paired_cells,
+                                     significance_markers, wilcoxon_p)
 from fsad_bench.errors import FsadError
 
 MVTEC = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",

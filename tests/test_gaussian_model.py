@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fsad_bench.augment import N_VIEWS, augment_support
-from fsad_bench.stats import PositionGaussian
+from fsad_bench.gaussian_model import PositionGaussian
 
 
 def _reference(train: torch.Tensor, test: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_separable_smoothing_matches_scipy():
     import numpy as np
     import torch.nn.functional as F
 
-    from fsad_bench.methods.gaussian import smooth_maps
+    from fsad_bench.maps import smooth_maps
 
     maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
     got = smooth_maps(maps, 64, 4.0)
