@@ -251,3 +251,18 @@ def test_pooled_roots(tmp_path, synth_root):
     dup = _mvtec(tmp_path / "b", "grid")
     with pytest.raises(FsadError, match=r"category 'grid' is in both .* and .*b: pooled roots need distinct"):
         open_folder_dataset("pair", [synth_root, dup])
+
+
+def test_cli_pools_data_roots_and_sets_arch(synth_root, tmp_path, capsys):
+    from fsad_bench.cli import main
+
+    extra = _mvtec(tmp_path / "extra", "tile", ".jpg", sizes=[(70, 64), (64, 80)])
+    out = tmp_path / "r"
+    main(["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64",
+          "--methods", "random,gaussian", "--categories", "grid,tile", "--arch", "mobilenet_v2",
+          "--data-root", str(synth_root),
+          "--data-root", str(extra), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "4 cells (0 done)" in text and "gaussian [mobilenet_v2, random-init]" in text
+    assert {p.name.split("-k1")[0] for p in (out / "cells").glob("*.json")} == {
+        "gaussian-tile", "gaussian-grid", "random-tile", "random-grid"}
