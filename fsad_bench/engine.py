@@ -71,7 +71,7 @@ class Cell:
 def open_dataset(suite: Suite) -> FolderDataset:
     """The suite's dataset; the synthetic one is generated into the cache on first use."""
     return open_folder_dataset(suite.dataset, suite.data_root, suite.categories, suite.synthetic, cache_dir(),
-                               f"suite {suite.name!r} needs --data-root DIR")
+                               f"suite {suite.name!r} needs --data-root DIR", layout=suite.layout, folder=suite.folder)
 
 
 def open_train_dataset(suite: Suite) -> FolderDataset:
