@@ -100,15 +100,28 @@ class Adapter(ABC):
         for k, v in state.items():
             getattr(self, k).load_state_dict(v)
 
+    # -- input resolution -------------------------------------------------------------
+    @property
+    def input_size(self) -> int | None:
+        """Side (px) at which the engine should load this adapter's images from the original
+        files; None = the suite's ``image_size``. ``predict`` then returns maps at that size and
+        the engine resizes them to the suite's ``image_size`` (masks stay at that size)."""
+        return None
+
     # -- labels -----------------------------------------------------------------------
+    def label_tags(self) -> list[str]:
+        """Extra label tags, one per option set to a non-official value (default: none)."""
+        return []
+
     @property
     def label(self) -> str:
-        """Column label in tables: name plus preset / weights when they matter."""
+        """Column label in tables: name plus preset / weights / non-official options when they matter."""
         tags = []
         if len(self.presets) > 1:
             tags.append(self.preset_name)
         if self.weights_tag not in ("imagenet", "n/a"):
             tags.append(self.weights_tag)
+        tags += self.label_tags()
         return f"{self.name} [{', '.join(tags)}]" if tags else self.name
 
     def describe(self) -> dict[str, Any]:
