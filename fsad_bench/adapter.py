@@ -100,16 +100,31 @@ class Adapter(ABC):
         for k, v in state.items():
             getattr(self, k).load_state_dict(v)
 
+    # -- input resolution -------------------------------------------------------------
+    @property
+    def input_size(self) -> int | None:
+        """Side (px) at which the engine should load this adapter's images from the original
+        files; None = the suite's ``image_size``. ``predict`` then returns maps at that size and
+        the engine resizes them to the suite's ``image_size`` (masks stay at that size)."""
+        return None
+
     # -- labels -----------------------------------------------------------------------
+    def label_tags(self) -> list[str]:
+        """Extra label tags, one per option set to a non-official value (default: none)."""
+        return []
+
     @property
     def label(self) -> str:
-        """Column label in tables: name plus preset (when there are several), backbone
-        architecture and weights kind (``imagenet`` | ``random-init`` | ``file``) for methods with
-        an ``arch`` hyper-parameter, e.g. ``gaussian [mobilenet_v2, file]``; other methods show
-        their weights tag unless it is ``imagenet`` / ``n/a``."""
+        """Column label in tables: name plus preset (when there are several; a preset whose values
+        equal the ``paper`` preset's is called ``paper``), backbone architecture and weights kind
+        (``imagenet`` | ``random-init`` | ``file``) for methods with an ``arch`` hyper-parameter,
+        e.g. ``gaussian [paper, mobilenet_v2, file]``; other methods show their weights tag unless
+        it is ``imagenet`` / ``n/a``; then one tag per option set to a non-official value
+        (:meth:`label_tags`)."""
         tags = []
         if len(self.presets) > 1:
-            tags.append(self.preset_name)
+            same_as_paper = self.presets[self.preset_name] == self.presets.get("paper")
+            tags.append("paper" if same_as_paper else self.preset_name)
         arch = self.hparams.get("arch")
         if arch:
             tags.append(str(arch))
@@ -117,6 +132,7 @@ class Adapter(ABC):
                 tags.append(self.weights_tag.split(":", 1)[0])
         elif self.weights_tag not in ("imagenet", "n/a"):
             tags.append(self.weights_tag)
+        tags += self.label_tags()
         return f"{self.name} [{', '.join(tags)}]" if tags else self.name
 
     def describe(self) -> dict[str, Any]:

@@ -10,11 +10,16 @@ import torch
 import torch.nn.functional as F
 
 
-def concat_pyramid(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Upsample every map to the first one's grid (bilinear) and concatenate -> ``(B, ΣC, H1, W1)``."""
+def concat_pyramid(maps: list[torch.Tensor], mode: str = "bilinear") -> torch.Tensor:
+    """Upsample every map to the first one's grid and concatenate -> ``(B, ΣC, H1, W1)``.
+
+    ``mode``: ``"bilinear"`` (``align_corners=False``) or ``"nearest"`` (each coarse cell
+    repeated over the fine cells it covers: PaDiM's / RegAD's ``embedding_concat`` and
+    anomalib's ``F.interpolate(mode="nearest")`` for integer size ratios).
+    """
     size = maps[0].shape[-2:]
-    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                                  for m in maps[1:]], dim=1)
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode=mode, **kw) for m in maps[1:]], dim=1)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -25,21 +30,41 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def _pad_symmetric(y: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Pad ``r`` samples on both sides of ``dim`` by half-sample symmetric reflection (edge
+    repeated: ``d c b a | a b c d | d c b a``, scipy.ndimage's ``"reflect"``)."""
+    n = y.shape[dim]
+    idx = torch.arange(-r, n + r, device=y.device) % (2 * n)
+    idx = torch.where(idx >= n, 2 * n - 1 - idx, idx)
+    return y.index_select(dim, idx)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, border: str = "reflect") -> torch.Tensor:
     """Blur every channel of ``(B, C, H, W)`` with a Gaussian of ``sigma`` px: separable (a row
-    pass and a column pass), reflect padding — torchvision's ``gaussian_blur`` with the same
-    kernel, at 2·(8σ+1) instead of (8σ+1)² multiply-adds per pixel."""
+    pass and a column pass) — torchvision's ``gaussian_blur`` with the same kernel, at
+    2·(8σ+1) instead of (8σ+1)² multiply-adds per pixel.
+
+    ``border``: ``"reflect"`` (``c b | a b c d | c b``, torch / kornia / anomalib, scipy's
+    ``"mirror"``) or ``"symmetric"`` (edge repeated, scipy.ndimage.gaussian_filter's default
+    ``"reflect"`` mode, used by RegAD's ``test.py``).
+    """
+    if border not in ("reflect", "symmetric"):
+        raise ValueError(f"border must be 'reflect' or 'symmetric', got {border!r}")
     b, c, h, w = x.shape
     k = gaussian_kernel1d(sigma).to(x)
     r = len(k) // 2
     y = x.reshape(b * c, 1, h, w)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    if border == "reflect":
+        y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    else:
+        y = F.conv2d(_pad_symmetric(y, r, 3), k.view(1, 1, 1, -1))
+        y = F.conv2d(_pad_symmetric(y, r, 2), k.view(1, 1, -1, 1))
     return y.reshape(b, c, h, w)
 
 
-def smooth_maps(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+def smooth_maps(maps: torch.Tensor, size: int, sigma: float, border: str = "reflect") -> torch.Tensor:
     """Upsample ``(B, h, w)`` maps to ``(B, size, size)`` (bilinear) and blur with a Gaussian of
-    ``sigma`` px (:func:`gaussian_blur`)."""
+    ``sigma`` px (:func:`gaussian_blur`, ``border`` as there)."""
     up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)
-    return (gaussian_blur(up, sigma) if sigma > 0 else up)[:, 0]
+    return (gaussian_blur(up, sigma, border) if sigma > 0 else up)[:, 0]

@@ -35,10 +35,15 @@ reproduced: the official coupling also clamps outputs to ±1e6 (a numerical guar
 
 Deviations (all documented here, none in the ``paper`` preset's maths):
 
-* rotation and resize are done on tensors with ``grid_sample`` (bilinear, zero fill) so that
-  the gradient map is the gradient w.r.t. the *input* image at the suite's resolution ``S``
-  (the back-rotation of the official code is the adjoint of the differentiable rotation);
-  the Gaussian σ is 3 px at ``img_size``, i.e. ``3 · S / img_size`` px on the ``(S, S)`` map;
+* resolution: the adapter declares ``input_size = img_size`` (448 in ``paper``), so the engine
+  loads every image from the original file at ``img_size`` (the official ``Resize(img_size)``
+  on the photo) and nothing is upsampled here; ``predict`` returns maps at the size of the
+  images it is given and the engine resizes them to the suite's size. Images given at another
+  size ``S`` (direct API use) are resized on tensors first (bilinear, antialiased when
+  shrinking) and the σ = 3 px (at ``img_size``) becomes ``3 · S / img_size`` px;
+* rotation is done on tensors with ``grid_sample`` (bilinear, zero fill) so that the gradient
+  map is the gradient w.r.t. the *input* image (the back-rotation of the official code is
+  the adjoint of the differentiable rotation);
 * the ``n_transforms_test`` test-time views use the same ``T`` random angles (drawn once from
   ``seed``) for every test image, so a score never depends on the batch it was predicted in;
   scores and gradient maps come from the same views (official: random views for scores,
@@ -274,6 +279,11 @@ class DiffNet(Adapter):
         self.views = DifferNetViews(hp["img_size"], hp["rotation"], hp["brightness"], hp["contrast"],
                                     hp["saturation"])
         self._trained = False
+
+    @property
+    def input_size(self) -> int:
+        """Images are wanted at ``img_size`` px (DifferNet resizes the original photo to it)."""
+        return int(self.hparams["img_size"])
 
     def new_flow(self) -> SequenceINN:
         hp = self.hparams

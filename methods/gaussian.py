@@ -1,11 +1,39 @@
-"""``gaussian``: PaDiM-style per-position Gaussian on ImageNet ResNet-18 layer1–3 features.
+"""``gaussian``: PaDiM-style per-position Gaussian on ResNet-18 layer1–3 features.
 
-This is RegAD without the registration training (Huang et al., ECCV 2022, Sec. 3.3):
-the support set is augmented with RegAD's 22 views, layer1–3 maps are upsampled to the
-layer1 grid and concatenated (448 channels for ResNet-18), a Gaussian is fitted at every
-position (covariance + εI, ε = 0.01), test positions are scored by Mahalanobis distance,
-the map is upsampled to the image, smoothed (Gaussian, σ = 4 px) and its maximum is the
-image score. Training-free: ``fit`` is never needed.
+Layer1–3 maps are upsampled to the layer1 grid and concatenated (448 channels for
+ResNet-18), a Gaussian is fitted at every position (unbiased covariance + εI, ε = 0.01),
+test positions are scored by Mahalanobis distance, the map is upsampled to the image
+(bilinear), smoothed (Gaussian, σ = 4 px) and its maximum is the image score.
+Training-free: ``fit`` is never needed.
+
+Options (every preset sets all of them; a suite's ``[options.gaussian]`` may override any,
+and values that differ from the preset's are labelled in tables):
+
+* ``normalize`` — ImageNet mean/std normalisation of the [0, 1] input (False: raw [0, 1]
+  pixels, as RegAD feeds its ResNet);
+* ``augment`` — RegAD's 22-view support augmentation (:mod:`fsad_bench.augment`);
+* ``upsample`` — how layer2/3 reach the layer1 grid: ``"nearest"`` (repetition: PaDiM's and
+  RegAD's ``embedding_concat``, anomalib's ``F.interpolate(mode="nearest")``) or ``"bilinear"``;
+* ``blur_border`` — border of the σ = 4 blur (kernel radius 4σ): ``"symmetric"`` (edge repeated,
+  scipy ``gaussian_filter``'s default, RegAD) or ``"reflect"`` (kornia / anomalib ``F.pad``);
+* ``n_features`` — None (all channels) or a random subset of that many channels, drawn once
+  from ``channel_seed`` (None: the config seed) with ``torch.randperm`` (anomalib draws its
+  index with Python's ``random.sample``; PaDiM's default for ResNet-18 is 100);
+* ``eps``, ``sigma``, ``arch``, ``batch_size`` (feature batches; no effect on the numbers).
+
+Presets:
+
+* ``paper`` — RegAD (Huang et al., ECCV 2022) Table 5 row "A": RegAD's test pipeline without
+  registration training — raw [0, 1] input, 22 views, nearest concat, scipy border. With
+  identity STNs RegAD's official image-frame test computes exactly this (test
+  ``test_regad_identity_stn_equals_gaussian_paper``).
+* ``padim`` — anomalib's ``PadimModel`` (all channels unless ``n_features`` is set):
+  ImageNet-normalised input, no augmentation, nearest concat, ``MultiVariateGaussian``
+  (unbiased covariance + 0.01 I), ``AnomalyMapGenerator`` (bilinear upsampling, Gaussian blur
+  σ = 4, kernel 2·int(4σ + 0.5) + 1, reflect padding), image score = max of the map.
+  Equal to an independent float64 reference of that recipe to float32 round-off (test
+  ``test_gaussian_padim_equals_reference``).
+* ``cpu`` — the ``paper`` pipeline (it already fits a 2-core budget).
 """
 
 from __future__ import annotations
@@ -19,34 +47,62 @@ from fsad_bench.features import CachedBackbone
 from fsad_bench.gaussian_model import PositionGaussian
 from fsad_bench.maps import concat_pyramid, smooth_maps
 
+_REGAD_A = {"arch": "resnet18", "eps": 0.01, "normalize": False, "augment": True, "upsample": "nearest",
+            "blur_border": "symmetric", "n_features": None, "channel_seed": None, "sigma": 4.0, "batch_size": 32}
+#: Options that change the pipeline (labelled when they differ from the preset).
+PIPELINE_OPTIONS = ("normalize", "augment", "upsample", "blur_border", "eps", "sigma")
+
 
 class GaussianAdapter(Adapter):
     """Per-position Gaussian (PaDiM / RegAD test-time model) on a frozen ResNet."""
 
     name = "gaussian"
     protocol = "training-free"
-    paper = "PaDiM (Defard et al., ICPR 2020) with RegAD's support augmentation"
-    presets = {"cpu": {"arch": "resnet18", "eps": 0.01, "augment": True, "sigma": 4.0, "batch_size": 32}}
+    paper = "PaDiM (Defard et al., ICPR 2020); RegAD's Table 5 row A (Huang et al., ECCV 2022)"
+    presets = {
+        "cpu": dict(_REGAD_A),
+        "paper": dict(_REGAD_A),
+        "padim": {**_REGAD_A, "normalize": True, "augment": False, "blur_border": "reflect"},
+    }
 
     def __init__(self, config=None):
         super().__init__(config)
+        hp = self.hparams
+        if hp["upsample"] not in ("nearest", "bilinear"):
+            raise ValueError(f"gaussian upsample must be 'nearest' or 'bilinear', got {hp['upsample']!r}")
+        if hp["blur_border"] not in ("symmetric", "reflect"):
+            raise ValueError(f"gaussian blur_border must be 'symmetric' or 'reflect', got {hp['blur_border']!r}")
         torch.manual_seed(self.config.seed)
-        self.backbone = FeatureExtractor(self.hparams["arch"], self.config.weights).to(self.device)
+        self.backbone = FeatureExtractor(hp["arch"], self.config.weights, normalize=hp["normalize"]).to(self.device)
         self.weights_tag = self.backbone.weights_tag
         # frozen backbone: test images are shared by every k and run of a category -> cache them
-        # (support views differ from cell to cell: not cached)
-        self.cached = CachedBackbone(self.backbone, f"{self.hparams['arch']}-{state_hash(self.backbone)}",
+        # (support views differ from cell to cell: not cached); raw and normalised input differ
+        norm = "imnorm" if hp["normalize"] else "raw"
+        self.cached = CachedBackbone(self.backbone, f"{hp['arch']}-{norm}-{state_hash(self.backbone)}",
                                      disk=self.config.feature_cache)
-        self.gaussian = PositionGaussian(eps=self.hparams["eps"])
+        self.gaussian = PositionGaussian(eps=hp["eps"])
+        #: channel subset ``(n_features,)`` or None (all channels)
+        self.channel_index: torch.Tensor | None = None
+        if hp["n_features"] is not None:
+            total = sum(self.backbone.channels)
+            if not 0 < hp["n_features"] <= total:
+                raise ValueError(f"gaussian n_features must be in 1..{total}, got {hp['n_features']}")
+            seed = self.config.seed if hp["channel_seed"] is None else hp["channel_seed"]
+            g = torch.Generator().manual_seed(seed)
+            self.channel_index = torch.randperm(total, generator=g)[: hp["n_features"]]
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, cache: bool = False) -> torch.Tensor:
-        """Concatenated layer1–3 features ``(N, 448, S/4, S/4)`` computed in batches; ``cache``:
-        through the feature cache (test images, shared by every k and run of a category)."""
+        """Concatenated layer1–3 features ``(N, 448 or n_features, S/4, S/4)`` computed in batches;
+        ``cache``: through the feature cache (test images, shared by every k and run of a category)."""
         bs = self.hparams["batch_size"]
         backbone = self.cached if cache else self.backbone
-        out = [concat_pyramid(backbone(images[i : i + bs].to(self.device))) for i in range(0, len(images), bs)]
-        return torch.cat(out)
+        out = [concat_pyramid(backbone(images[i : i + bs].to(self.device)), self.hparams["upsample"])
+               for i in range(0, len(images), bs)]
+        feats = torch.cat(out)
+        if self.channel_index is not None:
+            feats = feats.index_select(1, self.channel_index.to(feats.device))
+        return feats
 
     def adapt(self, support: torch.Tensor) -> None:
         if self.hparams["augment"]:
@@ -57,8 +113,15 @@ class GaussianAdapter(Adapter):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.gaussian.mahalanobis(self.features(images, cache=True))
-        maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"]).cpu()
+        maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"], self.hparams["blur_border"]).cpu()
         return maps.flatten(1).max(dim=1).values, maps
+
+    def label_tags(self) -> list[str]:
+        preset = self.presets[self.preset_name]
+        tags = [f"{k}={self.hparams[k]}" for k in PIPELINE_OPTIONS if self.hparams[k] != preset[k]]
+        if self.hparams["n_features"] is not None:
+            tags.append(f"d={self.hparams['n_features']}")
+        return tags
 
     def state_dict(self):  # nothing is trained
         return {}

@@ -34,6 +34,21 @@ and text towers frozen. ``binary_focal_loss.py`` applies BCE-*with-logits* to th
 sigmoid outputs; we reproduce that in ``loss_on="as_logits"`` (paper preset) and offer
 ``"probability"`` (plain focal loss on the probabilities).
 
+Batch pairing (a caveat for the published numbers): the official training forward
+(``open_clip/model.py``, ``InCTRL.forward``, the ``normal_list is None`` branch used by
+``engine_IC.train_epoch`` at ``TRAIN.BATCH_SIZE = 16``) stacks the out-layer patch tokens as
+``(layers, batch, tokens, C)`` and reshapes them with ``reshape(b, 3, 225, -1)`` (prompts:
+``reshape(b, 3, 225 * shot, -1)``, prompt class tokens ``reshape(b, shot, -1)`` of a
+shot-major stack) without a ``permute``: row ``i`` of the result holds the blocks ``3i … 3i+2``
+of the flattened (layer, image) order, i.e. layer ``⌊(3i+j)/16⌋`` of image ``(3i+j) mod 16``,
+so during training most queries are compared with *other* images' tokens and prompts
+(often of another category) and the loss of query ``i`` is computed on features of
+queries ``3i … 3i+2``. At test time (``TEST.BATCH_SIZE = 1``) the reshape is harmless. Ours
+pairs every query with its own prompts in training and test (``patch_residuals`` on
+``(B, L, P, C)`` queries and per-query ``(B, L, k·P, C)`` prompts, layers kept apart by an
+explicit ``permute``); the official mixing is not reproduced, so a head we train sees
+different (correctly paired) residuals than the published checkpoint did.
+
 Not in the official code: anomaly maps (we return the patch residual map, upsampled
 bilinearly), anomaly synthesis (CutPaste-like, only used when a training category has no
 labelled anomalies, e.g. under the aggregated protocol), the ``tiny`` CLIP for tests.

@@ -30,27 +30,42 @@ commented out). The official script selects the checkpoint with the best *test* 
 the last epoch is kept. The official model is trained per shot; our aggregated fit is shared
 by every k and uses ``train_shot`` supports per query (official default shot 2).
 
-Test (official ``test.py``): 22-view support augmentation (``fsad_bench.augment``), the three
-registered maps upsampled to the layer1 grid and concatenated (448 channels; bilinear here,
-the official ``embedding_concat`` replicates), a Gaussian per position (ε = 0.01), Mahalanobis
-distance, upsampling, Gaussian blur σ = 4 px, image score = max of the map. The encoder /
+Test (official ``test.py``): 22-view support augmentation (``fsad_bench.augment``), each STN
+output warped back to image coordinates (below), the three maps upsampled to the layer1 grid
+by repetition (official ``utils/funcs.embedding_concat``: unfold/fold = nearest-neighbour
+upsampling for integer size ratios) and concatenated (448 channels), a Gaussian per position
+(unbiased covariance + 0.01 I), Mahalanobis distance, bilinear upsampling to the image,
+Gaussian blur σ = 4 px with scipy's default ``reflect`` border (edge sample repeated:
+``blur_border = "symmetric"`` here), image score = max of the map (the official min-max
+normalisation over the test set is monotone and leaves AUROC unchanged). The encoder /
 predictor cosine map is computed by the official test code but not used for the scores.
 
 Frames (``feature_frame``): a registered map at position ``p`` of STN ``i``'s output looks at
-``A_1 … A_i p`` in the image (``A``: the STNs' 2x3 matrices in homogeneous form). The official
-code warps each STN output back to image coordinates with the inverse of that product
-*before* the Gaussian (``"image"``). The default ``"registered"`` fits the Gaussian on the STN
-outputs themselves (support and test images both registered) and warps the Mahalanobis map
-back with the inverse of ``A_1 A_2 A_3`` — the frame of the last (layer3) STN. The layer1 and
-layer2 channels sit in slightly different frames (``A_1``, ``A_1 A_2``); with near-identity
-transforms that difference is well below a layer3 cell.
+``A_1 … A_i p`` in the image (``A``: the STNs' 2x3 matrices in homogeneous form).
+
+* ``"image"`` (official, both presets): ``models/stn.py`` keeps ``stn{i}_output`` = STN ``i``'s
+  (detached) output warped by ``A_i⁻¹``, then by ``A_{i-1}⁻¹``, …, then by ``A_1⁻¹`` — ``i``
+  successive ``grid_sample`` calls (bilinear, reflection padding, ``align_corners=False``),
+  each inverse the 3x3 homogeneous inverse of one STN's own θ (numpy, float32; here float64
+  rounded to float32) — and ``test.py`` fits the Gaussian on these image-frame maps of the
+  support views and scores the test maps in the same frame. Reproduced exactly (same order
+  of warps, same padding and grid convention).
+* ``"registered"`` (option, labelled ``frame=registered``): the Gaussian is fitted on the STN
+  outputs themselves (support and test images both registered) and only the Mahalanobis map
+  is warped back, with the inverse of ``A_1 A_2 A_3`` (the layer3 frame; the layer1 and layer2
+  channels sit in the slightly different frames ``A_1``, ``A_1 A_2``) and reflection padding,
+  which can put reflected maxima at the border that the max score then picks.
+
+Other non-official options (labelled when used): ``concat_upsample = "bilinear"``,
+``blur_border = "reflect"`` (torch's mirror padding).
 
 ``regad-l`` (protocol ``individual``) is the same training on the target's k support images only:
 pairs are formed among the support images; with a single image the support view is a random
 small rotation (≤ π/8) and shift (≤ 10 %) of the query itself, so the STNs still have something
 to register.
 
-Presets: ``paper`` = the official config above; ``cpu`` = 128 px demo budget (see ``presets``).
+Presets: ``paper`` = the official config above; ``cpu`` = 128 px demo budget (see ``presets``),
+the official test pipeline (image frame, nearest concat, scipy border) with a shorter training.
 Backbone (``arch`` option, default the paper's ``resnet18``): any torchvision CNN with default taps in
 ``fsad_bench.backbone.TAPS`` (e.g. ``mobilenet_v2``); an STN follows each tap's stage.
 """
@@ -70,6 +85,9 @@ from fsad_bench.augment import affine_warp, augment_support
 from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 from fsad_bench.gaussian_model import PositionGaussian
 from fsad_bench.maps import concat_pyramid, smooth_maps
+
+#: Test-pipeline option values of the official code (others are labelled in tables).
+OFFICIAL_TEST = {"feature_frame": "image", "concat_upsample": "nearest", "blur_border": "symmetric"}
 
 #: Parameters predicted by the localisation net for each transformation family (official N_PARAMS).
 N_PARAMS = {"affine": 6, "translation": 2, "rotation": 1, "scale": 2, "shear": 2, "rotation_scale": 3,
@@ -137,6 +155,19 @@ def compose_affine(*thetas: torch.Tensor) -> torch.Tensor:
 def invert_affine(theta: torch.Tensor) -> torch.Tensor:
     """Inverse transforms ``(B, 2, 3)`` (computed in float64)."""
     return torch.linalg.inv(homogeneous(theta.double()))[:, :2].to(theta.dtype)
+
+
+def to_image_frame(maps: list[torch.Tensor], thetas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The official ``stn{i}_output``: registered map ``i`` ``(B, C_i, h_i, w_i)`` warped by
+    ``θ_i⁻¹``, then ``θ_{i-1}⁻¹``, …, ``θ_1⁻¹`` (one bilinear, reflection-padded ``grid_sample``
+    per STN, in that order), i.e. sampled at ``(θ_1 … θ_i)⁻¹ q`` for image position ``q``."""
+    inverses = [invert_affine(t) for t in thetas]
+    out = []
+    for i, m in enumerate(maps):
+        for inv in reversed(inverses[: i + 1]):
+            m = affine_warp(m, inv)
+        out.append(m)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,14 +346,13 @@ class _ImageCache:
 # ---------------------------------------------------------------------------------------
 class RegAD(Adapter):
     """RegAD: STN-registered ResNet-18 features trained by SimSiam on pairs of normal images
-    of the training categories; per-position Gaussian on registered support features."""
+    of the training categories; per-position Gaussian on the STN outputs warped back to the image."""
 
     name = "regad"
     protocol = "aggregated"
     paper = "Huang et al., Registration based Few-Shot Anomaly Detection, ECCV 2022"
     _common = {"arch": "resnet18", "stn_mode": "rotation_scale", "train_shot": 2, "momentum": 0.9,
-               "imagenet_norm": False, "feature_frame": "registered", "eps": 0.01, "sigma": 4.0,
-               "infer_batch": 32}
+               "imagenet_norm": False, **OFFICIAL_TEST, "eps": 0.01, "sigma": 4.0, "infer_batch": 32}
     presets = {
         # official train.py: SGD(0.9), lr 1e-4, 50 epochs, 32 queries/step, per-epoch cosine, shot 2
         "paper": {**_common, "epochs": 50, "batch_size": 32, "lr": 1e-4, "lr_schedule": "epoch-cosine",
@@ -338,6 +368,10 @@ class RegAD(Adapter):
         hp = self.hparams
         if hp["feature_frame"] not in ("registered", "image"):
             raise ValueError(f"feature_frame must be 'registered' or 'image', got {hp['feature_frame']!r}")
+        if hp["concat_upsample"] not in ("nearest", "bilinear"):
+            raise ValueError(f"concat_upsample must be 'nearest' or 'bilinear', got {hp['concat_upsample']!r}")
+        if hp["blur_border"] not in ("symmetric", "reflect"):
+            raise ValueError(f"blur_border must be 'symmetric' or 'reflect', got {hp['blur_border']!r}")
         if hp["lr_schedule"] not in ("epoch-cosine", "step-cosine"):
             raise ValueError(f"lr_schedule must be 'epoch-cosine' or 'step-cosine', got {hp['lr_schedule']!r}")
         torch.manual_seed(self.config.seed)
@@ -403,16 +437,17 @@ class RegAD(Adapter):
     # -- test time ------------------------------------------------------------------------
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenated registered maps ``(N, 448, S/4, S/4)`` and the composed transform
-        ``θ_1 θ_2 θ_3`` ``(N, 2, 3)`` (registered layer3 frame -> image), in batches."""
+        """Concatenated maps ``(N, 448, S/4, S/4)`` (image frame or registered frame, see
+        ``feature_frame``) and the composed transform ``θ_1 θ_2 θ_3`` ``(N, 2, 3)`` (registered
+        layer3 frame -> image), in batches."""
         self.model.eval()
         feats, thetas = [], []
         bs = self.hparams["infer_batch"]
         for i in range(0, len(images), bs):
             maps, th = self.model(images[i : i + bs].to(self.device))
-            if self.hparams["feature_frame"] == "image":  # official: warp each level back to the image
-                maps = [affine_warp(m, invert_affine(compose_affine(*th[: j + 1]))) for j, m in enumerate(maps)]
-            feats.append(concat_pyramid(maps))
+            if self.hparams["feature_frame"] == "image":  # official: each level back to the image first
+                maps = to_image_frame(maps, th)
+            feats.append(concat_pyramid(maps, self.hparams["concat_upsample"]))
             thetas.append(compose_affine(*th))
         return torch.cat(feats), torch.cat(thetas)
 
@@ -427,8 +462,12 @@ class RegAD(Adapter):
         dist = self.gaussian.mahalanobis(feats)  # (N, S/4, S/4)
         if self.hparams["feature_frame"] == "registered":  # map to image coordinates: sample at (θ1θ2θ3)⁻¹ q
             dist = affine_warp(dist[:, None], invert_affine(theta))[:, 0]
-        maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"]).cpu()
+        maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"], self.hparams["blur_border"]).cpu()
         return maps.flatten(1).max(dim=1).values, maps
+
+    def label_tags(self) -> list[str]:
+        """``key=value`` for every test-pipeline option set to a non-official value."""
+        return [f"{k.split('_')[-1]}={self.hparams[k]}" for k, v in OFFICIAL_TEST.items() if self.hparams[k] != v]
 
 
 class RegADL(RegAD):

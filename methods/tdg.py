@@ -31,6 +31,19 @@ Discriminating-Generative-Model-for-Few-Shot-Anomaly-Detection), re-implemented 
   (colour rgb/gray x horizontal flip x translation by +-15 % of the side with reflection
   padding x rotation by k * 90 deg, in 6 product groups), applied flip -> translate ->
   rotate -> colour. Images are scaled to [-1, 1].
+* ``mvtec_loader.download_class_mvtec.imsave``: every *training* image is written as 8-bit,
+  converted to HSV, its V channel equalised by OpenCV CLAHE (``clipLimit=2.0``,
+  ``tileGridSize=(8, 8)``), converted back (test images are not equalised). Reproduced by
+  :func:`clahe_rgb` (``clahe = True``, both presets; ``False`` switches it off, labelled
+  ``clahe=off``): OpenCV's 8-bit CLAHE algorithm re-implemented in torch (per-tile 256-bin
+  histograms, clip limit ``max(int(2.0 · tile area / 256), 1)``, excess redistributed evenly
+  plus a strided residual, LUT ``round(cdf · 255 / area)``, bilinear LUT interpolation between
+  tile centres, bottom/right ``BORDER_REFLECT_101`` padding when the size is not a multiple of
+  8); with H and S fixed, a new V scales R, G and B by ``V'/V`` — applied exactly, without the
+  official 8-bit H/S round trip (black pixels become grey ``V'``, as in HSV). Applied to the
+  images each model trains on: TDG's support images, TDG+'s pre-training pool and support.
+* ``training_parallel.pad_image_id``: the generator's extra input channel holds the training
+  image's index ``0 … k-1`` (the k few-shot images are trained together).
 * ``defect_detection_evaluation.py``: per scale, softmax over the T transformation logits
   (fake logit dropped), the probability of the correct transformation per patch, the mean
   of its lowest ``fraction_defect`` = 10 % of patches, summed over transformations; the
@@ -41,7 +54,8 @@ Discriminating-Generative-Model-for-Few-Shot-Anomaly-Detection), re-implemented 
 
 Deviations (ours): bicubic ``F.interpolate`` instead of SinGAN's Matlab-style ``imresize``;
 integer shifts with symmetric padding (what kornia's reflection warp does for integer
-shifts) and ``torch.rot90`` (exact); no CLAHE on training images; the anomaly map (not in
+shifts) and ``torch.rot90`` (exact); CLAHE at the suite's image size (official: at 128 px,
+the same 8 x 8 tile grid); the anomaly map (not in
 the official code) is ``1 - p(correct transformation)`` per patch, mapped back through the
 inverse transformation, averaged over transformations and scales and upsampled.
 
@@ -50,7 +64,13 @@ training details): the same hierarchy is pre-trained on images of all other cate
 (our choice: minibatches of 10 images per iteration drawn from the pool, each image with
 its own index channel and noise amplitude), then ``adapt`` copies the pre-trained nets and
 trains them further on the support set, scale by scale (``paper``: the full 1000
-iterations per scale again).
+iterations per scale again). Index channel in pre-training (``pretrain_index``): the
+official code only ever sees ``0 … k-1`` (k ≤ a few images); a raw pool index would reach
+≈ 3,400 on MVTec and swamp the [-1, 1] image channels. ``"scaled"`` (default) keeps one
+distinct value per pool image but maps pool index ``i`` of ``N`` to ``i · (B - 1) / (N - 1)``
+with ``B = pretrain_batch``, i.e. into the official range of a B-image training set
+(0 … 9 in ``paper``); ``"raw"`` (option, labelled ``index=raw``) feeds ``i``. The support
+stage always uses ``0 … k-1`` as the official code.
 
 Presets: ``paper`` = the official configuration above (GPU hours). ``cpu`` = the official
 losses, learning rates, betas and alpha, but a reduced internal resolution (pyramid
@@ -177,6 +197,64 @@ TRANSFORMATION_SETS = {"official54": official_transformations, "dihedral8": dihe
 def apply_all(transforms: list[Transformation], x: torch.Tensor) -> torch.Tensor:
     """``(B, 3, H, W)`` -> ``(T * B, 3, H, W)``, transformation-major."""
     return torch.cat([t.apply(x) for t in transforms])
+
+
+# ----------------------------------------------------------------------------------------
+# CLAHE (OpenCV's algorithm for 8-bit images, re-implemented)
+# ----------------------------------------------------------------------------------------
+def clahe_uint8(v: torch.Tensor, clip_limit: float = 2.0, tiles: int = 8) -> torch.Tensor:
+    """Contrast-limited adaptive histogram equalisation of one 8-bit channel ``(H, W)``
+    (integer tensor, 0..255) -> ``(H, W)`` int64, as ``cv2.createCLAHE(clip_limit, (tiles, tiles))``."""
+    h, w = v.shape
+    v = v.long()
+    ext = v
+    if h % tiles or w % tiles:  # OpenCV pads bottom/right with BORDER_REFLECT_101 (= torch "reflect")
+        pad_h, pad_w = (tiles - h % tiles) % tiles, (tiles - w % tiles) % tiles
+        ext = F.pad(v[None, None].double(), (0, pad_w, 0, pad_h), mode="reflect")[0, 0].long()
+    th, tw = ext.shape[0] // tiles, ext.shape[1] // tiles
+    area = th * tw
+    blocks = ext.view(tiles, th, tiles, tw).permute(0, 2, 1, 3).reshape(tiles * tiles, area)
+    hist = torch.zeros(tiles * tiles, 256, dtype=torch.long).scatter_add_(1, blocks, torch.ones_like(blocks))
+    if clip_limit > 0:
+        limit = max(int(clip_limit * area / 256), 1)
+        excess = (hist - limit).clamp_min(0).sum(1, keepdim=True)
+        hist = hist.clamp_max(limit) + excess // 256
+        residual = excess % 256  # one more count at bins 0, step, 2·step, … (residual of them)
+        step = (256 // residual.clamp_min(1)).clamp_min(1)
+        bins = torch.arange(256)
+        hist = hist + ((bins % step == 0) & (bins // step < residual)).long()
+    scale = torch.tensor(255.0, dtype=torch.float32) / area
+    lut = (hist.cumsum(1).float() * scale).round().clamp(0, 255).view(tiles, tiles, 256)
+
+    def axis(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = torch.arange(n, dtype=torch.float32) * (torch.tensor(1.0, dtype=torch.float32) / size) - 0.5
+        i1 = torch.floor(f)
+        a = f - i1
+        i1 = i1.long()
+        return i1.clamp_min(0), (i1 + 1).clamp_max(tiles - 1), a, 1.0 - a
+
+    y1, y2, ya, ya1 = axis(h, th)
+    x1, x2, xa, xa1 = axis(w, tw)
+    y1, y2, ya, ya1 = y1[:, None], y2[:, None], ya[:, None], ya1[:, None]
+    res = ((lut[y1, x1, v] * xa1 + lut[y1, x2, v] * xa) * ya1 + (lut[y2, x1, v] * xa1 + lut[y2, x2, v] * xa) * ya)
+    return res.round().clamp(0, 255).long()
+
+
+def clahe_rgb(images: torch.Tensor, clip_limit: float = 2.0, tiles: int = 8) -> torch.Tensor:
+    """TDG's training-image equalisation: ``(B, 3, H, W)`` in [0, 1] -> same, 8-bit values.
+
+    The image is quantised to 8 bits, ``V = max(R, G, B)`` equalised by :func:`clahe_uint8`,
+    and R, G, B scaled by ``V' / V`` (hue and saturation kept; black pixels become grey ``V'``).
+    """
+    u = (images.detach().cpu().double() * 255).round().clamp(0, 255)
+    out = torch.empty_like(u)
+    for i, img in enumerate(u):
+        v = img.amax(0)
+        v_new = clahe_uint8(v.long(), clip_limit, tiles).double()
+        ratio = torch.where(v > 0, v_new / v.clamp_min(1), torch.zeros_like(v))
+        rgb = torch.where(v > 0, img * ratio, v_new.expand_as(img))
+        out[i] = rgb.round().clamp(0, 255)
+    return (out / 255).to(images.dtype).to(images.device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -324,18 +402,19 @@ class TDGHierarchy(nn.Module):
 
     # -- training ------------------------------------------------------------------------
     def train_hierarchy(self, images: torch.Tensor, niter: int, gen: torch.Generator, batch_size: int | None = None,
-                        warm_start: bool = False) -> None:
+                        warm_start: bool = False, index_scale: float = 1.0) -> None:
         """Train every scale, coarse to fine, on ``images`` ``(N, 3, S, S)`` in [0, 1].
 
         ``batch_size``: images per iteration (None = all; the official few-shot setting).
         Fresh Adam optimisers per scale. ``warm_start=False`` (TDG): a scale whose width
         equals the previous one's starts from its trained weights (official); ``True``
-        (``tdg+`` adapting): every scale keeps its own pre-trained weights.
+        (``tdg+`` adapting): every scale keeps its own pre-trained weights. ``index_scale``:
+        image ``i``'s index channel holds ``i · index_scale`` (official: 1).
         """
         hp, dev = self.hp, next(self.parameters()).device
         reals = [r.to(dev) for r in self.pyramid(images.to(dev))]
         n_img = len(images)
-        ids_all = torch.arange(n_img, dtype=torch.float32, device=dev)
+        ids_all = torch.arange(n_img, dtype=torch.float32, device=dev) * index_scale
         # fixed reconstruction noise maps (official: one grey map per scale, shared by all images)
         self.z_rec = [torch.randn(1, 1, s, s, generator=gen).expand(1, 3, s, s).to(dev) for s in self.sizes]
         amps = torch.ones(n_img, len(self.sizes), device=dev)
@@ -464,6 +543,7 @@ _PAPER = {
     "niter": 1000, "d_steps": 3, "g_steps": 3, "lr_g": 5e-4, "lr_d": 5e-4, "beta1": 0.5,
     "gamma": 0.1, "milestone_d": 500, "milestone_g": 1000, "alpha": 100.0, "noise_amp": 0.1,
     "transforms": "official54", "transforms_per_step": None, "batch_size": None, "fraction": 0.1,
+    "clahe": True, "clahe_clip": 2.0, "clahe_tiles": 8,
 }
 _CPU = {
     **_PAPER, "min_size": 16, "max_size": 32, "scale_factor": 0.5, "nfc": 16, "min_nfc": 16,
@@ -492,17 +572,25 @@ class TDG(Adapter):
     def _generator(self, tag: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 1000003 + tag)
 
+    def training_images(self, images: torch.Tensor) -> torch.Tensor:
+        """What the hierarchy trains on: ``images`` ``(N, 3, S, S)`` after CLAHE (when ``clahe``)."""
+        hp = self.hparams
+        return clahe_rgb(images, hp["clahe_clip"], hp["clahe_tiles"]) if hp["clahe"] else images
+
+    def label_tags(self) -> list[str]:
+        return [] if self.hparams["clahe"] else ["clahe=off"]
+
     def fit(self, train: TrainSet) -> None:
         """Train the whole hierarchy on the target's support images ``{target: (K, 3, S, S)}``."""
         (images,) = [torch.stack([ds[i] for i in range(len(ds))]) for ds in train.values()]
-        self.model.train_hierarchy(images, self.hparams["niter"], self._generator(0),
+        self.model.train_hierarchy(self.training_images(images), self.hparams["niter"], self._generator(0),
                                    batch_size=self.hparams["batch_size"])
         self._trained = True
 
     def adapt(self, support: torch.Tensor) -> None:
         """``fit`` already trained on the support; train here only if it was not called."""
         if not self._trained:
-            self.model.train_hierarchy(support, self.hparams["niter"], self._generator(0),
+            self.model.train_hierarchy(self.training_images(support), self.hparams["niter"], self._generator(0),
                                        batch_size=self.hparams["batch_size"])
             self._trained = True
 
@@ -518,13 +606,15 @@ class TDGPlus(TDG):
     paper = "TDG with aggregated training, as compared in RegAD (Huang et al., ECCV 2022)"
     presets = {
         "paper": {**_PAPER, "pretrain_niter": 1000, "pretrain_batch": 10, "pretrain_images_per_category": None,
-                  "adapt_niter": 1000},
+                  "adapt_niter": 1000, "pretrain_index": "scaled"},
         "cpu": {**_CPU, "pretrain_niter": 100, "pretrain_batch": 4, "pretrain_images_per_category": 20,
-                "adapt_niter": 20},
+                "adapt_niter": 20, "pretrain_index": "scaled"},
     }
 
     def __init__(self, config=None):
         super().__init__(config)
+        if self.hparams["pretrain_index"] not in ("scaled", "raw"):
+            raise ValueError(f"pretrain_index must be 'scaled' or 'raw', got {self.hparams['pretrain_index']!r}")
         #: (category, index) of every image pre-training used (never the held-out category)
         self.pretrain_sources: list[tuple[str, int]] = []
         self.adapted: TDGHierarchy | None = None
@@ -540,14 +630,26 @@ class TDGPlus(TDG):
             for i in order[:per_cat] if per_cat else order:
                 images.append(ds[i])
                 self.pretrain_sources.append((cat, i))
-        self.model.train_hierarchy(torch.stack(images), self.hparams["pretrain_niter"], g,
-                                   batch_size=self.hparams["pretrain_batch"])
+        self.model.train_hierarchy(self.training_images(torch.stack(images)), self.hparams["pretrain_niter"], g,
+                                   batch_size=self.hparams["pretrain_batch"],
+                                   index_scale=self.index_scale(len(images)))
         self._trained = True
+
+    def index_scale(self, n: int) -> float:
+        """Index-channel factor for a pool of ``n`` images: ``(B - 1) / (n - 1)`` (``scaled``, pools
+        larger than a batch ``B``) or 1 (``raw``, or a pool no larger than a batch)."""
+        b = self.hparams["pretrain_batch"] or n
+        if self.hparams["pretrain_index"] == "raw" or n <= max(b, 1) or n < 2:
+            return 1.0
+        return (b - 1) / (n - 1)
+
+    def label_tags(self) -> list[str]:
+        return super().label_tags() + (["index=raw"] if self.hparams["pretrain_index"] == "raw" else [])
 
     def adapt(self, support: torch.Tensor) -> None:
         """Copy the pre-trained hierarchy and train it further on ``support`` ``(K, 3, S, S)``."""
         self.adapted = copy.deepcopy(self.model)  # every cell starts from the pre-trained state
-        self.adapted.train_hierarchy(support, self.hparams["adapt_niter"], self._generator(2),
+        self.adapted.train_hierarchy(self.training_images(support), self.hparams["adapt_niter"], self._generator(2),
                                      batch_size=self.hparams["batch_size"], warm_start=True)
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,8 +158,8 @@ def test_labels_show_arch_and_weights_kind(tmp_path):
     net = torchvision.models.mobilenet_v2()
     torch.save(net.state_dict(), tmp_path / "w.pth")
     a = GaussianAdapter(AdapterConfig(weights=str(tmp_path / "w.pth"), options={"arch": "mobilenet_v2"}))
-    assert a.label == "gaussian [mobilenet_v2, file]"
-    assert GaussianAdapter(AdapterConfig(weights="none")).label == "gaussian [resnet18, random-init]"
+    assert a.label == "gaussian [paper, mobilenet_v2, file]"
+    assert GaussianAdapter(AdapterConfig(weights="none")).label == "gaussian [paper, resnet18, random-init]"
     suite = Suite(name="s", dataset="d", methods=["random", "gaussian", "diffnet", "tdg"], k=[1], arch="mobilenet_v2",
                   options={"diffnet": {"arch": "alexnet"}})
     apply_arch(suite)
@@ -184,7 +184,7 @@ def test_shared_mobilenet_v2_separates_real_bottle_images():
     bad = [s.path for s in split.test if s.label == 1][::16][:4]
     a = GaussianAdapter(AdapterConfig(weights=str(MNV2), image_size=96, seed=0,
                                       options={"arch": "mobilenet_v2", "augment": False}))
-    assert a.label == "gaussian [mobilenet_v2, file]"
+    assert a.label == "gaussian [paper, mobilenet_v2, file, augment=False]"
     a.adapt(load_images(split.train[:2], 96))
     scores, maps = a.predict(load_images(good + bad, 96))
     assert maps.shape == (8, 96, 96)

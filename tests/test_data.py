@@ -263,6 +263,6 @@ def test_cli_pools_data_roots_and_sets_arch(synth_root, tmp_path, capsys):
           "--data-root", str(synth_root),
           "--data-root", str(extra), "--out", str(out)])
     text = capsys.readouterr().out
-    assert "4 cells (0 done)" in text and "gaussian [mobilenet_v2, random-init]" in text
+    assert "4 cells (0 done)" in text and "gaussian [paper, mobilenet_v2, random-init]" in text
     assert {p.name.split("-k1")[0] for p in (out / "cells").glob("*.json")} == {
         "gaussian-tile", "gaussian-grid", "random-tile", "random-grid"}
