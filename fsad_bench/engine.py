@@ -261,11 +261,11 @@ def _to_size(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def predict_stream(adapter, paths: list[Path], size: int, out_size: int, device: str,
-                   image_cache: str | Path | None = None, batch: int = PREDICT_BATCH
+                   image_cache: str | Path | None = None, batch: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Predict the test images at ``paths``, loaded from disk ``batch`` at a time at ``size`` px.
 
-    Memory holds one batch of images and the outputs the metrics need: scores ``(N,)`` and
+    Memory holds one batch (``batch``, default :data:`PREDICT_BATCH`) of images and the outputs the metrics need: scores ``(N,)`` and
     maps ``(N, out_size, out_size)`` float32 (maps of another size are resized bilinearly).
     Returns (scores, maps, cold, warm) with two inference costs in seconds per image, image
     loading excluded:
@@ -276,7 +276,7 @@ def predict_stream(adapter, paths: list[Path], size: int, out_size: int, device:
     * ``warm`` — the whole test pass as the benchmark runs it, reusing test features that earlier
       cells of the same (method, category) cached (equal to cold up to noise without a cache).
     """
-    n = len(paths)
+    n, batch = len(paths), batch or PREDICT_BATCH
     scores = np.empty(n, dtype=np.float32)
     maps = np.empty((n, out_size, out_size), dtype=np.float32)
     cold = None
