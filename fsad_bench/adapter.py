@@ -103,11 +103,19 @@ class Adapter(ABC):
     # -- labels -----------------------------------------------------------------------
     @property
     def label(self) -> str:
-        """Column label in tables: name plus preset / weights when they matter."""
+        """Column label in tables: name plus preset (when there are several), backbone
+        architecture and weights kind (``imagenet`` | ``random-init`` | ``file``) for methods with
+        an ``arch`` hyper-parameter, e.g. ``gaussian [mobilenet_v2, file]``; other methods show
+        their weights tag unless it is ``imagenet`` / ``n/a``."""
         tags = []
         if len(self.presets) > 1:
             tags.append(self.preset_name)
-        if self.weights_tag not in ("imagenet", "n/a"):
+        arch = self.hparams.get("arch")
+        if arch:
+            tags.append(str(arch))
+            if self.weights_tag != "n/a":
+                tags.append(self.weights_tag.split(":", 1)[0])
+        elif self.weights_tag not in ("imagenet", "n/a"):
             tags.append(self.weights_tag)
         return f"{self.name} [{', '.join(tags)}]" if tags else self.name
 

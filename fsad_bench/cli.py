@@ -46,7 +46,8 @@ def cli() -> None:
 @click.option("--train-seeds", type=int,
               help="Training seeds per trained method (suite key train_seeds; training-free methods run seed 0 only).")
 @click.option("--categories", help="Comma-separated categories (default: the suite's, else all).")
-@click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder in the MVTec AD layout.")
+@click.option("--data-root", type=click.Path(path_type=Path), multiple=True,
+              help="Dataset folder (MVTec AD layout, or VisA with split_csv/1cls.csv); repeat to pool several.")
 @click.option("--train-data-root", type=click.Path(path_type=Path),
               help="Training dataset folder of cross-dataset methods (InCTRL).")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder (default results/<suite>).")
@@ -57,6 +58,7 @@ def cli() -> None:
 @click.option("--scheduler", help="Dask scheduler address (tcp://HOST:PORT) for --backend dask.")
 @click.option("--cache-features", is_flag=True, help="Also cache frozen-backbone features on disk.")
 @click.option("--weights", help="imagenet | auto | none | PATH to a backbone state dict.")
+@click.option("--arch", help="torchvision backbone of every method that has one (resnet18, mobilenet_v2, ...).")
 @click.option("--preset", help="Method preset: cpu or paper.")
 @click.option("--image-size", type=int, help="Input size in pixels.")
 @click.option("--seed", type=int, help="The one seed deciding supports, augmentations and inits.")
@@ -64,16 +66,17 @@ def cli() -> None:
 @click.option("--std-components/--no-std-components", default=None,
               help="Also print the std split into support-draw and training-seed parts (default: with several train seeds).")
 def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, data_root, train_data_root, out,
-        device, jobs, backend, scheduler, cache_features, weights, preset, image_size, seed, support_lists) -> None:
+        device, jobs, backend, scheduler, cache_features, weights, arch, preset, image_size, seed, support_lists) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables."""
     from .engine import pick_device, plan, run_suite
-    from .protocols import load_suite, validate_numbers
+    from .protocols import apply_arch, load_suite, validate_numbers
     from .report import print_table, write_tables
 
     suite = load_suite(suite_name)
     overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "train_seeds": train_seeds,
                  "categories": _names(categories),
-                 "data_root": str(data_root) if data_root else None,
+                 "data_root": ([str(r) for r in data_root] if len(data_root) > 1 else str(data_root[0]))
+                 if data_root else None, "arch": arch,
                  "train_data_root": str(train_data_root) if train_data_root else None,
                  "weights": weights, "preset": preset, "image_size": image_size, "seed": seed,
                  "support_lists": str(support_lists) if support_lists else None}
@@ -81,6 +84,7 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         if value is not None:
             setattr(suite, key, value)
     validate_numbers(suite, f"suite {suite.name}")
+    apply_arch(suite, override=arch is not None)
     if jobs < 1:
         raise FsadError(f"--jobs must be >= 1, got {jobs}")
     device = pick_device(device)

@@ -115,7 +115,7 @@ def _with_train_seed(parts: tuple, train_seed: int) -> tuple:
 def open_dataset(suite: Suite) -> FolderDataset:
     """The suite's dataset; the synthetic one is generated into the cache on first use."""
     return open_folder_dataset(suite.dataset, suite.data_root, suite.categories, suite.synthetic, cache_dir(),
-                               f"suite {suite.name!r} needs --data-root DIR")
+                               f"suite {suite.name!r} needs --data-root DIR", layout=suite.layout, folder=suite.folder)
 
 
 def open_train_dataset(suite: Suite) -> FolderDataset:
@@ -323,11 +323,12 @@ def predict_all(adapter, images: torch.Tensor, device: str) -> tuple[np.ndarray,
 
 
 def load_masks(split, size: int) -> np.ndarray:
-    """Ground-truth masks of a category's test images, ``(N, size, size)`` uint8 0/1 (1 byte a pixel)."""
+    """Ground-truth masks of a category's test images, ``(N, size, size)`` uint8 0/1 (1 byte a pixel),
+    each checked against its image's size."""
     out = np.zeros((len(split.test), size, size), dtype=np.uint8)
     for i, s in enumerate(split.test):
         if s.mask_path is not None:
-            out[i] = load_mask(s.mask_path, size).numpy() > 0.5
+            out[i] = load_mask(s.mask_path, size, s.path).numpy() > 0.5
     return out
 
 

@@ -49,6 +49,10 @@ Deviations (all documented here, none in the ``paper`` preset's maths):
   random views per training image are extracted once and every epoch draws ``n_transforms``
   of them per image; the ``paper`` preset (``feature_pool = 0``) draws fresh views each epoch.
 
+Backbone (``arch`` option, default the official ``alexnet``): another torchvision CNN gives the
+multi-scale average-pooled output of its last default tap (``fsad_bench.backbone.TAPS``; e.g.
+``mobilenet_v2``: ``features.13``, 96 channels per scale) — a deviation, labelled in tables.
+
 Presets: ``paper`` is the official configuration above. ``cpu`` (2-core budget: individual cell
 ≲ 5 s, aggregated fit ≲ 30 s at image size 128) uses ``img_size = 128`` and ``n_scales = 2``
 (128 and 64 px: AlexNet's ``features`` need ≥ 63 px input, so a 32 px third scale is
@@ -83,7 +87,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fsad_bench.adapter import Adapter, TrainSet
 from fsad_bench.augment import affine_warp
-from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
+from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, TAPS, FeatureExtractor
 from fsad_bench.data import TensorImages
 from fsad_bench.maps import gaussian_blur
 
@@ -146,25 +150,32 @@ def nll_per_sample(z: torch.Tensor, log_jac_det: torch.Tensor) -> torch.Tensor:
 
 # -- features -------------------------------------------------------------------------------
 class AlexNetMultiScale(nn.Module):
-    """Frozen AlexNet ``features`` at ``n_scales`` resolutions, average-pooled and concatenated.
+    """Frozen AlexNet ``features`` (or the last default tap of another torchvision CNN ``arch``)
+    at ``n_scales`` resolutions, average-pooled and concatenated.
 
     Input ``(B, 3, H, W)`` in [0, 1] (ImageNet normalisation inside); scale ``s`` is the input
-    resized to ``H // 2**s`` (nearest, as the official code); output ``(B, 256 · n_scales)``.
+    resized to ``H // 2**s`` (nearest, as the official code); output ``(B, C · n_scales)``, C = 256
+    for AlexNet.
     """
 
-    def __init__(self, weights: str = "imagenet", n_scales: int = 3):
+    def __init__(self, weights: str = "imagenet", n_scales: int = 3, arch: str = "alexnet"):
         super().__init__()
-        net, self.weights_tag = build_torchvision("alexnet", weights)
-        self.features = net.features
+        tap = TAPS[arch][-1:] if arch in TAPS else None
+        self.backbone = FeatureExtractor(arch, weights, taps=tap, normalize=False)
+        self.weights_tag, self.channels = self.backbone.weights_tag, self.backbone.channels[-1]
         self.n_scales = n_scales
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last tap's map ``(B, C, h, w)`` of normalised images ``x``."""
+        return self.backbone(x)[-1]
+
     @property
     def n_feat(self) -> int:
-        return ALEXNET_CHANNELS * self.n_scales
+        return self.channels * self.n_scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
@@ -236,13 +247,13 @@ class DiffNet(Adapter):
     protocol = "individual"
     paper = "DifferNet (Rudolph et al., WACV 2021)"
     presets: dict[str, dict[str, Any]] = {
-        "paper": {"img_size": 448, "n_scales": 3, "n_coupling_blocks": 8, "fc_internal": 2048,
+        "paper": {"arch": "alexnet", "img_size": 448, "n_scales": 3, "n_coupling_blocks": 8, "fc_internal": 2048,
                   "clamp_alpha": 3.0, "dropout": 0.0, "lr": 2e-4, "betas": (0.8, 0.8), "eps": 1e-4,
                   "weight_decay": 1e-5, "meta_epochs": 24, "sub_epochs": 8, "batch_size": 24,
                   "n_transforms": 4, "n_transforms_test": 64, "rotation": 180.0, "brightness": 0.0,
                   "contrast": 0.0, "saturation": 0.0, "feature_pool": 0, "grad_sigma": 3.0,
                   "view_chunk": 64},
-        "cpu": {"img_size": 128, "n_scales": 2, "n_coupling_blocks": 4, "fc_internal": 256,
+        "cpu": {"arch": "alexnet", "img_size": 128, "n_scales": 2, "n_coupling_blocks": 4, "fc_internal": 256,
                 "clamp_alpha": 3.0, "dropout": 0.0, "lr": 1e-3, "betas": (0.8, 0.8), "eps": 1e-4,
                 "weight_decay": 1e-5, "meta_epochs": 4, "sub_epochs": 8, "batch_size": 24,
                 "n_transforms": 4, "n_transforms_test": 8, "rotation": 180.0, "brightness": 0.0,
@@ -253,11 +264,11 @@ class DiffNet(Adapter):
     def __init__(self, config=None):
         super().__init__(config)
         hp = self.hparams
-        if hp["img_size"] // 2 ** (hp["n_scales"] - 1) < ALEXNET_MIN_SIZE:
+        if hp["arch"] == "alexnet" and hp["img_size"] // 2 ** (hp["n_scales"] - 1) < ALEXNET_MIN_SIZE:
             raise ValueError(f"img_size {hp['img_size']} with {hp['n_scales']} scales gives a smallest scale below "
                              f"AlexNet's minimum input of {ALEXNET_MIN_SIZE} px")
         torch.manual_seed(self.config.seed)
-        self.extractor = AlexNetMultiScale(self.config.weights, hp["n_scales"]).to(self.device)
+        self.extractor = AlexNetMultiScale(self.config.weights, hp["n_scales"], hp["arch"]).to(self.device)
         self.weights_tag = self.extractor.weights_tag
         self.flow = self.new_flow()
         self.views = DifferNetViews(hp["img_size"], hp["rotation"], hp["brightness"], hp["contrast"],

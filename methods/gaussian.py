@@ -14,7 +14,7 @@ import torch
 
 from fsad_bench.adapter import Adapter
 from fsad_bench.augment import augment_support
-from fsad_bench.backbone import ResNetFeatures, state_hash
+from fsad_bench.backbone import FeatureExtractor, state_hash
 from fsad_bench.features import CachedBackbone
 from fsad_bench.gaussian_model import PositionGaussian
 from fsad_bench.maps import concat_pyramid, smooth_maps
@@ -31,7 +31,7 @@ class GaussianAdapter(Adapter):
     def __init__(self, config=None):
         super().__init__(config)
         torch.manual_seed(self.config.seed)
-        self.backbone = ResNetFeatures(self.hparams["arch"], self.config.weights).to(self.device)
+        self.backbone = FeatureExtractor(self.hparams["arch"], self.config.weights).to(self.device)
         self.weights_tag = self.backbone.weights_tag
         # frozen backbone: test images are shared by every k and run of a category -> cache them
         # (support views differ from cell to cell: not cached)

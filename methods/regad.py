@@ -51,6 +51,8 @@ small rotation (≤ π/8) and shift (≤ 10 %) of the query itself, so the STNs 
 to register.
 
 Presets: ``paper`` = the official config above; ``cpu`` = 128 px demo budget (see ``presets``).
+Backbone (``arch`` option, default the paper's ``resnet18``): any torchvision CNN with default taps in
+``fsad_bench.backbone.TAPS`` (e.g. ``mobilenet_v2``); an STN follows each tap's stage.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from torch import nn
 
 from fsad_bench.adapter import Adapter, TrainSet
 from fsad_bench.augment import affine_warp, augment_support
-from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
+from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 from fsad_bench.gaussian_model import PositionGaussian
 from fsad_bench.maps import concat_pyramid, smooth_maps
 
@@ -176,7 +178,8 @@ class SpatialTransformer(nn.Module):
 
 
 class RegistrationNet(nn.Module):
-    """ResNet layer1..layer3 with an STN after each block.
+    """ResNet layer1..layer3 (or the stages of ``TAPS[arch]`` of another torchvision CNN; the first
+    block includes the stem) with an STN after each block.
 
     Input ``(B, 3, S, S)`` in [0, 1]; output: the three registered maps ``(B, 64, S/4, S/4)``,
     ``(B, 128, S/8, S/8)``, ``(B, 256, S/16, S/16)`` (ResNet-18) and their θ ``(B, 2, 3)`` each.
@@ -184,14 +187,14 @@ class RegistrationNet(nn.Module):
 
     def __init__(self, arch: str, weights: str, image_size: int, stn_mode: str, imagenet_norm: bool = False):
         super().__init__()
-        net, self.weights_tag = build_torchvision(arch, weights)
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.blocks = nn.ModuleList([net.layer1, net.layer2, net.layer3])
+        backbone = FeatureExtractor(arch, weights, normalize=False, trainable=True)  # taps: TAPS[arch]
+        self.weights_tag = backbone.weights_tag
+        self.blocks = backbone.stages  # block i: previous tap (stage 0: the image) -> tap i
         self.imagenet_norm = imagenet_norm
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():  # block output sizes for this image size
-            x = self.stem(torch.zeros(1, 3, image_size, image_size))
+            x = torch.zeros(1, 3, image_size, image_size)
             shapes = []
             for block in self.blocks:
                 x = block(x)
@@ -202,7 +205,6 @@ class RegistrationNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.imagenet_norm:
             x = (x - self.mean) / self.std
-        x = self.stem(x)
         maps, thetas = [], []
         for block, stn in zip(self.blocks, self.stns):
             x, theta = stn(block(x))

@@ -66,7 +66,7 @@ def training_data(protocol: str, dataset: FolderDataset, target: str, support: t
 
 SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",
               "image_size", "weights", "preset", "train_seeds", "options", "synthetic", "support_lists",
-              "train_dataset", "train_data_root", "train_categories", "train_synthetic"}
+              "train_dataset", "train_data_root", "train_categories", "train_synthetic", "arch", "layout", "folder"}
 
 
 @dataclass
@@ -85,7 +85,8 @@ class Suite:
     image_size: int = 224
     weights: str = "auto"
     preset: str = "cpu"
-    data_root: str | None = None
+    #: one folder, or several whose categories are pooled into one dataset
+    data_root: str | list[str] | None = None
     categories: list[str] = field(default_factory=list)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     synthetic: dict[str, int] = field(default_factory=dict)
@@ -96,6 +97,12 @@ class Suite:
     train_data_root: str | None = None
     train_categories: list[str] = field(default_factory=list)
     train_synthetic: dict[str, int] = field(default_factory=dict)
+    #: backbone architecture of every method with an ``arch`` option (None: each method's default)
+    arch: str | None = None
+    #: data layout: auto (VisA when split_csv/1cls.csv exists, else MVTec) | mvtec | visa | folder
+    layout: str = "auto"
+    #: sub-folders of the ``folder`` layout (normal_dir, abnormal_dir, mask_dir, normal_test_dir, ...)
+    folder: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +140,23 @@ def load_suite(name_or_path: str) -> Suite:
     except TypeError as err:
         raise FsadError(f"suite {source}: {err}") from None
     validate_numbers(suite, source)
+    apply_arch(suite)
     return suite
+
+
+def apply_arch(suite: Suite, override: bool = False) -> None:
+    """Copy ``suite.arch`` into ``suite.options[m]["arch"]`` of every method ``m`` whose presets
+    have an ``arch`` (methods with a torchvision backbone); an explicit per-method option wins
+    unless ``override`` (the CLI's ``--arch``)."""
+    if not suite.arch:
+        return
+    from fsad_bench import registry
+
+    for m in suite.methods:
+        if any("arch" in p for p in registry.get(m).presets.values()):
+            opts = suite.options.setdefault(m, {})
+            if override or "arch" not in opts:
+                opts["arch"] = suite.arch
 
 
 def validate_numbers(suite: Suite, source: str = "suite") -> None:

@@ -202,10 +202,19 @@ def test_paper_difference():
 
 
 def test_cost_ratio_table():
-    t = cost_ratio_table(records())
-    assert t.index.name == "method" and t.loc["good [cpu]", "name"] == "good"
-    assert t.loc["weak", "adapt_x_fastest"] == 1.0 and t.loc["good [cpu]", "adapt_x_fastest"] == pytest.approx(4.0)
+    t = cost_ratio_table(records(), ["weak", "good"])  # no gaussian: the first non-random method is the reference
+    assert t.attrs["reference"] == "weak" and t.index.name == "method" and t.loc["good [cpu]", "name"] == "good"
+    assert t.loc["weak", "adapt_x_weak"] == 1.0 and t.loc["good [cpu]", "adapt_x_weak"] == pytest.approx(4.0)
     assert t.loc["good [cpu]", "infer_ms_per_image"] == pytest.approx(20.0)
     assert t.loc["good [cpu]", "train_min"] == pytest.approx(0.1)
     assert t.loc["good [cpu]", "peak_memory_mib"] == pytest.approx(200.0)
     assert list(t.index) == ["weak", "good [cpu]"]
+    # gaussian is the default reference whatever its speed; random never is; the paper's GPU seconds ride along
+    df = records()
+    df["method"] = df["method"].map({"weak": "random", "good": "gaussian"})
+    df["label"] = df["method"]
+    t = cost_ratio_table(pd.concat([df, records().assign(method="regad", label="regad [cpu]")]))
+    assert t.attrs["reference"] == "gaussian" and t.loc["gaussian", "adapt_x_gaussian"] == 1.0
+    assert t.loc["random", "adapt_x_gaussian"] == pytest.approx(0.25)
+    assert t.loc["regad [cpu]", "paper_adapt_s"] == 4.47 and np.isnan(t.loc["gaussian", "paper_adapt_s"])
+    assert cost_ratio_table(df, reference="random").attrs["reference"] == "random"
