@@ -43,6 +43,8 @@ def cli() -> None:
 @click.option("--methods", help="Comma-separated methods (overrides the suite).")
 @click.option("--k", "ks", help="Comma-separated shot counts, e.g. 2,4,8.")
 @click.option("--runs", type=int, help="Runs (support-set draws) per k.")
+@click.option("--train-seeds", type=int,
+              help="Training seeds per trained method (suite key train_seeds; training-free methods run seed 0 only).")
 @click.option("--categories", help="Comma-separated categories (default: the suite's, else all).")
 @click.option("--data-root", type=click.Path(path_type=Path), multiple=True,
               help="Dataset folder (MVTec AD layout, or VisA with split_csv/1cls.csv); repeat to pool several.")
@@ -61,15 +63,18 @@ def cli() -> None:
 @click.option("--image-size", type=int, help="Input size in pixels.")
 @click.option("--seed", type=int, help="The one seed deciding supports, augmentations and inits.")
 @click.option("--support-lists", type=click.Path(path_type=Path), help="JSON of fixed support sets.")
-def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, out, device, jobs, backend, scheduler,
-        cache_features, weights, arch, preset, image_size, seed, support_lists) -> None:
+@click.option("--std-components/--no-std-components", default=None,
+              help="Also print the std split into support-draw and training-seed parts (default: with several train seeds).")
+def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, data_root, train_data_root, out,
+        device, jobs, backend, scheduler, cache_features, weights, arch, preset, image_size, seed, support_lists) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables."""
     from .engine import pick_device, plan, run_suite
     from .protocols import apply_arch, load_suite, validate_numbers
     from .report import print_table, write_tables
 
     suite = load_suite(suite_name)
-    overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "categories": _names(categories),
+    overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "train_seeds": train_seeds,
+                 "categories": _names(categories),
                  "data_root": ([str(r) for r in data_root] if len(data_root) > 1 else str(data_root[0]))
                  if data_root else None, "arch": arch,
                  "train_data_root": str(train_data_root) if train_data_root else None,
@@ -97,7 +102,7 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
         task = bar.add_task("cells", total=todo)
         run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
                   scheduler=scheduler, cache_features=cache_features)
-    tables = write_tables(out, suite.methods)
+    tables = write_tables(out, suite.methods, std_components=std_components)
     for name, table in tables.items():
         print_table(table, name, console)
     console.print(f"done in {time.perf_counter() - t0:.1f} s; tables in {out / 'tables'}")
@@ -106,13 +111,17 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
 @cli.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @click.option("--reference-method", help="Mark Mean rows significantly different from this method (Wilcoxon).")
-def table(results_dir: Path, reference_method: str | None) -> None:
+@click.option("--std-components/--no-std-components", default=None,
+              help="Also show the std (over train seed x run pairs) split into its support-draw and "
+                   "training-seed components (default: when the results have several train seeds).")
+def table(results_dir: Path, reference_method: str | None, std_components: bool | None) -> None:
     """Rebuild and print the tables of RESULTS_DIR without rerunning anything."""
     from .report import print_table, write_tables
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
-    for name, t in write_tables(results_dir, reference_method=reference_method).items():
+    for name, t in write_tables(results_dir, reference_method=reference_method,
+                                std_components=std_components).items():
         print_table(t, name, console)
     console.print(f"tables in {results_dir / 'tables'}")
 

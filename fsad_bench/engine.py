@@ -1,10 +1,25 @@
 """Protocol engine: expands a suite into cells and runs them.
 
-A *cell* is (method, protocol, dataset, category, k, run). Cells are grouped by
-(method, category): an ``aggregated`` method trains once per held-out category (or loads
-that training from the model cache) and the fit is reused by every k and run; an
-``individual`` method trains on each cell's support set; a ``training-free`` one never
-trains. Every finished cell becomes one record in the :class:`~fsad_bench.store.ResultStore`.
+A *cell* is (method, protocol, dataset, category, k, run, train seed). Cells are grouped by
+(method, category): an ``aggregated`` method trains once per (held-out category, train seed)
+(or loads that training from the model cache) and the fit is reused by every k and run; an
+``individual`` method trains on each cell's support set, with a seed that includes the train
+seed; a ``training-free`` one never trains and runs train seed 0 only. Every finished cell
+becomes one record in the :class:`~fsad_bench.store.ResultStore`.
+
+Images: each adapter gets its support, test and training images at its own
+:attr:`~fsad_bench.adapter.Adapter.input_size` (default: the suite's ``image_size``), decoded
+from the original files through a per-resolution disk cache (:mod:`fsad_bench.image_cache`);
+its maps are resized to the suite's ``image_size``, where the masks are, before pixel metrics.
+Test images are streamed in batches, so memory does not grow with the test set beyond its
+scores, maps and masks at the suite's size.
+
+Timing fields of a record: ``adapt_seconds`` (support -> normal model; an individual method's
+training included), ``train_seconds`` (the fit; an aggregated fit's seconds as first measured,
+even when loaded from the model cache), ``infer_seconds_per_image`` (cold: the first test batch
+with every feature cache bypassed — what a new image costs) and
+``infer_warm_seconds_per_image`` (the whole test pass, reusing test features cached by earlier
+cells); image decoding is never timed.
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ import platform
 import resource
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,11 +40,14 @@ from typing import Any
 import numpy as np
 import sklearn
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from . import __version__, registry
 from .adapter import AdapterConfig
-from .data import FolderDataset, TestSet, load_images, load_test_set, open_folder_dataset
+from .data import FolderDataset, load_mask, open_folder_dataset
+from .features import CachedBackbone
+from .image_cache import load_cached_images
 from .errors import FsadError
 from .metrics import aupro, image_auroc, pixel_auroc
 from .sampler import SupportSampler, stable_seed
@@ -54,6 +73,11 @@ def pick_device(requested: str | None) -> str:
 
 @dataclass(frozen=True)
 class Cell:
+    """One benchmark cell. ``train_seed`` numbers the training repetition (0 .. train_seeds-1;
+    always 0 for training-free methods): aggregated / cross-dataset methods fit once per
+    (held-out category, train seed), individual methods fit per cell with a seed that
+    includes it."""
+
     method: str
     protocol: str
     dataset: str
@@ -61,11 +85,31 @@ class Cell:
     k: int
     run: int
     config_hash: str
+    train_seed: int = 0
 
     @property
     def cell_id(self) -> str:
-        key = f"{self.method}|{self.protocol}|{self.dataset}|{self.category}|{self.k}|{self.run}|{self.config_hash}"
-        return f"{self.method}-{self.category}-k{self.k}-r{self.run}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+        key = (f"{self.method}|{self.protocol}|{self.dataset}|{self.category}|{self.k}|{self.run}|{self.config_hash}"
+               f"|t{self.train_seed}")
+        return (f"{self.method}-{self.category}-k{self.k}-r{self.run}-t{self.train_seed}-"
+                + hashlib.sha256(key.encode()).hexdigest()[:10])
+
+
+def train_seeds_of(protocol: str, train_seeds: int) -> range:
+    """Training seeds a method of ``protocol`` runs: ``range(train_seeds)``, or just 0 for a
+    training-free method (nothing is trained, so another seed would only repeat the numbers)."""
+    return range(1) if protocol == "training-free" else range(train_seeds)
+
+
+def adapter_seed(suite_seed: int, train_seed: int) -> int:
+    """``config.seed`` of a shared (aggregated / cross-dataset / training-free) adapter: the
+    suite seed for train seed 0 (the numbers of a single-seed suite stay as they were), a
+    derived one for every other train seed."""
+    return suite_seed if train_seed == 0 else stable_seed("train", suite_seed, train_seed) % 2**31
+
+
+def _with_train_seed(parts: tuple, train_seed: int) -> tuple:
+    return (*parts, f"t{train_seed}") if train_seed else parts
 
 
 def open_dataset(suite: Suite) -> FolderDataset:
@@ -126,9 +170,10 @@ def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
     for m, cls in adapters.items():
         h = config_hash(suite, m)
         for c in dataset.categories:
-            for k in suite.k:
-                for r in range(suite.runs):
-                    cells.append(Cell(m, cls.protocol, dataset.name, c, k, r, h))
+            for t in train_seeds_of(cls.protocol, suite.train_seeds):
+                for k in suite.k:
+                    for r in range(suite.runs):
+                        cells.append(Cell(m, cls.protocol, dataset.name, c, k, r, h, t))
     return dataset, cells
 
 
@@ -163,42 +208,152 @@ def versions() -> dict[str, str]:
             "sklearn": sklearn.__version__, "python": platform.python_version()}
 
 
+def input_size(adapter, suite: Suite) -> int:
+    """Side of the square images ``adapter`` is given: its :attr:`~fsad_bench.adapter.Adapter.input_size`,
+    else the suite's ``image_size``. Maps are resized back to the suite's size for the metrics."""
+    return int(getattr(adapter, "input_size", None) or suite.image_size)
+
+
+def image_cache_dir() -> Path:
+    """Folder of the decoded-image cache (:mod:`fsad_bench.image_cache`)."""
+    return cache_dir() / "images"
+
+
+def _feature_caches(adapter) -> list[CachedBackbone]:
+    """The adapter's frozen-backbone feature caches (attributes that are :class:`CachedBackbone`)."""
+    return [v for v in vars(adapter).values() if isinstance(v, CachedBackbone)]
+
+
+@contextmanager
+def _cold_caches(adapter):
+    """Within: the adapter's feature caches read nothing (features computed afresh, as for a new image)."""
+    caches = _feature_caches(adapter)
+    for c in caches:
+        c.read_enabled = False
+    try:
+        yield
+    finally:
+        for c in caches:
+            c.read_enabled = True
+
+
+def _check_batch(adapter, s: torch.Tensor, m: torch.Tensor, n: int, side: int) -> None:
+    if s.shape != (n,) or m.shape != (n, side, side):
+        raise FsadError(f"{adapter.name}.predict returned scores {tuple(s.shape)} and maps {tuple(m.shape)} "
+                        f"for {n} images of {side} px; expected ({n},) and ({n}, {side}, {side})")
+    if not (torch.isfinite(s).all() and torch.isfinite(m).all()):
+        raise FsadError(f"{adapter.name}.predict returned non-finite scores")
+
+
+def _predict_batch(adapter, images: torch.Tensor, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    s, m = adapter.predict(images)
+    s = torch.as_tensor(s).detach().float().cpu().reshape(-1)
+    m = torch.as_tensor(m).detach().float().cpu()
+    _check_batch(adapter, s, m, len(images), images.shape[-1])
+    return s, m
+
+
+def _to_size(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Maps ``(B, s, s)`` -> ``(B, size, size)`` (bilinear; unchanged when already that size)."""
+    if maps.shape[-1] == size:
+        return maps
+    return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def predict_stream(adapter, paths: list[Path], size: int, out_size: int, device: str,
+                   image_cache: str | Path | None = None, batch: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Predict the test images at ``paths``, loaded from disk ``batch`` at a time at ``size`` px.
+
+    Memory holds one batch (``batch``, default :data:`PREDICT_BATCH`) of images and the outputs the metrics need: scores ``(N,)`` and
+    maps ``(N, out_size, out_size)`` float32 (maps of another size are resized bilinearly).
+    Returns (scores, maps, cold, warm) with two inference costs in seconds per image, image
+    loading excluded:
+
+    * ``cold`` — what a user pays for new images: the first batch predicted with every feature
+      cache of the adapter bypassed (nothing read from it; methods without one: the first batch
+      of the pass below);
+    * ``warm`` — the whole test pass as the benchmark runs it, reusing test features that earlier
+      cells of the same (method, category) cached (equal to cold up to noise without a cache).
+    """
+    n, batch = len(paths), batch or PREDICT_BATCH
+    scores = np.empty(n, dtype=np.float32)
+    maps = np.empty((n, out_size, out_size), dtype=np.float32)
+    cold = None
+    if _feature_caches(adapter) and n:  # an extra cold pass over the first batch (outputs discarded)
+        first = load_cached_images(paths[:batch], size, image_cache)
+        rng = torch.get_rng_state()
+        with _cold_caches(adapter):
+            _sync(device)
+            t0 = time.perf_counter()
+            _predict_batch(adapter, first, out_size)
+            _sync(device)
+            cold = (time.perf_counter() - t0) / len(first)
+        torch.set_rng_state(rng)
+        del first
+    seconds = 0.0
+    for i in range(0, n, batch):
+        images = load_cached_images(paths[i : i + batch], size, image_cache)
+        _sync(device)
+        t0 = time.perf_counter()
+        s, m = _predict_batch(adapter, images, out_size)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        seconds += dt
+        if cold is None:
+            cold = dt / len(images)
+        scores[i : i + len(images)] = s.numpy()
+        maps[i : i + len(images)] = _to_size(m, out_size).numpy()
+    return scores, maps, float(cold or 0.0), seconds / max(n, 1)
+
+
 def predict_all(adapter, images: torch.Tensor, device: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """Scores ``(N,)``, maps ``(N, S, S)`` and seconds per image, predicting in batches."""
+    """Scores ``(N,)``, maps ``(N, S, S)`` and seconds per image of images already in memory
+    (kept for callers outside the engine; the engine streams with :func:`predict_stream`)."""
     scores, maps = [], []
     _sync(device)
     t0 = time.perf_counter()
     for i in range(0, len(images), PREDICT_BATCH):
-        s, m = adapter.predict(images[i : i + PREDICT_BATCH])
-        scores.append(torch.as_tensor(s).detach().float().cpu().reshape(-1))
-        maps.append(torch.as_tensor(m).detach().float().cpu())
+        s, m = _predict_batch(adapter, images[i : i + PREDICT_BATCH], images.shape[-1])
+        scores.append(s)
+        maps.append(m)
     _sync(device)
-    seconds = (time.perf_counter() - t0) / len(images)
-    scores_np, maps_np = torch.cat(scores).numpy(), torch.cat(maps).numpy()
-    if scores_np.shape != (len(images),) or maps_np.shape != (len(images), *images.shape[-2:]):
-        raise FsadError(f"{adapter.name}.predict returned scores {scores_np.shape} and maps {maps_np.shape}; "
-                        f"expected ({len(images)},) and ({len(images)}, {images.shape[-2]}, {images.shape[-1]})")
-    if not (np.isfinite(scores_np).all() and np.isfinite(maps_np).all()):
-        raise FsadError(f"{adapter.name}.predict returned non-finite scores")
-    return scores_np, maps_np, seconds
+    seconds = (time.perf_counter() - t0) / max(len(images), 1)
+    return torch.cat(scores).numpy(), torch.cat(maps).numpy(), seconds
 
 
-def _fit_cached(adapter, suite: Suite, train_ds: FolderDataset, held_out: str, chash: str) -> float:
+def load_masks(split, size: int) -> np.ndarray:
+    """Ground-truth masks of a category's test images, ``(N, size, size)`` uint8 0/1 (1 byte a pixel),
+    each checked against its image's size."""
+    out = np.zeros((len(split.test), size, size), dtype=np.uint8)
+    for i, s in enumerate(split.test):
+        if s.mask_path is not None:
+            out[i] = load_mask(s.mask_path, size, s.path).numpy() > 0.5
+    return out
+
+
+def _fit_cached(adapter, suite: Suite, train_ds: FolderDataset, held_out: str, chash: str,
+                train_seed: int = 0) -> float:
     """Fit ``adapter`` (or load the fit from the model cache); returns training seconds.
 
     ``aggregated``: trains on every category of ``train_ds`` but ``held_out``;
     ``cross-dataset``: on all of ``train_ds`` (another dataset), ``held_out`` is "".
-    The cache key is (method, dataset, held-out category, preset, seed, config hash, data)."""
-    key = hashlib.sha256(f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}".encode()).hexdigest()[:16]
+    Torch is seeded with the fit seed, derived from (suite seed, train seed, method, dataset,
+    held-out category); the cache key is (method, dataset, held-out category, preset, config
+    hash, data, fit seed). Training images are loaded at the adapter's :func:`input_size`."""
+    fit_seed = stable_seed("fit", *_with_train_seed((suite.seed, adapter.name, train_ds.name, held_out), train_seed))
+    key = hashlib.sha256(f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}|fit{fit_seed}"
+                         .encode()).hexdigest()[:16]
     folder = train_ds.name if adapter.protocol == "aggregated" else f"cross-{train_ds.name}"
     path = (cache_dir() / "models" / adapter.name / folder
-            / f"{held_out or 'all'}-{adapter.preset_name}-s{suite.seed}-{key}.pt")
+            / f"{held_out or 'all'}-{adapter.preset_name}-s{suite.seed}-t{train_seed}-{key}.pt")
     if path.is_file():
         blob = torch.load(path, map_location=adapter.device, weights_only=False)
         adapter.load_state_dict(blob["state"])
         return float(blob["train_seconds"])
-    torch.manual_seed(stable_seed("fit", suite.seed, adapter.name, train_ds.name, held_out) % 2**63)
-    train = training_data(adapter.protocol, train_ds, held_out, torch.empty(0), suite.image_size)
+    torch.manual_seed(fit_seed % 2**63)
+    train = training_data(adapter.protocol, train_ds, held_out, torch.empty(0), input_size(adapter, suite),
+                          image_cache_dir())
     t0 = time.perf_counter()
     adapter.fit(train)
     seconds = time.perf_counter() - t0
@@ -214,17 +369,24 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
               feature_cache: str | None = None) -> int:
     """Run the unfinished ``cells`` of one (method, category); returns how many were run.
 
-    ``feature_cache``: folder where frozen-backbone features may be cached on disk."""
+    Cells run grouped by train seed: a shared (aggregated / cross-dataset) adapter is fitted (or
+    loaded from the model cache) once per train seed. Test images are streamed from disk in
+    batches at the adapter's input size (:func:`predict_stream`); only scores, maps at the
+    suite's ``image_size`` and uint8 masks stay in memory. ``feature_cache``: folder where
+    frozen-backbone features may be cached on disk."""
     if threads:
         torch.set_num_threads(threads)
     store = ResultStore(out)
-    cells = [c for c in cells if not store.has(c.cell_id)]
+    cells = sorted((c for c in cells if not store.has(c.cell_id)), key=lambda c: c.train_seed)
     if not cells:
         return 0
     cls = registry.get(method)
     dataset = open_dataset(suite)
     split = dataset.split(category)
-    test: TestSet = load_test_set(split, suite.image_size)
+    test_paths = [s.path for s in split.test]
+    labels = np.array([s.label for s in split.test], dtype=np.int64)
+    masks = load_masks(split, suite.image_size)
+    images_cache = image_cache_dir()
     sampler = SupportSampler(suite.seed, suite.support_lists)
 
     def make(seed: int):
@@ -233,21 +395,25 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
                                  image_size=suite.image_size, options=suite.options.get(method, {}),
                                  feature_cache=feature_cache))
 
-    shared, train_seconds = None, 0.0
-    if cls.protocol != "individual":
-        shared = make(suite.seed)
-        if cls.protocol == "aggregated":
-            train_seconds = _fit_cached(shared, suite, dataset, category, cells[0].config_hash)
-        elif cls.protocol == "cross-dataset":
-            train_seconds = _fit_cached(shared, suite, open_train_dataset(suite), "", cells[0].config_hash)
+    shared, shared_seed, train_seconds = None, None, 0.0
     for cell in cells:
+        if cls.protocol != "individual" and cell.train_seed != shared_seed:
+            shared = None  # the previous train seed's model goes before the next one is built
+            shared, shared_seed = make(adapter_seed(suite.seed, cell.train_seed)), cell.train_seed
+            if cls.protocol == "aggregated":
+                train_seconds = _fit_cached(shared, suite, dataset, category, cell.config_hash, cell.train_seed)
+            elif cls.protocol == "cross-dataset":
+                train_seconds = _fit_cached(shared, suite, open_train_dataset(suite), "", cell.config_hash,
+                                            cell.train_seed)
         support_paths = sampler.support(split, cell.k, cell.run)
-        support = load_images(support_paths, suite.image_size)
-        cell_seed = stable_seed("cell", suite.seed, method, category, cell.k, cell.run) % 2**31
+        cell_seed = stable_seed("cell", *_with_train_seed((suite.seed, method, category, cell.k, cell.run),
+                                                          cell.train_seed)) % 2**31
         _reset_peak_memory(device)
         if shared is None:  # individual: the training on the support set is part of adaptation
             adapter = make(cell_seed)
-            train = training_data("individual", dataset, category, support, suite.image_size)
+            size = input_size(adapter, suite)
+            support = load_cached_images(support_paths, size, images_cache)
+            train = training_data("individual", dataset, category, support, size)
             _sync(device)
             t0 = time.perf_counter()
             adapter.fit(train)
@@ -255,34 +421,42 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
             train_seconds = time.perf_counter() - t0
         else:
             adapter = shared
+            size = input_size(adapter, suite)
+            support = load_cached_images(support_paths, size, images_cache)
             t0 = time.perf_counter()
         torch.manual_seed(cell_seed)
         adapter.category = category
         adapter.adapt(support.to(adapter.device))
         _sync(device)
         adapt_seconds = time.perf_counter() - t0
-        scores, maps, infer_seconds = predict_all(adapter, test.images, device)
-        masks = test.masks.numpy()
+        del support
+        scores, maps, infer_cold, infer_warm = predict_stream(adapter, test_paths, size, suite.image_size, device,
+                                                              images_cache)
         record: dict[str, Any] = {
             "cell_id": cell.cell_id, "method": method, "label": adapter.label, "protocol": cls.protocol,
             "dataset": cell.dataset, "category": category, "k": cell.k, "run": cell.run,
+            "train_seed": cell.train_seed,
             "train_dataset": suite.train_dataset if cls.protocol == "cross-dataset" else None,
             "preset": adapter.preset_name, "weights": adapter.weights_tag, "seed": suite.seed,
-            "image_auroc": image_auroc(test.labels, scores),
+            "image_auroc": image_auroc(labels, scores),
             "pixel_auroc": pixel_auroc(masks, maps),
             "aupro": aupro(masks, maps),
             "adapt_seconds": adapt_seconds, "train_seconds": train_seconds,
-            "infer_seconds_per_image": infer_seconds, "peak_memory_mb": _peak_memory_mb(device),
-            "n_test": int(len(test.labels)), "n_support": len(support_paths),
-            "support": [p.name for p in support_paths], "image_size": suite.image_size,
+            "infer_seconds_per_image": infer_cold, "infer_warm_seconds_per_image": infer_warm,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "n_test": int(len(labels)), "n_support": len(support_paths),
+            "support": [p.name for p in support_paths], "image_size": suite.image_size, "input_size": size,
             "config_hash": cell.config_hash, "device": device, "versions": versions(),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "scores": [float(f"{s:.7g}") for s in scores],   # per-image anomaly scores (ROC curves)
-            "labels": test.labels.astype(int).tolist(),       # per-image ground truth, 1 = anomalous
+            "scores": scores.astype(np.float32).tolist(),  # per-image anomaly scores, float32 exactly (ROC curves)
+            "labels": labels.astype(int).tolist(),          # per-image ground truth, 1 = anomalous
         }
-        if cell.run == 0 and cell.k == max(suite.k):  # a few maps per category for the overlay plots
-            save_example_maps(Path(out) / "maps" / f"{cell.cell_id}.npz", maps, test.images, masks,
-                              test.paths, labels=test.labels)
+        if cell.run == 0 and cell.k == max(suite.k) and cell.train_seed == 0:  # a few maps for the overlays
+            save_example_maps(Path(out) / "maps" / f"{cell.cell_id}.npz", maps,
+                              lambda idx: load_cached_images([test_paths[i] for i in idx], suite.image_size,
+                                                             images_cache),
+                              masks, test_paths, labels=labels)
+        del maps
         store.put(record)
         if on_cell:
             on_cell(cell)
@@ -348,5 +522,5 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
     return store
 
 
-__all__ = ["Cell", "plan", "run_suite", "run_group", "open_dataset", "open_train_dataset", "cache_dir",
+__all__ = ["Cell", "plan", "run_suite", "run_group", "predict_stream", "input_size", "train_seeds_of", "open_dataset", "open_train_dataset", "cache_dir",
            "pick_device"]

@@ -34,11 +34,15 @@ class CachedBackbone:
         self.memory: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
+        #: False: nothing is read from the cache (features computed afresh; the engine's cold timing)
+        self.read_enabled = True
 
     def key(self, image: torch.Tensor) -> str:
         return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
     def _get(self, key: str) -> list[torch.Tensor] | None:
+        if not self.read_enabled:
+            return None
         if key in self.memory:
             self.memory.move_to_end(key)
             return self.memory[key]

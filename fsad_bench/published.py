@@ -5,6 +5,18 @@
 :func:`reference_rows` formats them like :func:`fsad_bench.report.paper_table` columns,
 labelled ``"<Method> (paper)"``; :func:`paper_difference` gives measured − paper for the
 methods whose registry name maps to a paper name (:data:`PAPER_NAMES`).
+
+Caveats travel with the numbers (column ``caveat`` of the CSV): RegAD's and DifferNet's
+official scripts select the checkpoint with the best *test* AUROC, so their published numbers
+are optimistic; the RegAD paper's Table 3 "RegAD-L" is its Table 5 row A (no registration
+training), i.e. our training-free ``gaussian``, not our trained ``regad-l``. A caveated
+column's label carries a footnote mark (``"RegAD (paper)†"``) and the table's
+``attrs["notes"]`` the footnote; :func:`paper_difference` has a ``caveat`` column.
+
+A measured ``Mean`` over fewer categories than the reference's is never silently put beside
+the published one: :func:`attach_reference` adds a ``Mean (n of N paper categories)`` row (the
+published per-category numbers averaged over the measured categories, where the reference
+has them) and a note naming how many of the reference's categories the measured Mean covers.
 """
 
 from __future__ import annotations
@@ -21,7 +33,10 @@ from .errors import FsadError
 
 MEAN_ROW, STD_ROW = "Mean", "Std (categories)"  # the row names of fsad_bench.report's tables
 # registry name -> method name used in the RegAD paper's tables
-PAPER_NAMES = {"regad": "RegAD", "diffnet+": "DiffNet+", "tdg+": "TDG+"}
+# (gaussian -> RegAD-L: the paper's Table 3 RegAD-L is Table 5 row A, no registration training;
+#  regad-l, our individually trained RegAD, has no published counterpart)
+PAPER_NAMES = {"regad": "RegAD", "diffnet+": "DiffNet+", "tdg+": "TDG+", "gaussian": "RegAD-L"}
+FOOTNOTE_MARKS = "†‡§¶#"
 # results/reference/ in the repository, installed as package data of fsad_bench.reference
 REFERENCE_CSV = Path(str(resources.files("fsad_bench.reference") / "regad_paper.csv"))
 
@@ -37,7 +52,32 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     missing = {"dataset", "category", "method", "k", "metric", "value"} - set(ref.columns)
     if missing:
         raise FsadError(f"{path}: missing columns {sorted(missing)}")
-    return ref.astype({"k": int, "value": float})
+    if "caveat" not in ref.columns:
+        ref = ref.assign(caveat="")
+    return ref.astype({"k": int, "value": float}).assign(caveat=lambda r: r["caveat"].fillna("").astype(str))
+
+
+def caveat_marks(reference: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """Paper method name -> (footnote mark, caveat text) for every caveated method of ``reference``
+    (marks in order of first appearance; one caveat per method)."""
+    out: dict[str, tuple[str, str]] = {}
+    texts: dict[str, str] = {}
+    if "caveat" not in reference.columns:
+        return out
+    for m, c in reference[["method", "caveat"]].itertuples(index=False):
+        if isinstance(c, str) and c and m not in out:
+            mark = texts.setdefault(c, FOOTNOTE_MARKS[len(texts) % len(FOOTNOTE_MARKS)])
+            out[m] = (mark, c)
+    return out
+
+
+def caveat_notes(marks: dict[str, tuple[str, str]], methods: Iterable[str] | None = None) -> list[str]:
+    """Footnote lines ``"† <text> (RegAD, DiffNet+)"`` for the caveated ``methods`` (default all)."""
+    by_mark: dict[tuple[str, str], list[str]] = {}
+    for m, (mark, text) in marks.items():
+        if methods is None or m in set(methods):
+            by_mark.setdefault((mark, text), []).append(m)
+    return [f"{mark} {text} ({', '.join(ms)})" for (mark, text), ms in by_mark.items()]
 
 
 def reference_rows(dataset: str, metric: str = "image_auroc", ks: Iterable[int] | None = None,
@@ -50,6 +90,7 @@ def reference_rows(dataset: str, metric: str = "image_auroc", ks: Iterable[int] 
     per-category numbers (sample std), ``–`` where the paper gives no per-category numbers.
     Empty DataFrame when nothing matches."""
     ref = load_reference() if reference is None else reference
+    marks = caveat_marks(ref)  # from the whole file: a method keeps its mark on every dataset
     ref = ref[(ref["dataset"] == dataset) & (ref["metric"] == metric)]
     if ks is not None:
         ref = ref[ref["k"].isin(list(ks))]
@@ -58,29 +99,45 @@ def reference_rows(dataset: str, metric: str = "image_auroc", ks: Iterable[int] 
     if ref.empty:
         return pd.DataFrame()
     fmt = f"{{:.{decimals}f}}"
+
+    def col(m: str) -> str:
+        return f"{m} (paper){marks[m][0] if m in marks else ''}"
+
     cats = sorted(c for c in ref["category"].unique() if c != MEAN_ROW)
     cols = pd.MultiIndex.from_tuples(
-        [(f"k={k}", f"{m} (paper)") for k in sorted(ref["k"].unique()) for m in dict.fromkeys(ref["method"])
+        [(f"k={k}", col(m)) for k in sorted(ref["k"].unique()) for m in dict.fromkeys(ref["method"])
          if ((ref["k"] == k) & (ref["method"] == m)).any()], names=["k", "method"])
     table = pd.DataFrame("–", index=cats + [MEAN_ROW, STD_ROW], columns=cols, dtype=object)
     for r in ref.itertuples():
-        table.loc[r.category, (f"k={r.k}", f"{r.method} (paper)")] = fmt.format(r.value)
+        table.loc[r.category, (f"k={r.k}", col(r.method))] = fmt.format(r.value)
     for (k, m), g in ref[ref["category"] != MEAN_ROW].groupby(["k", "method"]):
         if len(g) > 1:
-            table.loc[STD_ROW, (f"k={k}", f"{m} (paper)")] = fmt.format(g["value"].std(ddof=1))
+            table.loc[STD_ROW, (f"k={k}", col(m))] = fmt.format(g["value"].std(ddof=1))
     table.index.name = "category"
+    table.attrs["notes"] = caveat_notes(marks, ref["method"].unique())
     return table
+
+
+def _leading_number(text: object) -> float | None:
+    try:
+        return float(str(text).split()[0])
+    except (ValueError, IndexError):
+        return None
 
 
 def attach_reference(table: pd.DataFrame, dataset: str, metric: str = "image_auroc", decimals: int = 1,
                      reference: pd.DataFrame | None = None, missing_ok: bool = True) -> pd.DataFrame:
     """A paper table with the published columns of the same k values inserted after each k's
-    measured columns; rows are the union (measured categories first). Unchanged when the
-    reference has nothing for this dataset / metric / k, or (``missing_ok``) when the
-    reference file is absent.
+    measured columns; rows are the union (measured categories first), so every category the
+    reference has is compared side by side. Unchanged when the reference has nothing for this
+    dataset / metric / k, or (``missing_ok``) when the reference file is absent.
 
-    The published ``Mean`` averages the paper's categories; a measured ``Mean`` over fewer
-    categories is not comparable with it (use :func:`paper_difference` for that)."""
+    The published ``Mean`` averages the paper's N categories; when the measured ``Mean`` runs
+    over fewer (n < N), a row ``"Mean (n of N paper categories)"`` is added — measured and
+    published per-category numbers averaged over the same n categories (published ``–`` where
+    the paper gives only its Mean) — and ``attrs["notes"]`` says over how many of the
+    reference's categories the measured Mean runs. Caveats of published columns (footnote marks
+    in their labels) are in the notes too."""
     if reference is None:
         try:
             reference = load_reference()
@@ -92,12 +149,38 @@ def attach_reference(table: pd.DataFrame, dataset: str, metric: str = "image_aur
     ref = reference_rows(dataset, metric, ks, decimals=decimals, reference=reference)
     if ref.empty:
         return table
-    rows = [r for r in table.index if r not in (MEAN_ROW, STD_ROW)]
-    rows += [r for r in ref.index if r not in rows and r not in (MEAN_ROW, STD_ROW)]
+    notes = list(table.attrs.get("notes", []))
+    measured = [r for r in table.index if r not in (MEAN_ROW, STD_ROW) and not str(r).startswith(f"{MEAN_ROW} (")]
+    rows = measured + [r for r in ref.index if r not in measured and r not in (MEAN_ROW, STD_ROW)]
     merged = pd.concat([table, ref], axis=1).reindex(rows + [MEAN_ROW, STD_ROW]).fillna("–")
+    sub = reference[(reference["dataset"] == dataset) & (reference["metric"] == metric)]
+    if ks is not None:
+        sub = sub[sub["k"].isin(ks)]
+    ref_cats = sorted(set(sub["category"]) - {MEAN_ROW})
+    from .data import KNOWN_DATASETS  # the public datasets' category lists
+
+    universe = ref_cats or list(KNOWN_DATASETS.get(dataset, []))
+    common = [c for c in measured if c in universe]
+    if universe and len(common) < len(universe):
+        n, big_n = len(common), len(universe)
+        names = ", ".join(common) if n <= 5 else f"{', '.join(common[:5])}, …"
+        notes.append(f"{MEAN_ROW} of measured columns: over {n} of the reference's {big_n} {dataset} categories"
+                     f"{f' ({names})' if n else ''}; the published {MEAN_ROW} (paper) averages all {big_n}, so the "
+                     f"two {MEAN_ROW} rows are not comparable — compare per category"
+                     + (f" or in the row '{MEAN_ROW} ({n} of {big_n} paper categories)'" if n and ref_cats else ""))
+        if n and ref_cats:
+            label = f"{MEAN_ROW} ({n} of {big_n} paper categories)"
+            fmt = f"{{:.{decimals}f}}"
+            extra = pd.Series("–", index=merged.columns, dtype=object)
+            for c in merged.columns:
+                vals = [_leading_number(merged.loc[cat, c]) for cat in common]
+                if all(v is not None for v in vals):
+                    extra[c] = fmt.format(float(np.mean(vals)))
+            merged = pd.concat([merged.loc[rows], extra.to_frame(label).T, merged.loc[[MEAN_ROW, STD_ROW]]])
     order = sorted(range(len(merged.columns)), key=lambda i: (int(merged.columns[i][0].split("=")[1]), i))
     merged = merged.iloc[:, order]
     merged.index.name = table.index.name or "category"
+    merged.attrs["notes"] = notes + [x for x in ref.attrs.get("notes", []) if x not in notes]
     return merged
 
 
@@ -110,13 +193,15 @@ def paper_difference(df: pd.DataFrame, dataset: str, metric: str = "image_auroc"
     categories. Its paper value is the published average when every published category was
     measured (``paper_basis = "published"``), else the mean of the published per-category
     numbers over the measured categories (``"mean of N categories"``) so both sides average
-    the same categories. Columns: dataset, label, method, paper_method, k, category,
-    measured, paper, diff, n_runs, paper_basis."""
+    the same categories. ``n_runs`` counts (train seed, run) pairs; ``caveat`` is the published
+    number's caveat (e.g. checkpoint selected on test AUROC). Columns: dataset, label, method,
+    paper_method, k, category, measured, paper, diff, n_runs, paper_basis, caveat."""
     ref = load_reference() if reference is None else reference
+    marks = caveat_marks(ref)
     ref = ref[(ref["dataset"] == dataset) & (ref["metric"] == metric)]
     d = df[(df["dataset"] == dataset) & df["method"].isin(list(PAPER_NAMES))].dropna(subset=[metric])
     columns = ["dataset", "label", "method", "paper_method", "k", "category", "measured", "paper", "diff",
-               "n_runs", "paper_basis"]
+               "n_runs", "paper_basis", "caveat"]
     if d.empty or ref.empty:
         return pd.DataFrame(columns=columns)
     per_cat = (d.assign(value=100 * d[metric].astype(float))
@@ -128,24 +213,31 @@ def paper_difference(df: pd.DataFrame, dataset: str, metric: str = "image_auroc"
         r = ref[(ref["method"] == pm) & (ref["k"] == k)]
         if r.empty:
             continue
+        caveat = marks.get(pm, ("", ""))[1]
         published = dict(zip(r["category"], r["value"]))
         cats_ref = {c for c in published if c != MEAN_ROW}
         for row in g.itertuples():
             if row.category in published:
                 rows.append([dataset, label, method, pm, int(k), row.category, row.measured,
                              published[row.category], row.measured - published[row.category], int(row.n_runs),
-                             "published"])
+                             "published", caveat])
         measured_mean = g["measured"].mean()
         measured_cats = set(g["category"])
         if cats_ref and measured_cats == cats_ref and MEAN_ROW in published:
             paper, basis = published[MEAN_ROW], "published"
         elif cats_ref and measured_cats <= cats_ref:
             paper = float(np.mean([published[c] for c in measured_cats]))
-            basis = f"mean of {len(measured_cats)} categories"
+            basis = f"mean of {len(measured_cats)} categories"  # the paper's numbers over the measured ones
         elif not cats_ref and MEAN_ROW in published and len(measured_cats) > 0:
-            paper, basis = published[MEAN_ROW], "published (categories may differ)"
+            from .data import KNOWN_DATASETS
+
+            big_n = len(KNOWN_DATASETS.get(dataset, []))
+            paper = published[MEAN_ROW]
+            basis = ("published" if big_n and measured_cats == set(KNOWN_DATASETS[dataset]) else
+                     f"published Mean over {big_n or 'the paper’s'} categories, measured over {len(measured_cats)}"
+                     " (not comparable)")
         else:
             continue
         rows.append([dataset, label, method, pm, int(k), MEAN_ROW, measured_mean, paper, measured_mean - paper,
-                     int(g["n_runs"].min()), basis])
+                     int(g["n_runs"].min()), basis, caveat])
     return pd.DataFrame(rows, columns=columns)

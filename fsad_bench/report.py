@@ -2,8 +2,16 @@
 
 Accuracy tables have one row per category plus ``Mean`` (macro average over categories)
 and ``Std (categories)`` rows, and one column per (k, method) — like Tables 1–2 of the
-RegAD paper. Cells read ``mean ± std`` in %, the mean over runs and the standard deviation
-over runs (for ``Mean``: the std over runs of the per-run macro average).
+RegAD paper. Cells read ``mean ± std`` in %: the mean and the sample standard deviation over
+every (train seed, run) pair of the cell — support-set draws and training seeds together
+(for ``Mean``: the std of the per-(train seed, run) macro averages). The two components are
+kept apart in ``summary.csv`` (``std_runs``: pooled within-train-seed std over runs, the
+support-draw noise; ``std_train_seeds``: pooled within-run std over train seeds, the training
+noise) and in the ``*_std_components`` tables (``--std-components``). Records written before
+the training-seed axis read as train seed 0.
+
+A table's footnotes (std definition, caveats of published numbers) travel in
+``table.attrs["notes"]``: printed under it and appended to the written Markdown / LaTeX.
 """
 
 from __future__ import annotations
@@ -17,32 +25,64 @@ from rich.table import Table
 from rich.text import Text
 
 from .costs import method_order
-from .store import ResultStore, atomic_write_text
+from .store import ResultStore, atomic_write_text, with_train_seed
 
 METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)"}
 from .published import MEAN_ROW, STD_ROW  # noqa: E402  (one definition of the row names)
 
 
+def _pooled_std(g: pd.DataFrame, within: str) -> float:
+    """Pooled sample std of ``g["value"]`` within the groups of column ``within`` (0 without dof)."""
+    ss, dof = 0.0, 0
+    for _, x in g.groupby(within)["value"]:
+        if len(x) > 1:
+            ss += float(((x - x.mean()) ** 2).sum())
+            dof += len(x) - 1
+    return float(np.sqrt(ss / dof)) if dof else 0.0
+
+
+def _spread(g: pd.DataFrame) -> pd.Series:
+    """Mean and spreads of one column's values, one row per (train seed, run) pair."""
+    v = g["value"]
+    return pd.Series({"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                      "std_runs": _pooled_std(g, "train_seed"), "std_train_seeds": _pooled_std(g, "run"),
+                      "n": len(v), "n_runs": g["run"].nunique(), "n_train_seeds": g["train_seed"].nunique()})
+
+
 def summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Tidy table: one row per (dataset, category, k, label) with mean, std over runs, n runs
-    (metric in %), plus ``Mean`` rows (macro average) per (dataset, k, label)."""
-    d = df.dropna(subset=[metric]).assign(value=lambda x: 100 * x[metric])
-    per_cat = (d.groupby(["dataset", "category", "k", "label"])["value"]
-               .agg(mean="mean", std_runs=lambda v: v.std(ddof=1) if len(v) > 1 else 0.0, n_runs="count")
-               .reset_index())
-    per_run = d.groupby(["dataset", "k", "label", "run"])["value"].mean().reset_index()
-    macro = (per_run.groupby(["dataset", "k", "label"])["value"]
-             .agg(mean="mean", std_runs=lambda v: v.std(ddof=1) if len(v) > 1 else 0.0, n_runs="count")
-             .reset_index())
-    macro["mean"] = per_cat.groupby(["dataset", "k", "label"])["mean"].mean().values
-    macro["std_categories"] = per_cat.groupby(["dataset", "k", "label"])["mean"].std(ddof=1).fillna(0).values
+    """Tidy table: one row per (dataset, category, k, label) with ``mean``, ``std`` (sample std over
+    every (train seed, run) pair), its components ``std_runs`` (pooled over train seeds: spread
+    over support draws at a fixed training) and ``std_train_seeds`` (pooled over runs: spread
+    over training seeds at a fixed support draw), ``n`` pairs, ``n_runs``, ``n_train_seeds``
+    (metric in %); plus ``Mean`` rows (macro average over categories) per (dataset, k, label),
+    whose spreads are those of the per-(train seed, run) macro averages, and ``std_categories``."""
+    keys = ["dataset", "category", "k", "label"]
+    d = with_train_seed(df).dropna(subset=[metric]).assign(value=lambda x: 100 * x[metric].astype(float))
+    pairs = d.groupby(keys + ["train_seed", "run"])["value"].mean().reset_index()
+    per_cat = pairs.groupby(keys).apply(_spread, include_groups=False).reset_index()
+    per_pair = pairs.groupby(["dataset", "k", "label", "train_seed", "run"])["value"].mean().reset_index()
+    macro = per_pair.groupby(["dataset", "k", "label"]).apply(_spread, include_groups=False).reset_index()
+    cat_means = per_cat.groupby(["dataset", "k", "label"])["mean"]
+    macro["mean"] = cat_means.mean().values
+    macro["std_categories"] = cat_means.std(ddof=1).fillna(0).values
+    macro["n_categories"] = cat_means.count().values
     macro["category"] = MEAN_ROW
-    return pd.concat([per_cat, macro], ignore_index=True)
+    out = pd.concat([per_cat, macro], ignore_index=True)
+    for c in ("n", "n_runs", "n_train_seeds"):
+        out[c] = out[c].astype(int)
+    return out
+
+
+STD_NOTE = "± : sample std over every (train seed, run) pair — support-set draws and training seeds together"
 
 
 def paper_table(df: pd.DataFrame, metric: str = "image_auroc", dataset: str | None = None,
-                methods: list[str] | None = None, show_std: bool = True, decimals: int = 1) -> pd.DataFrame:
-    """Wide table: rows = categories + Mean + Std (categories); columns = (k, method label)."""
+                methods: list[str] | None = None, show_std: bool = True, decimals: int = 1,
+                std: str = "total") -> pd.DataFrame:
+    """Wide table: rows = categories + Mean + Std (categories); columns = (k, method label).
+
+    ``std="total"``: cells ``mean ± std`` over (train seed, run) pairs; ``std="components"``:
+    cells ``total (runs r, seeds t)`` — the std and its two components (see :func:`summary`)."""
     if dataset is not None:
         df = df[df["dataset"] == dataset]
     s = summary(df, metric)
@@ -55,12 +95,27 @@ def paper_table(df: pd.DataFrame, metric: str = "image_auroc", dataset: str | No
     table = pd.DataFrame(index=sorted(cats) + [MEAN_ROW, STD_ROW], columns=cols, dtype=object)
     fmt = f"{{:.{decimals}f}}"
     for r in s.itertuples():
-        text = fmt.format(r.mean) + (f" ± {fmt.format(r.std_runs)}" if show_std and r.n_runs > 1 else "")
+        if std == "components":
+            text = f"{fmt.format(r.std)} (runs {fmt.format(r.std_runs)}, seeds {fmt.format(r.std_train_seeds)})"
+        else:
+            text = fmt.format(r.mean) + (f" ± {fmt.format(r.std)}" if show_std and r.n > 1 else "")
         table.loc[r.category, (f"k={r.k}", r.label)] = text
-        if r.category == MEAN_ROW:
+        if r.category == MEAN_ROW and std != "components":
             table.loc[STD_ROW, (f"k={r.k}", r.label)] = fmt.format(r.std_categories)
     table.index.name = "category"
-    return table.fillna("–")
+    table = table.fillna("–")
+    if std == "components":
+        table = table.drop(index=STD_ROW)
+        table.attrs["notes"] = ["cells: std over (train seed, run) pairs (runs: pooled std over support draws at "
+                                "a fixed training seed; seeds: pooled std over training seeds at a fixed draw), in %"]
+    elif show_std:
+        table.attrs["notes"] = [STD_NOTE]
+    return table
+
+
+def _tex_escape(text: str) -> str:
+    out = "".join("\\" + c if c in "&%$#_{}" else c for c in text)
+    return out.replace("~", "\\textasciitilde{}").replace("^", "\\textasciicircum{}")
 
 
 def _latex(table: pd.DataFrame, caption: str) -> str:
@@ -68,18 +123,23 @@ def _latex(table: pd.DataFrame, caption: str) -> str:
 
 
 def write_tables(out: str | Path, methods: list[str] | None = None,
-                 reference_method: str | None = None) -> dict[str, pd.DataFrame]:
+                 reference_method: str | None = None, std_components: bool | None = None) -> dict[str, pd.DataFrame]:
     """Build every table of a results folder and write ``tables/*.{md,csv,tex}``; returns them by name.
 
     Accuracy tables get the published numbers as extra ``"<Method> (paper)"`` columns where
     ``results/reference`` has them, and, with ``reference_method`` (label or method name),
-    significance markers on their ``Mean`` row (paired Wilcoxon vs that method)."""
+    significance markers on their ``Mean`` row (paired Wilcoxon vs that method).
+    ``std_components``: also the ``<dataset>_<metric>_std_components`` tables (std over
+    (train seed, run) pairs and its two components); None = when some cell has several train
+    seeds. Notes (``attrs["notes"]``) are appended to the Markdown and LaTeX files."""
     from .costs import cost_ratio_table, cost_table
     from .published import attach_reference, paper_difference
     from .significance import add_significance
 
     store = ResultStore(out)
-    df = store.frame()
+    df = with_train_seed(store.frame())
+    if std_components is None:
+        std_components = bool(df.groupby(["dataset", "category", "k", "label", "run"])["train_seed"].nunique().gt(1).any())
     if methods is None and (suite := store.load_suite()):
         methods = suite.get("methods")
     tables: dict[str, pd.DataFrame] = {}
@@ -92,6 +152,8 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
             if reference_method and reference_method in set(sub["label"]) | set(sub["method"]):
                 t = add_significance(t, sub, reference_method, metric)
             tables[f"{ds}_{metric}"] = attach_reference(t, ds, metric)  # no-op without published numbers
+            if std_components:
+                tables[f"{ds}_{metric}_std_components"] = paper_table(df, metric, ds, methods, std="components")
             diff = paper_difference(df, ds, metric)
             if not diff.empty:
                 tables[f"{ds}_{metric}_vs_paper"] = diff.set_index("label")
@@ -103,9 +165,12 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
         flat = t.copy()
         if isinstance(flat.columns, pd.MultiIndex):
             flat.columns = [" ".join(c) for c in flat.columns]
-        atomic_write_text(folder / f"{name}.md", flat.to_markdown(floatfmt=".3f") + "\n")
+        notes = t.attrs.get("notes", [])
+        md_notes = "".join(f"\n{n}\n" for n in notes)
+        atomic_write_text(folder / f"{name}.md", flat.to_markdown(floatfmt=".3f") + "\n" + md_notes)
         atomic_write_text(folder / f"{name}.csv", flat.to_csv())
-        atomic_write_text(folder / f"{name}.tex", _latex(t, caption))
+        tex_notes = "".join(f"\\par\\noindent{{\\footnotesize {_tex_escape(n)}}}\n" for n in notes)
+        atomic_write_text(folder / f"{name}.tex", _latex(t, caption) + tex_notes)
     summaries = [summary(df, m).assign(metric=m) for m in METRICS if df[m].notna().any()]
     atomic_write_text(folder / "summary.csv", pd.concat(summaries).to_csv(index=False))
     return tables
@@ -118,8 +183,10 @@ def print_table(table: pd.DataFrame, title: str, console: Console | None = None)
     if isinstance(table.columns, pd.MultiIndex) and table.columns.names[0] == "k":
         for k in dict.fromkeys(table.columns.get_level_values(0)):
             _print_one(table[k], f"{title} — {k}", console)
-        return
-    _print_one(table, title, console)
+    else:
+        _print_one(table, title, console)
+    for note in table.attrs.get("notes", []):
+        console.print(Text(note, style="dim"))
 
 
 def _print_one(table: pd.DataFrame, title: str, console: Console) -> None:

@@ -1,6 +1,8 @@
 """Paired comparison of two methods on the cells they share (same support draw, same test set).
 
-One pair per ``(dataset, category, k, run[, train_seed])``, so the difference ``a - b`` (in AUROC
+One pair per ``(dataset, category, k, run, train_seed)`` (records without ``train_seed`` read as
+train seed 0; a training-free method, which runs train seed 0 only, pairs with the other
+method's train seed 0), so the difference ``a - b`` (in AUROC
 percentage points) removes the category and support-set effects. Per dataset and k (and over
 all k): number of pairs, mean difference, a percentile-bootstrap 95 % CI of the mean difference
 (cells resampled with replacement, seeded ``numpy.random.Generator``), win / tie / loss counts
@@ -22,8 +24,9 @@ from scipy import stats
 
 from .errors import FsadError
 from .published import MEAN_ROW
+from .store import with_train_seed
 
-KEYS = ["dataset", "category", "k", "run"]
+KEYS = ["dataset", "category", "k", "run", "train_seed"]
 
 
 def resolve_label(df: pd.DataFrame, who: str) -> str:
@@ -45,11 +48,12 @@ def paired_cells(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc") 
     la, lb = resolve_label(df, a), resolve_label(df, b)
     if la == lb:
         raise FsadError(f"{a!r} and {b!r} are the same label {la!r}")
+    df = with_train_seed(df)
     sides = []
     for lab, col in ((la, "a"), (lb, "b")):
         d = df.loc[df["label"] == lab, KEYS + [metric]].dropna(subset=[metric])
         if d.duplicated(KEYS).any():
-            raise FsadError(f"label {lab!r} has several results for one (dataset, category, k, run)")
+            raise FsadError(f"label {lab!r} has several results for one (dataset, category, k, run, train seed)")
         sides.append(d.rename(columns={metric: col}))
     pairs = sides[0].merge(sides[1], on=KEYS, how="inner")
     pairs[["a", "b"]] = 100 * pairs[["a", "b"]].astype(float)
@@ -175,4 +179,4 @@ def add_significance(table: pd.DataFrame, df: pd.DataFrame, reference: str, metr
 def significance_note(reference: str, levels: tuple[float, float] = (0.05, 0.01)) -> str:
     """Footnote for tables with markers."""
     return (f"*: p < {levels[0]}, **: p < {levels[1]}, two-sided Wilcoxon signed-rank test over paired "
-            f"(category, run) cells against {reference}; ↑ higher, ↓ lower than {reference}.")
+            f"(category, run, train seed) cells against {reference}; ↑ higher, ↓ lower than {reference}.")

@@ -123,23 +123,33 @@ def save_example_maps(path: str | Path, maps: Any, images: Any, masks: Any, path
                       labels: Any | None = None, n: int = EXAMPLE_MAPS) -> Path:
     """Keep a few test images' anomaly maps of one cell for :func:`plot_map_grids`.
 
-    maps ``(N, S, S)`` float (higher = more anomalous), images ``(N, 3, S, S)`` in [0, 1],
-    masks ``(N, S, S)`` 0/1, paths: N image paths, labels: optional ``(N,)`` 0/1 image labels
-    (used to pick anomalous examples of several defect types — the images' parent folders —
-    plus one normal, see :func:`pick_examples`). numpy
+    maps ``(N, S, S)`` float (higher = more anomalous), images ``(N, 3, S, S)`` in [0, 1] — or a
+    function ``images(index) -> (len(index), 3, S, S)`` that loads only the chosen ones (the
+    engine streams test images and keeps none) —, masks ``(N, S, S)`` 0/1, paths: N image paths,
+    labels: optional ``(N,)`` 0/1 image labels (used to pick anomalous examples of several defect
+    types — the images' parent folders — plus one normal, see :func:`pick_examples`). numpy
     arrays or torch tensors. Writes ``path`` (``<out>/maps/<cell_id>.npz``) with keys
-    ``maps`` (n, S, S) float16, ``images`` (n, S, S, 3) uint8, ``masks`` (n, S, S) uint8,
-    ``image_paths`` (n,) str, ``index`` (n,) int (positions in the test set)."""
-    maps, images, masks = _to_numpy(maps), _to_numpy(images), _to_numpy(masks)
+    ``maps`` (n, S, S) float32 — the maps as predicted, so a map of values ~1e-8 keeps its
+    contrast (float16 flushed such maps to zero) —, ``images`` (n, S, S, 3) uint8, ``masks``
+    (n, S, S) uint8, ``image_paths`` (n,) str, ``index`` (n,) int (positions in the test set)."""
+    maps, masks = _to_numpy(maps), _to_numpy(masks)
     idx = pick_examples(None if labels is None else _to_numpy(labels), n, len(maps),
                         groups=[Path(str(p)).parent.name for p in paths])
-    rgb = np.clip(np.round(255 * images[idx].transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8)
+    chosen = _to_numpy(images(idx) if callable(images) else _to_numpy(images)[idx])
+    rgb = np.clip(np.round(255 * chosen.transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, maps=maps[idx].astype(np.float16), images=rgb, masks=(masks[idx] > 0.5).astype(np.uint8),
+    np.savez_compressed(tmp, maps=maps[idx].astype(np.float32), images=rgb,
+                        masks=(masks[idx] > 0.5).astype(np.uint8),
                         image_paths=np.array([str(paths[i]) for i in idx]), index=idx)
     os.replace(tmp, path)
     return path
 
 
+def with_train_seed(df: pd.DataFrame) -> pd.DataFrame:
+    """Records as a DataFrame with an integer ``train_seed`` column: records written before the
+    training-seed axis existed (no such field) read as train seed 0."""
+    if "train_seed" not in df.columns:
+        return df.assign(train_seed=0)
+    return df.assign(train_seed=df["train_seed"].fillna(0).astype(int))

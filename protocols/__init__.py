@@ -8,14 +8,18 @@ Protocols:
 * ``training-free`` — no training at all (``gaussian``, ``random``);
 * ``cross-dataset`` — train once on another dataset (InCTRL's generalist setting).
 
-A suite is dataset × categories × methods × k values × runs (each method runs under its
-own protocol); see ``demo.toml`` for every key.
+A suite is dataset × categories × methods × k values × runs × training seeds (each method
+runs under its own protocol); see ``demo.toml`` for every key. ``train_seeds`` repeats every
+training (an aggregated / cross-dataset fit, an individual method's fit on the support set)
+with that many seeds, so the tables' error bars cover training noise as well as the
+support-set draw; training-free methods (nothing trained) run training seed 0 only.
 """
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,21 +29,25 @@ import torch
 from fsad_bench.adapter import PROTOCOLS, TrainSet
 from fsad_bench.data import FolderDataset, ImageFiles, LabelledImages, TensorImages
 from fsad_bench.errors import FsadError
+from fsad_bench.image_cache import CachedImageFiles
 
 
 def training_data(protocol: str, dataset: FolderDataset, target: str, support: torch.Tensor,
-                  image_size: int) -> TrainSet | None:
+                  image_size: int, image_cache: str | Path | None = None) -> TrainSet | None:
     """The images a method of ``protocol`` may train on when ``target`` is evaluated.
 
     The held-out ``target``'s test images never appear; under ``aggregated`` none of its
     images do, under ``individual`` only its support images (``(K, 3, S, S)``); under
     ``cross-dataset`` ``dataset`` is the suite's training dataset (all of it, with labels).
+    ``image_size`` is the adapter's input size; ``image_cache``: folder of the decoded-image
+    cache (:mod:`fsad_bench.image_cache`), None = decode the originals on every access.
     """
+    files = ImageFiles if image_cache is None else partial(CachedImageFiles, cache=image_cache)
     if protocol == "aggregated":
         others = [c for c in dataset.categories if c != target]
         if not others:
             raise FsadError(f"the aggregated protocol needs at least 2 categories in {dataset.root}")
-        return {c: ImageFiles(dataset.split(c).train, image_size) for c in others}
+        return {c: files(dataset.split(c).train, image_size) for c in others}
     if protocol == "individual":
         return {target: TensorImages(support)}
     if protocol == "training-free":
@@ -50,12 +58,14 @@ def training_data(protocol: str, dataset: FolderDataset, target: str, support: t
             split = dataset.split(c)
             out[c] = LabelledImages(list(split.train) + [s.path for s in split.test],
                                     [0] * len(split.train) + [s.label for s in split.test], image_size)
+            if image_cache is not None:
+                out[c].images = files(out[c].images.paths, image_size)
         return out
     raise FsadError(f"protocol {protocol!r} is not run by this engine (known: {', '.join(PROTOCOLS)})")
 
 
 SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",
-              "image_size", "weights", "preset", "options", "synthetic", "support_lists",
+              "image_size", "weights", "preset", "train_seeds", "options", "synthetic", "support_lists",
               "train_dataset", "train_data_root", "train_categories", "train_synthetic", "arch", "layout", "folder"}
 
 
@@ -69,6 +79,9 @@ class Suite:
     k: list[int]
     runs: int = 10
     seed: int = 0
+    #: training seeds per trained method (aggregated / cross-dataset fits, individual fits);
+    #: training-free methods run training seed 0 only.
+    train_seeds: int = 1
     image_size: int = 224
     weights: str = "auto"
     preset: str = "cpu"
@@ -154,5 +167,7 @@ def validate_numbers(suite: Suite, source: str = "suite") -> None:
         raise FsadError(f"{source}: k must be a list of positive integers, got {suite.k}")
     if suite.runs < 1:
         raise FsadError(f"{source}: runs must be >= 1, got {suite.runs}")
+    if not isinstance(suite.train_seeds, int) or isinstance(suite.train_seeds, bool) or suite.train_seeds < 1:
+        raise FsadError(f"{source}: train_seeds must be an integer >= 1, got {suite.train_seeds!r}")
     if suite.image_size < 32:
         raise FsadError(f"{source}: image_size must be >= 32, got {suite.image_size}")

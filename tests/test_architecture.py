@@ -14,7 +14,7 @@ LAYERS = {
     # building blocks that know nothing of benchmarks
     "errors": 0, "maps": 0, "augment": 0, "gaussian_model": 0, "metrics": 0,
     # data: readers, synthetic data, k-shot sampler; backbones and their feature cache
-    "data": 1, "synthetic": 1, "sampler": 1, "backbone": 1, "features": 1,
+    "data": 1, "synthetic": 1, "sampler": 1, "backbone": 1, "features": 1, "image_cache": 1,
     # adapter API and registry (what methods build on)
     "adapter": 2, "registry": 2,
     # protocols (which images reach fit) and suites

@@ -131,21 +131,61 @@ def test_reference_file_reproduces_published_averages():
 
 def test_reference_rows_and_attach():
     rows = reference_rows("mvtec", "image_auroc", ks=[2, 8])
-    assert {("k=2", "RegAD (paper)"), ("k=8", "RegAD (paper)"), ("k=8", "TDG+ (paper)")} <= set(rows.columns)
+    # RegAD's and DifferNet's official scripts pick the checkpoint on test AUROC: a footnote mark
+    assert {("k=2", "RegAD (paper)†"), ("k=8", "RegAD (paper)†"), ("k=8", "TDG+ (paper)")} <= set(rows.columns)
+    assert ("k=8", "DiffNet+ (paper)‡") in rows.columns
+    assert any(n.startswith("† checkpoint selected by best test AUROC") and "(RegAD)" in n for n in rows.attrs["notes"])
     assert {c[0] for c in rows.columns} == {"k=2", "k=8"}
-    assert rows.loc["Mean", ("k=8", "RegAD (paper)")] == "91.2"
+    assert rows.loc["Mean", ("k=8", "RegAD (paper)†")] == "91.2"
     assert rows.loc["Mean", ("k=8", "TDG+ (paper)")] == "76.6"  # average only: no per-category numbers
-    assert rows.loc["screw", ("k=2", "RegAD (paper)")] == "52.5"
-    assert reference_rows("mpdd", "image_auroc", ks=[8]).loc["Mean", ("k=8", "RegAD (paper)")] == "71.9"
+    assert rows.loc["screw", ("k=2", "RegAD (paper)†")] == "52.5"
+    assert reference_rows("mpdd", "image_auroc", ks=[8]).loc["Mean", ("k=8", "RegAD (paper)†")] == "71.9"
     assert reference_rows("synthetic").empty
     from fsad_bench.report import paper_table
 
     df = records(dataset="mvtec", cats=("bottle", "screw"), ks=(2, 4))
     merged = attach_reference(paper_table(df, "image_auroc", "mvtec"), "mvtec", "image_auroc")
     k2 = [c[1] for c in merged.columns if c[0] == "k=2"]
-    assert k2[-1].endswith("(paper)") and "RegAD (paper)" in k2 and not k2[0].endswith("(paper)")
-    assert ("k=8", "RegAD (paper)") not in merged.columns  # only the measured k values
+    assert "(paper)" in k2[-1] and "RegAD (paper)†" in k2 and "(paper)" not in k2[0]
+    assert ("k=8", "RegAD (paper)†") not in merged.columns  # only the measured k values
     assert merged.index[-2:].tolist() == ["Mean", "Std (categories)"] and "cable" in merged.index
+
+
+def test_mean_over_fewer_categories_than_the_reference_says_so():
+    """Issue 13 §4: a Mean over 2 categories beside the paper's 15-category Mean carries a note and
+    a row averaging the paper's numbers over the same 2 categories; per-category rows side by side."""
+    from fsad_bench.report import paper_table
+
+    df = records(dataset="mvtec", cats=("bottle", "screw"), ks=(2,))
+    merged = attach_reference(paper_table(df, "image_auroc", "mvtec"), "mvtec", "image_auroc")
+    row = "Mean (2 of 15 paper categories)"
+    assert merged.index.tolist()[-3:] == [row, "Mean", "Std (categories)"]
+    assert merged.loc[row, ("k=2", "RegAD (paper)†")] == f"{(99.4 + 52.5) / 2:.1f}"
+    assert merged.loc[row, ("k=2", "TDG+ (paper)")] == "–"  # the paper gives only its Mean
+    measured = 100 * df[df.label == "good [cpu]"].groupby("category")["image_auroc"].mean().mean()
+    assert merged.loc[row, ("k=2", "good [cpu]")] == f"{measured:.1f}"
+    notes = merged.attrs["notes"]
+    assert any("over 2 of the reference's 15 mvtec categories (bottle, screw)" in n for n in notes)
+    assert merged.loc["bottle", ("k=2", "RegAD (paper)†")] == "99.4"  # per category where the paper has it
+    full = records(dataset="mvtec", cats=tuple(MVTEC), ks=(2,))
+    merged_all = attach_reference(paper_table(full, "image_auroc", "mvtec"), "mvtec", "image_auroc")
+    assert not any(str(r).startswith("Mean (") for r in merged_all.index)
+    assert not any("not comparable" in n for n in merged_all.attrs["notes"])
+
+
+def test_regad_l_reference_is_the_gaussian_row():
+    """Table 3's RegAD-L is Table 5 row A (no registration training): it maps to gaussian, never to regad-l."""
+    ref = load_reference()
+    a = ref[(ref.method == "RegAD-L") & (ref.category == "Mean") & (ref.metric == "image_auroc")]
+    assert a.sort_values("k")["value"].tolist() == [81.5, 84.9, 87.4]
+    assert all("compare with gaussian" in c for c in a["caveat"])
+    df = records(dataset="mvtec", cats=("bottle",), ks=(2,))
+    df["method"] = df["method"].map({"good": "gaussian", "weak": "regad-l"})
+    diff = paper_difference(df, "mvtec")
+    assert set(diff["method"]) == {"gaussian"} and set(diff["paper_method"]) == {"RegAD-L"}
+    mean = diff[diff.category == "Mean"].iloc[0]
+    assert mean["paper"] == 81.5 and "not comparable" in mean["paper_basis"]  # 1 of 15 categories
+    assert "compare with gaussian" in mean["caveat"]
 
 
 def test_paper_difference():
@@ -158,6 +198,7 @@ def test_paper_difference():
     assert bottle["paper"] == 99.4 and bottle["diff"] == pytest.approx(measured - 99.4)
     mean = diff[diff.category == "Mean"].iloc[0]
     assert mean["paper"] == pytest.approx((99.4 + 52.5) / 2) and mean["paper_basis"] == "mean of 2 categories"
+    assert "best test AUROC" in mean["caveat"]  # RegAD's official script selects on the test set
 
 
 def test_cost_ratio_table():

@@ -8,7 +8,8 @@ from fsad_bench.engine import plan, run_suite
 from fsad_bench.sampler import SupportSampler
 from fsad_bench.store import ResultStore
 
-TIMING_KEYS = {"adapt_seconds", "train_seconds", "infer_seconds_per_image", "peak_memory_mb", "finished_at"}
+TIMING_KEYS = {"adapt_seconds", "train_seconds", "infer_seconds_per_image", "infer_warm_seconds_per_image",
+               "peak_memory_mb", "finished_at"}
 
 
 def _stable(records):

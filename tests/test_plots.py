@@ -72,11 +72,29 @@ def test_example_maps_format(tmp_path):
     ex = load_example_maps(tmp_path)
     assert len(ex) == 2 * len(CATS)  # two methods, one cell each per category
     e = ex[0]
-    assert e["maps"].shape == (4, S, S) and e["maps"].dtype == np.float16
+    assert e["maps"].shape == (4, S, S) and e["maps"].dtype == np.float32
     assert e["images"].shape == (4, S, S, 3) and e["images"].dtype == np.uint8
     assert e["masks"].shape == (4, S, S) and set(np.unique(e["masks"])) <= {0, 1}
     assert list(e["index"]) == [0, 5, 6, 7]  # three anomalous + the first normal image
     assert e["image_paths"][1].endswith("005.png") and e["k"] == max(KS) and e["run"] == 0
+
+
+def test_example_maps_keep_the_contrast_of_tiny_maps(tmp_path):
+    """DiffNet-like maps of values ~1e-8 (below float16's range) keep every value and their contrast;
+    images may be given as a loader of the chosen indices only (the engine streams test images)."""
+    rng = np.random.default_rng(0)
+    maps = (1e-8 * rng.random((6, S, S))).astype(np.float32)
+    images = rng.random((6, 3, S, S)).astype(np.float32)
+    masks = np.zeros((6, S, S))
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    asked = []
+    path = save_example_maps(tmp_path / "m.npz", maps, lambda idx: (asked.append(list(idx)), images[idx])[1],
+                             masks, [f"x/{i}.png" for i in range(6)], labels=labels)
+    with np.load(path) as z:
+        saved, index = z["maps"], z["index"]
+    assert asked == [list(index)]
+    assert np.array_equal(saved, maps[index])  # exact: nothing flushed to zero, full contrast
+    assert saved.min() < saved.max() and np.ptp(saved) > 0.5e-8
 
 
 @pytest.mark.parametrize("labels,n,expected", [(None, 3, [0, 1, 2]), ([1, 1, 1, 1, 1], 3, [0, 1, 2]),
