@@ -76,9 +76,8 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
     A finished cell is reused only when nothing that changes its numbers changed (options,
     method code, weights, data files, image size, seed, support lists); otherwise it is recomputed
     and the old record is no longer shown (``fsad-bench prune OUT`` deletes it)."""
-    from .engine import cell_status, pick_device, plan, run_suite
+    from .engine import cell_status, pick_device, plan
     from .protocols import load_suite, validate_numbers
-    from .report import print_table, write_tables
 
     suite = load_suite(suite_name)
     overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "categories": _names(categories),
@@ -104,6 +103,14 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
     if dry_run:
         _print_dry_run(suite.name, out, status)
         return
+    with store.lock():  # before the first line: an unusable or busy --out is one error, nothing started
+        _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force)
+
+
+def _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force) -> None:
+    from .engine import run_suite
+    from .report import print_table, write_tables
+
     todo = len(cells) if force else len(status["todo"])
     console.print(f"[bold]{suite.name}[/]: {len(cells)} cells ({len(cells) - todo} done), "
                   f"{len(suite.methods)} methods, device {device}, results in {out}")

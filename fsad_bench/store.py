@@ -84,6 +84,9 @@ def atomic_savez(path: Path, **arrays: Any) -> None:
     _atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays), binary=True)
 
 
+_HELD: dict[str, int] = {}  # results folders whose lock this process holds (depth)
+
+
 class ResultStore:
     """The records of one results folder."""
 
@@ -206,7 +209,16 @@ class ResultStore:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold ``<out>/.lock`` (flock, released by the kernel even on kill -9). A second run on the
-        same folder gets FsadError at once; creating the folder checks that it is writable."""
+        same folder gets FsadError at once; creating the folder checks that it is writable.
+        Re-entrant within one process (the CLI holds it around ``run_suite``, which takes it too)."""
+        key = str(self.root.resolve())
+        if _HELD.get(key):
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
         if self.root.exists() and not self.root.is_dir():
             raise FsadError(f"results folder {self.root} is a file, not a folder")
         path = self.root / ".lock"
@@ -229,7 +241,11 @@ class ResultStore:
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             except OSError as err:
                 raise FsadError(f"cannot write to results folder {self.root}: {err.strerror or err}") from None
-            yield
+            _HELD[key] = 1
+            try:
+                yield
+            finally:
+                _HELD.pop(key, None)
         finally:
             os.close(fd)  # releases the flock
 

@@ -1,5 +1,6 @@
 """Processes: workers die with their run (kill -9, SIGTERM, Ctrl-C), one run per results folder."""
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -129,12 +130,16 @@ def test_ctrl_c_and_sigterm_with_two_jobs(sig, code, slow_plugin, synth_root, tm
 
 def test_second_run_on_a_locked_folder_refuses(synth_root, tmp_path, capsys):
     out = tmp_path / "r"
-    with ResultStore(out).lock():  # a live run holds the folder
+    out.mkdir()
+    with open(out / ".lock", "w") as f:  # another live run holds the folder (its own open file)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("4242\n")
+        f.flush()
         with pytest.raises(SystemExit) as exc:
             main(["run", "--suite", "demo", "--data-root", str(synth_root), "--methods", "random", "--k", "1",
                   "--runs", "1", "--weights", "none", "--image-size", "64", "--out", str(out)])
         err = capsys.readouterr().err
-    assert exc.value.code == 2 and f"results folder {out} is in use by another fsad-bench run (pid {os.getpid()})" in err
+    assert exc.value.code == 2 and f"results folder {out} is in use by another fsad-bench run (pid 4242)" in err
     assert len(err.strip().splitlines()) == 1
     assert not (out / "cells").exists()
     main(["run", "--suite", "demo", "--data-root", str(synth_root), "--methods", "random", "--k", "1",
