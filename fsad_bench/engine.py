@@ -140,10 +140,13 @@ def config_hash(suite: Suite, method: str, category: str | None = None, dataset:
     cls = registry.get(method)
     memo = {} if memo is None else memo
     options = suite.options.get(method, {})
+    wkey = f"weights|{suite.weights}"
+    if wkey not in memo:  # one hash of the weights per plan
+        memo[wkey] = weights_fingerprint(suite.weights, cache_dir())
     payload: dict[str, Any] = {
         "method": method, "preset": cls.resolve_preset(suite.preset),
         "hparams": cls.resolve_hparams(suite.preset, options), "code": code_fingerprint(cls),
-        "weights": weights_fingerprint(suite.weights, cache_dir()), "image_size": suite.image_size,
+        "weights": memo[wkey], "image_size": suite.image_size,
         "seed": suite.seed,
         "synthetic": suite.synthetic if suite.dataset == "synthetic" else None,
         "support_lists": Path(suite.support_lists).read_text() if suite.support_lists else None,
