@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .errors import FsadError
+
 PROTOCOLS = ("aggregated", "individual", "training-free", "cross-dataset")
 TrainSet = Mapping[str, torch.utils.data.Dataset]
 
@@ -67,17 +69,69 @@ class Adapter(ABC):
     presets: ClassVar[dict[str, dict[str, Any]]] = {"cpu": {}}
     #: Paper reference, shown by ``fsad-bench methods``.
     paper: ClassVar[str] = ""
+    #: Option names accepted besides the presets' keys, with their allowed value types
+    #: (e.g. ``{"raw_input": (bool,)}``); the adapter reads them with ``hparams.get(name, default)``.
+    extra_options: ClassVar[dict[str, tuple[type, ...]]] = {}
 
     def __init__(self, config: AdapterConfig | None = None):
         self.config = config or AdapterConfig()
-        preset = self.config.preset if self.config.preset in self.presets else "cpu"
-        self.preset_name = preset
-        self.hparams: dict[str, Any] = {**self.presets[preset], **self.config.options}
+        self.preset_name = self.resolve_preset(self.config.preset)
+        self.hparams: dict[str, Any] = self.resolve_hparams(self.config.preset, self.config.options)
         self.device = torch.device(self.config.device)
         #: Backbone weights actually used ("imagenet", "random-init", "file:x.pth"); set by subclasses.
         self.weights_tag = "n/a"
         #: Name of the category being evaluated; the engine sets it before ``adapt`` (text priors use it).
         self.category: str | None = None
+
+    # -- presets and options --------------------------------------------------------------
+    @classmethod
+    def resolve_preset(cls, preset: str) -> str:
+        """The preset this adapter runs for the suite's ``preset``: that one when the adapter has it,
+        else ``"cpu"`` (methods with a single configuration, e.g. ``gaussian``, run it for every preset)."""
+        return preset if preset in cls.presets else "cpu"
+
+    @classmethod
+    def resolve_hparams(cls, preset: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Preset values overridden by ``options`` (what the adapter's ``hparams`` will be)."""
+        return {**cls.presets[cls.resolve_preset(preset)], **(options or {})}
+
+    @classmethod
+    def option_types(cls) -> dict[str, tuple[type, ...]]:
+        """Every option name with the value types it accepts: the types the presets use for that key
+        (an int is accepted where a float is, a list where a tuple is; a key that is None in every
+        preset accepts anything), plus :attr:`extra_options`."""
+        seen: dict[str, set[type]] = {}
+        for values in cls.presets.values():
+            for key, value in values.items():
+                seen.setdefault(key, set()).add(type(value))
+        out: dict[str, tuple[type, ...]] = {}
+        for key, types in seen.items():
+            if types == {type(None)}:
+                out[key] = (object,)
+                continue
+            if float in types:
+                types.add(int)
+            if tuple in types or list in types:
+                types |= {tuple, list}
+            out[key] = tuple(sorted(types, key=lambda t: t.__name__))
+        out.update(cls.extra_options)
+        return out
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], source: str = "suite") -> None:
+        """FsadError (one line, listing what is valid) for an unknown option name or a value of the wrong type."""
+        types = cls.option_types()
+        for key, value in options.items():
+            if key not in types:
+                raise FsadError(f"{source}: unknown option {key!r} for method {cls.name!r} "
+                                f"(valid: {', '.join(sorted(types)) or 'none'})")
+            allowed = types[key]
+            ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float))
+                     for t in allowed)
+            if not ok:
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise FsadError(f"{source}: option {key!r} of method {cls.name!r} must be {names}, "
+                                f"got {value!r} ({type(value).__name__})")
 
     # -- the three stages -------------------------------------------------------------
     def fit(self, train: TrainSet) -> None:

@@ -1,8 +1,16 @@
-"""Command line: ``fsad-bench run | table | compare | plot | methods | datasets | synth``."""
+"""Command line: ``fsad-bench run | table | compare | plot | prune | methods | datasets | synth``.
+
+Exit codes: 0 done; 2 bad input or an unusable results folder (one line on stderr, nothing
+computed lost); 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM — both print the same
+line, keep every finished cell and stop the worker processes; 1 a bug (one line, the traceback
+with ``FSAD_BENCH_DEBUG=1``).
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -65,12 +73,18 @@ def cli() -> None:
 @click.option("--support-lists", type=click.Path(path_type=Path), help="JSON of fixed support sets.")
 @click.option("--std-components/--no-std-components", default=None,
               help="Also print the std split into support-draw and training-seed parts (default: with several train seeds).")
+@click.option("--force", is_flag=True, help="Recompute every cell of the suite (and retrain cached models).")
+@click.option("--dry-run", is_flag=True, help="List the cells (done / to do / stale) and stop; writes nothing.")
 def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, data_root, train_data_root, out,
-        device, jobs, backend, scheduler, cache_features, weights, arch, preset, image_size, seed, support_lists) -> None:
-    """Run a benchmark suite (resumable: finished cells are skipped) and print its tables."""
-    from .engine import pick_device, plan, run_suite
+        device, jobs, backend, scheduler, cache_features, weights, arch, preset, image_size, seed, support_lists,
+        force, dry_run) -> None:
+    """Run a benchmark suite (resumable: finished cells are skipped) and print its tables.
+
+    A finished cell is reused only when nothing that changes its numbers changed (options,
+    method code, weights, data files, image size, seeds, support lists); otherwise it is recomputed
+    and the old record is no longer shown (``fsad-bench prune OUT`` deletes it)."""
+    from .engine import cell_status, pick_device, plan
     from .protocols import apply_arch, load_suite, validate_numbers
-    from .report import print_table, write_tables
 
     suite = load_suite(suite_name)
     overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "train_seeds": train_seeds,
@@ -89,23 +103,63 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         raise FsadError(f"--jobs must be >= 1, got {jobs}")
     device = pick_device(device)
     out = out or Path("results") / suite.name
+    if out.exists() and not out.is_dir():
+        raise FsadError(f"--out {out} is a file, not a results folder")
     _, cells = plan(suite)
     from .store import ResultStore
 
-    todo = len(cells) - len(ResultStore(out).done_ids() & {c.cell_id for c in cells})
+    store = ResultStore(out)
+    status = cell_status(suite, cells, store)
+    if dry_run:
+        _print_dry_run(suite.name, out, status)
+        return
+    with store.lock():  # before the first line: an unusable or busy --out is one error, nothing started
+        _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force,
+                    std_components)
+
+
+def _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force,
+                std_components) -> None:
+    from .engine import run_suite
+    from .report import print_table, write_tables
+
+    todo = len(cells) if force else len(status["todo"])
     console.print(f"[bold]{suite.name}[/]: {len(cells)} cells ({len(cells) - todo} done), "
                   f"{len(suite.methods)} methods, device {device}, results in {out}")
+    if status["stale"] and not force:
+        console.print(f"{len(status['stale'])} of them were computed before with another configuration "
+                      f"(options, code, weights or data changed): recomputed")
     t0 = time.perf_counter()
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                   transient=False) as bar:
         task = bar.add_task("cells", total=todo)
         run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
-                  scheduler=scheduler, cache_features=cache_features)
+                  scheduler=scheduler, cache_features=cache_features, force=force, cells=cells)
     tables = write_tables(out, suite.methods, std_components=std_components)
     for name, table in tables.items():
         print_table(table, name, console)
+    if note := store.foreign_note():
+        console.print(note, markup=False, highlight=False)
     console.print(f"done in {time.perf_counter() - t0:.1f} s; tables in {out / 'tables'}")
+
+
+def _print_dry_run(name: str, out: Path, status: dict[str, list]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{name}: cells in {out} (dry run, nothing computed)")
+    for col in ("method", "category", "done", "to do", "stale"):
+        t.add_column(col, justify="left" if col in ("method", "category") else "right")
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, state in enumerate(("done", "todo", "stale")):
+        for c in status[state]:
+            groups.setdefault((c.method, c.category), [0, 0, 0])[i] += 1
+    for (m, c), (d, todo, stale) in groups.items():
+        t.add_row(m, c, str(d), str(todo), str(stale))
+    console.print(t)
+    console.print(f"{len(status['done'])} done, {len(status['todo'])} to do ({len(status['stale'])} of them stale: "
+                  f"a record of another configuration exists), {len(status['foreign'])} records of no current cell",
+                  markup=False, highlight=False)
 
 
 @cli.command()
@@ -118,12 +172,31 @@ def table(results_dir: Path, reference_method: str | None, std_components: bool 
     """Rebuild and print the tables of RESULTS_DIR without rerunning anything."""
     from .report import print_table, write_tables
 
+    from .store import ResultStore
+
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
     for name, t in write_tables(results_dir, reference_method=reference_method,
                                 std_components=std_components).items():
         print_table(t, name, console)
+    if note := ResultStore(results_dir).foreign_note():
+        console.print(note, markup=False, highlight=False)
     console.print(f"tables in {results_dir / 'tables'}")
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+def prune(results_dir: Path) -> None:
+    """Delete the records and example maps of RESULTS_DIR that are not cells of the suite as last run
+    (other configuration, code, data or cells), and temporary files a killed run left."""
+    from .store import ResultStore
+
+    if not results_dir.is_dir():
+        raise FsadError(f"results folder {results_dir} does not exist")
+    store = ResultStore(results_dir)
+    with store.lock():
+        records, others = store.prune()
+    console.print(f"removed {records} records and {others} other files from {results_dir}")
 
 
 @cli.command()
@@ -215,22 +288,46 @@ def synth(out: Path, categories: int, seed: int, n_train: int, size: int) -> Non
     console.print(f"wrote {', '.join(category_names(categories))} to {out}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (same message, exit 143 instead of 130)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one message, however many signals follow
+    raise Terminated()
+
+
+STOPPED = "interrupted; finished cells are kept (rerun to resume)"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: FsadError -> one line on stderr, exit 2; a crash -> one line, exit 1."""
+    """Entry point: FsadError -> one line on stderr, exit 2; a crash -> one line, exit 1;
+    Ctrl-C -> one line, exit 130; SIGTERM -> the same line, exit 143."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main(argv)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("aborted; finished cells are kept (rerun to resume)")
-        sys.exit(130)
+    except click.exceptions.Abort as err:
+        err_console.print(STOPPED)
+        sys.exit(143 if isinstance(err.__cause__, Terminated) else 130)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
     except FsadError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; finished cells are kept (rerun to resume)")
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        err_console.print(STOPPED)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
     except Exception as err:  # a bug in a method: one line, the trace only on request
         if "FSAD_BENCH_DEBUG" in __import__("os").environ:
             traceback.print_exc()

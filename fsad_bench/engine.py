@@ -30,6 +30,7 @@ import os
 import platform
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,10 +46,12 @@ import torchvision
 
 from . import __version__, registry
 from .adapter import AdapterConfig
-from .data import FolderDataset, load_mask, open_folder_dataset
+from .data import FolderDataset, load_mask, open_folder_dataset, verify_readable
 from .features import CachedBackbone
 from .image_cache import load_cached_images
 from .errors import FsadError
+from .identity import code_fingerprint, tree_fingerprint, weights_fingerprint
+from .memory import peak_rss_mb, reset_peak_rss
 from .metrics import aupro, image_auroc, pixel_auroc
 from .sampler import SupportSampler, stable_seed
 from .store import ResultStore, save_example_maps
@@ -63,11 +66,23 @@ def cache_dir() -> Path:
 
 
 def pick_device(requested: str | None) -> str:
-    """``cuda`` when present (or asked for), else ``cpu``; FsadError if cuda is asked for but absent."""
+    """``cuda`` when present (or asked for), else ``cpu``; FsadError (one line) for an unknown device
+    or a cuda device torch does not see."""
     if requested in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise FsadError("--device cuda asked for, but torch sees no CUDA device")
+    try:
+        dev = torch.device(requested)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise FsadError(f"unknown --device {requested!r} (valid: auto, cpu, cuda, cuda:N, mps)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FsadError(f"--device {requested} asked for, but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FsadError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise FsadError(f"--device {requested} asked for, but torch sees no MPS device")
     return requested
 
 
@@ -127,30 +142,77 @@ def open_train_dataset(suite: Suite) -> FolderDataset:
                                suite.train_synthetic, cache_dir(), f"suite {suite.name!r} needs train_data_root = DIR")
 
 
-def _weights_fingerprint(weights: str) -> str:
-    if weights == "auto":  # resolves to whatever checkpoints the cache holds
-        ckpt = Path(torch.hub.get_dir()) / "checkpoints"
-        return "auto:" + ",".join(sorted(p.name for p in ckpt.glob("*"))) if ckpt.is_dir() else "auto:"
-    return weights
+def validate_suite(suite: Suite) -> None:
+    """Presets, option names and option value types against the adapters (FsadError listing what is
+    valid), before anything is computed. A preset must exist in at least one of the suite's methods;
+    a method without it runs its ``cpu`` preset (single-configuration methods like ``gaussian``)."""
+    classes = {m: registry.get(m) for m in suite.methods}
+    presets = sorted({p for cls in classes.values() for p in cls.presets})
+    if suite.preset not in presets:
+        raise FsadError(f"unknown preset {suite.preset!r} (valid for {', '.join(classes)}: {', '.join(presets)})")
+    for m, opts in suite.options.items():
+        if m not in classes and m not in registry.available():
+            raise FsadError(f"suite {suite.name!r}: [options.{m}] names no registered method "
+                            f"(suite methods: {', '.join(classes)})")
+        if not isinstance(opts, dict):
+            raise FsadError(f"suite {suite.name!r}: [options.{m}] must be a table of option = value")
+        (classes.get(m) or registry.get(m)).check_options(opts, f"[options.{m}] of suite {suite.name!r}")
 
 
-def config_hash(suite: Suite, method: str) -> str:
-    """Hash of everything that changes a method's numbers besides (category, k, run)."""
-    payload = {
-        "method": method, "preset": suite.preset, "options": suite.options.get(method, {}),
-        "weights": _weights_fingerprint(suite.weights), "image_size": suite.image_size, "seed": suite.seed,
+def _dataset_identity(ds: FolderDataset, categories: list[str], memo: dict[str, str]) -> dict[str, str]:
+    """Per category: the tree fingerprint (file list, sizes, mtimes) of ``root/category``."""
+    out = {}
+    for c in categories:
+        folder = ds.root / c
+        key = str(folder.resolve())
+        if key not in memo:
+            memo[key] = tree_fingerprint(folder)
+        out[c] = memo[key]
+    return out
+
+
+def config_hash(suite: Suite, method: str, category: str | None = None, dataset: FolderDataset | None = None,
+                train_dataset: FolderDataset | None = None, memo: dict[str, str] | None = None) -> str:
+    """Hash of everything that changes a method's numbers on ``category`` besides (k, run):
+
+    the resolved hyper-parameters (preset values + options, and the preset that supplied them), the
+    code (:func:`~fsad_bench.identity.code_fingerprint`: the adapter's module and the fsad_bench
+    modules it and the engine import), the weights' content, image size, seed, the support lists'
+    content, and the data's identity (folder, file list, sizes, mtimes; no image is read): the
+    category's own folder, every category's for ``aggregated`` methods, the training dataset's for
+    ``cross-dataset`` ones. Part of every cell id and of the trained-model cache key."""
+    cls = registry.get(method)
+    memo = {} if memo is None else memo
+    options = suite.options.get(method, {})
+    wkey = f"weights|{suite.weights}"
+    if wkey not in memo:  # one hash of the weights per plan
+        memo[wkey] = weights_fingerprint(suite.weights, cache_dir())
+    payload: dict[str, Any] = {
+        "method": method, "preset": cls.resolve_preset(suite.preset),
+        "hparams": cls.resolve_hparams(suite.preset, options), "code": code_fingerprint(cls),
+        "weights": memo[wkey], "image_size": suite.image_size,
+        "seed": suite.seed,
         "synthetic": suite.synthetic if suite.dataset == "synthetic" else None,
         "support_lists": Path(suite.support_lists).read_text() if suite.support_lists else None,
     }
-    if registry.get(method).protocol == "cross-dataset":
+    if dataset is not None:
+        cats = dataset.categories if cls.protocol == "aggregated" or category is None else [category]
+        payload["data"] = {"name": dataset.name, "root": str(dataset.root.resolve()),
+                           "files": _dataset_identity(dataset, cats, memo)}
+    if cls.protocol == "cross-dataset":
         payload["train"] = {"dataset": suite.train_dataset, "root": suite.train_data_root,
                             "categories": suite.train_categories,
                             "synthetic": suite.train_synthetic if suite.train_dataset == "synthetic" else None}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        if train_dataset is not None:
+            payload["train"]["files"] = _dataset_identity(train_dataset, train_dataset.categories, memo)
+    text = json.dumps(payload, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
-    """Validate the suite against the data and expand it into cells (nothing is computed)."""
+    """Validate the suite against the adapters and the data (every header opened) and expand it into
+    cells (nothing is computed); each cell once, whatever the duplicates in the suite."""
+    validate_suite(suite)
     dataset = open_dataset(suite)
     adapters = {m: registry.get(m) for m in suite.methods}
     sampler = SupportSampler(suite.seed, suite.support_lists)
@@ -158,6 +220,8 @@ def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
         split = dataset.split(c)
         for k in suite.k:
             sampler.support(split, k, 0)
+    verify_readable(dataset)
+    train_ds = None
     if any(cls.protocol == "cross-dataset" for cls in adapters.values()):
         train_ds = open_train_dataset(suite)
         if train_ds.root.resolve() == dataset.root.resolve():
@@ -166,36 +230,32 @@ def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
         for c in train_ds.categories:
             if not any(s.label for s in train_ds.split(c).test):
                 raise FsadError(f"training dataset {train_ds.root}: category {c!r} has no anomalous test images")
-    cells = []
+        verify_readable(train_ds)
+    cells: dict[str, Cell] = {}
+    memo: dict[str, str] = {}
     for m, cls in adapters.items():
-        h = config_hash(suite, m)
         for c in dataset.categories:
+            h = config_hash(suite, m, c, dataset, train_ds, memo)
             for t in train_seeds_of(cls.protocol, suite.train_seeds):
                 for k in suite.k:
                     for r in range(suite.runs):
-                        cells.append(Cell(m, cls.protocol, dataset.name, c, k, r, h, t))
-    return dataset, cells
+                        cell = Cell(m, cls.protocol, dataset.name, c, k, r, h, t)
+                        cells.setdefault(cell.cell_id, cell)
+    return dataset, list(cells.values())
 
 
 def _reset_peak_memory(device: str) -> None:
+    """Start a cell's memory measurement (definition: :mod:`fsad_bench.memory`)."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-    except OSError:
-        pass
+    reset_peak_rss()
 
 
 def _peak_memory_mb(device: str) -> float:
+    """The cell's own peak: CUDA allocations on cuda, else the RSS high-water mark since the reset."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def _sync(device: str) -> None:
@@ -332,35 +392,53 @@ def load_masks(split, size: int) -> np.ndarray:
     return out
 
 
+def fit_seed(suite: Suite, method: str, train_ds: FolderDataset, held_out: str, train_seed: int) -> int:
+    """Seed of one aggregated / cross-dataset fit: (suite seed, train seed, method, dataset, held-out)."""
+    return stable_seed("fit", *_with_train_seed((suite.seed, method, train_ds.name, held_out), train_seed))
+
+
+def model_cache_path(method: str, protocol: str, preset: str, suite: Suite, train_ds: FolderDataset,
+                     held_out: str, chash: str, train_seed: int = 0) -> Path:
+    """Where the fit of ``method`` for ``held_out`` and ``train_seed`` is cached. ``chash`` (the
+    cell's config hash) covers hyper-parameters, code, weights, data identity, image size and seed,
+    and the fit seed enters the key, so a cached model is reused only for the configuration and
+    training seed that trained it."""
+    seed = fit_seed(suite, method, train_ds, held_out, train_seed)
+    key = hashlib.sha256(f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}|fit{seed}"
+                         .encode()).hexdigest()[:16]
+    folder = train_ds.name if protocol == "aggregated" else f"cross-{train_ds.name}"
+    return (cache_dir() / "models" / method / folder
+            / f"{held_out or 'all'}-{preset}-s{suite.seed}-t{train_seed}-{key}.pt")
+
+
 def _fit_cached(adapter, suite: Suite, train_ds: FolderDataset, held_out: str, chash: str,
                 train_seed: int = 0) -> float:
     """Fit ``adapter`` (or load the fit from the model cache); returns training seconds.
 
     ``aggregated``: trains on every category of ``train_ds`` but ``held_out``;
     ``cross-dataset``: on all of ``train_ds`` (another dataset), ``held_out`` is "".
-    Torch is seeded with the fit seed, derived from (suite seed, train seed, method, dataset,
-    held-out category); the cache key is (method, dataset, held-out category, preset, config
-    hash, data, fit seed). Training images are loaded at the adapter's :func:`input_size`."""
-    fit_seed = stable_seed("fit", *_with_train_seed((suite.seed, adapter.name, train_ds.name, held_out), train_seed))
-    key = hashlib.sha256(f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}|fit{fit_seed}"
-                         .encode()).hexdigest()[:16]
-    folder = train_ds.name if adapter.protocol == "aggregated" else f"cross-{train_ds.name}"
-    path = (cache_dir() / "models" / adapter.name / folder
-            / f"{held_out or 'all'}-{adapter.preset_name}-s{suite.seed}-t{train_seed}-{key}.pt")
+    Torch is seeded with :func:`fit_seed`; the cache key is :func:`model_cache_path`.
+    Training images are loaded at the adapter's :func:`input_size`."""
+    path = model_cache_path(adapter.name, adapter.protocol, adapter.preset_name, suite, train_ds, held_out, chash,
+                            train_seed)
     if path.is_file():
         blob = torch.load(path, map_location=adapter.device, weights_only=False)
         adapter.load_state_dict(blob["state"])
         return float(blob["train_seconds"])
-    torch.manual_seed(fit_seed % 2**63)
+    torch.manual_seed(fit_seed(suite, adapter.name, train_ds, held_out, train_seed) % 2**63)
     train = training_data(adapter.protocol, train_ds, held_out, torch.empty(0), input_size(adapter, suite),
                           image_cache_dir())
     t0 = time.perf_counter()
     adapter.fit(train)
     seconds = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel workers may fit the same model
-    torch.save({"state": adapter.state_dict(), "train_seconds": seconds}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": adapter.state_dict(), "train_seconds": seconds}, tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a full or read-only cache costs a refit next time, not the run
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"cannot cache the trained model at {path}: {err.strerror or err}", stacklevel=1)
     return seconds
 
 
@@ -473,54 +551,107 @@ def groups_of(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
 BACKENDS = ("loky", "dask")
 
 
+def _run_group_in_worker(parent_pid: int, *args: Any) -> int:
+    """:func:`run_group` in a local worker that dies with the run (:func:`fsad_bench.workers.guard_worker`)."""
+    from .workers import guard_worker
+
+    guard_worker(parent_pid)
+    return run_group(*args)
+
+
+def cell_status(suite: Suite, cells: list[Cell], store: ResultStore) -> dict[str, list]:
+    """Cells of the suite by state: ``done`` (record present), ``todo`` (none), ``stale`` (a todo cell
+    whose (method, category, k, run) has a record of another configuration: code, data, options,
+    weights, ... changed since); ``foreign``: records of no current cell."""
+    ids = {c.cell_id for c in cells}
+    done = store.done_ids()
+    old = {}
+    for p in store.cells.glob("*.json") if store.cells.is_dir() else []:
+        if p.stem not in ids:
+            try:
+                r = json.loads(p.read_text())
+                old[(r.get("method"), r.get("category"), r.get("k"), r.get("run"))] = p.stem
+            except (OSError, json.JSONDecodeError):
+                pass
+    todo = [c for c in cells if c.cell_id not in done]
+    return {"done": [c for c in cells if c.cell_id in done], "todo": todo,
+            "stale": [c for c in todo if (c.method, c.category, c.k, c.run) in old],
+            "foreign": sorted(set(done) - ids)}
+
+
 def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
               progress: Callable[[int], None] | None = None, backend: str = "loky",
-              scheduler: str | None = None, cache_features: bool = False) -> ResultStore:
+              scheduler: str | None = None, cache_features: bool = False, force: bool = False,
+              cells: list[Cell] | None = None) -> ResultStore:
     """Run every unfinished cell of ``suite`` into the store at ``out``.
 
     ``progress(n)`` is called as cells finish. ``jobs > 1`` runs (method, category) groups in
     parallel with joblib: ``backend="loky"`` on this machine (``cores / jobs`` torch threads
-    each), ``backend="dask"`` on the Dask distributed cluster at ``scheduler``
-    (``tcp://host:port``; ``out`` and the cache folder must be on storage every worker sees).
-    Records are one file per cell, so workers finishing together neither lose nor duplicate one.
+    each, workers that die with this process), ``backend="dask"`` on the Dask distributed cluster
+    at ``scheduler`` (``tcp://host:port``; ``out`` and the cache folder must be on storage every
+    worker sees). Records are one file per cell, so workers finishing together neither lose nor
+    duplicate one. ``out`` is locked for the whole run (a second run on it gets FsadError);
+    ``force``: recompute every cell of the suite (their records and cached trained models are
+    deleted first); ``cells``: the output of :func:`plan` when the caller already has it.
     """
     if backend not in BACKENDS:
         raise FsadError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     if backend == "dask" and not scheduler:
         raise FsadError("--backend dask needs --scheduler tcp://HOST:PORT (a running dask scheduler)")
-    _, cells = plan(suite)
+    if cells is None:
+        _, cells = plan(suite)
     store = ResultStore(out)
-    store.save_suite(suite.to_dict())
-    todo = groups_of([c for c in cells if not store.has(c.cell_id)])
-    features = str(cache_dir() / "features") if cache_features else None
-    if backend == "loky" and jobs <= 1:
-        for (m, c), group in todo.items():
-            run_group(suite, m, c, group, out, device, feature_cache=features,
-                      on_cell=(lambda _c: progress(1)) if progress else None)
-        return store
-    from joblib import Parallel, delayed, parallel_config
+    with store.lock():
+        store.clean_temporary()  # what a killed run left; nobody else writes here while we hold the lock
+        if force:
+            store.remove({c.cell_id for c in cells})
+            _forget_models(suite, cells)
+        store.save_suite(suite.to_dict(), [c.cell_id for c in cells])
+        todo = groups_of([c for c in cells if not store.has(c.cell_id)])
+        features = str(cache_dir() / "features") if cache_features else None
+        if backend == "loky" and jobs <= 1:
+            for (m, c), group in todo.items():
+                run_group(suite, m, c, group, out, device, feature_cache=features,
+                          on_cell=(lambda _c: progress(1)) if progress else None)
+            return store
+        from joblib import Parallel, delayed, parallel_config
 
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1)) if backend == "loky" else None
-    tasks = (delayed(run_group)(suite, m, c, g, out, device, threads, None, features) for (m, c), g in todo.items())
-    if backend == "dask":
-        try:
-            from distributed import Client
-        except ImportError:
-            raise FsadError("--backend dask needs dask.distributed: pip install 'fsad-bench[dask]'") from None
-        try:
-            client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as err:
-            raise FsadError(f"cannot reach the dask scheduler at {scheduler}: {err}") from None
-        with client, parallel_config(backend="dask"):
-            for n in Parallel(n_jobs=-1, return_as="generator_unordered")(tasks):
-                if progress:
-                    progress(n)
-        return store
-    for n in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
-        if progress:
-            progress(n)
+        if backend == "dask":
+            try:
+                from distributed import Client
+            except ImportError:
+                raise FsadError("--backend dask needs dask.distributed: pip install 'fsad-bench[dask]'") from None
+            tasks = (delayed(run_group)(suite, m, c, g, out, device, None, None, features) for (m, c), g in todo.items())
+            try:
+                client = Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError) as err:
+                raise FsadError(f"cannot reach the dask scheduler at {scheduler}: {err}") from None
+            with client, parallel_config(backend="dask"):
+                for n in Parallel(n_jobs=-1, return_as="generator_unordered")(tasks):
+                    if progress:
+                        progress(n)
+            return store
+        threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+        tasks = (delayed(_run_group_in_worker)(os.getpid(), suite, m, c, g, out, device, threads, None, features)
+                 for (m, c), g in todo.items())
+        for n in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+            if progress:
+                progress(n)
     return store
 
 
-__all__ = ["Cell", "plan", "run_suite", "run_group", "predict_stream", "input_size", "train_seeds_of", "open_dataset", "open_train_dataset", "cache_dir",
-           "pick_device"]
+def _forget_models(suite: Suite, cells: list[Cell]) -> None:
+    """Delete the cached trained models of ``cells`` (``--force``: recompute means retrain too)."""
+    for (m, c), group in groups_of(cells).items():
+        cls = registry.get(m)
+        if cls.protocol not in ("aggregated", "cross-dataset"):
+            continue
+        train_ds = open_dataset(suite) if cls.protocol == "aggregated" else open_train_dataset(suite)
+        held_out = c if cls.protocol == "aggregated" else ""
+        for t in sorted({cell.train_seed for cell in group}):
+            model_cache_path(m, cls.protocol, cls.resolve_preset(suite.preset), suite, train_ds, held_out,
+                             group[0].config_hash, t).unlink(missing_ok=True)
+
+
+__all__ = ["Cell", "plan", "run_suite", "run_group", "predict_stream", "input_size", "train_seeds_of", "open_dataset",
+           "open_train_dataset", "cache_dir", "pick_device", "config_hash", "validate_suite", "cell_status"]

@@ -135,11 +135,13 @@ def load_suite(name_or_path: str) -> Suite:
     for key in ("name", "dataset", "methods", "k"):
         if key not in raw:
             raise FsadError(f"suite {source}: missing key {key!r}")
-    try:
-        suite = Suite(**raw)
-    except TypeError as err:
-        raise FsadError(f"suite {source}: {err}") from None
-    validate_numbers(suite, source)
+    raw = check_types(raw, f"suite {source}")
+    bad = sorted(set(raw.get("options", {})) - set(raw["methods"]))
+    if bad:
+        raise FsadError(f"suite {source}: [options.{bad[0]}] names no method of this suite "
+                        f"(methods: {', '.join(raw['methods'])})")
+    suite = Suite(**raw)
+    validate_numbers(suite, f"suite {source}")
     apply_arch(suite)
     return suite
 
@@ -159,10 +161,63 @@ def apply_arch(suite: Suite, override: bool = False) -> None:
                 opts["arch"] = suite.arch
 
 
+#: TOML type of every suite key: "str", "int", "str-list", "int-list", "str-or-str-list" (one string or a
+#: list of them, kept as given), "int-table" (name -> int), "table" (any table),
+#: "options" (method -> table of option values). A list key also takes a single value (``k = 2``
+#: is ``k = [2]``, ``categories = "washer"`` is ``["washer"]``); repeated list entries are dropped.
+SUITE_TYPES = {"name": "str", "description": "str", "dataset": "str", "data_root": "str-or-str-list",
+               "categories": "str-list", "methods": "str-list", "k": "int-list", "runs": "int", "seed": "int",
+               "image_size": "int", "weights": "str", "preset": "str", "options": "options",
+               "synthetic": "int-table", "support_lists": "str", "train_dataset": "str",
+               "train_data_root": "str", "train_categories": "str-list", "train_synthetic": "int-table",
+               "train_seeds": "int", "arch": "str", "layout": "str", "folder": "table"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_types(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check every key's TOML type (see :data:`SUITE_TYPES`); FsadError naming the key and ``source``.
+    Returns the values normalised (single values of list keys wrapped, duplicates dropped)."""
+    out = dict(raw)
+    for key, value in raw.items():
+        kind = SUITE_TYPES.get(key)
+
+        def fail(expected: str) -> None:
+            raise FsadError(f"{source}: key {key!r} must be {expected}, got {value!r} ({type(value).__name__})")
+
+        if kind == "str" and not isinstance(value, str):
+            fail("a string")
+        elif kind == "int" and not _is_int(value):
+            fail("an integer")
+        elif kind in ("str-list", "int-list"):
+            one = (lambda v: isinstance(v, str)) if kind == "str-list" else _is_int
+            items = [value] if one(value) else value
+            if not isinstance(items, list) or not all(one(v) for v in items):
+                fail("a list of strings" if kind == "str-list" else "a list of integers")
+            out[key] = list(dict.fromkeys(items))
+        elif kind == "str-or-str-list":
+            if not (isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
+                fail("a string or a non-empty list of strings")
+        elif kind == "table" and not isinstance(value, dict):
+            fail("a table")
+        elif kind == "int-table":
+            if not isinstance(value, dict) or not all(_is_int(v) for v in value.values()):
+                fail("a table of integers")
+        elif kind == "options":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                fail("a table of per-method tables ([options.<method>] name = value)")
+    return out
+
+
 def validate_numbers(suite: Suite, source: str = "suite") -> None:
     """Check the suite's numeric fields (after CLI overrides too)."""
     if not suite.methods:
         raise FsadError(f"{source}: no methods given")
+    suite.methods = list(dict.fromkeys(suite.methods))  # --methods a,a / --k 2,2 run once
+    suite.k = list(dict.fromkeys(suite.k))
+    suite.categories = list(dict.fromkeys(suite.categories))
     if not suite.k or any((not isinstance(k, int)) or k < 1 for k in suite.k):
         raise FsadError(f"{source}: k must be a list of positive integers, got {suite.k}")
     if suite.runs < 1:
