@@ -30,9 +30,10 @@ from . import __version__, registry
 from .adapter import AdapterConfig
 from .data import FolderDataset, TestSet, load_images, load_test_set, open_folder_dataset
 from .errors import FsadError
-from .metrics import aupro, image_auroc, pixel_auroc
+from .metrics import evaluate
 from .sampler import SupportSampler, stable_seed
 from .store import ResultStore, save_example_maps
+from .tracking import after_record
 from .protocols import Suite, training_data  # noqa: E402  (fsad_bench.protocols = top-level protocols/)
 
 PREDICT_BATCH = 32  # test images per predict call (amortises per-call model traffic)
@@ -268,9 +269,8 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
             "dataset": cell.dataset, "category": category, "k": cell.k, "run": cell.run,
             "train_dataset": suite.train_dataset if cls.protocol == "cross-dataset" else None,
             "preset": adapter.preset_name, "weights": adapter.weights_tag, "seed": suite.seed,
-            "image_auroc": image_auroc(test.labels, scores),
-            "pixel_auroc": pixel_auroc(masks, maps),
-            "aupro": aupro(masks, maps),
+            "hparams": adapter.describe().get("hparams", {}),
+            **evaluate(test.labels, scores, masks, maps),
             "adapt_seconds": adapt_seconds, "train_seconds": train_seconds,
             "infer_seconds_per_image": infer_seconds, "peak_memory_mb": _peak_memory_mb(device),
             "n_test": int(len(test.labels)), "n_support": len(support_paths),
@@ -284,6 +284,7 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
             save_example_maps(Path(out) / "maps" / f"{cell.cell_id}.npz", maps, test.images, masks,
                               test.paths, labels=test.labels)
         store.put(record)
+        after_record(record, out)  # optional MLflow tracking (fsad_bench.tracking; no-op unless --mlflow)
         if on_cell:
             on_cell(cell)
     return len(cells)
