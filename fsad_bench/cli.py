@@ -1,4 +1,4 @@
-"""Command line: ``fsad-bench run | table | compare | plot | methods | datasets | synth``."""
+"""Command line: ``fsad-bench run | table | compare | export | plot | methods | datasets | synth``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,19 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _metric_names(text: str | None) -> list[str] | None:
+    """``--metrics a,b`` -> validated metric names (None: the default tables)."""
+    from .metrics import METRICS
+
+    names = _names(text)
+    if names is None:
+        return None
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise FsadError(f"--metrics: unknown {', '.join(unknown) or '(empty)'} (known: {', '.join(METRICS)})")
+    return names
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fsad-bench")
 def cli() -> None:
@@ -59,8 +72,12 @@ def cli() -> None:
 @click.option("--image-size", type=int, help="Input size in pixels.")
 @click.option("--seed", type=int, help="The one seed deciding supports, augmentations and inits.")
 @click.option("--support-lists", type=click.Path(path_type=Path), help="JSON of fixed support sets.")
+@click.option("--metrics", "metric_list", help="Tables to print, e.g. image_auroc,image_f1max,pixel_aupr "
+              "(default image_auroc,pixel_auroc,aupro; records hold every metric).")
+@click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value="default",
+              help="Log one MLflow run per cell to URI (alone: a file store OUT/mlruns); needs fsad-bench[mlflow].")
 def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, out, device, jobs, backend, scheduler,
-        cache_features, weights, preset, image_size, seed, support_lists) -> None:
+        cache_features, weights, preset, image_size, seed, support_lists, metric_list, mlflow_uri) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables."""
     from .engine import pick_device, plan, run_suite
     from .protocols import load_suite, validate_numbers
@@ -80,6 +97,11 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
         raise FsadError(f"--jobs must be >= 1, got {jobs}")
     device = pick_device(device)
     out = out or Path("results") / suite.name
+    metric_names = _metric_names(metric_list)
+    if mlflow_uri:
+        from .tracking import default_uri, enable
+
+        enable(default_uri(out) if mlflow_uri == "default" else mlflow_uri)
     _, cells = plan(suite)
     from .store import ResultStore
 
@@ -93,7 +115,7 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
         task = bar.add_task("cells", total=todo)
         run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
                   scheduler=scheduler, cache_features=cache_features)
-    tables = write_tables(out, suite.methods)
+    tables = write_tables(out, suite.methods, metrics=metric_names)
     for name, table in tables.items():
         print_table(table, name, console)
     console.print(f"done in {time.perf_counter() - t0:.1f} s; tables in {out / 'tables'}")
@@ -102,13 +124,16 @@ def run(suite_name, methods, ks, runs, categories, data_root, train_data_root, o
 @cli.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @click.option("--reference-method", help="Mark Mean rows significantly different from this method (Wilcoxon).")
-def table(results_dir: Path, reference_method: str | None) -> None:
+@click.option("--metrics", "metric_list", help="Tables to build, e.g. image_auroc,image_f1max,pixel_aupr "
+              "(default image_auroc,pixel_auroc,aupro).")
+def table(results_dir: Path, reference_method: str | None, metric_list: str | None) -> None:
     """Rebuild and print the tables of RESULTS_DIR without rerunning anything."""
     from .report import print_table, write_tables
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
-    for name, t in write_tables(results_dir, reference_method=reference_method).items():
+    metric_names = _metric_names(metric_list)
+    for name, t in write_tables(results_dir, reference_method=reference_method, metrics=metric_names).items():
         print_table(t, name, console)
     console.print(f"tables in {results_dir / 'tables'}")
 
@@ -118,7 +143,8 @@ def table(results_dir: Path, reference_method: str | None) -> None:
 @click.option("--a", "method_a", required=True, help="Method (name or table label) A.")
 @click.option("--b", "method_b", required=True, help="Method (name or table label) B.")
 @click.option("--metric", default="image_auroc", show_default=True,
-              type=click.Choice(["image_auroc", "pixel_auroc", "aupro"]))
+              type=click.Choice(["image_auroc", "pixel_auroc", "aupro", "image_aupr", "image_f1max", "pixel_aupr",
+                                 "pixel_f1max"]))
 @click.option("--resamples", type=int, default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamples: int, seed: int) -> None:
@@ -140,6 +166,19 @@ def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamp
     path = results_dir / "tables" / f"compare_{safe}_{metric}.csv"
     atomic_write_text(path, t.to_csv(index=False))
     console.print(f"written {path}")
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["csv", "anomalib"]), default="csv", show_default=True,
+              help="csv: every record field; anomalib: anomalib benchmark column names.")
+def export(results_dir: Path, out: Path, fmt: str) -> None:
+    """Write the cells of RESULTS_DIR to the CSV file OUT, one row per cell."""
+    from .export import export as export_cells
+
+    df = export_cells(results_dir, out, fmt)
+    console.print(f"{len(df)} cells, {len(df.columns)} columns ({fmt}) written to {out}")
 
 
 @cli.command()

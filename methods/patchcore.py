@@ -117,12 +117,18 @@ def greedy_coreset(features: torch.Tensor, n: int, dim: int = 128, generator: to
 
 def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest rows of ``bank`` ``(M, C)`` for ``queries`` ``(Q, C)``: distances and
-    indices ``(Q, k)``, ascending. Chunked over queries (``chunk × M`` floats at a time)."""
-    bank_sq = bank.square().sum(1)
+    indices ``(Q, k)``, ascending. Chunked over queries (``chunk × M`` floats at a time).
+    Both sides are centred on the bank's mean first (distances are unchanged, the
+    ``‖x‖² + ‖y‖² − 2 x·y`` cancellation is smaller), and the returned distances are
+    recomputed from the difference vectors."""
+    centre = bank.mean(0)
+    centred = bank - centre
+    bank_sq = centred.square().sum(1)
     dists, idxs = [], []
     for s in range(0, len(queries), chunk):
         q = queries[s : s + chunk]
-        d2 = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0) + q.square().sum(1, keepdim=True)
+        qc = q - centre
+        d2 = torch.addmm(bank_sq[None, :], qc, centred.T, alpha=-2.0) + qc.square().sum(1, keepdim=True)
         idx = torch.topk(d2, k, dim=1, largest=False).indices
         exact = (q[:, None, :] - bank[idx]).norm(dim=2)  # recomputed: no cancellation error
         exact, order = exact.sort(dim=1)
