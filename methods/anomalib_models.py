@@ -21,7 +21,8 @@ Models (``anomalib:<Model>``, options = preset values, all overridable):
 * ``Padim`` — anomalib defaults: taps ``layer1..3`` (ResNet) / ``features.3, .6, .13``
   (MobileNetV2), ``n_features``: anomalib's random channel subset (ResNet-18: 100, WRN-50: 550,
   other backbones: all), ``"all"`` keeps every channel; ε = 0.01, σ = 4 px, score = map maximum.
-  Channel subset drawn with ``torch.randperm`` under the adapter's seed.
+  Channel subset drawn with ``torch.randperm`` under the adapter's seed. Needs k >= 2 (the
+  covariance of one image divides by N − 1 = 0; FsadError at k = 1).
 * ``Patchcore`` — taps ``layer2``, ``layer3`` (MobileNetV2 ``features.6, .13``),
   ``coreset_ratio`` 0.1 (anomalib's default k-center greedy; 1.0 keeps every patch without
   running the sampler), ``num_neighbors`` 9.
@@ -158,6 +159,9 @@ class AnomalibPadim(_AnomalibAdapter):
 
     @torch.no_grad()
     def adapt(self, support: torch.Tensor) -> None:
+        if len(support) < 2:  # anomalib's covariance divides by N - 1: NaN maps at k = 1
+            raise FsadError(f"anomalib:Padim needs k >= 2 support images (PadimModel's covariance of "
+                            f"{len(support)} image is undefined); run it with --k 2,4,...")
         self.model.train()
         self.model.memory_bank = []
         bs = self.hparams["batch_size"]
