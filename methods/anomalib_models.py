@@ -60,12 +60,13 @@ WINCLIP_WEIGHTS = ("ViT-B-16-plus-240", "laion400m_e31")
 
 
 def anomalib_version() -> str | None:
-    """Installed anomalib version, None when absent."""
+    """Installed (importable) anomalib version, None when absent."""
     try:
         from importlib.metadata import version
+        from importlib.util import find_spec
 
-        return version("anomalib")
-    except Exception:
+        return version("anomalib") if find_spec("anomalib") is not None else None
+    except Exception:  # not installed, or blocked (sys.modules["anomalib"] = None)
         return None
 
 
