@@ -71,3 +71,18 @@ def test_bad_options():
         PatchCore(AdapterConfig(weights="none", options={"arch": "resnet18", "upsample": "cubic"}))
     with pytest.raises(FsadError, match="no default taps"):
         PatchCore(AdapterConfig(weights="none", options={"arch": "vgg11"}))
+
+
+def test_faiss_optional():
+    support, test = torch.rand(2, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    a = PatchCore(AdapterConfig(weights="none", image_size=64, options={"arch": "resnet18", "knn": "faiss"}))
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        with pytest.raises(FsadError, match="needs faiss"):
+            a.adapt(support)
+        return
+    a.adapt(support)
+    b = PatchCore(AdapterConfig(weights="none", image_size=64, options={"arch": "resnet18"}))
+    b.adapt(support)
+    assert torch.allclose(a.predict(test)[1], b.predict(test)[1], rtol=1e-3, atol=1e-3)
