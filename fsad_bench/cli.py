@@ -1,4 +1,4 @@
-"""Command line: ``fsad-bench run | table | compare | plot | prune | methods | datasets | synth``.
+"""Command line: ``fsad-bench run | table | compare | export | plot | prune | methods | datasets | synth``.
 
 Exit codes: 0 done; 2 bad input or an unusable results folder (one line on stderr, nothing
 computed lost); 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM — both print the same
@@ -40,6 +40,19 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _metric_names(text: str | None) -> list[str] | None:
+    """``--metrics a,b`` -> validated metric names (None: the default tables)."""
+    from .metrics import METRICS
+
+    names = _names(text)
+    if names is None:
+        return None
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise FsadError(f"--metrics: unknown {', '.join(unknown) or '(empty)'} (known: {', '.join(METRICS)})")
+    return names
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fsad-bench")
 def cli() -> None:
@@ -75,9 +88,13 @@ def cli() -> None:
               help="Also print the std split into support-draw and training-seed parts (default: with several train seeds).")
 @click.option("--force", is_flag=True, help="Recompute every cell of the suite (and retrain cached models).")
 @click.option("--dry-run", is_flag=True, help="List the cells (done / to do / stale) and stop; writes nothing.")
+@click.option("--metrics", "metric_list", help="Tables to print, e.g. image_auroc,image_f1max,pixel_aupr "
+              "(default image_auroc,pixel_auroc,aupro; records hold every metric).")
+@click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value="default",
+              help="Log one MLflow run per cell to URI (alone: a file store OUT/mlruns); needs fsad-bench[mlflow].")
 def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, data_root, train_data_root, out,
         device, jobs, backend, scheduler, cache_features, weights, arch, preset, image_size, seed, support_lists,
-        force, dry_run) -> None:
+        force, dry_run, metric_list, mlflow_uri) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables.
 
     A finished cell is reused only when nothing that changes its numbers changed (options,
@@ -105,6 +122,11 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
     out = out or Path("results") / suite.name
     if out.exists() and not out.is_dir():
         raise FsadError(f"--out {out} is a file, not a results folder")
+    metric_names = _metric_names(metric_list)
+    if mlflow_uri:
+        from .tracking import default_uri, enable
+
+        enable(default_uri(out) if mlflow_uri == "default" else mlflow_uri)
     _, cells = plan(suite)
     from .store import ResultStore
 
@@ -115,11 +137,11 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         return
     with store.lock():  # before the first line: an unusable or busy --out is one error, nothing started
         _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force,
-                    std_components)
+                    std_components, metric_names)
 
 
 def _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force,
-                std_components) -> None:
+                std_components, metric_names) -> None:
     from .engine import run_suite
     from .report import print_table, write_tables
 
@@ -136,7 +158,7 @@ def _run_locked(suite, cells, status, store, out, device, jobs, backend, schedul
         task = bar.add_task("cells", total=todo)
         run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
                   scheduler=scheduler, cache_features=cache_features, force=force, cells=cells)
-    tables = write_tables(out, suite.methods, std_components=std_components)
+    tables = write_tables(out, suite.methods, std_components=std_components, metrics=metric_names)
     for name, table in tables.items():
         print_table(table, name, console)
     if note := store.foreign_note():
@@ -168,7 +190,10 @@ def _print_dry_run(name: str, out: Path, status: dict[str, list]) -> None:
 @click.option("--std-components/--no-std-components", default=None,
               help="Also show the std (over train seed x run pairs) split into its support-draw and "
                    "training-seed components (default: when the results have several train seeds).")
-def table(results_dir: Path, reference_method: str | None, std_components: bool | None) -> None:
+@click.option("--metrics", "metric_list", help="Tables to build, e.g. image_auroc,image_f1max,pixel_aupr "
+              "(default image_auroc,pixel_auroc,aupro).")
+def table(results_dir: Path, reference_method: str | None, std_components: bool | None,
+          metric_list: str | None) -> None:
     """Rebuild and print the tables of RESULTS_DIR without rerunning anything."""
     from .report import print_table, write_tables
 
@@ -176,8 +201,9 @@ def table(results_dir: Path, reference_method: str | None, std_components: bool 
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
+    metric_names = _metric_names(metric_list)
     for name, t in write_tables(results_dir, reference_method=reference_method,
-                                std_components=std_components).items():
+                                std_components=std_components, metrics=metric_names).items():
         print_table(t, name, console)
     if note := ResultStore(results_dir).foreign_note():
         console.print(note, markup=False, highlight=False)
@@ -204,7 +230,8 @@ def prune(results_dir: Path) -> None:
 @click.option("--a", "method_a", required=True, help="Method (name or table label) A.")
 @click.option("--b", "method_b", required=True, help="Method (name or table label) B.")
 @click.option("--metric", default="image_auroc", show_default=True,
-              type=click.Choice(["image_auroc", "pixel_auroc", "aupro"]))
+              type=click.Choice(["image_auroc", "pixel_auroc", "aupro", "image_aupr", "image_f1max", "pixel_aupr",
+                                 "pixel_f1max"]))
 @click.option("--resamples", type=int, default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamples: int, seed: int) -> None:
@@ -226,6 +253,19 @@ def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamp
     path = results_dir / "tables" / f"compare_{safe}_{metric}.csv"
     atomic_write_text(path, t.to_csv(index=False))
     console.print(f"written {path}")
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["csv", "anomalib"]), default="csv", show_default=True,
+              help="csv: every record field; anomalib: anomalib benchmark column names.")
+def export(results_dir: Path, out: Path, fmt: str) -> None:
+    """Write the cells of RESULTS_DIR to the CSV file OUT, one row per cell."""
+    from .export import export as export_cells
+
+    df = export_cells(results_dir, out, fmt)
+    console.print(f"{len(df)} cells, {len(df.columns)} columns ({fmt}) written to {out}")
 
 
 @cli.command()

@@ -52,9 +52,10 @@ from .image_cache import load_cached_images
 from .errors import FsadError
 from .identity import code_fingerprint, tree_fingerprint, weights_fingerprint
 from .memory import peak_rss_mb, reset_peak_rss
-from .metrics import aupro, image_auroc, pixel_auroc
+from .metrics import evaluate
 from .sampler import SupportSampler, stable_seed
 from .store import ResultStore, save_example_maps
+from .tracking import after_record
 from .protocols import Suite, training_data  # noqa: E402  (fsad_bench.protocols = top-level protocols/)
 
 PREDICT_BATCH = 32  # test images per predict call (amortises per-call model traffic)
@@ -516,9 +517,8 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
             "train_seed": cell.train_seed,
             "train_dataset": suite.train_dataset if cls.protocol == "cross-dataset" else None,
             "preset": adapter.preset_name, "weights": adapter.weights_tag, "seed": suite.seed,
-            "image_auroc": image_auroc(labels, scores),
-            "pixel_auroc": pixel_auroc(masks, maps),
-            "aupro": aupro(masks, maps),
+            "hparams": adapter.describe().get("hparams", {}),
+            **evaluate(labels, scores, masks, maps),
             "adapt_seconds": adapt_seconds, "train_seconds": train_seconds,
             "infer_seconds_per_image": infer_cold, "infer_warm_seconds_per_image": infer_warm,
             "peak_memory_mb": _peak_memory_mb(device),
@@ -536,6 +536,7 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
                               masks, test_paths, labels=labels)
         del maps
         store.put(record)
+        after_record(record, out)  # optional MLflow tracking (fsad_bench.tracking; no-op unless --mlflow)
         if on_cell:
             on_cell(cell)
     return len(cells)

@@ -1,6 +1,10 @@
-"""Detection and localisation metrics: image AUROC, pixel AUROC, AUPRO.
+"""Detection and localisation metrics: AUROC, AUPR (average precision), F1-max, AUPRO.
 
-AUROC comes from scikit-learn. AUPRO follows the MVTec AD definition (Bergmann et al.):
+:func:`evaluate` computes every metric of a cell at once (the engine calls it once per cell).
+AUROC, the precision-recall curve and average precision come from scikit-learn. F1-max is the
+best F1 over all thresholds of the precision-recall curve (the number WinCLIP, PromptAD and
+anomalib's ``F1Max`` report); AUPR is scikit-learn's ``average_precision_score`` (step-wise
+sum ``Σ (R_n - R_{n-1}) P_n``, no interpolation). AUPRO follows the MVTec AD definition (Bergmann et al.):
 for every threshold, the per-region overlap (PRO) is the mean over connected ground-truth
 regions of the fraction of the region's pixels above the threshold; the false-positive rate
 is the fraction of defect-free pixels above it. The PRO curve is integrated over
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.ndimage import label as connected_components
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -69,3 +73,74 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
         x = np.r_[x, max_fpr]
         y = np.r_[y, pro[j - 1] + t * (pro[j] - pro[j - 1])]
     return float(np.trapezoid(y, x) / max_fpr)
+
+
+def _pr_summary(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """``(average precision, F1-max)`` of scores ``s`` against binary ``y`` from one
+    precision-recall curve (one sort); AP equals ``sklearn.metrics.average_precision_score``."""
+    precision, recall, _ = precision_recall_curve(y, s)
+    ap = -float(np.sum(np.diff(recall) * precision[:-1]))
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    return ap, float(f1.max())
+
+
+def image_aupr(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision of image scores ``(N,)`` against labels ``(N,)`` (1 = anomalous), in [0, 1]."""
+    return _pr_summary(np.asarray(labels) > 0, np.asarray(scores, dtype=np.float64))[0]
+
+
+def image_f1max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over all thresholds of image scores ``(N,)`` against labels ``(N,)``, in [0, 1]."""
+    return _pr_summary(np.asarray(labels) > 0, np.asarray(scores, dtype=np.float64))[1]
+
+
+def _pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    y = np.asarray(masks).reshape(-1) > 0.5
+    if y.all() or not y.any():
+        return None
+    return y, np.asarray(maps, dtype=np.float64).reshape(-1)
+
+
+def pixel_aupr(masks: np.ndarray, maps: np.ndarray) -> float:
+    """Average precision over all pixels of maps ``(N, H, W)`` against masks; NaN without defects."""
+    px = _pixels(masks, maps)
+    return float("nan") if px is None else _pr_summary(*px)[0]
+
+
+def pixel_f1max(masks: np.ndarray, maps: np.ndarray) -> float:
+    """Best F1 over all thresholds, all pixels of maps ``(N, H, W)`` against masks; NaN without defects."""
+    px = _pixels(masks, maps)
+    return float("nan") if px is None else _pr_summary(*px)[1]
+
+
+#: Every metric :func:`evaluate` knows, in table order (values in [0, 1]).
+METRICS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "image_aupr", "image_f1max",
+                            "pixel_aupr", "pixel_f1max")
+
+
+def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
+             metrics: list[str] | tuple[str, ...] | None = None) -> dict[str, float]:
+    """The metrics of one cell: labels / scores ``(N,)``, masks / maps ``(N, H, W)`` ->
+    ``{name: value in [0, 1]}`` for ``metrics`` (default: all of :data:`METRICS`). Pixel
+    metrics are NaN when the masks hold no defect pixel. The image and pixel precision-recall
+    curves are each computed once (AUPR and F1-max share them)."""
+    wanted = list(METRICS if metrics is None else metrics)
+    unknown = [m for m in wanted if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown} (known: {', '.join(METRICS)})")
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    out: dict[str, float] = {}
+    if "image_auroc" in wanted:
+        out["image_auroc"] = image_auroc(labels, scores)
+    if {"image_aupr", "image_f1max"} & set(wanted):
+        out["image_aupr"], out["image_f1max"] = _pr_summary(labels > 0, scores)
+    if "pixel_auroc" in wanted:
+        out["pixel_auroc"] = pixel_auroc(masks, maps)
+    if "aupro" in wanted:
+        out["aupro"] = aupro(masks, maps)
+    if {"pixel_aupr", "pixel_f1max"} & set(wanted):
+        px = _pixels(masks, maps)
+        out["pixel_aupr"], out["pixel_f1max"] = (float("nan"),) * 2 if px is None else _pr_summary(*px)
+    return {m: out[m] for m in wanted}

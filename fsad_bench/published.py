@@ -39,16 +39,25 @@ PAPER_NAMES = {"regad": "RegAD", "diffnet+": "DiffNet+", "tdg+": "TDG+", "gaussi
 FOOTNOTE_MARKS = "†‡§¶#"
 # results/reference/ in the repository, installed as package data of fsad_bench.reference
 REFERENCE_CSV = Path(str(resources.files("fsad_bench.reference") / "regad_paper.csv"))
+#: Further published-number files beside it, loaded with it by default (same columns; extra
+#: columns such as ``std`` allowed): few-shot PaDiM / PatchCore from the WinCLIP paper.
+EXTRA_REFERENCE_CSVS = ("fewshot_baselines.csv",)
+PAPER_NAMES["patchcore"] = "PatchCore"
 
 
 def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     """Published numbers, tidy: dataset, category (``Mean`` = the published average), method
     (paper spelling), k, metric, value (%). ``path`` defaults to ``$FSAD_BENCH_REFERENCE`` or
     ``results/reference/regad_paper.csv`` (installed as ``fsad_bench.reference``)."""
-    path = Path(path or os.environ.get("FSAD_BENCH_REFERENCE") or REFERENCE_CSV)
+    explicit = path or os.environ.get("FSAD_BENCH_REFERENCE")
+    path = Path(explicit or REFERENCE_CSV)
     if not path.is_file():
         raise FsadError(f"reference numbers not found at {path} (set FSAD_BENCH_REFERENCE to the CSV)")
     ref = pd.read_csv(path, dtype={"dataset": str, "category": str, "method": str, "metric": str})
+    if not explicit:  # the default: every shipped file
+        extra = [REFERENCE_CSV.parent / name for name in EXTRA_REFERENCE_CSVS]
+        ref = pd.concat([ref] + [pd.read_csv(p, dtype={"dataset": str, "category": str, "method": str, "metric": str})
+                                 for p in extra if p.is_file()], ignore_index=True)
     missing = {"dataset", "category", "method", "k", "metric", "value"} - set(ref.columns)
     if missing:
         raise FsadError(f"{path}: missing columns {sorted(missing)}")

@@ -1,5 +1,7 @@
 """Method registry: built-in adapters plus third-party ones from the entry-point group
-``fsad_bench.methods`` (``mymethod = "mypkg.module:MyAdapter"`` in their pyproject)."""
+``fsad_bench.methods`` (``mymethod = "mypkg.module:MyAdapter"`` in their pyproject), and
+prefixed families: ``anomalib:<Model>`` resolves through ``fsad_bench.methods.anomalib_models``
+(listed when the ``anomalib`` extra is installed)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,12 @@ BUILTIN: dict[str, str] = {
     "tdg+": "fsad_bench.methods.tdg:TDGPlus",
     "regad": "fsad_bench.methods.regad:RegAD",
     "regad-l": "fsad_bench.methods.regad:RegADL",
+    "patchcore": "fsad_bench.methods.patchcore:PatchCore",
 }
+
+
+#: "prefix:" -> module with ``names() -> list[str]`` and ``get(suffix) -> Adapter subclass``.
+PREFIXES: dict[str, str] = {"anomalib:": "fsad_bench.methods.anomalib_models"}
 
 
 #: Adapters registered at run time with :func:`register` (notebooks, tests).
@@ -50,13 +57,17 @@ def _targets() -> dict[str, str]:
 
 def available() -> list[str]:
     """Names of every registered method."""
-    return sorted(set(_targets()) | set(_REGISTERED))
+    prefixed = {n for module in PREFIXES.values() for n in import_module(module).names()}
+    return sorted(set(_targets()) | set(_REGISTERED) | prefixed)
 
 
 def get(name: str) -> type[Adapter]:
     """The adapter class registered as ``name``; FsadError for unknown names."""
     if name in _REGISTERED:
         return _REGISTERED[name]
+    for prefix, module in PREFIXES.items():
+        if name.startswith(prefix):
+            return import_module(module).get(name[len(prefix):])
     targets = _targets()
     if name not in targets:
         raise FsadError(f"unknown method {name!r} (registered: {', '.join(available())})")

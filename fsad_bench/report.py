@@ -27,7 +27,11 @@ from rich.text import Text
 from .costs import method_order
 from .store import ResultStore, atomic_write_text, with_train_seed
 
-METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)"}
+METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)",
+           "image_aupr": "Image AUPR (%)", "image_f1max": "Image F1-max (%)", "pixel_aupr": "Pixel AUPR (%)",
+           "pixel_f1max": "Pixel F1-max (%)"}
+#: Metrics tabulated unless ``metrics=`` / ``--metrics`` asks for others (every record holds all of them).
+DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 from .published import MEAN_ROW, STD_ROW  # noqa: E402  (one definition of the row names)
 
 
@@ -123,8 +127,11 @@ def _latex(table: pd.DataFrame, caption: str) -> str:
 
 
 def write_tables(out: str | Path, methods: list[str] | None = None,
-                 reference_method: str | None = None, std_components: bool | None = None) -> dict[str, pd.DataFrame]:
+                 reference_method: str | None = None, std_components: bool | None = None,
+                 metrics: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """Build every table of a results folder and write ``tables/*.{md,csv,tex}``; returns them by name.
+
+    ``metrics``: which accuracy tables (names of :data:`METRICS`; default :data:`DEFAULT_METRICS`).
 
     Accuracy tables get the published numbers as extra ``"<Method> (paper)"`` columns where
     ``results/reference`` has them, and, with ``reference_method`` (label or method name),
@@ -145,7 +152,9 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     tables: dict[str, pd.DataFrame] = {}
     for ds in sorted(df["dataset"].unique()):
         sub = df[df["dataset"] == ds]
-        for metric in METRICS:
+        for metric in metrics or DEFAULT_METRICS:
+            if metric not in df.columns:  # records written before the metric existed
+                continue
             t = paper_table(df, metric, ds, methods)
             if t.empty:
                 continue
@@ -171,7 +180,7 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
         atomic_write_text(folder / f"{name}.csv", flat.to_csv())
         tex_notes = "".join(f"\\par\\noindent{{\\footnotesize {_tex_escape(n)}}}\n" for n in notes)
         atomic_write_text(folder / f"{name}.tex", _latex(t, caption) + tex_notes)
-    summaries = [summary(df, m).assign(metric=m) for m in METRICS if df[m].notna().any()]
+    summaries = [summary(df, m).assign(metric=m) for m in METRICS if m in df.columns and df[m].notna().any()]
     atomic_write_text(folder / "summary.csv", pd.concat(summaries).to_csv(index=False))
     return tables
 

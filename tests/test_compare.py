@@ -218,3 +218,14 @@ def test_cost_ratio_table():
     assert t.loc["random", "adapt_x_gaussian"] == pytest.approx(0.25)
     assert t.loc["regad [cpu]", "paper_adapt_s"] == 4.47 and np.isnan(t.loc["gaussian", "paper_adapt_s"])
     assert cost_ratio_table(df, reference="random").attrs["reference"] == "random"
+
+
+def test_fewshot_baselines_loaded_with_the_regad_numbers():
+    from fsad_bench.published import load_reference, reference_rows
+
+    ref = load_reference()
+    pc = ref[(ref["method"] == "PatchCore") & (ref["dataset"] == "mvtec") & (ref["metric"] == "image_auroc")]
+    assert dict(zip(pc["k"], pc["value"])) == {1: 83.4, 4: 88.8}
+    assert (ref["method"] == "RegAD").any() and ref["source"].notna().all()
+    rows = reference_rows("visa", "pixel_auroc", ks=[1], reference=ref)
+    assert rows.loc["Mean", ("k=1", "PaDiM (paper)")] == "89.9"
