@@ -17,7 +17,7 @@ from fsad_bench.augment import augment_support
 from fsad_bench.backbone import ResNetFeatures, state_hash
 from fsad_bench.features import CachedBackbone
 from fsad_bench.gaussian_model import PositionGaussian
-from fsad_bench.maps import concat_pyramid, smooth_maps
+from fsad_bench.maps import concat_pyramid, pyramid_samples, smooth_maps
 
 
 class GaussianAdapter(Adapter):
@@ -48,15 +48,33 @@ class GaussianAdapter(Adapter):
         out = [concat_pyramid(backbone(images[i : i + bs].to(self.device))) for i in range(0, len(images), bs)]
         return torch.cat(out)
 
+    @torch.no_grad()
+    def samples(self, images: torch.Tensor, cache: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The same features as :meth:`features`, written once per batch straight into the
+        position-major buffer ``(S/4 · S/4, N, 448)`` the Gaussian reads (no concatenated or
+        permuted copies); returns (buffer, grid)."""
+        bs = self.hparams["batch_size"]
+        backbone = self.cached if cache else self.backbone
+        mode = self.hparams.get("upsample", "bilinear")
+        buf, grid = None, None
+        for i in range(0, len(images), bs):
+            maps = backbone(images[i : i + bs].to(self.device))
+            if buf is None:
+                grid = tuple(maps[0].shape[-2:])
+                buf = torch.empty(grid[0] * grid[1], len(images), sum(m.shape[1] for m in maps),
+                                  dtype=maps[0].dtype, device=maps[0].device)
+            pyramid_samples(maps, mode, out=buf, offset=i)
+        return buf, grid
+
     def adapt(self, support: torch.Tensor) -> None:
         if self.hparams["augment"]:
             g = torch.Generator().manual_seed(self.config.seed)
             support = augment_support(support, generator=g)
-        self.gaussian.fit(self.features(support))
+        self.gaussian.fit_samples(*self.samples(support))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.gaussian.mahalanobis(self.features(images, cache=True))
+        dist = self.gaussian.score_samples(self.samples(images, cache=True)[0])
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"]).cpu()
         return maps.flatten(1).max(dim=1).values, maps
 

@@ -67,7 +67,7 @@ from fsad_bench.adapter import Adapter, TrainSet
 from fsad_bench.augment import affine_warp, augment_support
 from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
 from fsad_bench.gaussian_model import PositionGaussian
-from fsad_bench.maps import concat_pyramid, smooth_maps
+from fsad_bench.maps import concat_pyramid, pyramid_samples, smooth_maps
 
 #: Parameters predicted by the localisation net for each transformation family (official N_PARAMS).
 N_PARAMS = {"affine": 6, "translation": 2, "rotation": 1, "scale": 2, "shear": 2, "rotation_scale": 3,
@@ -414,15 +414,34 @@ class RegAD(Adapter):
             thetas.append(compose_affine(*th))
         return torch.cat(feats), torch.cat(thetas)
 
+    @torch.no_grad()
+    def samples(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        """:meth:`features` written once per batch straight into the position-major buffer
+        ``(S/4 · S/4, N, 448)`` the Gaussian reads; returns (buffer, grid, θ_1 θ_2 θ_3 ``(N, 2, 3)``)."""
+        self.model.eval()
+        bs = self.hparams["infer_batch"]
+        buf, grid, thetas = None, None, []
+        for i in range(0, len(images), bs):
+            maps, th = self.model(images[i : i + bs].to(self.device))
+            if self.hparams["feature_frame"] == "image":  # official: warp each level back to the image
+                maps = [affine_warp(m, invert_affine(compose_affine(*th[: j + 1]))) for j, m in enumerate(maps)]
+            if buf is None:
+                grid = tuple(maps[0].shape[-2:])
+                buf = torch.empty(grid[0] * grid[1], len(images), sum(m.shape[1] for m in maps),
+                                  dtype=maps[0].dtype, device=maps[0].device)
+            pyramid_samples(maps, "bilinear", out=buf, offset=i)
+            thetas.append(compose_affine(*th))
+        return buf, grid, torch.cat(thetas)
+
     def adapt(self, support: torch.Tensor) -> None:
         g = torch.Generator().manual_seed(self.config.seed)
-        feats, _ = self.features(augment_support(support, generator=g))
-        self.gaussian.fit(feats)
+        buf, grid, _ = self.samples(augment_support(support, generator=g))
+        self.gaussian.fit_samples(buf, grid)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, theta = self.features(images)
-        dist = self.gaussian.mahalanobis(feats)  # (N, S/4, S/4)
+        buf, _, theta = self.samples(images)
+        dist = self.gaussian.score_samples(buf)  # (N, S/4, S/4)
         if self.hparams["feature_frame"] == "registered":  # map to image coordinates: sample at (θ1θ2θ3)⁻¹ q
             dist = affine_warp(dist[:, None], invert_affine(theta))[:, 0]
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"]).cpu()
