@@ -7,6 +7,10 @@ outputs by (backbone tag, SHA-1 of the image's pixels) — the pixels stand for 
 the transform that produced them — in memory (LRU, bounded in MiB) and, optionally, on disk
 (one ``.pt`` file per image, written atomically), so repeated commands and other methods
 with the same backbone and weights reuse them. Outputs are bit-identical to the backbone's.
+
+Memory: the in-memory part never holds more than ``max_memory_mb`` of feature tensors
+(:attr:`CachedBackbone.bytes`, least recently used evicted first), whatever the number of
+test images; ``benchmarks/memory.py`` measures the process's peak against that bound.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class CachedBackbone:
         size = sum(f.numel() * f.element_size() for f in feats)
         if size > self.max_bytes:
             return
+        if key in self.memory:  # the same image twice in one batch: count it once
+            self.bytes -= sum(f.numel() * f.element_size() for f in self.memory.pop(key))
         self.memory[key] = feats
         self.bytes += size
         while self.bytes > self.max_bytes:
@@ -87,6 +93,7 @@ class CachedBackbone:
             device = next(self.backbone.parameters()).device
             outs = self.backbone(images[missing].to(device))
             for j, i in enumerate(missing):
+                # own storage of exactly this image's size (a view would pin the whole batch)
                 found[i] = [o[j].cpu().clone() for o in outs]
                 self._put(keys[i], found[i])
         device = images.device

@@ -8,13 +8,25 @@ Two exact ways to compute it, chosen by ``form``:
 
 * ``primal`` — Cholesky of the ``C × C`` covariance, inverse factor kept: scoring costs
   ``C²`` per position. Used when ``N >= C``.
-* ``dual`` — Woodbury identity, ``Σ⁻¹ = (I - Xᵀ (ε m I + X Xᵀ)⁻¹ X) / ε`` with ``m = N - 1``:
-  only an ``N × N`` matrix per position is factorised and scoring costs ``N C + N²``. The
-  few-shot case: RegAD's augmented support has ``22 k`` samples, fewer than ``C = 448`` up
-  to k = 20, so fitting is several times cheaper. Same numbers up to float32 round-off.
+* ``dual`` — Woodbury identity, ``Σ⁻¹ = (I - Xᵀ G⁻¹ X) / ε`` with ``G = ε m I + X Xᵀ = L Lᵀ``,
+  ``m = N - 1``: only an ``N × N`` matrix per position is factorised. The inverse factor is
+  folded into the samples at fit time, ``W = L⁻¹ X`` ``(N, C)``, so that
+  ``ε (x-μ)ᵀ Σ⁻¹ (x-μ) = |x-μ|² - |W (x-μ)|²``: one batched product of ``N C`` per position
+  and test image, and only ``W`` (no ``L⁻¹``) is streamed per call. The few-shot case:
+  RegAD's augmented support has ``22 k`` samples, fewer than ``C = 448`` up to k = 20.
+  Same numbers as the primal form up to float32 round-off.
+
+Layout: both :meth:`PositionGaussian.fit_samples` and :meth:`PositionGaussian.score_samples`
+take *position-major* samples ``(P, N, C)`` (each position's ``(N, C)`` matrix contiguous,
+what the batched products read; :func:`fsad_bench.maps.pyramid_samples` writes features
+straight into it) and work in place in that buffer: the fitted ``W`` overwrites the
+support samples, the test buffer is centred in place. A test batch of ``B`` images is
+scored in one pass over ``W`` (each position's ``W`` is read once for all ``B`` images).
+:meth:`fit` / :meth:`mahalanobis` take ``(N, C, H, W)`` maps and copy them into that layout.
 
 Everything is batched over positions (``torch.bmm`` / ``torch.linalg``), no Python loop
-over positions; ``chunk`` positions are factorised at once to bound peak memory.
+over positions; ``chunk`` positions are factorised at once (bounds the temporaries and
+keeps a chunk's samples in cache between the Gram product, the Cholesky and the fold).
 """
 
 from __future__ import annotations
@@ -22,66 +34,108 @@ from __future__ import annotations
 import torch
 
 
+def position_major(features: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` maps -> a new contiguous ``(H W, N, C)`` tensor (one copy)."""
+    n, c, h, w = features.shape
+    out = torch.empty(h * w, n, c, dtype=features.dtype, device=features.device)
+    out.view(h, w, n, c).copy_(features.permute(2, 3, 0, 1))
+    return out
+
+
 class PositionGaussian:
-    """Gaussian per spatial position of ``(N, C, H, W)`` feature maps.
+    """Gaussian per spatial position.
 
     ``eps``: ridge added to every covariance (RegAD / PaDiM: 0.01). ``form``: ``"auto"``
-    (dual when N < C), ``"primal"`` or ``"dual"``.
+    (dual when N < C), ``"primal"`` or ``"dual"``. ``chunk``: positions factorised at once.
     """
 
-    def __init__(self, eps: float = 0.01, form: str = "auto", chunk: int = 512):
+    def __init__(self, eps: float = 0.01, form: str = "auto", chunk: int = 32):
         if form not in ("auto", "primal", "dual"):
             raise ValueError(f"form must be auto, primal or dual, got {form!r}")
         self.eps, self.form, self.chunk = eps, form, chunk
         self.mean: torch.Tensor | None = None       # (P, C)
-        self.inv_chol: torch.Tensor | None = None   # primal: (P, C, C); dual: (P, N, N) — lower-triangular L⁻¹
-        self.samples: torch.Tensor | None = None    # dual only: centred samples (P, N, C)
+        self.inv_chol: torch.Tensor | None = None   # primal only: (P, C, C) lower-triangular L⁻¹
+        self.folded: torch.Tensor | None = None     # dual only: (P, N, C) = L⁻¹ X (G = L Lᵀ)
         self.shape: tuple[int, int] | None = None
         self.used_form = ""
 
+    # -- fit -----------------------------------------------------------------------------
     def fit(self, features: torch.Tensor) -> "PositionGaussian":
-        """Fit from ``features`` ``(N, C, H, W)``, N >= 2."""
-        n, c, h, w = features.shape
+        """Fit from ``features`` ``(N, C, H, W)``, N >= 2 (copied; the input is left as is)."""
+        _, _, h, w = features.shape
+        return self.fit_samples(position_major(features), (h, w))
+
+    @torch.no_grad()
+    def fit_samples(self, x: torch.Tensor, shape: tuple[int, int]) -> "PositionGaussian":
+        """Fit from position-major samples ``x`` ``(P, N, C)`` with ``P = shape[0] * shape[1]``.
+
+        ``x`` is consumed: centred in place and, in the dual form, overwritten by ``L⁻¹ X``
+        (kept as :attr:`folded`, no second copy)."""
+        p, n, c = x.shape
+        if p != shape[0] * shape[1]:
+            raise ValueError(f"{p} positions do not match the grid {shape}")
         if n < 2:
             raise ValueError(f"need at least 2 feature maps to fit a covariance, got {n}")
-        # (N, P, C) with channels contiguous (no copy for channels-last input): each position's
-        # (N, C) sample matrix is then a BLAS-friendly strided view, and chunks copy out in whole rows.
-        x = features.permute(0, 2, 3, 1).reshape(n, h * w, c).contiguous()
-        self.mean = x.mean(dim=0)                 # (P, C)
-        x -= self.mean
-        x = x.permute(1, 0, 2)                    # (P, N, C) view of the centred samples
+        x = x.contiguous()
         dual = self.form == "dual" or (self.form == "auto" and n < c)
         self.used_form = "dual" if dual else "primal"
+        self.mean = torch.empty(p, c, dtype=x.dtype, device=x.device)
         size = n if dual else c
-        eye = torch.eye(size, dtype=features.dtype, device=features.device)
-        self.inv_chol = torch.empty(h * w, size, size, dtype=features.dtype, device=features.device)
-        self.samples = torch.empty(h * w, n, c, dtype=features.dtype, device=features.device) if dual else None
-        for s in range(0, h * w, self.chunk):
+        eye = torch.eye(size, dtype=x.dtype, device=x.device)
+        self.inv_chol = None if dual else torch.empty(p, c, c, dtype=x.dtype, device=x.device)
+        for s in range(0, p, self.chunk):
+            xc = x[s : s + self.chunk]                                   # (chunk, N, C), contiguous
+            torch.mean(xc, dim=1, out=self.mean[s : s + self.chunk])
+            xc -= self.mean[s : s + self.chunk, None, :]
             if dual:
-                xc = self.samples[s : s + self.chunk]
-                xc.copy_(x[s : s + self.chunk])
-                gram = torch.baddbmm(eye.expand(len(xc), n, n), xc, xc.transpose(1, 2), beta=self.eps * (n - 1))
+                gram = torch.baddbmm(eye, xc, xc.transpose(1, 2), beta=self.eps * (n - 1))
+                chol = self._cholesky(gram)
+                # W = L⁻¹ X, solved as Wᵀ Lᵀ = Xᵀ (column-major right-hand side, no copy in)
+                xc.copy_(torch.linalg.solve_triangular(chol.mT, xc.mT, upper=True, left=False).mT)
             else:
-                xc = x[s : s + self.chunk].contiguous()
-                gram = torch.baddbmm(eye.expand(len(xc), c, c), xc.transpose(1, 2), xc,
-                                     beta=self.eps, alpha=1.0 / (n - 1))
-            chol = torch.linalg.cholesky(gram)
-            self.inv_chol[s : s + self.chunk] = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-        self.shape = (h, w)
+                gram = torch.baddbmm(eye, xc.transpose(1, 2), xc, beta=self.eps, alpha=1.0 / (n - 1))
+                chol = self._cholesky(gram)
+                self.inv_chol[s : s + self.chunk] = torch.linalg.solve_triangular(chol, eye.expand_as(chol),
+                                                                                  upper=False)
+        self.folded = x if dual else None
+        self.shape = tuple(shape)
         return self
 
+    @staticmethod
+    def _cholesky(gram: torch.Tensor) -> torch.Tensor:
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()):
+            raise ValueError("covariance not positive definite (non-finite features?)")
+        return chol
+
+    # -- score ---------------------------------------------------------------------------
     def mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
         """Distance of each position of ``features`` ``(B, C, H, W)`` to its Gaussian -> ``(B, H, W)``."""
-        if self.mean is None:
-            raise RuntimeError("PositionGaussian.fit must be called first")
-        b, c, h, w = features.shape
+        self._check()
+        _, _, h, w = features.shape
         if (h, w) != self.shape:
             raise ValueError(f"feature grid {(h, w)} differs from the fitted grid {self.shape}")
-        # (P, B, C) view; free when the features are channels-last (ResNetFeatures' output)
-        d = features.permute(2, 3, 0, 1).reshape(h * w, b, c) - self.mean[:, None, :]
+        return self.score_samples(position_major(features))
+
+    @torch.no_grad()
+    def score_samples(self, x: torch.Tensor) -> torch.Tensor:
+        """Distances of position-major test samples ``x`` ``(P, B, C)`` -> ``(B, H, W)``.
+
+        ``x`` is consumed (centred in place). One pass over the stored ``W`` for all ``B``."""
+        self._check()
+        p, b, c = x.shape
+        if p != self.shape[0] * self.shape[1] or c != self.mean.shape[1]:
+            raise ValueError(f"test samples {tuple(x.shape)} do not match the fit ({p} positions, "
+                             f"{self.mean.shape[1]} channels expected)")
+        x = x.contiguous()
+        x -= self.mean[:, None, :]                                           # d = x - μ, in place
         if self.used_form == "dual":
-            z = torch.bmm(torch.bmm(d, self.samples.transpose(1, 2)), self.inv_chol.transpose(1, 2))  # (P, B, N)
-            sq = (d.square().sum(dim=2) - z.square().sum(dim=2)).clamp_min(0) / self.eps
+            z = torch.bmm(x, self.folded.transpose(1, 2))                   # (P, B, N) = d Wᵀ
+            sq = (torch.linalg.vector_norm(x, dim=2).square_() - z.square_().sum(dim=2)).clamp_min_(0) / self.eps
         else:
-            sq = torch.bmm(d, self.inv_chol.transpose(1, 2)).square().sum(dim=2)                     # (P, B)
-        return sq.sqrt().T.reshape(b, h, w)
+            sq = torch.bmm(x, self.inv_chol.transpose(1, 2)).square_().sum(dim=2)  # (P, B)
+        return sq.sqrt_().T.reshape(b, *self.shape)
+
+    def _check(self) -> None:
+        if self.mean is None:
+            raise RuntimeError("PositionGaussian.fit must be called first")

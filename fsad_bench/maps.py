@@ -22,6 +22,36 @@ def concat_pyramid(maps: list[torch.Tensor], mode: str = "bilinear") -> torch.Te
     return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode=mode, **kw) for m in maps[1:]], dim=1)
 
 
+def pyramid_samples(maps: list[torch.Tensor], mode: str = "bilinear", out: torch.Tensor | None = None,
+                    offset: int = 0) -> torch.Tensor:
+    """:func:`concat_pyramid` written straight into the layout the per-position Gaussian reads.
+
+    ``maps``: feature maps ``(B, C_i, H_i, W_i)`` (any memory format; the first one's grid
+    ``H1 x W1`` is the target); each map is upsampled with ``mode`` (``"bilinear"`` as
+    :func:`concat_pyramid`, or ``"nearest"``, …; ``F.interpolate`` modes) and written once, as
+    channels ``sum(C_<i) … sum(C_<=i)`` of samples ``offset … offset + B`` of the
+    position-major buffer ``out`` ``(H1 W1, N, ΣC)`` (allocated with ``N = B`` when None).
+    Returns ``out``. Equals ``concat_pyramid(maps).permute(2, 3, 0, 1).reshape(H1 W1, B, ΣC)``
+    for ``mode="bilinear"``, without the concatenated copy and the permuted copy.
+    """
+    b, _, h, w = maps[0].shape
+    total = sum(m.shape[1] for m in maps)
+    if out is None:
+        out = torch.empty(h * w, b, total, dtype=maps[0].dtype, device=maps[0].device)
+    if out.shape[0] != h * w or out.shape[2] != total or offset + b > out.shape[1]:
+        raise ValueError(f"buffer {tuple(out.shape)} cannot hold {b} samples at {offset} of a "
+                         f"{h}x{w} grid with {total} channels")
+    view = out.view(h, w, out.shape[1], total)[:, :, offset : offset + b]   # (H1, W1, B, ΣC)
+    c0 = 0
+    for i, m in enumerate(maps):
+        if i and m.shape[-2:] != (h, w):
+            kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+            m = F.interpolate(m, size=(h, w), mode=mode, **kw)
+        view[..., c0 : c0 + m.shape[1]].copy_(m.permute(2, 3, 0, 1))
+        c0 += m.shape[1]
+    return out
+
+
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     """Normalised 1-D Gaussian taps with scipy.ndimage.gaussian_filter's support (radius 4σ)."""
     radius = int(4 * sigma + 0.5)

@@ -45,7 +45,7 @@ from fsad_bench.augment import augment_support
 from fsad_bench.backbone import FeatureExtractor, state_hash
 from fsad_bench.features import CachedBackbone
 from fsad_bench.gaussian_model import PositionGaussian
-from fsad_bench.maps import concat_pyramid, smooth_maps
+from fsad_bench.maps import concat_pyramid, pyramid_samples, smooth_maps
 
 _REGAD_A = {"arch": "resnet18", "eps": 0.01, "normalize": False, "augment": True, "upsample": "nearest",
             "blur_border": "symmetric", "n_features": None, "channel_seed": None, "sigma": 4.0, "batch_size": 32}
@@ -104,15 +104,35 @@ class GaussianAdapter(Adapter):
             feats = feats.index_select(1, self.channel_index.to(feats.device))
         return feats
 
+    @torch.no_grad()
+    def samples(self, images: torch.Tensor, cache: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The same features as :meth:`features`, written once per batch straight into the
+        position-major buffer ``(S/4 · S/4, N, 448 or n_features)`` the Gaussian reads (no concatenated or
+        permuted copies); returns (buffer, grid)."""
+        bs = self.hparams["batch_size"]
+        backbone = self.cached if cache else self.backbone
+        mode = self.hparams["upsample"]
+        buf, grid = None, None
+        for i in range(0, len(images), bs):
+            maps = backbone(images[i : i + bs].to(self.device))
+            if buf is None:
+                grid = tuple(maps[0].shape[-2:])
+                buf = torch.empty(grid[0] * grid[1], len(images), sum(m.shape[1] for m in maps),
+                                  dtype=maps[0].dtype, device=maps[0].device)
+            pyramid_samples(maps, mode, out=buf, offset=i)
+        if self.channel_index is not None:  # the random channel subset (PaDiM's d): one gather
+            buf = buf.index_select(2, self.channel_index.to(buf.device))
+        return buf, grid
+
     def adapt(self, support: torch.Tensor) -> None:
         if self.hparams["augment"]:
             g = torch.Generator().manual_seed(self.config.seed)
             support = augment_support(support, generator=g)
-        self.gaussian.fit(self.features(support))
+        self.gaussian.fit_samples(*self.samples(support))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.gaussian.mahalanobis(self.features(images, cache=True))
+        dist = self.gaussian.score_samples(self.samples(images, cache=True)[0])
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"], self.hparams["blur_border"]).cpu()
         return maps.flatten(1).max(dim=1).values, maps
 

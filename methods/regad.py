@@ -84,7 +84,7 @@ from fsad_bench.adapter import Adapter, TrainSet
 from fsad_bench.augment import affine_warp, augment_support
 from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 from fsad_bench.gaussian_model import PositionGaussian
-from fsad_bench.maps import concat_pyramid, smooth_maps
+from fsad_bench.maps import concat_pyramid, pyramid_samples, smooth_maps
 
 #: Test-pipeline option values of the official code (others are labelled in tables).
 OFFICIAL_TEST = {"feature_frame": "image", "concat_upsample": "nearest", "blur_border": "symmetric"}
@@ -436,30 +436,50 @@ class RegAD(Adapter):
 
     # -- test time ------------------------------------------------------------------------
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenated maps ``(N, 448, S/4, S/4)`` (image frame or registered frame, see
-        ``feature_frame``) and the composed transform ``θ_1 θ_2 θ_3`` ``(N, 2, 3)`` (registered
-        layer3 frame -> image), in batches."""
+    def _pyramids(self, images: torch.Tensor):
+        """Per batch of ``infer_batch`` images: the three maps in the test frame (image frame or
+        registered frame, see ``feature_frame``) and ``θ_1 θ_2 θ_3`` ``(B, 2, 3)`` (registered
+        layer3 frame -> image). Yields ``(offset, maps, theta)``."""
         self.model.eval()
-        feats, thetas = [], []
         bs = self.hparams["infer_batch"]
         for i in range(0, len(images), bs):
             maps, th = self.model(images[i : i + bs].to(self.device))
             if self.hparams["feature_frame"] == "image":  # official: each level back to the image first
                 maps = to_image_frame(maps, th)
+            yield i, maps, compose_affine(*th)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated maps ``(N, 448, S/4, S/4)`` and ``θ_1 θ_2 θ_3`` ``(N, 2, 3)``."""
+        feats, thetas = [], []
+        for _, maps, theta in self._pyramids(images):
             feats.append(concat_pyramid(maps, self.hparams["concat_upsample"]))
-            thetas.append(compose_affine(*th))
+            thetas.append(theta)
         return torch.cat(feats), torch.cat(thetas)
+
+    @torch.no_grad()
+    def samples(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        """:meth:`features` written once per batch straight into the position-major buffer
+        ``(S/4 · S/4, N, 448)`` the Gaussian reads; returns (buffer, grid, θ_1 θ_2 θ_3 ``(N, 2, 3)``)."""
+        buf, grid, thetas = None, None, []
+        for i, maps, theta in self._pyramids(images):
+            if buf is None:
+                grid = tuple(maps[0].shape[-2:])
+                buf = torch.empty(grid[0] * grid[1], len(images), sum(m.shape[1] for m in maps),
+                                  dtype=maps[0].dtype, device=maps[0].device)
+            pyramid_samples(maps, self.hparams["concat_upsample"], out=buf, offset=i)
+            thetas.append(theta)
+        return buf, grid, torch.cat(thetas)
 
     def adapt(self, support: torch.Tensor) -> None:
         g = torch.Generator().manual_seed(self.config.seed)
-        feats, _ = self.features(augment_support(support, generator=g))
-        self.gaussian.fit(feats)
+        buf, grid, _ = self.samples(augment_support(support, generator=g))
+        self.gaussian.fit_samples(buf, grid)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, theta = self.features(images)
-        dist = self.gaussian.mahalanobis(feats)  # (N, S/4, S/4)
+        buf, _, theta = self.samples(images)
+        dist = self.gaussian.score_samples(buf)  # (N, S/4, S/4)
         if self.hparams["feature_frame"] == "registered":  # map to image coordinates: sample at (θ1θ2θ3)⁻¹ q
             dist = affine_warp(dist[:, None], invert_affine(theta))[:, 0]
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"], self.hparams["blur_border"]).cpu()

@@ -58,3 +58,73 @@ def test_separable_smoothing_matches_scipy():
     ref = np.stack([gaussian_filter(u, 4.0, mode="mirror") for u in up])
     assert got.shape == (3, 64, 64)
     assert np.abs(got.numpy() - ref).max() < 1e-5
+
+
+def _pyramid(b: int, g: torch.Generator, channels_last: bool) -> list[torch.Tensor]:
+    maps = [torch.randn(b, 8, 12, 12, generator=g), torch.randn(b, 16, 6, 6, generator=g),
+            torch.randn(b, 32, 3, 3, generator=g)]
+    return [m.contiguous(memory_format=torch.channels_last) for m in maps] if channels_last else maps
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pyramid_samples_equals_the_concat_path(channels_last):
+    from fsad_bench.maps import concat_pyramid, pyramid_samples
+
+    g = torch.Generator().manual_seed(3)
+    batches = [_pyramid(4, g, channels_last), _pyramid(3, g, channels_last)]
+    old = torch.cat([concat_pyramid(m) for m in batches])                 # (7, 56, 12, 12)
+    old = old.permute(2, 3, 0, 1).reshape(144, 7, 56)
+    buf = torch.empty(144, 7, 56)
+    pyramid_samples(batches[0], out=buf, offset=0)
+    pyramid_samples(batches[1], out=buf, offset=4)
+    assert torch.equal(buf, old)
+    assert torch.equal(pyramid_samples(batches[1]), old[:, 4:])
+    # the upsampling mode is a parameter (nearest: every coarse cell repeated)
+    near = pyramid_samples(batches[0], mode="nearest").view(12, 12, 4, 56)
+    assert torch.equal(near[:, :, :, 8:24], batches[0][1].repeat_interleave(2, 2).repeat_interleave(2, 3)
+                       .permute(2, 3, 0, 1))
+    with pytest.raises(ValueError, match="cannot hold"):
+        pyramid_samples(batches[0], out=buf, offset=5)
+
+
+@pytest.mark.parametrize("n,c", [(30, 48), (80, 16)])
+def test_fit_and_score_in_the_position_major_layout(n, c):
+    """fit_samples / score_samples (in place, what the adapters use) give the float64 loop's numbers."""
+    from fsad_bench.gaussian_model import position_major
+
+    g = torch.Generator().manual_seed(1)
+    train = torch.randn(n, c, 4, 5, generator=g) * (torch.rand(1, c, 1, 1, generator=g) * 3) + 1
+    test = torch.randn(6, c, 4, 5, generator=g) * 2
+    model = PositionGaussian(eps=0.01, chunk=3).fit_samples(position_major(train), (4, 5))
+    got = model.score_samples(position_major(test))
+    assert got.shape == (6, 4, 5)
+    assert torch.allclose(got.double(), _reference(train, test, 0.01), rtol=2e-4, atol=1e-5)
+    if n < c:  # dual: the fitted buffer itself holds L⁻¹ X, no (P, N, N) factor is kept
+        assert model.folded.shape == (20, n, c) and model.inv_chol is None
+    with pytest.raises(ValueError, match="do not match"):
+        model.score_samples(torch.zeros(19, 2, c))
+
+
+def test_feature_cache_respects_its_bound():
+    from fsad_bench.features import CachedBackbone
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return [self.conv(x), self.conv(x)[:, :, ::2, ::2]]
+
+    per_image = (4 * 8 * 8 + 4 * 4 * 4) * 4                                # bytes of one image's features
+    cache = CachedBackbone(Tiny(), "tiny", max_memory_mb=10.5 * per_image / 2**20)
+    images = torch.rand(30, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = cache(images[:4])
+    cache(torch.cat([images[4:5], images[4:5]]))                           # the same image twice
+    assert cache.bytes == 5 * per_image
+    for i in range(5, 30, 6):
+        cache(images[i : i + 6])
+        assert cache.bytes <= cache.max_bytes and len(cache.memory) == 10
+    assert cache.bytes == sum(sum(t.numel() * t.element_size() for t in f) for f in cache.memory.values())
+    again = cache(images[:4])                                              # evicted: recomputed, identical
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
