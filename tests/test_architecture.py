@@ -12,19 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Layer of each module (lower = below); a module may import modules of its own layer or lower.
 LAYERS = {
     # building blocks that know nothing of benchmarks
-    "errors": 0, "maps": 0, "augment": 0, "gaussian_model": 0, "metrics": 0,
+    "errors": 0, "maps": 0, "augment": 0, "gaussian_model": 0, "metrics": 0, "memory": 0,
     # data: readers, synthetic data, k-shot sampler; backbones and their feature cache
     "data": 1, "synthetic": 1, "sampler": 1, "backbone": 1, "features": 1, "image_cache": 1,
+    "identity": 1,  # fingerprints of files, folders, weights and code (record identity)
     # adapter API and registry (what methods build on)
     "adapter": 2, "registry": 2,
     # protocols (which images reach fit) and suites
     "protocols": 3,
-    # result store
-    "store": 4,
+    # result store, and the optional MLflow sink of finished records
+    "store": 4, "tracking": 4,
     # engine (cells, timing, metrics)
-    "engine": 5,
+    "engine": 5, "workers": 5,
     # reporter
-    "published": 6, "significance": 6, "costs": 6, "report": 6, "plots": 6, "export": 6, "tracking": 6,
+    "published": 6, "significance": 6, "costs": 6, "report": 6, "plots": 6, "export": 6,
     # command line
     "cli": 7,
 }
