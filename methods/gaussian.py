@@ -6,6 +6,8 @@ layer1 grid and concatenated (448 channels for ResNet-18), a Gaussian is fitted 
 position (covariance + εI, ε = 0.01), test positions are scored by Mahalanobis distance,
 the map is upsampled to the image, smoothed (Gaussian, σ = 4 px) and its maximum is the
 image score. Training-free: ``fit`` is never needed.
+Backbone (``arch`` option, default ``resnet18``): any torchvision CNN with default taps in
+``fsad_bench.backbone.TAPS`` (``mobilenet_v2``: features.3/6/13, 152 channels).
 """
 
 from __future__ import annotations
