@@ -305,7 +305,7 @@ def datasets() -> None:
     from .data import KNOWN_DATASETS
     from .protocols import builtin_suites
 
-    t = Table(title="datasets (MVTec AD folder layout; pass --data-root)")
+    t = Table(title="datasets (MVTec AD or VisA split-CSV layout, or --data-root repeated to pool roots)")
     t.add_column("name")
     t.add_column("categories")
     for name, cats in KNOWN_DATASETS.items():

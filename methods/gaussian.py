@@ -19,7 +19,9 @@ and values that differ from the preset's are labelled in tables):
 * ``n_features`` — None (all channels) or a random subset of that many channels, drawn once
   from ``channel_seed`` (None: the config seed) with ``torch.randperm`` (anomalib draws its
   index with Python's ``random.sample``; PaDiM's default for ResNet-18 is 100);
-* ``eps``, ``sigma``, ``arch``, ``batch_size`` (feature batches; no effect on the numbers).
+* ``arch`` — the backbone (default ``resnet18``): any torchvision CNN with default taps in
+  ``fsad_bench.backbone.TAPS`` (``mobilenet_v2``: features.3/6/13, 152 channels);
+* ``eps``, ``sigma``, ``batch_size`` (feature batches; no effect on the numbers).
 
 Presets:
 
