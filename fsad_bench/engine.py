@@ -189,8 +189,8 @@ def config_hash(suite: Suite, method: str, category: str | None = None, dataset:
     if wkey not in memo:  # one hash of the weights per plan
         memo[wkey] = weights_fingerprint(suite.weights, cache_dir())
     payload: dict[str, Any] = {
-        "method": method, "preset": cls.resolve_preset(suite.preset),
-        "hparams": cls.resolve_hparams(suite.preset, options), "code": code_fingerprint(cls),
+        # the resolved values, not the preset's name: presets with equal values give equal numbers
+        "method": method, "hparams": cls.resolve_hparams(suite.preset, options), "code": code_fingerprint(cls),
         "weights": memo[wkey], "image_size": suite.image_size,
         "seed": suite.seed,
         "synthetic": suite.synthetic if suite.dataset == "synthetic" else None,

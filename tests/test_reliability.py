@@ -47,7 +47,8 @@ def test_config_hash_covers_what_changes_numbers(make_suite, synth_root, tmp_pat
     suite = make_suite(methods=["gaussian"])
     h = _hash(suite)
     assert _hash(make_suite(methods=["gaussian"])) == h  # deterministic
-    assert _hash(make_suite(methods=["gaussian"], preset="paper")) == h  # gaussian has no `paper`: same values
+    assert _hash(make_suite(methods=["gaussian"], preset="paper")) == h  # gaussian's cpu and paper: same values
+    assert _hash(make_suite(methods=["gaussian"], preset="padim")) != h
     assert _hash(make_suite(methods=["gaussian"], options={"gaussian": {"eps": 0.5}})) != h
     assert _hash(make_suite(methods=["gaussian"], image_size=96)) != h
     assert _hash(make_suite(methods=["gaussian"], seed=1)) != h
