@@ -7,7 +7,7 @@ and smoothed with σ = 4 (fsad_bench.maps.smooth_maps), score = map maximum. ano
 the ``anomalib:Padim`` adapter (PadimModel). Prints per (k, run) the largest map difference
 relative to the map range, the score difference, both sides' metrics and wall times.
 
-    python examples/padim_parity.py DATA_ROOT WEIGHTS [--category bottle] [--k 1,2,4,8] [--runs 5]
+    python benchmarks/padim_parity.py DATA_ROOT WEIGHTS [--category bottle] [--k 1,2,4,8] [--runs 5]
 """
 
 from __future__ import annotations
