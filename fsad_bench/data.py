@@ -470,22 +470,19 @@ def load_mask(path: Path | None, size: int, image: Path | None = None) -> torch.
         raise FsadError(f"cannot read mask {path}: {err.__class__.__name__}: {err}") from None
 
 
+#: Formats whose end is checked from the file's tail: (bytes read from the end, end marker, reason).
+_TAIL_MARKERS = {"PNG": (12, b"IEND", "no IEND chunk at the end (truncated PNG)"),
+                 "JPEG": (1024, b"\xff\xd9", "no end-of-image marker (truncated JPEG)")}
+
+
 def _truncation(path: Path, im: Image.Image, nbytes: int) -> str | None:
     """Why ``path`` looks truncated, from its tail bytes (PNG IEND, JPEG EOI) or, for other formats
     (BMP, TIFF), a full decode; None when complete."""
-    fmt = im.format
-    if fmt == "PNG":
+    if im.format in _TAIL_MARKERS:
+        tail, marker, reason = _TAIL_MARKERS[im.format]
         with path.open("rb") as f:
-            f.seek(max(0, nbytes - 12))
-            if b"IEND" not in f.read():
-                return "no IEND chunk at the end (truncated PNG)"
-        return None
-    if fmt == "JPEG":
-        with path.open("rb") as f:
-            f.seek(max(0, nbytes - 1024))
-            if b"\xff\xd9" not in f.read():
-                return "no end-of-image marker (truncated JPEG)"
-        return None
+            f.seek(max(0, nbytes - tail))
+            return None if marker in f.read() else reason
     im.load()  # BMP, TIFF and others: decode (raises on truncation)
     return None
 
