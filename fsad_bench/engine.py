@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import time
 import warnings
@@ -107,8 +108,8 @@ class Cell:
     def cell_id(self) -> str:
         key = (f"{self.method}|{self.protocol}|{self.dataset}|{self.category}|{self.k}|{self.run}|{self.config_hash}"
                f"|t{self.train_seed}")
-        return (f"{self.method}-{self.category}-k{self.k}-r{self.run}-t{self.train_seed}-"
-                + hashlib.sha256(key.encode()).hexdigest()[:10])
+        name = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{self.method}-{self.category}")  # `anomalib:Padim`: no ':' in file names
+        return f"{name}-k{self.k}-r{self.run}-t{self.train_seed}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def train_seeds_of(protocol: str, train_seeds: int) -> range:
@@ -148,6 +149,10 @@ def validate_suite(suite: Suite) -> None:
     valid), before anything is computed. A preset must exist in at least one of the suite's methods;
     a method without it runs its ``cpu`` preset (single-configuration methods like ``gaussian``)."""
     classes = {m: registry.get(m) for m in suite.methods}
+    weights = str(suite.weights or "auto")
+    if weights not in ("imagenet", "auto", "none") and not Path(weights).expanduser().is_file():
+        raise FsadError(f"weights file {weights} does not exist (expected imagenet, auto, none or a torchvision "
+                        f"state dict .pth of the suite's architecture)")
     presets = sorted({p for cls in classes.values() for p in cls.presets})
     if suite.preset not in presets:
         raise FsadError(f"unknown preset {suite.preset!r} (valid for {', '.join(classes)}: {', '.join(presets)})")
@@ -562,7 +567,7 @@ def _run_group_in_worker(parent_pid: int, *args: Any) -> int:
 
 def cell_status(suite: Suite, cells: list[Cell], store: ResultStore) -> dict[str, list]:
     """Cells of the suite by state: ``done`` (record present), ``todo`` (none), ``stale`` (a todo cell
-    whose (method, category, k, run) has a record of another configuration: code, data, options,
+    whose (method, category, k, run, train seed) has a record of another configuration: code, data, options,
     weights, ... changed since); ``foreign``: records of no current cell."""
     ids = {c.cell_id for c in cells}
     done = store.done_ids()
@@ -571,12 +576,12 @@ def cell_status(suite: Suite, cells: list[Cell], store: ResultStore) -> dict[str
         if p.stem not in ids:
             try:
                 r = json.loads(p.read_text())
-                old[(r.get("method"), r.get("category"), r.get("k"), r.get("run"))] = p.stem
+                old[(r.get("method"), r.get("category"), r.get("k"), r.get("run"), r.get("train_seed", 0))] = p.stem
             except (OSError, json.JSONDecodeError):
                 pass
     todo = [c for c in cells if c.cell_id not in done]
     return {"done": [c for c in cells if c.cell_id in done], "todo": todo,
-            "stale": [c for c in todo if (c.method, c.category, c.k, c.run) in old],
+            "stale": [c for c in todo if (c.method, c.category, c.k, c.run, c.train_seed) in old],
             "foreign": sorted(set(done) - ids)}
 
 

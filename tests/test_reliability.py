@@ -218,6 +218,31 @@ def test_unknown_preset_and_device(synth_root, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_missing_weights_file_is_an_error_at_planning(synth_root, tmp_path, capsys):
+    args = BASE + ["--data-root", str(synth_root), "--methods", "gaussian", "--out", str(tmp_path / "r")]
+    missing = tmp_path / "nope.pth"
+    _one_line_error(args + ["--weights", str(missing)], capsys, f"weights file {missing} does not exist")
+    assert not (tmp_path / "r").exists()
+
+
+def test_cell_ids_are_plain_file_names():
+    from fsad_bench.engine import Cell
+
+    cell = Cell("anomalib:Padim", "training-free", "mvtec", "metal nut", 2, 0, "abc", 1)
+    assert cell.cell_id.startswith("anomalib_Padim-metal_nut-k2-r0-t1-")
+    other = Cell("anomalib_Padim", "training-free", "mvtec", "metal nut", 2, 0, "abc", 1)
+    assert other.cell_id != cell.cell_id  # the hash keeps the raw names apart
+
+
+def test_stale_counts_each_train_seed(synth_root, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = BASE + ["--data-root", str(synth_root), "--methods", "regad-l", "--categories", "grid", "--out", str(out)]
+    main(args + ["--train-seeds", "1"])
+    capsys.readouterr()
+    main(args + ["--train-seeds", "2", "--image-size", "96", "--dry-run"])
+    assert "0 done, 2 to do (1 of them stale" in capsys.readouterr().out
+
+
 def test_duplicates_are_computed_once(synth_root, spies, tmp_path, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(spies["meandiff"], "adapt", lambda self, s: calls.append(1) or setattr(self, "mean", s.mean(0)))
