@@ -256,6 +256,47 @@ def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamp
 
 
 @cli.command()
+@click.argument("reference_dir", type=click.Path(path_type=Path))
+@click.argument("rerun_dir", type=click.Path(path_type=Path))
+@click.option("--metric", default="image_auroc", show_default=True,
+              type=click.Choice(["image_auroc", "pixel_auroc", "aupro", "image_aupr", "image_f1max", "pixel_aupr",
+                                 "pixel_f1max"]))
+def rerun(reference_dir: Path, rerun_dir: Path, metric: str) -> None:
+    """Check a rerun of a suite (another machine, thread count, library build) against the
+    reference's printed error bars: per (k, method) Mean row the reference's mean ± std, the
+    rerun's mean and the difference; exit status 1 when a Mean row lies outside the ± (as diff)."""
+    import pandas as pd
+
+    from .published import MEAN_ROW
+    from .report import print_table, rerun_agreement
+    from .store import ResultStore, atomic_write_text
+
+    for d in (reference_dir, rerun_dir):
+        if not d.is_dir():
+            raise FsadError(f"results folder {d} does not exist")
+    t = rerun_agreement(ResultStore(reference_dir).frame(), ResultStore(rerun_dir).frame(), metric)
+    if t.empty:
+        raise FsadError(f"{reference_dir} and {rerun_dir} share no (dataset, category, k, method label) cell")
+    mean = t[t["category"] == MEAN_ROW]
+    shown = pd.DataFrame({
+        "reference": [f"{r.mean_ref:.1f} ± {r.std_ref:.1f}" for r in mean.itertuples()],
+        "rerun": [f"{r.mean_rerun:.1f} ± {r.std_rerun:.1f}" for r in mean.itertuples()],
+        "Δ": [f"{r.delta:+.1f}" for r in mean.itertuples()],
+        "inside ±": ["yes" if r.inside else "NO" for r in mean.itertuples()]},
+        index=[f"{r.label} k={r.k}" + (f" ({r.dataset})" if t["dataset"].nunique() > 1 else "")
+               for r in mean.itertuples()])
+    print_table(shown, f"{metric}: rerun vs reference (Mean over categories, %)", console)
+    cats = t[t["category"] != MEAN_ROW]
+    console.print(f"Mean rows inside the reference's ±: {int(mean['inside'].sum())} of {len(mean)}; "
+                  f"per category: {int(cats['inside'].sum())} of {len(cats)}")
+    path = rerun_dir / "tables" / f"rerun_vs_{reference_dir.name}_{metric}.csv"
+    atomic_write_text(path, t.to_csv(index=False))
+    console.print(f"written {path}")
+    if not mean["inside"].all():
+        sys.exit(1)
+
+
+@cli.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["csv", "anomalib"]), default="csv", show_default=True,

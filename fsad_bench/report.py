@@ -117,6 +117,23 @@ def paper_table(df: pd.DataFrame, metric: str = "image_auroc", dataset: str | No
     return table
 
 
+def rerun_agreement(reference: pd.DataFrame, rerun: pd.DataFrame, metric: str = "image_auroc") -> pd.DataFrame:
+    """Does a rerun land inside the reference's printed error bars? One row per (dataset, category,
+    k, label) present in both (``Mean`` rows included): ``mean_ref``, ``std_ref`` (the printed ±),
+    ``mean_rerun``, ``std_rerun``, ``delta`` (rerun − reference) and ``inside`` (``|delta| <=
+    std_ref``; a cell without spread, e.g. a single pair, is inside when ``|delta| <= 0.05``), in %."""
+    keys = ["dataset", "category", "k", "label"]
+    cols = ["mean", "std", "n"]
+    a = summary(with_train_seed(reference), metric)[keys + cols]
+    b = summary(with_train_seed(rerun), metric)[keys + cols]
+    out = a.merge(b, on=keys, suffixes=("_ref", "_rerun"))
+    out["delta"] = out["mean_rerun"] - out["mean_ref"]
+    out["inside"] = out["delta"].abs() <= out["std_ref"].clip(lower=0.05)
+    out["metric"] = metric
+    out["is_mean"] = out["category"] == MEAN_ROW
+    return out.sort_values(["dataset", "k", "label", "is_mean", "category"]).drop(columns="is_mean").reset_index(drop=True)
+
+
 def _tex_escape(text: str) -> str:
     out = "".join("\\" + c if c in "&%$#_{}" else c for c in text)
     return out.replace("~", "\\textasciitilde{}").replace("^", "\\textasciicircum{}")

@@ -1,0 +1,60 @@
+"""`fsad-bench rerun`: a rerun of a suite checked against the reference's printed error bars."""
+
+import json
+import shutil
+
+import pytest
+
+from fsad_bench.cli import main
+from fsad_bench.report import rerun_agreement
+from fsad_bench.store import ResultStore
+
+ARGS = ["run", "--suite", "demo", "--k", "1", "--runs", "2", "--weights", "none", "--image-size", "64",
+        "--methods", "random,gaussian"]
+
+
+def _exit(args):
+    try:
+        main(args)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+def _shift(folder, method, points):
+    for p in (folder / "cells").glob(f"{method}-*.json"):
+        r = json.loads(p.read_text())
+        r["image_auroc"] += points / 100
+        p.write_text(json.dumps(r))
+
+
+def test_rerun_inside_and_outside_the_error_bars(synth_root, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    main(ARGS + ["--data-root", str(synth_root), "--out", str(ref)])
+    again = shutil.copytree(ref, tmp_path / "again")
+    capsys.readouterr()
+    assert _exit(["rerun", str(ref), str(again)]) == 0
+    out = capsys.readouterr().out
+    assert "Mean rows inside the reference's ±: 2 of 2" in out
+    assert (again / "tables" / "rerun_vs_ref_image_auroc.csv").is_file()
+
+    t = rerun_agreement(ResultStore(ref).frame(), ResultStore(again).frame())
+    std = float(t[(t["category"] == "Mean") & t["label"].str.startswith("random")]["std_ref"].iloc[0])
+    _shift(again, "random", std + 1.0)  # every random cell moves by more than the printed ±
+    assert _exit(["rerun", str(ref), str(again)]) == 1
+    out = capsys.readouterr().out
+    assert "Mean rows inside the reference's ±: 1 of 2" in out and "NO" in out
+    t = rerun_agreement(ResultStore(ref).frame(), ResultStore(again).frame())
+    moved = t[t["label"].str.startswith("random")]
+    assert moved["delta"].round(6).eq(round(std + 1.0, 6)).all()
+    assert not moved[moved["category"] == "Mean"]["inside"].any()
+    assert t[t["label"].str.startswith("gaussian")]["inside"].all()
+
+
+def test_rerun_of_unrelated_folders_is_a_one_line_error(synth_root, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    main(ARGS + ["--data-root", str(synth_root), "--out", str(ref)])
+    capsys.readouterr()
+    assert _exit(["rerun", str(ref), str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "missing" in err
