@@ -107,7 +107,12 @@ def main() -> None:
     # 2. floor: backbone forward of the augmented support set vs the whole adaptation
     from fsad_bench.methods.gaussian import GaussianAdapter
 
-    adapter = GaussianAdapter(AdapterConfig(weights="none", image_size=args.size, device=str(dev)))
+    # bilinear layer2/3 upsampling, as the "before" path (concat_pyramid's default): both sides then
+    # compute the same model, so their distances must agree to float32 round-off (the paper preset
+    # of `gaussian` uses nearest repetition, which the old path did not have)
+    same_recipe = {"upsample": "bilinear"}
+    adapter = GaussianAdapter(AdapterConfig(weights="none", image_size=args.size, device=str(dev),
+                                            options=same_recipe))
     support = torch.rand(args.k, 3, args.size, args.size, device=dev)
     augmented = augment_support(support, torch.Generator().manual_seed(0))
 
@@ -168,7 +173,7 @@ def main() -> None:
                                    s_after[1] / fwd[1])
 
     # 4. cold vs warm inference of the adapter (new adapter: empty feature cache)
-    fresh = GaussianAdapter(AdapterConfig(weights="none", image_size=args.size, device=str(dev)))
+    fresh = GaussianAdapter(AdapterConfig(weights="none", image_size=args.size, device=str(dev), options=same_recipe))
     fresh.adapt(support)
     cold = timed(lambda: fresh.predict(images), dev)
     warm = timed(lambda: fresh.predict(images), dev, args.repeat)
