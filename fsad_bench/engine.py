@@ -63,8 +63,9 @@ PREDICT_BATCH = 32  # test images per predict call (amortises per-call model tra
 
 
 def cache_dir() -> Path:
-    """Where synthetic data and trained models are cached (``$FSAD_BENCH_CACHE`` or ~/.cache/fsad_bench)."""
-    return Path(os.environ.get("FSAD_BENCH_CACHE", Path.home() / ".cache" / "fsad_bench")).expanduser()
+    """Where synthetic data and trained models are cached (``$FSAD_BENCH_CACHE`` or ~/.cache/fsad_bench;
+    an empty ``$FSAD_BENCH_CACHE`` counts as unset, not as the current folder)."""
+    return Path(os.environ.get("FSAD_BENCH_CACHE") or Path.home() / ".cache" / "fsad_bench").expanduser()
 
 
 def pick_device(requested: str | None) -> str:

@@ -290,6 +290,16 @@ def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypa
     assert not list((out / "maps").glob("*.npz"))
 
 
+def test_empty_cache_variable_is_not_the_current_folder(monkeypatch, tmp_path):
+    from fsad_bench.engine import cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FSAD_BENCH_CACHE", "")
+    assert cache_dir() != tmp_path and cache_dir().is_absolute()
+    monkeypatch.setenv("FSAD_BENCH_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+
+
 def test_written_files_have_ordinary_modes(make_suite, tmp_path):
     out = tmp_path / "r"
     run_suite(make_suite(methods=["random"], k=[1], runs=1), out)
