@@ -67,8 +67,12 @@ def _alive(pid: int) -> bool:
 
 
 def _start(args, env, tmp_path, pids, n_workers, in_parent=False):
+    # a library imported by an earlier test may leave SIGINT ignored in this process; an ignored signal
+    # stays ignored across exec (and Python then installs no KeyboardInterrupt), so start the run as a
+    # terminal would: with SIGINT at its default
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
+                            start_new_session=True, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and len(list(pids.iterdir())) < n_workers:
         assert proc.poll() is None, proc.stderr.read()
