@@ -65,7 +65,8 @@ def cli() -> None:
 @click.option("--k", "ks", help="Comma-separated shot counts, e.g. 2,4,8.")
 @click.option("--runs", type=int, help="Runs (support-set draws) per k.")
 @click.option("--train-seeds", type=int,
-              help="Training seeds per trained method (suite key train_seeds; training-free methods run seed 0 only).")
+              help="Training seeds of every trained method (replaces the suite key train_seeds, a per-method table too; "
+                   "training-free methods run seed 0 only).")
 @click.option("--categories", help="Comma-separated categories (default: the suite's, else all).")
 @click.option("--data-root", type=click.Path(path_type=Path), multiple=True,
               help="Dataset folder (MVTec AD layout, or VisA with split_csv/1cls.csv); repeat to pool several.")

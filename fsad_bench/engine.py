@@ -243,7 +243,7 @@ def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
     for m, cls in adapters.items():
         for c in dataset.categories:
             h = config_hash(suite, m, c, dataset, train_ds, memo)
-            for t in train_seeds_of(cls.protocol, suite.train_seeds):
+            for t in train_seeds_of(cls.protocol, suite.train_seeds_for(m)):
                 for k in suite.k:
                     for r in range(suite.runs):
                         cell = Cell(m, cls.protocol, dataset.name, c, k, r, h, t)

@@ -79,9 +79,10 @@ class Suite:
     k: list[int]
     runs: int = 10
     seed: int = 0
-    #: training seeds per trained method (aggregated / cross-dataset fits, individual fits);
+    #: training seeds per trained method (aggregated / cross-dataset fits, individual fits): one
+    #: number, or a table ``{ default = 3, "tdg+" = 5 }`` giving chaotic trainings more seeds;
     #: training-free methods run training seed 0 only.
-    train_seeds: int = 1
+    train_seeds: int | dict[str, int] = 1
     image_size: int = 224
     weights: str = "auto"
     preset: str = "cpu"
@@ -106,6 +107,13 @@ class Suite:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def train_seeds_for(self, method: str) -> int:
+        """Training seeds of ``method``: its entry of a ``train_seeds`` table, else ``default``
+        (1 when the table has none), or the single number."""
+        if isinstance(self.train_seeds, dict):
+            return self.train_seeds.get(method, self.train_seeds.get("default", 1))
+        return self.train_seeds
 
 
 def builtin_suites() -> list[str]:
@@ -140,6 +148,11 @@ def load_suite(name_or_path: str) -> Suite:
     if bad:
         raise FsadError(f"suite {source}: [options.{bad[0]}] names no method of this suite "
                         f"(methods: {', '.join(raw['methods'])})")
+    seeds = raw.get("train_seeds")
+    bad = sorted(set(seeds) - set(raw["methods"]) - {"default"}) if isinstance(seeds, dict) else []
+    if bad:
+        raise FsadError(f"suite {source}: train_seeds names {bad[0]!r}, which is not a method of this suite "
+                        f"(methods: {', '.join(raw['methods'])}; or 'default')")
     suite = Suite(**raw)
     validate_numbers(suite, f"suite {source}")
     apply_arch(suite)
@@ -162,7 +175,7 @@ def apply_arch(suite: Suite, override: bool = False) -> None:
 
 
 #: TOML type of every suite key: "str", "int", "str-list", "int-list", "str-or-str-list" (one string or a
-#: list of them, kept as given), "int-table" (name -> int), "table" (any table),
+#: list of them, kept as given), "int-table" (name -> int), "int-or-int-table", "table" (any table),
 #: "options" (method -> table of option values). A list key also takes a single value (``k = 2``
 #: is ``k = [2]``, ``categories = "washer"`` is ``["washer"]``); repeated list entries are dropped.
 SUITE_TYPES = {"name": "str", "description": "str", "dataset": "str", "data_root": "str-or-str-list",
@@ -170,7 +183,7 @@ SUITE_TYPES = {"name": "str", "description": "str", "dataset": "str", "data_root
                "image_size": "int", "weights": "str", "preset": "str", "options": "options",
                "synthetic": "int-table", "support_lists": "str", "train_dataset": "str",
                "train_data_root": "str", "train_categories": "str-list", "train_synthetic": "int-table",
-               "train_seeds": "int", "arch": "str", "layout": "str", "folder": "table"}
+               "train_seeds": "int-or-int-table", "arch": "str", "layout": "str", "folder": "table"}
 
 
 def _is_int(v: Any) -> bool:
@@ -205,6 +218,9 @@ def check_types(raw: dict[str, Any], source: str) -> dict[str, Any]:
         elif kind == "int-table":
             if not isinstance(value, dict) or not all(_is_int(v) for v in value.values()):
                 fail("a table of integers")
+        elif kind == "int-or-int-table":
+            if not (_is_int(value) or (isinstance(value, dict) and all(_is_int(v) for v in value.values()))):
+                fail("an integer or a table of integers ({ default = 3, \"tdg+\" = 5 })")
         elif kind == "options":
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 fail("a table of per-method tables ([options.<method>] name = value)")
@@ -222,7 +238,11 @@ def validate_numbers(suite: Suite, source: str = "suite") -> None:
         raise FsadError(f"{source}: k must be a list of positive integers, got {suite.k}")
     if suite.runs < 1:
         raise FsadError(f"{source}: runs must be >= 1, got {suite.runs}")
-    if not isinstance(suite.train_seeds, int) or isinstance(suite.train_seeds, bool) or suite.train_seeds < 1:
-        raise FsadError(f"{source}: train_seeds must be an integer >= 1, got {suite.train_seeds!r}")
+    seeds = suite.train_seeds if isinstance(suite.train_seeds, dict) else {"default": suite.train_seeds}
+    for name, n in seeds.items():
+        if not _is_int(n) or n < 1:
+            raise FsadError(f"{source}: train_seeds must be an integer >= 1, got {n!r}"
+                            + (f" for {name!r}" if isinstance(suite.train_seeds, dict) else ""))
+
     if suite.image_size < 32:
         raise FsadError(f"{source}: image_size must be >= 32, got {suite.image_size}")

@@ -26,6 +26,27 @@ def test_plan_repeats_trained_methods_only(make_suite, spies):
     assert a.cell_id != Cell("m", "aggregated", "d", "c", 2, 0, "h", 1).cell_id and "-t0-" in a.cell_id
 
 
+def test_train_seeds_table_gives_each_method_its_own_count(make_suite, spies, tmp_path):
+    suite = make_suite(methods=["spy-agg", "spy-ind", "meandiff"], k=[1], runs=1,
+                       train_seeds={"default": 2, "spy-ind": 4})
+    _, cells = plan(suite)
+    seeds = {m: sorted({c.train_seed for c in cells if c.method == m}) for m in suite.methods}
+    assert seeds == {"spy-agg": [0, 1], "spy-ind": [0, 1, 2, 3], "meandiff": [0]}
+    toml = tmp_path / "s.toml"
+    toml.write_text('name = "s"\ndataset = "synthetic"\nmethods = ["random", "tdg"]\nk = [1]\n'
+                    'train_seeds = { default = 3, "tdg+" = 5 }\n')
+    from fsad_bench.errors import FsadError
+    from protocols import load_suite
+
+    with pytest.raises(FsadError, match=r"s.toml: train_seeds names 'tdg\+', which is not a method"):
+        load_suite(str(toml))
+    toml.write_text(toml.read_text().replace('"tdg+" = 5', 'tdg = 0'))
+    with pytest.raises(FsadError, match=r"train_seeds must be an integer >= 1, got 0 for 'tdg'"):
+        load_suite(str(toml))
+    toml.write_text(toml.read_text().replace('tdg = 0', 'tdg = 5'))
+    assert load_suite(str(toml)).train_seeds_for("tdg") == 5 and load_suite(str(toml)).train_seeds_for("random") == 3
+
+
 def test_aggregated_fit_once_per_held_out_and_train_seed_and_cached(make_suite, spies, tmp_path, monkeypatch):
     seeds = []
     original = spies["spy-agg"].fit
