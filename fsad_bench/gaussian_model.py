@@ -118,17 +118,20 @@ class PositionGaussian:
         return self.score_samples(position_major(features))
 
     @torch.no_grad()
-    def score_samples(self, x: torch.Tensor) -> torch.Tensor:
+    def score_samples(self, x: torch.Tensor, centred: bool = False) -> torch.Tensor:
         """Distances of position-major test samples ``x`` ``(P, B, C)`` -> ``(B, H, W)``.
 
-        ``x`` is consumed (centred in place). One pass over the stored ``W`` for all ``B``."""
+        ``x`` is consumed (centred in place), or already centred (``centred=True``: written as
+        ``x - mean`` by :func:`fsad_bench.maps.pyramid_samples` with ``subtract=mean``).
+        One pass over the stored ``W`` for all ``B``."""
         self._check()
         p, b, c = x.shape
         if p != self.shape[0] * self.shape[1] or c != self.mean.shape[1]:
             raise ValueError(f"test samples {tuple(x.shape)} do not match the fit ({p} positions, "
                              f"{self.mean.shape[1]} channels expected)")
         x = x.contiguous()
-        x -= self.mean[:, None, :]                                           # d = x - μ, in place
+        if not centred:
+            x -= self.mean[:, None, :]                                       # d = x - μ, in place
         if self.used_form == "dual":
             z = torch.bmm(x, self.folded.transpose(1, 2))                   # (P, B, N) = d Wᵀ
             sq = (torch.linalg.vector_norm(x, dim=2).square_() - z.square_().sum(dim=2)).clamp_min_(0) / self.eps

@@ -47,7 +47,7 @@ from fsad_bench.augment import augment_support
 from fsad_bench.backbone import FeatureExtractor, state_hash
 from fsad_bench.features import CachedBackbone
 from fsad_bench.gaussian_model import PositionGaussian
-from fsad_bench.maps import concat_pyramid, pyramid_samples, smooth_maps
+from fsad_bench.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
 
 _REGAD_A = {"arch": "resnet18", "eps": 0.01, "normalize": False, "augment": True, "upsample": "nearest",
             "blur_border": "symmetric", "n_features": None, "channel_seed": None, "sigma": 4.0, "batch_size": 32}
@@ -83,6 +83,7 @@ class GaussianAdapter(Adapter):
         self.cached = CachedBackbone(self.backbone, f"{hp['arch']}-{norm}-{state_hash(self.backbone)}",
                                      disk=self.config.feature_cache)
         self.gaussian = PositionGaussian(eps=hp["eps"])
+        self.scratch = ScratchBuffer()  # test batches' samples, reused from batch to batch
         #: channel subset ``(n_features,)`` or None (all channels)
         self.channel_index: torch.Tensor | None = None
         if hp["n_features"] is not None:
@@ -107,10 +108,12 @@ class GaussianAdapter(Adapter):
         return feats
 
     @torch.no_grad()
-    def samples(self, images: torch.Tensor, cache: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+    def samples(self, images: torch.Tensor, cache: bool = False,
+                subtract: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """The same features as :meth:`features`, written once per batch straight into the
         position-major buffer ``(S/4 · S/4, N, 448 or n_features)`` the Gaussian reads (no concatenated or
-        permuted copies); returns (buffer, grid)."""
+        permuted copies), minus ``subtract`` ``(S/4 · S/4, 448)`` when given (all channels);
+        returns (buffer, grid)."""
         bs = self.hparams["batch_size"]
         backbone = self.cached if cache else self.backbone
         mode = self.hparams["upsample"]
@@ -119,9 +122,11 @@ class GaussianAdapter(Adapter):
             maps = backbone(images[i : i + bs].to(self.device))
             if buf is None:
                 grid = tuple(maps[0].shape[-2:])
-                buf = torch.empty(grid[0] * grid[1], len(images), sum(m.shape[1] for m in maps),
-                                  dtype=maps[0].dtype, device=maps[0].device)
-            pyramid_samples(maps, mode, out=buf, offset=i)
+                shape = (grid[0] * grid[1], len(images), sum(m.shape[1] for m in maps))
+                # test batches: one reused block (consumed by the scoring); support: kept by the fit
+                buf = (self.scratch.get(shape, maps[0].dtype, maps[0].device) if cache
+                       else torch.empty(shape, dtype=maps[0].dtype, device=maps[0].device))
+            pyramid_samples(maps, mode, out=buf, offset=i, subtract=subtract)
         if self.channel_index is not None:  # the random channel subset (PaDiM's d): one gather
             buf = buf.index_select(2, self.channel_index.to(buf.device))
         return buf, grid
@@ -134,7 +139,10 @@ class GaussianAdapter(Adapter):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.gaussian.score_samples(self.samples(images, cache=True)[0])
+        if self.channel_index is None:  # centred as it is written (one pass less over the buffer)
+            dist = self.gaussian.score_samples(self.samples(images, True, self.gaussian.mean)[0], centred=True)
+        else:
+            dist = self.gaussian.score_samples(self.samples(images, cache=True)[0])
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"], self.hparams["blur_border"]).cpu()
         return maps.flatten(1).max(dim=1).values, maps
 

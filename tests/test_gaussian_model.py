@@ -45,19 +45,28 @@ def test_support_augmentation_views():
     assert sum(bool(torch.allclose(v[0], v[1]) and torch.allclose(v[1], v[2])) for v in out) >= 3
 
 
-def test_separable_smoothing_matches_scipy():
+@pytest.mark.parametrize("border,scipy_mode", [("reflect", "mirror"), ("symmetric", "reflect")])
+@pytest.mark.parametrize("shape,size,sigma", [((16, 16), 64, 4.0), ((7, 11), 40, 2.0), ((9, 9), 24, 4.0),
+                                              ((5, 5), 20, 0.0)])
+def test_smoothing_is_upsample_then_scipy_blur(border, scipy_mode, shape, size, sigma):
+    """smooth_maps (two products with the composed per-axis operators) equals bilinear upsampling
+    followed by scipy's Gaussian filter, for both borders, non-square maps, kernels wider than
+    the map (radius 16 > 9 px: periodic reflection) and sigma = 0; and the separable-conv path."""
     from scipy.ndimage import gaussian_filter
     import numpy as np
     import torch.nn.functional as F
 
-    from fsad_bench.maps import smooth_maps
+    from fsad_bench.maps import gaussian_blur, smooth_maps
 
-    maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
-    got = smooth_maps(maps, 64, 4.0)
-    up = F.interpolate(maps[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0].numpy()
-    ref = np.stack([gaussian_filter(u, 4.0, mode="mirror") for u in up])
-    assert got.shape == (3, 64, 64)
-    assert np.abs(got.numpy() - ref).max() < 1e-5
+    maps = torch.rand(3, *shape, generator=torch.Generator().manual_seed(1))
+    got = smooth_maps(maps, size, sigma, border)
+    up = F.interpolate(maps[:, None].double(), size=(size, size), mode="bilinear", align_corners=False)
+    ref = np.stack([gaussian_filter(u, sigma, mode=scipy_mode) if sigma else u for u in up[:, 0].numpy()])
+    assert got.shape == (3, size, size) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=2e-6)
+    if sigma and min(shape) * size // max(shape) > 4 * sigma:  # F.pad's reflect needs radius < side
+        conv = gaussian_blur(up.float(), sigma, border)[:, 0]
+        np.testing.assert_allclose(got.numpy(), conv.numpy(), rtol=0, atol=2e-6)
 
 
 def _pyramid(b: int, g: torch.Generator, channels_last: bool) -> list[torch.Tensor]:
@@ -83,8 +92,18 @@ def test_pyramid_samples_equals_the_concat_path(channels_last):
     near = pyramid_samples(batches[0], mode="nearest").view(12, 12, 4, 56)
     assert torch.equal(near[:, :, :, 8:24], batches[0][1].repeat_interleave(2, 2).repeat_interleave(2, 3)
                        .permute(2, 3, 0, 1))
+    for mode in ("nearest", "bilinear"):  # nearest: the broadcast-view path equals F.interpolate's
+        ref = concat_pyramid(batches[0], mode).permute(2, 3, 0, 1).reshape(144, 4, 56)
+        assert torch.equal(pyramid_samples(batches[0], mode=mode), ref)
+        mean = torch.randn(144, 56, generator=g)  # subtract: centred as written
+        assert torch.equal(pyramid_samples(batches[0], mode=mode, subtract=mean), ref - mean[:, None])
+    odd = [torch.randn(2, 8, 12, 12, generator=g), torch.randn(2, 16, 5, 5, generator=g)]  # 12/5: not integer
+    assert torch.equal(pyramid_samples(odd, mode="nearest"),
+                       concat_pyramid(odd, "nearest").permute(2, 3, 0, 1).reshape(144, 2, 24))
     with pytest.raises(ValueError, match="cannot hold"):
         pyramid_samples(batches[0], out=buf, offset=5)
+    with pytest.raises(ValueError, match="subtract"):
+        pyramid_samples(batches[0], subtract=torch.zeros(144, 55))
 
 
 @pytest.mark.parametrize("n,c", [(30, 48), (80, 16)])
