@@ -131,9 +131,22 @@ def _with_train_seed(parts: tuple, train_seed: int) -> tuple:
 
 
 def open_dataset(suite: Suite) -> FolderDataset:
-    """The suite's dataset; the synthetic one is generated into the cache on first use."""
-    return open_folder_dataset(suite.dataset, suite.data_root, suite.categories, suite.synthetic, cache_dir(),
-                               f"suite {suite.name!r} needs --data-root DIR", layout=suite.layout, folder=suite.folder)
+    """The suite's dataset with *every* category: ``suite.categories`` selects the evaluated ones
+    (:func:`evaluated_categories`; each must exist), while the aggregated protocol trains on all
+    the others. The synthetic dataset is generated into the cache on first use."""
+    def open_(categories: list[str]) -> FolderDataset:
+        return open_folder_dataset(suite.dataset, suite.data_root, categories, suite.synthetic, cache_dir(),
+                                   f"suite {suite.name!r} needs --data-root DIR", layout=suite.layout,
+                                   folder=suite.folder)
+
+    if suite.categories:
+        open_(suite.categories)  # every listed category exists (one-line error naming it otherwise)
+    return open_([])
+
+
+def evaluated_categories(suite: Suite, dataset: FolderDataset) -> list[str]:
+    """The categories whose test sets a suite scores: its ``categories``, or all of the dataset's."""
+    return list(suite.categories) or list(dataset.categories)
 
 
 def open_train_dataset(suite: Suite) -> FolderDataset:
@@ -221,13 +234,15 @@ def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
     cells (nothing is computed); each cell once, whatever the duplicates in the suite."""
     validate_suite(suite)
     dataset = open_dataset(suite)
+    evaluated = evaluated_categories(suite, dataset)
     adapters = {m: registry.get(m) for m in suite.methods}
     sampler = SupportSampler(suite.seed, suite.support_lists)
-    for c in dataset.categories:  # fail now, not after hours: every split readable, every k possible
+    for c in evaluated:  # fail now, not after hours: every split readable, every k possible
         split = dataset.split(c)
         for k in suite.k:
             sampler.support(split, k, 0)
-    verify_readable(dataset)
+    aggregated = any(cls.protocol == "aggregated" for cls in adapters.values())
+    verify_readable(dataset, None if aggregated else evaluated)  # aggregated fits read every category
     train_ds = None
     if any(cls.protocol == "cross-dataset" for cls in adapters.values()):
         train_ds = open_train_dataset(suite)
@@ -241,7 +256,7 @@ def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
     cells: dict[str, Cell] = {}
     memo: dict[str, str] = {}
     for m, cls in adapters.items():
-        for c in dataset.categories:
+        for c in evaluated:
             h = config_hash(suite, m, c, dataset, train_ds, memo)
             for t in train_seeds_of(cls.protocol, suite.train_seeds_for(m)):
                 for k in suite.k:
@@ -661,4 +676,4 @@ def _forget_models(suite: Suite, cells: list[Cell]) -> None:
 
 
 __all__ = ["Cell", "plan", "run_suite", "run_group", "predict_stream", "input_size", "train_seeds_of", "open_dataset",
-           "open_train_dataset", "cache_dir", "pick_device", "config_hash", "validate_suite", "cell_status"]
+           "evaluated_categories", "open_train_dataset", "cache_dir", "pick_device", "config_hash", "validate_suite", "cell_status"]

@@ -30,6 +30,20 @@ def test_aggregated_fit_never_sees_the_held_out_category(make_suite, spies, synt
             assert all("train" in p.parts for p in ds.paths)  # never a test image
 
 
+def test_category_selection_evaluates_one_and_aggregated_trains_on_the_others(make_suite, spies, tmp_path):
+    """`--categories grid` scores grid only; the aggregated fit still sees every other category."""
+    from fsad_bench.errors import FsadError
+
+    suite = make_suite(methods=["spy-agg", "meandiff"], k=[1], runs=1, categories=["grid"])
+    _, cells = plan(suite)
+    assert {c.category for c in cells} == {"grid"} and len(cells) == 2
+    store = run_suite(suite, tmp_path / "out")
+    assert [set(call) for call in spies["spy-agg"].fit_calls] == [{"stripes", "washer"}]
+    assert {r["category"] for r in store.records()} == {"grid"}
+    with pytest.raises(FsadError, match="category 'nope' not found"):
+        plan(make_suite(methods=["spy-agg"], categories=["nope"]))
+
+
 def test_individual_fit_sees_only_the_support_set(make_suite, spies, synth_root):
     suite = make_suite(methods=["spy-ind"], k=[2], runs=2)
     run_suite(suite, synth_root.parent / "out-ind")
