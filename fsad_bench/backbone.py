@@ -78,6 +78,18 @@ def _download(url: str, folder: str) -> str | None:
     return None
 
 
+def check_weights_argument(weights: str, arch: str | None = None) -> Path | None:
+    """``--weights`` is ``imagenet``, ``auto``, ``none`` or an existing file (returned as a Path);
+    FsadError in one line otherwise (checked once at planning, and again when loaded)."""
+    if weights in ("imagenet", "auto", "none"):
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FsadError(f"weights file {path} does not exist (expected imagenet, auto, none or a torchvision "
+                        f"{arch + ' ' if arch else ''}state dict .pth)")
+    return path
+
+
 def load_state_dict(arch: str, weights: str) -> tuple[dict | None, str]:
     """Resolve ``weights`` for torchvision model ``arch``.
 
@@ -103,9 +115,7 @@ def load_state_dict(arch: str, weights: str) -> tuple[dict | None, str]:
         except Exception as err:
             raise FsadError(f"cannot read cached weights {path}: {err.__class__.__name__}: {err} "
                             f"(delete the file to download it again)") from None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FsadError(f"weights file {path} does not exist (expected a torchvision {arch} state dict .pth)")
+    path = check_weights_argument(weights, arch)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -51,6 +51,7 @@ from .data import FolderDataset, load_mask, open_folder_dataset, verify_readable
 from .features import CachedBackbone
 from .image_cache import load_cached_images
 from .errors import FsadError
+from .backbone import check_weights_argument
 from .identity import code_fingerprint, tree_fingerprint, weights_fingerprint
 from .memory import peak_rss_mb, reset_peak_rss
 from .metrics import evaluate
@@ -163,10 +164,7 @@ def validate_suite(suite: Suite) -> None:
     valid), before anything is computed. A preset must exist in at least one of the suite's methods;
     a method without it runs its ``cpu`` preset (single-configuration methods like ``gaussian``)."""
     classes = {m: registry.get(m) for m in suite.methods}
-    weights = str(suite.weights or "auto")
-    if weights not in ("imagenet", "auto", "none") and not Path(weights).expanduser().is_file():
-        raise FsadError(f"weights file {weights} does not exist (expected imagenet, auto, none or a torchvision "
-                        f"state dict .pth of the suite's architecture)")
+    check_weights_argument(str(suite.weights or "auto"), suite.arch)
     presets = sorted({p for cls in classes.values() for p in cls.presets})
     if suite.preset not in presets:
         raise FsadError(f"unknown preset {suite.preset!r} (valid for {', '.join(classes)}: {', '.join(presets)})")
