@@ -88,3 +88,10 @@ def test_synth_command(tmp_path, capsys):
     text = _ok(["synth", "--out", str(tmp_path / "s"), "--categories", "2", "--size", "32", "--train", "3"], capsys)
     assert "stripes, washer" in text
     assert len(list((tmp_path / "s" / "washer" / "train" / "good").glob("*.png"))) == 3
+
+
+def test_metric_choice_is_the_report_metrics():
+    from fsad_bench.cli import METRIC_CHOICE
+    from fsad_bench.report import METRICS
+
+    assert list(METRIC_CHOICE.choices) == list(METRICS)
