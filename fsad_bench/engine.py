@@ -53,7 +53,7 @@ from .image_cache import load_cached_images
 from .errors import FsadError
 from .backbone import check_weights_argument
 from .identity import code_fingerprint, tree_fingerprint, weights_fingerprint
-from .memory import peak_rss_mb, reset_peak_rss
+from .memory import frozen_gc, peak_rss_mb, reset_peak_rss
 from .metrics import evaluate
 from .sampler import SupportSampler, stable_seed
 from .store import ResultStore, save_example_maps
@@ -466,6 +466,15 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
               device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None,
               feature_cache: str | None = None) -> int:
     """Run the unfinished ``cells`` of one (method, category); returns how many were run.
+    (What was alive before stays out of the per-cell garbage collections: :func:`frozen_gc`.)"""
+    with frozen_gc():
+        return _run_group(suite, method, category, cells, out, device, threads, on_cell, feature_cache)
+
+
+def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: str | Path,
+               device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None,
+               feature_cache: str | None = None) -> int:
+    """Run the unfinished ``cells`` of one (method, category); returns how many were run.
 
     Cells run grouped by train seed: a shared (aggregated / cross-dataset) adapter is fitted (or
     loaded from the model cache) once per train seed. Test images are streamed from disk in
@@ -630,9 +639,10 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
         todo = groups_of([c for c in cells if not store.has(c.cell_id)])
         features = str(cache_dir() / "features") if cache_features else None
         if backend == "loky" and jobs <= 1:
-            for (m, c), group in todo.items():
-                run_group(suite, m, c, group, out, device, feature_cache=features,
-                          on_cell=(lambda _c: progress(1)) if progress else None)
+            with frozen_gc():  # one full collection per run, not one per group
+                for (m, c), group in todo.items():
+                    run_group(suite, m, c, group, out, device, feature_cache=features,
+                              on_cell=(lambda _c: progress(1)) if progress else None)
             return store
         from joblib import Parallel, delayed, parallel_config
 

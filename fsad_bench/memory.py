@@ -18,6 +18,7 @@ CUDA runs report ``torch.cuda.max_memory_allocated`` instead (reset per cell by 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -98,6 +99,29 @@ class _Sampler:
 
 
 _SAMPLER = _Sampler()
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Collect once, then keep what is alive out of the collector (``gc.freeze``) until the block
+    ends: each :func:`reset_peak_rss` inside then collects only what the cells allocated. A full
+    collection walks every live object of the process (0.6 s per cell in a test process).
+    Nested blocks (a suite's groups inside the suite) reuse the outer freeze."""
+    global _FROZEN
+    if _FROZEN:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    _FROZEN = True
+    try:
+        yield
+    finally:
+        _FROZEN = False
+        gc.unfreeze()
+
+
+_FROZEN = False
 
 
 def reset_peak_rss() -> None:
