@@ -36,7 +36,7 @@ def test_train_seeds_table_gives_each_method_its_own_count(make_suite, spies, tm
     toml.write_text('name = "s"\ndataset = "synthetic"\nmethods = ["random", "tdg"]\nk = [1]\n'
                     'train_seeds = { default = 3, "tdg+" = 5 }\n')
     from fsad_bench.errors import FsadError
-    from protocols import load_suite
+    from fsad_bench.protocols import load_suite
 
     with pytest.raises(FsadError, match=r"s.toml: train_seeds names 'tdg\+', which is not a method"):
         load_suite(str(toml))
