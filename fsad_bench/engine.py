@@ -140,9 +140,10 @@ def open_dataset(suite: Suite) -> FolderDataset:
                                    f"suite {suite.name!r} needs --data-root DIR", layout=suite.layout,
                                    folder=suite.folder)
 
-    if suite.categories:
-        open_(suite.categories)  # every listed category exists (one-line error naming it otherwise)
-    return open_([])
+    dataset = open_([])
+    if any(c not in dataset.categories for c in suite.categories):
+        open_(suite.categories)  # raises the one-line error naming the category and what was expected
+    return dataset
 
 
 def evaluated_categories(suite: Suite, dataset: FolderDataset) -> list[str]:

@@ -243,6 +243,5 @@ def validate_numbers(suite: Suite, source: str = "suite") -> None:
         if not _is_int(n) or n < 1:
             raise FsadError(f"{source}: train_seeds must be an integer >= 1, got {n!r}"
                             + (f" for {name!r}" if isinstance(suite.train_seeds, dict) else ""))
-
     if suite.image_size < 32:
         raise FsadError(f"{source}: image_size must be >= 32, got {suite.image_size}")
