@@ -4,7 +4,9 @@ Prints a table, last line a one-line summary. Measures in one run, on the same f
 the implementation before issue 15 (``benchmarks/before.py``: centred samples + inverse
 Cholesky factor, two batched products per call, features concatenated then permuted) beside
 the current one (``fsad_bench.gaussian_model``: ``L⁻¹`` folded into the samples, one product
-per call, features written once into the position-major layout by ``maps.pyramid_samples``):
+per call, support features written once into the position-major layout by
+``maps.pyramid_samples``, test features laid out and scored band by band by
+``PositionGaussian.score_pyramid``):
 
 1. fit + Mahalanobis scoring of ``--test`` images: the official RegAD / PaDiM structure (a
    Python loop over the H x W positions: ``torch.cov`` + ``torch.linalg.inv`` per position,
@@ -43,7 +45,7 @@ from common import PeakMemory, describe_device, pick_device, timed  # noqa: E402
 from fsad_bench.adapter import AdapterConfig  # noqa: E402
 from fsad_bench.augment import N_VIEWS, affine_warp, augment_support  # noqa: E402
 from fsad_bench.gaussian_model import PositionGaussian  # noqa: E402
-from fsad_bench.maps import ScratchBuffer, pyramid_samples, smooth_maps  # noqa: E402
+from fsad_bench.maps import ScratchBuffer, smooth_maps  # noqa: E402
 
 
 def official_loop(train: torch.Tensor, test: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
@@ -159,12 +161,10 @@ def main() -> None:
         dist = old_model.mahalanobis(concat_pyramid(feats))
         return post(dist), dist
 
-    scratch = ScratchBuffer()  # as the adapters score test batches: one reused block, centred as written
+    scratch = ScratchBuffer()  # as the adapters score test batches: one reused band-sized block
 
-    def score_after(mode="bilinear"):
-        g = adapter.gaussian
-        buf = scratch.get((g.mean.shape[0], len(images), g.mean.shape[1]), feats[0].dtype, dev)
-        dist = g.score_samples(pyramid_samples(feats, mode, out=buf, subtract=g.mean), centred=True)
+    def score_after(mode="bilinear"):  # layout fused into the scoring, band by band, as the adapters predict
+        dist = adapter.gaussian.score_pyramid(feats, mode, scratch)
         return post(dist), dist
 
     s_before = timed(score_before, dev, args.repeat)

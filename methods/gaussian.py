@@ -83,7 +83,7 @@ class GaussianAdapter(Adapter):
         self.cached = CachedBackbone(self.backbone, f"{hp['arch']}-{norm}-{state_hash(self.backbone)}",
                                      disk=self.config.feature_cache)
         self.gaussian = PositionGaussian(eps=hp["eps"])
-        self.scratch = ScratchBuffer()  # test batches' samples, reused from batch to batch
+        self.scratch = ScratchBuffer()  # reused test-sample block (score_pyramid bands; the subset path)
         #: channel subset ``(n_features,)`` or None (all channels)
         self.channel_index: torch.Tensor | None = None
         if hp["n_features"] is not None:
@@ -108,12 +108,10 @@ class GaussianAdapter(Adapter):
         return feats
 
     @torch.no_grad()
-    def samples(self, images: torch.Tensor, cache: bool = False,
-                subtract: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    def samples(self, images: torch.Tensor, cache: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
         """The same features as :meth:`features`, written once per batch straight into the
-        position-major buffer ``(S/4 · S/4, N, 448 or n_features)`` the Gaussian reads (no concatenated or
-        permuted copies), minus ``subtract`` ``(S/4 · S/4, 448)`` when given (all channels);
-        returns (buffer, grid)."""
+        position-major buffer ``(S/4 · S/4, N, 448 or n_features)`` the Gaussian reads (no
+        concatenated or permuted copies); returns (buffer, grid)."""
         bs = self.hparams["batch_size"]
         backbone = self.cached if cache else self.backbone
         mode = self.hparams["upsample"]
@@ -126,7 +124,7 @@ class GaussianAdapter(Adapter):
                 # test batches: one reused block (consumed by the scoring); support: kept by the fit
                 buf = (self.scratch.get(shape, maps[0].dtype, maps[0].device) if cache
                        else torch.empty(shape, dtype=maps[0].dtype, device=maps[0].device))
-            pyramid_samples(maps, mode, out=buf, offset=i, subtract=subtract)
+            pyramid_samples(maps, mode, out=buf, offset=i)
         if self.channel_index is not None:  # the random channel subset (PaDiM's d): one gather
             buf = buf.index_select(2, self.channel_index.to(buf.device))
         return buf, grid
@@ -139,8 +137,11 @@ class GaussianAdapter(Adapter):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.channel_index is None:  # centred as it is written (one pass less over the buffer)
-            dist = self.gaussian.score_samples(self.samples(images, True, self.gaussian.mean)[0], centred=True)
+        if self.channel_index is None:  # layout fused into the scoring, band by band (no (P, B, C) buffer)
+            bs = self.hparams["batch_size"]
+            dist = torch.cat([self.gaussian.score_pyramid(self.cached(images[i : i + bs].to(self.device)),
+                                                          self.hparams["upsample"], self.scratch)
+                              for i in range(0, len(images), bs)])
         else:
             dist = self.gaussian.score_samples(self.samples(images, cache=True)[0])
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"], self.hparams["blur_border"]).cpu()

@@ -382,7 +382,7 @@ class RegAD(Adapter):
         self.encoder = SiameseEncoder(channels).to(self.device).eval()
         self.predictor = Predictor(channels).to(self.device).eval()
         self.gaussian = PositionGaussian(eps=hp["eps"])
-        self.scratch = ScratchBuffer()  # test batches' samples, reused from batch to batch
+        self.scratch = ScratchBuffer()  # centred test samples of one band (score_pyramid), reused
         #: mean SimSiam loss of each epoch of the last fit (diagnostics)
         self.loss_history: list[float] = []
 
@@ -459,33 +459,29 @@ class RegAD(Adapter):
         return torch.cat(feats), torch.cat(thetas)
 
     @torch.no_grad()
-    def samples(self, images: torch.Tensor, subtract: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+    def samples(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """:meth:`features` written once per batch straight into the position-major buffer
-        ``(S/4 · S/4, N, 448)`` the Gaussian reads (minus ``subtract`` ``(S/4 · S/4, 448)`` when
-        given); returns (buffer, grid, θ_1 θ_2 θ_3 ``(N, 2, 3)``)."""
-        buf, grid, thetas = None, None, []
-        for i, maps, theta in self._pyramids(images):
+        ``(S/4 · S/4, N, 448)`` the Gaussian fits; returns (buffer, grid)."""
+        buf, grid = None, None
+        for i, maps, _ in self._pyramids(images):
             if buf is None:
                 grid = tuple(maps[0].shape[-2:])
                 shape = (grid[0] * grid[1], len(images), sum(m.shape[1] for m in maps))
-                # test batches (centred as written, consumed by the scoring): one reused block;
-                # the support's samples are kept by the fit
-                buf = (self.scratch.get(shape, maps[0].dtype, maps[0].device) if subtract is not None
-                       else torch.empty(shape, dtype=maps[0].dtype, device=maps[0].device))
-            pyramid_samples(maps, self.hparams["concat_upsample"], out=buf, offset=i, subtract=subtract)
-            thetas.append(theta)
-        return buf, grid, torch.cat(thetas)
+                buf = torch.empty(shape, dtype=maps[0].dtype, device=maps[0].device)
+            pyramid_samples(maps, self.hparams["concat_upsample"], out=buf, offset=i)
+        return buf, grid
 
     def adapt(self, support: torch.Tensor) -> None:
         g = torch.Generator().manual_seed(self.config.seed)
-        buf, grid, _ = self.samples(augment_support(support, generator=g))
-        self.gaussian.fit_samples(buf, grid)
+        self.gaussian.fit_samples(*self.samples(augment_support(support, generator=g)))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        buf, _, theta = self.samples(images, subtract=self.gaussian.mean)  # centred as written
-        dist = self.gaussian.score_samples(buf, centred=True)  # (N, S/4, S/4)
+        dists, thetas = [], []
+        for _, maps, theta in self._pyramids(images):  # layout fused into the scoring, band by band
+            dists.append(self.gaussian.score_pyramid(maps, self.hparams["concat_upsample"], self.scratch))
+            thetas.append(theta)
+        dist, theta = torch.cat(dists), torch.cat(thetas)  # (N, S/4, S/4), (N, 2, 3)
         if self.hparams["feature_frame"] == "registered":  # map to image coordinates: sample at (θ1θ2θ3)⁻¹ q
             dist = affine_warp(dist[:, None], invert_affine(theta))[:, 0]
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"], self.hparams["blur_border"]).cpu()

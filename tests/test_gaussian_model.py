@@ -124,6 +124,30 @@ def test_fit_and_score_in_the_position_major_layout(n, c):
         model.score_samples(torch.zeros(19, 2, c))
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("n,band", [(30, 24), (30, 1), (80, 1000)])  # dual / primal; bands of 1-4 rows / one band
+def test_score_pyramid_equals_layout_then_score(mode, n, band):
+    """The fused band-by-band scoring gives score_samples(pyramid_samples(...))'s numbers bit for
+    bit: both forms, integer-ratio nearest (sliced coarse maps) and bilinear / non-integer ratios
+    (upsampled once), bands that do not divide the grid; the scratch block stays band-sized."""
+    from fsad_bench.maps import ScratchBuffer, pyramid_samples
+
+    g = torch.Generator().manual_seed(5)
+    model = PositionGaussian(eps=0.01)
+    model.band_positions = band
+    model.fit_samples(pyramid_samples(_pyramid(n, g, True), mode), (12, 12))
+    assert model.used_form == ("dual" if n < 56 else "primal")
+    for test in (_pyramid(5, g, True), [torch.randn(3, 8, 12, 12, generator=g), torch.randn(3, 48, 5, 5, generator=g)]):
+        ref = model.score_samples(pyramid_samples(test, mode, subtract=model.mean), centred=True)
+        scratch = ScratchBuffer()
+        got = model.score_pyramid(test, mode, scratch)
+        assert got.shape == (len(test[0]), 12, 12) and torch.equal(got, ref)
+        if band < 144:
+            assert scratch._flat.numel() < 144 * len(test[0]) * 56
+    with pytest.raises(ValueError, match="grid"):
+        model.score_pyramid([torch.randn(2, 8, 10, 10), torch.randn(2, 48, 5, 5)], mode)
+
+
 def test_feature_cache_respects_its_bound():
     from fsad_bench.features import CachedBackbone
 
