@@ -163,9 +163,23 @@ class Adapter(ABC):
         return None
 
     # -- labels -----------------------------------------------------------------------
+    #: options that cannot change a number (batch sizes, chunking): never labelled
+    bookkeeping_options: ClassVar[frozenset[str]] = frozenset()
+    #: options whose non-official values :meth:`label_tags` names itself (in its own words)
+    labelled_options: ClassVar[frozenset[str]] = frozenset()
+
     def label_tags(self) -> list[str]:
         """Extra label tags, one per option set to a non-official value (default: none)."""
         return []
+
+    def override_tags(self) -> list[str]:
+        """``key=value`` for every option whose value differs from the preset's (a suite's
+        ``[options.<method>]``), except ``arch`` (its own tag), :attr:`bookkeeping_options` and
+        :attr:`labelled_options`: no row of a changed configuration can carry the preset's label."""
+        preset = self.presets[self.preset_name]
+        skip = {"arch"} | self.bookkeeping_options | self.labelled_options
+        return [f"{k}={v}" for k, v in self.hparams.items()
+                if k not in skip and (k not in preset or _as_list(preset[k]) != _as_list(v))]
 
     @property
     def label(self) -> str:
@@ -174,7 +188,7 @@ class Adapter(ABC):
         (``imagenet`` | ``random-init`` | ``file``) for methods with an ``arch`` hyper-parameter,
         e.g. ``gaussian [paper, mobilenet_v2, file]``; other methods show their weights tag unless
         it is ``imagenet`` / ``n/a``; then one tag per option set to a non-official value
-        (:meth:`label_tags`)."""
+        (:meth:`label_tags`) and one per option overridden in the suite (:meth:`override_tags`)."""
         tags = []
         if len(self.presets) > 1:
             same_as_paper = self.presets[self.preset_name] == self.presets.get("paper")
@@ -186,7 +200,7 @@ class Adapter(ABC):
                 tags.append(self.weights_tag.split(":", 1)[0])
         elif self.weights_tag not in ("imagenet", "n/a"):
             tags.append(self.weights_tag)
-        tags += self.label_tags()
+        tags += self.label_tags() + self.override_tags()
         return f"{self.name} [{', '.join(tags)}]" if tags else self.name
 
     def describe(self) -> dict[str, Any]:
@@ -194,3 +208,8 @@ class Adapter(ABC):
         return {"method": self.name, "protocol": self.protocol, "preset": self.preset_name,
                 "hparams": self.hparams, "weights": self.config.weights,
                 "image_size": self.config.image_size, "seed": self.config.seed}
+
+
+def _as_list(value: Any) -> Any:
+    """Tuples as lists (a TOML option gives a list where a preset has a tuple)."""
+    return list(value) if isinstance(value, tuple) else value

@@ -94,6 +94,7 @@ class _AnomalibAdapter(Adapter):
 
     protocol = "training-free"
     model_name = ""
+    bookkeeping_options = frozenset({"batch_size"})
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(self, config=None):

@@ -251,6 +251,7 @@ class DiffNet(Adapter):
     name = "diffnet"
     protocol = "individual"
     paper = "DifferNet (Rudolph et al., WACV 2021)"
+    bookkeeping_options = frozenset({"view_chunk"})
     presets: dict[str, dict[str, Any]] = {
         "paper": {"arch": "alexnet", "img_size": 448, "n_scales": 3, "n_coupling_blocks": 8, "fc_internal": 2048,
                   "clamp_alpha": 3.0, "dropout": 0.0, "lr": 2e-4, "betas": (0.8, 0.8), "eps": 1e-4,

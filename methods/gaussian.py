@@ -61,6 +61,8 @@ class GaussianAdapter(Adapter):
     name = "gaussian"
     protocol = "training-free"
     paper = "PaDiM (Defard et al., ICPR 2020); RegAD's Table 5 row A (Huang et al., ECCV 2022)"
+    bookkeeping_options = frozenset({"batch_size"})
+    labelled_options = frozenset(PIPELINE_OPTIONS + ("n_features",))
     presets = {
         "cpu": dict(_REGAD_A),
         "paper": dict(_REGAD_A),

@@ -344,6 +344,7 @@ class InCTRL(Adapter):
     name = "inctrl"
     protocol = "cross-dataset"
     paper = "InCTRL (Zhu & Pang, CVPR 2024): generalist AD via in-context residual learning"
+    bookkeeping_options = frozenset({"feature_cache_mb", "encode_batch"})
     presets = {
         "paper": {"clip_model": "ViT-B-16-plus-240", "pretrained": "laion400m_e32", "layers": [6, 8, 10],
                   "epochs": 10, "steps_per_epoch": 100, "batch_size": 16, "train_shots": 2, "lr": 1e-3,

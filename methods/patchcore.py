@@ -160,6 +160,7 @@ class PatchCore(Adapter):
     name = "patchcore"
     protocol = "training-free"
     paper = "PatchCore (Roth et al., CVPR 2022)"
+    bookkeeping_options = frozenset({"batch_size", "chunk"})
     presets = {
         "cpu": {"arch": "wide_resnet50_2", "taps": None, "patch_size": 3, "coreset_ratio": 1.0, "coreset_dim": 128,
                 "num_neighbors": 9, "augment": False, "upsample": "bilinear", "sigma": 4.0, "knn": "torch",

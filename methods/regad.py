@@ -351,6 +351,8 @@ class RegAD(Adapter):
     name = "regad"
     protocol = "aggregated"
     paper = "Huang et al., Registration based Few-Shot Anomaly Detection, ECCV 2022"
+    bookkeeping_options = frozenset({"infer_batch"})
+    labelled_options = frozenset(OFFICIAL_TEST)
     _common = {"arch": "resnet18", "stn_mode": "rotation_scale", "train_shot": 2, "momentum": 0.9,
                "imagenet_norm": False, **OFFICIAL_TEST, "eps": 0.01, "sigma": 4.0, "infer_batch": 32}
     presets = {

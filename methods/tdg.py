@@ -558,6 +558,7 @@ class TDG(Adapter):
     name = "tdg"
     protocol = "individual"
     paper = "Sheynin, Benaim, Wolf: A Hierarchical Transformation-Discriminating Generative Model for FSAD (ICCV 2021)"
+    labelled_options = frozenset({"clahe"})
     presets = {"paper": dict(_PAPER), "cpu": dict(_CPU)}
 
     def __init__(self, config=None):
@@ -604,6 +605,7 @@ class TDGPlus(TDG):
     name = "tdg+"
     protocol = "aggregated"
     paper = "TDG with aggregated training, as compared in RegAD (Huang et al., ECCV 2022)"
+    labelled_options = frozenset({"clahe", "pretrain_index"})
     presets = {
         "paper": {**_PAPER, "pretrain_niter": 1000, "pretrain_batch": 10, "pretrain_images_per_category": None,
                   "adapt_niter": 1000, "pretrain_index": "scaled"},

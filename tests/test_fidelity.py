@@ -103,7 +103,8 @@ def test_gaussian_padim_equals_reference(r18, n_features):
     assert maps.shape == (3, 32, 32)
     np.testing.assert_allclose(maps.double().numpy(), ref.numpy(), rtol=2e-4, atol=1e-6 * float(ref.max()))
     np.testing.assert_allclose(scores.double().numpy(), ref.flatten(1).max(1).values.numpy(), rtol=2e-4)
-    assert a.label == "gaussian [padim, resnet18, file" + (f", d={n_features}]" if n_features else "]")
+    # the channel subset and the seed that drew it (an overridden option) are both in the label
+    assert a.label == "gaussian [padim, resnet18, file" + (f", d={n_features}, channel_seed=7]" if n_features else "]")
 
 
 def test_gaussian_paper_is_regad_table5_row_a(r18):
@@ -358,6 +359,7 @@ def test_tdg_plus_pretraining_index_is_scaled_to_the_official_range():
     ids = ids_seen(scaled)
     assert ids.max() <= 2 + 1e-6 and ids.min() >= 0
     raw = TDGPlus(AdapterConfig(weights="none", image_size=32, seed=0, options={**opts, "pretrain_index": "raw"}))
-    assert raw.label.endswith("index=raw]") and ids_seen(raw).max() > 2
+    assert raw.label == ("tdg+ [cpu, clahe=off, index=raw, pretrain_niter=1, pretrain_batch=3, "
+                         "pretrain_images_per_category=None]") and ids_seen(raw).max() > 2
     with pytest.raises(ValueError):
         TDGPlus(AdapterConfig(weights="none", image_size=32, options={"pretrain_index": "minmax"}))

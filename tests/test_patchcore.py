@@ -58,7 +58,7 @@ def test_adapter_scores_and_maps():
     scores, maps = a.predict(test)
     assert scores.shape == (2,) and maps.shape == (2, 64, 64)
     assert scores[0] == pytest.approx(0.0, abs=1e-3) and scores[1] > 1  # a support image is in the bank
-    assert "arch" in a.describe()["hparams"] and a.label == "patchcore [paper, resnet18, random-init]"
+    assert "arch" in a.describe()["hparams"] and a.label == "patchcore [paper, resnet18, random-init, num_neighbors=1]"
     # coreset keeps the requested share; the scores stay finite
     b = PatchCore(AdapterConfig(weights="none", image_size=64, options={"arch": "resnet18", "coreset_ratio": 0.25}))
     b.adapt(support)

@@ -27,3 +27,22 @@ def test_third_party_adapter_through_entry_point(monkeypatch):
 def test_unknown_method_lists_the_registered_ones():
     with pytest.raises(FsadError, match=r"unknown method 'nope' \(registered: .*gaussian"):
         registry.get("nope")
+
+
+def test_suite_option_overrides_are_labelled():
+    """An option a suite overrides (``[options.<method>]``) shows in the table label, so two
+    configurations never share a row; options that cannot change a number are not labelled, and
+    an option the adapter labels in its own words is labelled once."""
+    from fsad_bench.adapter import AdapterConfig
+
+    diffnet_plus, gaussian, patchcore = (registry.get(n) for n in ("diffnet+", "gaussian", "patchcore"))
+    base = diffnet_plus(AdapterConfig(weights="none")).label
+    longer = diffnet_plus(AdapterConfig(weights="none", options={"finetune_epochs": 192})).label
+    assert base == "diffnet+ [cpu, alexnet, random-init]"
+    assert longer == "diffnet+ [cpu, alexnet, random-init, finetune_epochs=192]"
+    assert diffnet_plus(AdapterConfig(weights="none", options={"view_chunk": 8})).label == base
+    assert gaussian(AdapterConfig(weights="none", options={"batch_size": 4})).label == "gaussian [paper, resnet18, random-init]"
+    assert (gaussian(AdapterConfig(weights="none", options={"upsample": "bilinear", "channel_seed": 3})).label
+            == "gaussian [paper, resnet18, random-init, upsample=bilinear, channel_seed=3]")
+    assert patchcore(AdapterConfig(weights="none", options={"coreset_ratio": 0.5, "chunk": 64})).label == (
+        "patchcore [paper, wide_resnet50_2, random-init, coreset_ratio=0.5]")
