@@ -39,9 +39,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from fsad_bench.maps import ScratchBuffer, pyramid_samples
+from fsad_bench.maps import ScratchBuffer, pyramid_samples, upsample
 
 
 def position_major(features: torch.Tensor) -> torch.Tensor:
@@ -171,11 +170,11 @@ class PositionGaussian:
         step, sliceable = 1, [maps[0]]
         for m in maps[1:]:
             hi, wi = m.shape[-2:]
-            if (hi, wi) != (h, w) and mode == "nearest" and h % hi == 0 and w % wi == 0:
-                step = math.lcm(step, h // hi)                               # sliced as it is
-            elif (hi, wi) != (h, w):
-                kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-                m = F.interpolate(m, size=(h, w), mode=mode, **kw)          # what pyramid_samples writes
+            if (hi, wi) != (h, w):
+                if mode == "nearest" and h % hi == 0 and w % wi == 0:
+                    step = math.lcm(step, h // hi)                           # sliced as it is
+                else:
+                    m = upsample(m, (h, w), mode)                            # what pyramid_samples writes
             sliceable.append(m)
         rows = step * max(1, round(self.band_positions / (w * step)))
         scratch = scratch or ScratchBuffer()

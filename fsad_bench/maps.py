@@ -19,9 +19,15 @@ def concat_pyramid(maps: list[torch.Tensor], mode: str = "bilinear") -> torch.Te
     repeated over the fine cells it covers: PaDiM's / RegAD's ``embedding_concat`` and
     anomalib's ``F.interpolate(mode="nearest")`` for integer size ratios).
     """
-    size = maps[0].shape[-2:]
-    kw = {"align_corners": False} if mode == "bilinear" else {}
-    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode=mode, **kw) for m in maps[1:]], dim=1)
+    size = tuple(maps[0].shape[-2:])
+    return torch.cat([maps[0]] + [upsample(m, size, mode) for m in maps[1:]], dim=1)
+
+
+def upsample(m: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """``F.interpolate`` of ``(B, C, h, w)`` to ``size`` with ``mode`` (``align_corners=False`` for
+    the modes that take it): how every feature pyramid brings a coarse map to the finest grid."""
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(m, size=size, mode=mode, **kw)
 
 
 class ScratchBuffer:
@@ -85,8 +91,7 @@ def pyramid_samples(maps: list[torch.Tensor], mode: str = "bilinear", out: torch
                 dst = dst.view(hi, rh, wi, rw, b, c1 - c0)
                 mu = mu.view(hi, rh, wi, rw, 1, c1 - c0) if mu is not None else None
             else:
-                kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-                src = F.interpolate(m, size=(h, w), mode=mode, **kw).permute(2, 3, 0, 1)
+                src = upsample(m, (h, w), mode).permute(2, 3, 0, 1)
         if mu is None:
             dst.copy_(src)
         else:
