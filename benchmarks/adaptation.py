@@ -3,7 +3,7 @@
 Prints a table, last line a one-line summary. Measures in one run, on the same features,
 the implementation before issue 15 (``benchmarks/before.py``: centred samples + inverse
 Cholesky factor, two batched products per call, features concatenated then permuted) beside
-the current one (``fsad_bench.gaussian_model``: ``L⁻¹`` folded into the samples, one product
+the current one (``fsad_bench.components.position_gaussian``: ``L⁻¹`` folded into the samples, one product
 per call, support features written once into the position-major layout by
 ``maps.pyramid_samples``, test features laid out and scored band by band by
 ``PositionGaussian.score_pyramid``):
@@ -43,9 +43,9 @@ from before import PositionGaussian as BeforeGaussian, features_before  # noqa: 
 from common import PeakMemory, describe_device, pick_device, timed  # noqa: E402
 
 from fsad_bench.adapter import AdapterConfig  # noqa: E402
-from fsad_bench.augment import N_VIEWS, affine_warp, augment_support  # noqa: E402
-from fsad_bench.gaussian_model import PositionGaussian  # noqa: E402
-from fsad_bench.maps import ScratchBuffer, smooth_maps  # noqa: E402
+from fsad_bench.components.augment import N_VIEWS, affine_warp, augment_support  # noqa: E402
+from fsad_bench.components.position_gaussian import PositionGaussian  # noqa: E402
+from fsad_bench.components.maps import ScratchBuffer, smooth_maps  # noqa: E402
 
 
 def official_loop(train: torch.Tensor, test: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
@@ -156,7 +156,7 @@ def main() -> None:
         return smooth_maps(affine_warp(dist[:, None], theta)[:, 0], args.size, 4.0)
 
     def score_before():
-        from fsad_bench.maps import concat_pyramid
+        from fsad_bench.components.maps import concat_pyramid
 
         dist = old_model.mahalanobis(concat_pyramid(feats))
         return post(dist), dist

@@ -1,14 +1,14 @@
 """Our per-position Gaussian beside anomalib's PaDiM Gaussian, on the same features.
 
 For k = 2, 4, 8 (``--k``): the augmented support set (k x 22 views) goes once through the
-ResNet-18 layer1–3 backbone (``fsad_bench.backbone.ResNetFeatures``, ImageNet weights when
+ResNet-18 layer1–3 backbone (``fsad_bench.components.backbone.ResNetFeatures``, ImageNet weights when
 cached, else random init — the same features for both), all 448 channels concatenated at
 S/4 x S/4 (no random channel subset). Then, on exactly these features:
 
 * anomalib: ``MultiVariateGaussian().fit`` (covariance per position in a Python loop, then
   ``torch.linalg.inv`` of the ``(P, C, C)`` stack) and ``AnomalyMapGenerator.compute_distance``
   (anomalib's PaDiM Mahalanobis distance);
-* ours: :class:`fsad_bench.gaussian_model.PositionGaussian` (dual form, ``L⁻¹`` folded into
+* ours: :class:`fsad_bench.components.position_gaussian.PositionGaussian` (dual form, ``L⁻¹`` folded into
   the samples) with ``ε = 0.01 + 1e-5`` — anomalib adds both ridges — so the distances agree.
 
 Prints fit seconds, score ms per test image, peak memory of fit + scoring above the start
@@ -49,10 +49,10 @@ def main() -> None:
         return
     import anomalib
 
-    from fsad_bench.augment import augment_support
-    from fsad_bench.backbone import ResNetFeatures
-    from fsad_bench.gaussian_model import PositionGaussian
-    from fsad_bench.maps import concat_pyramid
+    from fsad_bench.components.augment import augment_support
+    from fsad_bench.components.backbone import ResNetFeatures
+    from fsad_bench.components.position_gaussian import PositionGaussian
+    from fsad_bench.components.maps import concat_pyramid
 
     dev = pick_device(args.device)
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ class PositionGaussian:
 def features_before(backbone, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """The adapters' feature path before issue 15: ``concat_pyramid`` per batch, then ``torch.cat``
     -> ``(N, ΣC, H1, W1)`` (the old ``fit`` / ``mahalanobis`` then permute it into positions)."""
-    from fsad_bench.maps import concat_pyramid
+    from fsad_bench.components.maps import concat_pyramid
 
     with torch.no_grad():
         return torch.cat([concat_pyramid(backbone(images[i : i + batch_size]))

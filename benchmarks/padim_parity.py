@@ -2,8 +2,8 @@
 
 Our side: torchvision backbone + create_feature_extractor (our weights resolution), pyramid
 concatenated with nearest upsampling (anomalib's PaDiM choice), no support augmentation,
-fsad_bench.gaussian_model.PositionGaussian (ε = 0.01), Mahalanobis map upsampled bilinearly
-and smoothed with σ = 4 (fsad_bench.maps.smooth_maps), score = map maximum. anomalib's side:
+fsad_bench.components.position_gaussian.PositionGaussian (ε = 0.01), Mahalanobis map upsampled bilinearly
+and smoothed with σ = 4 (fsad_bench.components.maps.smooth_maps), score = map maximum. anomalib's side:
 the ``anomalib:Padim`` adapter (PadimModel). Prints per (k, run) the largest map difference
 relative to the map range, the score difference, both sides' metrics and wall times.
 
@@ -22,12 +22,12 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from fsad_bench import registry
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
-from fsad_bench.data import load_images, load_test_set, open_folder_dataset
-from fsad_bench.gaussian_model import PositionGaussian
-from fsad_bench.maps import smooth_maps
+from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
+from fsad_bench.data.readers import load_images, load_test_set, open_folder_dataset
+from fsad_bench.components.position_gaussian import PositionGaussian
+from fsad_bench.components.maps import smooth_maps
 from fsad_bench.metrics import evaluate
-from fsad_bench.sampler import SupportSampler
+from fsad_bench.data.sampler import SupportSampler
 
 TAPS = ["features.3", "features.6", "features.13"]
 

@@ -1,6 +1,6 @@
 """The method adapter API: every FSAD method is one subclass of :class:`Adapter`.
 
-Life of an adapter in a benchmark cell (see ``fsad_bench.engine``)::
+Life of an adapter in a benchmark cell (see :mod:`fsad_bench.run`)::
 
     a = Method(config)
     a.fit(train)           # protocol-dependent training; may be a no-op
@@ -14,7 +14,7 @@ Life of an adapter in a benchmark cell (see ``fsad_bench.engine``)::
 * ``individual`` protocol: ``{target: support images}`` only, one fit per cell;
 * ``training-free`` methods never train (``fit`` is not called);
 * ``cross-dataset``: every category of the suite's *training dataset* (another dataset), as
-  labelled images ``(image, label)`` (:class:`~fsad_bench.data.LabelledImages`: train/good and
+  labelled images ``(image, label)`` (:class:`~fsad_bench.data.readers.LabelledImages`: train/good and
   test/good are 0, test/<defect> are 1); one fit is shared by every target category, k and run.
 
 A trained state is cached by the engine through :meth:`state_dict` / :meth:`load_state_dict`
@@ -32,10 +32,88 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import FsadError
+from fsad_bench.errors import FsadError
 
 PROTOCOLS = ("aggregated", "individual", "training-free", "cross-dataset")
 TrainSet = Mapping[str, torch.utils.data.Dataset]
+
+
+# -- declared option constraints (like scikit-learn's ``_parameter_constraints``) -----------------
+@dataclass(frozen=True)
+class Interval:
+    """Numbers of ``kind`` (``int`` or ``float``; an int is a valid float, a bool never is) between
+    ``low`` and ``high`` (None: unbounded); ``closed`` says which ends belong: both, left, right, neither."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    closed: str = "both"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int,) if self.kind is int else (int, float)):
+            return False
+        lo_ok = self.low is None or (value >= self.low if self.closed in ("both", "left") else value > self.low)
+        hi_ok = self.high is None or (value <= self.high if self.closed in ("both", "right") else value < self.high)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            left, right = ("[" if self.closed in ("both", "left") else "("), ("]" if self.closed in ("both", "right") else ")")
+            return f"{what} in {left}{self.low}, {self.high}{right}"
+        if self.low is not None:
+            return f"{what} {'>=' if self.closed in ('both', 'left') else '>'} {self.low}"
+        if self.high is not None:
+            return f"{what} {'<=' if self.closed in ('both', 'right') else '<'} {self.high}"
+        return what
+
+
+class OneOf:
+    """One of the listed values (compared with ``==``; ``True`` never matches ``1``)."""
+
+    def __init__(self, *values: Any):
+        self.values = values
+
+    def accepts(self, value: Any) -> bool:
+        return any(value == v and type(value) is type(v) for v in self.values)
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(map(repr, self.values))
+
+
+class ListOf:
+    """A list (or tuple) of at least ``min_len`` items, each accepted by ``item`` (a type or a constraint)."""
+
+    def __init__(self, item: Any, min_len: int = 1):
+        self.item, self.min_len = item, min_len
+
+    def accepts(self, value: Any) -> bool:
+        return (isinstance(value, (list, tuple)) and len(value) >= self.min_len
+                and all(accepts(self.item, v) for v in value))
+
+    def __str__(self) -> str:
+        return f"a list of {describe(self.item)} (at least {self.min_len})"
+
+
+def accepts(constraint: Any, value: Any) -> bool:
+    """Whether ``value`` satisfies one constraint: ``None`` (the value None), a type (``bool``,
+    ``str``, ...; a bool is never an int or float), or an object with ``accepts``."""
+    if constraint is None:
+        return value is None
+    if isinstance(constraint, type):
+        if constraint in (int, float) and isinstance(value, bool):
+            return False
+        return isinstance(value, (int, float) if constraint is float else constraint)
+    return constraint.accepts(value)
+
+
+def describe(constraint: Any) -> str:
+    if constraint is None:
+        return "None"
+    if isinstance(constraint, type):
+        return {bool: "true or false", str: "a string", int: "an integer", float: "a number"}.get(
+            constraint, constraint.__name__)
+    return str(constraint)
 
 
 @dataclass
@@ -45,7 +123,7 @@ class AdapterConfig:
     ``preset`` names an entry of the adapter's ``presets``; ``options`` override single
     preset values (from the suite's ``[options.<method>]`` table); ``seed`` decides every
     initialisation and augmentation of the adapter; ``feature_cache`` is where frozen-backbone
-    features may be cached on disk (see :mod:`fsad_bench.features`).
+    features may be cached on disk (see :mod:`fsad_bench.components.feature_cache`).
     """
 
     device: str = "cpu"
@@ -72,6 +150,11 @@ class Adapter(ABC):
     #: Option names accepted besides the presets' keys, with their allowed value types
     #: (e.g. ``{"raw_input": (bool,)}``); the adapter reads them with ``hparams.get(name, default)``.
     extra_options: ClassVar[dict[str, tuple[type, ...]]] = {}
+    #: Declared constraints of option values, checked when a suite is planned (before any work):
+    #: option -> list of constraints, any of which accepts a valid value: a type (``bool``, ``str``),
+    #: ``None``, :class:`Interval`, :class:`OneOf`, :class:`ListOf`. Options without an entry get the
+    #: type check of :meth:`option_types`. Every preset value must satisfy them (contract test).
+    option_constraints: ClassVar[dict[str, list[Any]]] = {}
 
     def __init__(self, config: AdapterConfig | None = None):
         self.config = config or AdapterConfig()
@@ -115,6 +198,8 @@ class Adapter(ABC):
                 types |= {tuple, list}
             out[key] = tuple(sorted(types, key=lambda t: t.__name__))
         out.update(cls.extra_options)
+        for key in cls.option_constraints:
+            out.setdefault(key, (object,))
         return out
 
     @classmethod
@@ -122,9 +207,15 @@ class Adapter(ABC):
         """FsadError (one line, listing what is valid) for an unknown option name or a value of the wrong type."""
         types = cls.option_types()
         for key, value in options.items():
-            if key not in types:
+            if key not in types and key not in cls.option_constraints:
                 raise FsadError(f"{source}: unknown option {key!r} for method {cls.name!r} "
                                 f"(valid: {', '.join(sorted(types)) or 'none'})")
+            declared = cls.option_constraints.get(key)
+            if declared is not None:
+                if not any(accepts(c, value) for c in declared):
+                    raise FsadError(f"{source}: option {key!r} of method {cls.name!r} must be "
+                                    f"{' or '.join(map(describe, declared))}, got {value!r}")
+                continue
             allowed = types[key]
             ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float))
                      for t in allowed)

@@ -19,8 +19,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import registry
-from .errors import FsadError
+from fsad_bench import registry
+from fsad_bench.errors import FsadError
 
 #: ``--metric`` of compare / rerun: the record metrics (report.METRICS' keys, kept here so that the
 #: CLI starts without importing pandas; a test keeps the two equal)
@@ -47,7 +47,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def _metric_names(text: str | None) -> list[str] | None:
     """``--metrics a,b`` -> validated metric names (None: the default tables)."""
-    from .metrics import METRICS
+    from fsad_bench.metrics import METRICS
 
     names = _names(text)
     if names is None:
@@ -106,8 +106,8 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
     A finished cell is reused only when nothing that changes its numbers changed (options,
     method code, weights, data files, image size, seeds, support lists); otherwise it is recomputed
     and the old record is no longer shown (``fsad-bench prune OUT`` deletes it)."""
-    from .engine import cell_status, pick_device, plan
-    from .protocols import apply_arch, load_suite, validate_numbers
+    from fsad_bench.run.engine import cell_status, pick_device, plan
+    from fsad_bench.protocols import apply_arch, load_suite, validate_numbers
 
     suite = load_suite(suite_name)
     overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "train_seeds": train_seeds,
@@ -130,11 +130,11 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         raise FsadError(f"--out {out} is a file, not a results folder")
     metric_names = _metric_names(metric_list)
     if mlflow_uri:
-        from .tracking import default_uri, enable
+        from fsad_bench.records.tracking import default_uri, enable
 
         enable(default_uri(out) if mlflow_uri == "default" else mlflow_uri)
     _, cells = plan(suite)
-    from .store import ResultStore
+    from fsad_bench.records.store import ResultStore
 
     store = ResultStore(out)
     status = cell_status(suite, cells, store)
@@ -148,8 +148,8 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
 
 def _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force,
                 std_components, metric_names) -> None:
-    from .engine import run_suite
-    from .report import print_table, write_tables
+    from fsad_bench.run.engine import run_suite
+    from fsad_bench.report.tables import print_table, write_tables
 
     todo = len(cells) if force else len(status["todo"])
     console.print(f"[bold]{suite.name}[/]: {len(cells)} cells ({len(cells) - todo} done), "
@@ -201,9 +201,9 @@ def _print_dry_run(name: str, out: Path, status: dict[str, list]) -> None:
 def table(results_dir: Path, reference_method: str | None, std_components: bool | None,
           metric_list: str | None) -> None:
     """Rebuild and print the tables of RESULTS_DIR without rerunning anything."""
-    from .report import print_table, write_tables
+    from fsad_bench.report.tables import print_table, write_tables
 
-    from .store import ResultStore
+    from fsad_bench.records.store import ResultStore
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
@@ -221,7 +221,7 @@ def table(results_dir: Path, reference_method: str | None, std_components: bool 
 def prune(results_dir: Path) -> None:
     """Delete the records and example maps of RESULTS_DIR that are not cells of the suite as last run
     (other configuration, code, data or cells), and temporary files a killed run left."""
-    from .store import ResultStore
+    from fsad_bench.records.store import ResultStore
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
@@ -242,9 +242,9 @@ def prune(results_dir: Path) -> None:
 def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamples: int, seed: int) -> None:
     """Paired comparison of A against B on the same cells of RESULTS_DIR: mean difference,
     bootstrap 95% CI, wins/ties/losses and Wilcoxon signed-rank p, per k and overall."""
-    from .significance import compare_methods
-    from .report import print_table
-    from .store import ResultStore, atomic_write_text
+    from fsad_bench.report.significance import compare_methods
+    from fsad_bench.report.tables import print_table
+    from fsad_bench.records.store import ResultStore, atomic_write_text
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
@@ -271,9 +271,9 @@ def rerun(reference_dir: Path, rerun_dir: Path, metric: str) -> None:
     rerun's mean and the difference; exit status 1 when a Mean row lies outside the ± (as diff)."""
     import pandas as pd
 
-    from .published import MEAN_ROW
-    from .report import print_table, rerun_agreement
-    from .store import ResultStore, atomic_write_text
+    from fsad_bench.report.published import MEAN_ROW
+    from fsad_bench.report.tables import print_table, rerun_agreement
+    from fsad_bench.records.store import ResultStore, atomic_write_text
 
     for d in (reference_dir, rerun_dir):
         if not d.is_dir():
@@ -307,7 +307,7 @@ def rerun(reference_dir: Path, rerun_dir: Path, metric: str) -> None:
               help="csv: every record field; anomalib: anomalib benchmark column names.")
 def export(results_dir: Path, out: Path, fmt: str) -> None:
     """Write the cells of RESULTS_DIR to the CSV file OUT, one row per cell."""
-    from .export import export as export_cells
+    from fsad_bench.report.export import export as export_cells
 
     df = export_cells(results_dir, out, fmt)
     console.print(f"{len(df)} cells, {len(df.columns)} columns ({fmt}) written to {out}")
@@ -318,7 +318,7 @@ def export(results_dir: Path, out: Path, fmt: str) -> None:
 def plot(results_dir: Path) -> None:
     """Write the figures of RESULTS_DIR to RESULTS_DIR/plots: AUROC vs k, per-category bars,
     ROC curves and anomaly-map overlays."""
-    from .plots import write_plots
+    from fsad_bench.report.plots import write_plots
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
@@ -347,8 +347,8 @@ def datasets() -> None:
     """List known datasets, their categories, and the built-in suites."""
     from rich.table import Table
 
-    from .data import KNOWN_DATASETS
-    from .protocols import builtin_suites
+    from fsad_bench.data.readers import KNOWN_DATASETS
+    from fsad_bench.protocols import builtin_suites
 
     t = Table(title="datasets (MVTec AD or VisA split-CSV layout, or --data-root repeated to pool roots)")
     t.add_column("name")
@@ -367,7 +367,7 @@ def datasets() -> None:
 @click.option("--size", type=int, default=256, show_default=True)
 def synth(out: Path, categories: int, seed: int, n_train: int, size: int) -> None:
     """Write the synthetic dataset (MVTec AD layout) to OUT."""
-    from .synthetic import category_names, generate
+    from fsad_bench.data.synthetic import category_names, generate
 
     generate(out, categories=categories, seed=seed, n_train=n_train, size=size)
     console.print(f"wrote {', '.join(category_names(categories))} to {out}")

@@ -1,6 +1,6 @@
 """Cheap identities of what changes a method's numbers: files, data folders, weights, code.
 
-Used by :func:`fsad_bench.engine.config_hash` (record ids and the trained-model cache key), so
+Used by :func:`fsad_bench.run.engine.config_hash` (record ids and the trained-model cache key), so
 that a record or a cached model is reused only when its inputs are unchanged:
 
 * :func:`file_sha256` — content hash of a file (weights), cached in ``<cache>/file_hashes.json``
@@ -9,7 +9,7 @@ that a record or a cached model is reused only when its inputs are unchanged:
 * :func:`weights_fingerprint` — ``--weights`` resolved to file contents (``auto`` / ``imagenet``:
   every checkpoint in torch's hub cache; a path: that file);
 * :func:`code_fingerprint` — the source of an adapter's module and of every module it imports
-  from its own package and from ``fsad_bench`` (transitively), plus ``fsad_bench.engine`` and
+  from its own package and from ``fsad_bench`` (transitively), plus ``fsad_bench.run.engine`` and
   what it imports (data loading, sampling, metrics, protocols). Editing any of these files makes
   earlier records of that method stale; editing the CLI or the reporter does not.
 """
@@ -134,7 +134,7 @@ def _imports(name: str, path: Path, tree: ast.AST, roots: set[str]) -> list[str]
 @functools.lru_cache(maxsize=None)
 def _code_fingerprint(module: str, file: str) -> str:
     roots = {module.split(".")[0], "fsad_bench"}
-    todo: list[tuple[str, Path | None]] = [(module, Path(file)), ("fsad_bench.engine", None)]
+    todo: list[tuple[str, Path | None]] = [(module, Path(file)), ("fsad_bench.run.engine", None)]
     seen: dict[str, str] = {}
     while todo:
         name, path = todo.pop()

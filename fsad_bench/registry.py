@@ -8,8 +8,8 @@ from __future__ import annotations
 from importlib import import_module
 from importlib.metadata import entry_points
 
-from .adapter import Adapter
-from .errors import FsadError
+from fsad_bench.adapter import Adapter
+from fsad_bench.errors import FsadError
 
 ENTRY_POINT_GROUP = "fsad_bench.methods"
 

@@ -10,7 +10,7 @@ those — anomalib's own ``AUROC`` is never used (torchmetrics applies a sigmoid
 [0, 1], which collapses raw Mahalanobis scores to 0.5: anomalib issue #3407).
 
 Offline backbones: the CNN is a **torchvision** model built by
-:func:`fsad_bench.backbone.build_torchvision` with fsad-bench's weights resolution
+:func:`fsad_bench.components.backbone.build_torchvision` with fsad-bench's weights resolution
 (``--weights imagenet|auto|none|FILE``, e.g. the MobileNetV2 state-dict file) and handed to
 anomalib as an ``nn.Module`` (anomalib then extracts the taps with torchvision's
 ``create_feature_extractor``), so anomalib's timm backbones are never created and nothing is
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from fsad_bench.adapter import Adapter
-from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
+from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
 from fsad_bench.errors import FsadError
 
 PREFIX = "anomalib:"

@@ -55,7 +55,7 @@ Deviations (all documented here, none in the ``paper`` preset's maths):
   of them per image; the ``paper`` preset (``feature_pool = 0``) draws fresh views each epoch.
 
 Backbone (``arch`` option, default the official ``alexnet``): another torchvision CNN gives the
-multi-scale average-pooled output of its last default tap (``fsad_bench.backbone.TAPS``; e.g.
+multi-scale average-pooled output of its last default tap (``fsad_bench.components.backbone.TAPS``; e.g.
 ``mobilenet_v2``: ``features.13``, 96 channels per scale) — a deviation, labelled in tables.
 
 Presets: ``paper`` is the official configuration above. ``cpu`` (2-core budget: individual cell
@@ -91,10 +91,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from fsad_bench.adapter import Adapter, TrainSet
-from fsad_bench.augment import affine_warp
-from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, TAPS, FeatureExtractor
-from fsad_bench.data import TensorImages
-from fsad_bench.maps import gaussian_blur
+from fsad_bench.components.augment import affine_warp
+from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, TAPS, FeatureExtractor
+from fsad_bench.data.readers import TensorImages
+from fsad_bench.components.maps import gaussian_blur
 
 ALEXNET_CHANNELS = 256  # channels of AlexNet's last ``features`` map
 ALEXNET_MIN_SIZE = 63  # smallest input size AlexNet's ``features`` accept

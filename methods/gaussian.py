@@ -11,7 +11,7 @@ and values that differ from the preset's are labelled in tables):
 
 * ``normalize`` — ImageNet mean/std normalisation of the [0, 1] input (False: raw [0, 1]
   pixels, as RegAD feeds its ResNet);
-* ``augment`` — RegAD's 22-view support augmentation (:mod:`fsad_bench.augment`);
+* ``augment`` — RegAD's 22-view support augmentation (:mod:`fsad_bench.components.augment`);
 * ``upsample`` — how layer2/3 reach the layer1 grid: ``"nearest"`` (repetition: PaDiM's and
   RegAD's ``embedding_concat``, anomalib's ``F.interpolate(mode="nearest")``) or ``"bilinear"``;
 * ``blur_border`` — border of the σ = 4 blur (kernel radius 4σ): ``"symmetric"`` (edge repeated,
@@ -20,7 +20,7 @@ and values that differ from the preset's are labelled in tables):
   from ``channel_seed`` (None: the config seed) with ``torch.randperm`` (anomalib draws its
   index with Python's ``random.sample``; PaDiM's default for ResNet-18 is 100);
 * ``arch`` — the backbone (default ``resnet18``): any torchvision CNN with default taps in
-  ``fsad_bench.backbone.TAPS`` (``mobilenet_v2``: features.3/6/13, 152 channels);
+  ``fsad_bench.components.backbone.TAPS`` (``mobilenet_v2``: features.3/6/13, 152 channels);
 * ``eps``, ``sigma``, ``batch_size`` (feature batches; no effect on the numbers).
 
 Presets:
@@ -43,11 +43,11 @@ from __future__ import annotations
 import torch
 
 from fsad_bench.adapter import Adapter
-from fsad_bench.augment import augment_support
-from fsad_bench.backbone import FeatureExtractor, state_hash
-from fsad_bench.features import CachedBackbone
-from fsad_bench.gaussian_model import PositionGaussian
-from fsad_bench.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
+from fsad_bench.components.augment import augment_support
+from fsad_bench.components.backbone import FeatureExtractor, state_hash
+from fsad_bench.components.feature_cache import CachedBackbone
+from fsad_bench.components.position_gaussian import PositionGaussian
+from fsad_bench.components.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
 
 _REGAD_A = {"arch": "resnet18", "eps": 0.01, "normalize": False, "augment": True, "upsample": "nearest",
             "blur_border": "symmetric", "n_features": None, "channel_seed": None, "sigma": 4.0, "batch_size": 32}

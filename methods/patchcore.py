@@ -21,7 +21,7 @@ Facts (paper Sec. 3; checked against anomalib 2.7's ``PatchcoreModel``, code rea
   N_b are the b nearest bank patches of m^* (b = ``num_neighbors`` = 9 as in anomalib;
   ``num_neighbors = 1`` gives the plain maximum, as the official code's default does);
 * map: patch scores upsampled to the image (``upsample``: ``bilinear`` — the official code;
-  ``nearest`` — anomalib's) and smoothed by a Gaussian of σ = 4 px (:mod:`fsad_bench.maps`).
+  ``nearest`` — anomalib's) and smoothed by a Gaussian of σ = 4 px (:mod:`fsad_bench.components.maps`).
 
 Options (every preset value can be overridden): ``arch`` (any torchvision classifier; taps
 from ``taps`` or :data:`PATCHCORE_TAPS`), ``patch_size``, ``coreset_ratio``, ``coreset_dim``,
@@ -31,8 +31,8 @@ augmentation), ``upsample``, ``sigma``, ``knn`` (``torch`` | ``faiss``), ``batch
 Presets: ``paper`` = ``cpu`` (WRN-50 layer2+3, p = 3, b = 9, σ = 4); the paper's 256 → 224
 resize / centre crop is the suite's ``image_size`` here.
 Deviations: none in the scoring; the backbone is built by :func:`build_backbone` (torchvision
-``create_feature_extractor`` over :func:`fsad_bench.backbone.build_torchvision`), an isolated
-function meant to be swapped for ``fsad_bench.backbone.FeatureExtractor`` once that exists.
+``create_feature_extractor`` over :func:`fsad_bench.components.backbone.build_torchvision`), an isolated
+function meant to be swapped for ``fsad_bench.components.backbone.FeatureExtractor`` once that exists.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsad_bench.adapter import Adapter
-from fsad_bench.augment import augment_support
-from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision, state_hash
+from fsad_bench.components.augment import augment_support
+from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision, state_hash
 from fsad_bench.errors import FsadError
-from fsad_bench.features import CachedBackbone
-from fsad_bench.maps import concat_pyramid, gaussian_blur
+from fsad_bench.components.feature_cache import CachedBackbone
+from fsad_bench.components.maps import concat_pyramid, gaussian_blur
 
 #: PatchCore's default taps per architecture (mid-level: stride 8 and 16).
 PATCHCORE_TAPS: dict[str, list[str]] = {
@@ -82,7 +82,7 @@ class _Taps(nn.Module):
 def build_backbone(arch: str, weights: str, taps: list[str] | None = None) -> tuple[nn.Module, str]:
     """Frozen feature extractor for PatchCore: ``(module, weights tag)``; the module maps images
     ``(B, 3, H, W)`` in [0, 1] to the tap maps. Isolated on purpose: to be replaced by
-    ``fsad_bench.backbone.FeatureExtractor(arch, weights, taps)`` once it is merged."""
+    ``fsad_bench.components.backbone.FeatureExtractor(arch, weights, taps)`` once it is merged."""
     if taps is None:
         if arch not in PATCHCORE_TAPS:
             raise FsadError(f"patchcore: no default taps for arch {arch!r}; pass the taps option "

@@ -30,7 +30,7 @@ commented out). The official script selects the checkpoint with the best *test* 
 the last epoch is kept. The official model is trained per shot; our aggregated fit is shared
 by every k and uses ``train_shot`` supports per query (official default shot 2).
 
-Test (official ``test.py``): 22-view support augmentation (``fsad_bench.augment``), each STN
+Test (official ``test.py``): 22-view support augmentation (``fsad_bench.components.augment``), each STN
 output warped back to image coordinates (below), the three maps upsampled to the layer1 grid
 by repetition (official ``utils/funcs.embedding_concat``: unfold/fold = nearest-neighbour
 upsampling for integer size ratios) and concatenated (448 channels), a Gaussian per position
@@ -67,7 +67,7 @@ to register.
 Presets: ``paper`` = the official config above; ``cpu`` = 128 px demo budget (see ``presets``),
 the official test pipeline (image frame, nearest concat, scipy border) with a shorter training.
 Backbone (``arch`` option, default the paper's ``resnet18``): any torchvision CNN with default taps in
-``fsad_bench.backbone.TAPS`` (e.g. ``mobilenet_v2``); an STN follows each tap's stage.
+``fsad_bench.components.backbone.TAPS`` (e.g. ``mobilenet_v2``); an STN follows each tap's stage.
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsad_bench.adapter import Adapter, TrainSet
-from fsad_bench.augment import affine_warp, augment_support
-from fsad_bench.backbone import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
-from fsad_bench.gaussian_model import PositionGaussian
-from fsad_bench.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
+from fsad_bench.components.augment import affine_warp, augment_support
+from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
+from fsad_bench.components.position_gaussian import PositionGaussian
+from fsad_bench.components.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
 
 #: Test-pipeline option values of the official code (others are labelled in tables).
 OFFICIAL_TEST = {"feature_frame": "image", "concat_upsample": "nearest", "blur_border": "symmetric"}

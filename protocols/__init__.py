@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from fsad_bench.adapter import PROTOCOLS, TrainSet
-from fsad_bench.data import FolderDataset, ImageFiles, LabelledImages, TensorImages
+from fsad_bench.data.readers import FolderDataset, ImageFiles, LabelledImages, TensorImages
 from fsad_bench.errors import FsadError
-from fsad_bench.image_cache import CachedImageFiles
+from fsad_bench.data.image_cache import CachedImageFiles
 
 
 def training_data(protocol: str, dataset: FolderDataset, target: str, support: torch.Tensor,
@@ -40,7 +40,7 @@ def training_data(protocol: str, dataset: FolderDataset, target: str, support: t
     images do, under ``individual`` only its support images (``(K, 3, S, S)``); under
     ``cross-dataset`` ``dataset`` is the suite's training dataset (all of it, with labels).
     ``image_size`` is the adapter's input size; ``image_cache``: folder of the decoded-image
-    cache (:mod:`fsad_bench.image_cache`), None = decode the originals on every access.
+    cache (:mod:`fsad_bench.data.image_cache`), None = decode the originals on every access.
     """
     files = ImageFiles if image_cache is None else partial(CachedImageFiles, cache=image_cache)
     if protocol == "aggregated":

@@ -10,7 +10,7 @@ import torch
 from fsad_bench import registry
 from fsad_bench.adapter import Adapter
 from fsad_bench.protocols import Suite
-from fsad_bench.synthetic import generate
+from fsad_bench.data.synthetic import generate
 
 SIZE = 64
 

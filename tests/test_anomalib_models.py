@@ -37,8 +37,8 @@ def test_padim_equals_position_gaussian():
     (nearest-upsampled pyramid, bilinear map upsampling, sigma 4 blur)."""
     import torch.nn.functional as F
 
-    from fsad_bench.gaussian_model import PositionGaussian
-    from fsad_bench.maps import smooth_maps
+    from fsad_bench.components.position_gaussian import PositionGaussian
+    from fsad_bench.components.maps import smooth_maps
 
     support, test = _images()
     a = registry.get("anomalib:Padim")(AdapterConfig(weights="none", image_size=64, options={"n_features": "all"}))

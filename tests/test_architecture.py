@@ -1,73 +1,152 @@
-"""The house rules, checked on the source: layers only look down, no method imports another."""
+"""The house rules, checked on the source: layers only look down (the order is the table in
+docs/architecture.md), no import circles, no method imports another."""
 
 from __future__ import annotations
 
 import ast
+import re
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-#: Layer of each module (lower = below); a module may import modules of its own layer or lower.
-LAYERS = {
-    # building blocks that know nothing of benchmarks
-    "errors": 0, "maps": 0, "augment": 0, "gaussian_model": 0, "metrics": 0, "memory": 0,
-    # data: readers, synthetic data, k-shot sampler; backbones and their feature cache
-    "data": 1, "synthetic": 1, "sampler": 1, "backbone": 1, "features": 1, "image_cache": 1,
-    "identity": 1,  # fingerprints of files, folders, weights and code (record identity)
-    # adapter API and registry (what methods build on)
-    "adapter": 2, "registry": 2,
-    # protocols (which images reach fit) and suites
-    "protocols": 3,
-    # result store, and the optional MLflow sink of finished records
-    "store": 4, "tracking": 4,
-    # engine (cells, timing, metrics)
-    "engine": 5, "workers": 5,
-    # reporter
-    "published": 6, "significance": 6, "costs": 6, "report": 6, "plots": 6, "export": 6,
-    # command line
-    "cli": 7,
-}
+#: installed package name -> folder in the checkout
+PACKAGE_DIRS = {"fsad_bench.methods": ROOT / "methods", "fsad_bench.protocols": ROOT / "protocols",
+                "fsad_bench": ROOT / "fsad_bench"}
 
 
-def _imports(path: Path) -> set[str]:
-    """fsad_bench module names imported by ``path`` (``fsad_bench.x.y`` and ``.x`` both give ``x``)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level == 1 and path.parent.name == "fsad_bench":
-                names = [mod] if mod else [a.name for a in node.names]
-                out |= {n.split(".")[0] for n in names}
-            elif node.level == 1:  # relative import inside methods/ or protocols/
-                out.add(f"<relative {mod or node.names[0].name}>")
-            elif mod.startswith("fsad_bench."):
-                out.add(mod.split(".")[1])
-            elif mod == "fsad_bench":
-                out |= {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("fsad_bench.")}
+def read_layers() -> list[tuple[str, list[str]]]:
+    """(layer, [module or package prefixes]) lowest first, from docs/architecture.md's table."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("<!-- layers:", 1)[1].split("\n\n", 1)[0]
+    out = []
+    for line in table.splitlines()[3:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        out.append((cells[0], re.findall(r"`([\w.]+)`", cells[1])))
     return out
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "methods").glob("*.py")), ids=lambda p: p.name)
-def test_no_method_imports_another(path):
-    bad = {m for m in _imports(path) if m == "methods" or m.startswith("<relative")}
-    assert not bad, f"{path.name} imports another method file ({bad}); shared pieces belong in fsad_bench/"
+LAYERS = read_layers()
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "fsad_bench").glob("*.py")), ids=lambda p: p.name)
-def test_layers_only_look_down(path):
-    name = path.stem
-    if name == "__init__":
-        return
-    assert name in LAYERS, f"fsad_bench/{path.name} has no layer in tests/test_architecture.py: add it"
-    up = {m for m in _imports(path) if m in LAYERS and LAYERS[m] > LAYERS[name]}
-    assert not up, f"fsad_bench/{name} (layer {LAYERS[name]}) imports higher layers {sorted(up)}"
+def layer_of(module: str) -> int | None:
+    """Index of the layer holding ``module`` (longest matching prefix), None when none does."""
+    best, best_len = None, -1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+                best, best_len = i, len(p)
+    return best
 
 
-def test_methods_use_only_lower_layers():
-    for path in sorted((ROOT / "methods").glob("*.py")):
-        up = {m for m in _imports(path) if m in LAYERS and LAYERS[m] > LAYERS["adapter"]}
-        assert not up, f"methods/{path.name} imports {sorted(up)} (adapters sit below protocols, engine, store)"
+def module_files() -> dict[str, Path]:
+    out = {}
+    for pkg, folder in PACKAGE_DIRS.items():
+        for path in folder.rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            rel = path.relative_to(folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            if pkg == "fsad_bench" and parts and parts[0] in ("methods", "protocols"):
+                continue
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+MODULES = module_files()
+
+
+@cache
+def imports_of(module: str) -> frozenset[str]:
+    """fsad_bench modules imported by ``module`` anywhere in its file (lazy imports too)."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            if not base.startswith("fsad_bench"):
+                continue
+            subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+            out |= set(subs) if subs else {base}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("fsad_bench")}
+    return frozenset(m for m in out if m != module)
+
+
+def test_layer_table_is_read():
+    names = [name for name, _ in LAYERS]
+    assert names[0] == "leaves" and names[-1] == "cli" and len(names) >= 8
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_module_has_a_layer(module):
+    assert layer_of(module) is not None, f"{module} is in no layer of docs/architecture.md: add it there"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_layers_only_look_down(module):
+    mine = layer_of(module)
+    up = sorted(m for m in imports_of(module) if (layer_of(m) or 0) > (mine or 0))
+    assert not up, (f"{module} (layer {LAYERS[mine][0]!r}) imports higher layers: "
+                    + ", ".join(f"{m} ({LAYERS[layer_of(m)][0]})" for m in up))
+
+
+def _method_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if module.startswith("fsad_bench.methods.") and len(parts) > 2 else None
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _method_of(m)))
+def test_no_method_imports_another(module):
+    other = sorted(m for m in imports_of(module) if _method_of(m) and _method_of(m) != _method_of(module))
+    assert not other, f"{module} imports another method ({other}); shared pieces belong in fsad_bench/components/"
+
+
+def _resolve(name: str) -> str | None:
+    """The module file a dotted import name refers to (a name inside a module counts as the module)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def test_no_import_circles():
+    graph = {m: {r for r in map(_resolve, imports_of(m)) if r and r != m} for m in MODULES}
+    # a package's __init__ that merely names its package is not an edge to every submodule
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycle = stack[stack.index(n):] + [n]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_checker_catches_violations(tmp_path, monkeypatch):
+    """The checker itself can fail: an upward import and a circle are found."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from fsad_bench.cli import main\nfrom fsad_bench.b import x\n")
+    b.write_text("from fsad_bench.a import y\n")
+    monkeypatch.setitem(MODULES, "fsad_bench.data.a", a)
+    monkeypatch.setitem(MODULES, "fsad_bench.data.b", b)
+    imports_of.cache_clear()
+    try:
+        assert "fsad_bench.cli" in imports_of("fsad_bench.data.a")
+        assert layer_of("fsad_bench.cli") > layer_of("fsad_bench.data.a")
+    finally:
+        imports_of.cache_clear()

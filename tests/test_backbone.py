@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from fsad_bench.backbone import ResNetFeatures, load_state_dict
+from fsad_bench.components.backbone import ResNetFeatures, load_state_dict
 from fsad_bench.errors import FsadError
 
 
@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from fsad_bench.adapter import AdapterConfig  # noqa: E402
-from fsad_bench.backbone import TAPS, FeatureExtractor, build_torchvision  # noqa: E402
+from fsad_bench.components.backbone import TAPS, FeatureExtractor, build_torchvision  # noqa: E402
 
 
 @pytest.mark.parametrize("arch,shapes", [
@@ -99,7 +99,7 @@ def test_custom_taps_frozen_and_trainable():
 
 
 def test_imagenet_download_is_used_and_offline_names_file(tmp_path, monkeypatch):
-    from fsad_bench import backbone
+    from fsad_bench.components import backbone
 
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
@@ -176,7 +176,7 @@ BOTTLE = SHARED / "data" / "mvtec_ad" / "bottle"
 @pytest.mark.skipif(not (MNV2.is_file() and BOTTLE.is_dir()), reason="../shared (real weights and data) not here")
 def test_shared_mobilenet_v2_separates_real_bottle_images():
     """The real ImageNet MobileNetV2 loads strictly; gaussian at k = 2 ranks 4 defective bottles above 4 good ones."""
-    from fsad_bench.data import FolderDataset, load_images
+    from fsad_bench.data.readers import FolderDataset, load_images
     from fsad_bench.methods.gaussian import GaussianAdapter
 
     split = FolderDataset(BOTTLE.parent, categories=["bottle"]).split("bottle")

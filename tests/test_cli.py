@@ -92,6 +92,6 @@ def test_synth_command(tmp_path, capsys):
 
 def test_metric_choice_is_the_report_metrics():
     from fsad_bench.cli import METRIC_CHOICE
-    from fsad_bench.report import METRICS
+    from fsad_bench.report.tables import METRICS
 
     assert list(METRIC_CHOICE.choices) == list(METRICS)

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fsad_bench.costs import cost_ratio_table
-from fsad_bench.published import attach_reference, load_reference, paper_difference, reference_rows
-from fsad_bench.significance import (add_significance, bootstrap_ci, compare_methods, marker, paired_cells,
+from fsad_bench.report.costs import cost_ratio_table
+from fsad_bench.report.published import attach_reference, load_reference, paper_difference, reference_rows
+from fsad_bench.report.significance import (add_significance, bootstrap_ci, compare_methods, marker, paired_cells,
                                      significance_markers, wilcoxon_p)
 from fsad_bench.errors import FsadError
 
@@ -105,7 +105,7 @@ def test_significance_markers_clear_and_null_difference():
     null = records(shift=0.0, seed=1)
     assert all(m == "" for m in significance_markers(null, "weak").values())
     assert marker(0.03, -1.0) == "*↓" and marker(0.2, 5.0) == "" and marker(0.001, 2.0, arrows=("+", "-")) == "**+"
-    from fsad_bench.report import paper_table
+    from fsad_bench.report.tables import paper_table
 
     table = add_significance(paper_table(df, "image_auroc"), df, "weak")
     assert table.loc["Mean", ("k=2", "good [cpu]")].endswith("**↑")
@@ -141,7 +141,7 @@ def test_reference_rows_and_attach():
     assert rows.loc["screw", ("k=2", "RegAD (paper)†")] == "52.5"
     assert reference_rows("mpdd", "image_auroc", ks=[8]).loc["Mean", ("k=8", "RegAD (paper)†")] == "71.9"
     assert reference_rows("synthetic").empty
-    from fsad_bench.report import paper_table
+    from fsad_bench.report.tables import paper_table
 
     df = records(dataset="mvtec", cats=("bottle", "screw"), ks=(2, 4))
     merged = attach_reference(paper_table(df, "image_auroc", "mvtec"), "mvtec", "image_auroc")
@@ -154,7 +154,7 @@ def test_reference_rows_and_attach():
 def test_mean_over_fewer_categories_than_the_reference_says_so():
     """Issue 13 §4: a Mean over 2 categories beside the paper's 15-category Mean carries a note and
     a row averaging the paper's numbers over the same 2 categories; per-category rows side by side."""
-    from fsad_bench.report import paper_table
+    from fsad_bench.report.tables import paper_table
 
     df = records(dataset="mvtec", cats=("bottle", "screw"), ks=(2,))
     merged = attach_reference(paper_table(df, "image_auroc", "mvtec"), "mvtec", "image_auroc")
@@ -221,7 +221,7 @@ def test_cost_ratio_table():
 
 
 def test_fewshot_baselines_loaded_with_the_regad_numbers():
-    from fsad_bench.published import load_reference, reference_rows
+    from fsad_bench.report.published import load_reference, reference_rows
 
     ref = load_reference()
     pc = ref[(ref["method"] == "PatchCore") & (ref["dataset"] == "mvtec") & (ref["metric"] == "image_auroc")]

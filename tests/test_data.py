@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_bench.data import FolderDataset, load_image, load_test_set
+from fsad_bench.data.readers import FolderDataset, load_image, load_test_set
 from fsad_bench.errors import FsadError
 
 
@@ -74,7 +74,7 @@ from pathlib import Path  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
-from fsad_bench.data import (  # noqa: E402
+from fsad_bench.data.readers import (  # noqa: E402
     DataWarning, GenericFolderDataset, PooledDataset, VisaDataset, load_mask, open_folder_dataset, verify_readable,
 )
 

@@ -8,10 +8,10 @@ import torch
 
 from fsad_bench import registry
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.data import FolderDataset, TensorImages, load_images, load_test_set
+from fsad_bench.data.readers import FolderDataset, TensorImages, load_images, load_test_set
 from fsad_bench.methods.diffnet import DiffNet, DiffNetPlus, DifferNetViews, build_flow, rotate
 from fsad_bench.metrics import pixel_auroc
-from fsad_bench.synthetic import generate
+from fsad_bench.data.synthetic import generate
 
 SIZE = 128  # suite image size of the test images
 # tiny but real: images resized to one 64 px scale (AlexNet's minimum is 63 px), small flow

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from fsad_bench.data import FolderDataset, load_images
-from fsad_bench.engine import plan, run_suite
-from fsad_bench.sampler import SupportSampler
-from fsad_bench.store import ResultStore
+from fsad_bench.data.readers import FolderDataset, load_images
+from fsad_bench.run.engine import plan, run_suite
+from fsad_bench.data.sampler import SupportSampler
+from fsad_bench.records.store import ResultStore
 
 TIMING_KEYS = {"adapt_seconds", "train_seconds", "infer_seconds_per_image", "infer_warm_seconds_per_image",
                "peak_memory_mb", "finished_at"}
@@ -87,7 +87,7 @@ def test_resume_after_interruption_runs_only_missing_cells(make_suite, spies, tm
     monkeypatch.setattr(spies["meandiff"], "adapt", original)
     done_before = part.done_ids()
     ran = []
-    monkeypatch.setattr("fsad_bench.engine.ResultStore.put",
+    monkeypatch.setattr("fsad_bench.run.engine.ResultStore.put",
                         lambda self, rec, _put=ResultStore.put: (ran.append(rec["cell_id"]), _put(self, rec)))
     run_suite(suite, tmp_path / "part")
     _, cells = plan(suite)

@@ -9,7 +9,7 @@ import pytest
 
 from fsad_bench.cli import main
 from fsad_bench.errors import FsadError
-from fsad_bench.export import ANOMALIB_METRICS, export
+from fsad_bench.report.export import ANOMALIB_METRICS, export
 from fsad_bench.metrics import METRICS
 
 RUN = ["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64",

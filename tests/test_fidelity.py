@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import torchvision
 
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.augment import augment_support
-from fsad_bench.maps import concat_pyramid, gaussian_blur
+from fsad_bench.components.augment import augment_support
+from fsad_bench.components.maps import concat_pyramid, gaussian_blur
 from fsad_bench.methods.diffnet import DiffNet, DiffNetPlus
 from fsad_bench.methods.gaussian import GaussianAdapter
 from fsad_bench.methods.regad import RegAD

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fsad_bench.augment import N_VIEWS, augment_support
-from fsad_bench.gaussian_model import PositionGaussian
+from fsad_bench.components.augment import N_VIEWS, augment_support
+from fsad_bench.components.position_gaussian import PositionGaussian
 
 
 def _reference(train: torch.Tensor, test: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_smoothing_is_upsample_then_scipy_blur(border, scipy_mode, shape, size, 
     import numpy as np
     import torch.nn.functional as F
 
-    from fsad_bench.maps import gaussian_blur, smooth_maps
+    from fsad_bench.components.maps import gaussian_blur, smooth_maps
 
     maps = torch.rand(3, *shape, generator=torch.Generator().manual_seed(1))
     got = smooth_maps(maps, size, sigma, border)
@@ -77,7 +77,7 @@ def _pyramid(b: int, g: torch.Generator, channels_last: bool) -> list[torch.Tens
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pyramid_samples_equals_the_concat_path(channels_last):
-    from fsad_bench.maps import concat_pyramid, pyramid_samples
+    from fsad_bench.components.maps import concat_pyramid, pyramid_samples
 
     g = torch.Generator().manual_seed(3)
     batches = [_pyramid(4, g, channels_last), _pyramid(3, g, channels_last)]
@@ -109,7 +109,7 @@ def test_pyramid_samples_equals_the_concat_path(channels_last):
 @pytest.mark.parametrize("n,c", [(30, 48), (80, 16)])
 def test_fit_and_score_in_the_position_major_layout(n, c):
     """fit_samples / score_samples (in place, what the adapters use) give the float64 loop's numbers."""
-    from fsad_bench.gaussian_model import position_major
+    from fsad_bench.components.position_gaussian import position_major
 
     g = torch.Generator().manual_seed(1)
     train = torch.randn(n, c, 4, 5, generator=g) * (torch.rand(1, c, 1, 1, generator=g) * 3) + 1
@@ -130,7 +130,7 @@ def test_score_pyramid_equals_layout_then_score(mode, n, band):
     """The fused band-by-band scoring gives score_samples(pyramid_samples(...))'s numbers bit for
     bit: both forms, integer-ratio nearest (sliced coarse maps) and bilinear / non-integer ratios
     (upsampled once), bands that do not divide the grid; the scratch block stays band-sized."""
-    from fsad_bench.maps import ScratchBuffer, pyramid_samples
+    from fsad_bench.components.maps import ScratchBuffer, pyramid_samples
 
     g = torch.Generator().manual_seed(5)
     model = PositionGaussian(eps=0.01)
@@ -149,7 +149,7 @@ def test_score_pyramid_equals_layout_then_score(mode, n, band):
 
 
 def test_feature_cache_respects_its_bound():
-    from fsad_bench.features import CachedBackbone
+    from fsad_bench.components.feature_cache import CachedBackbone
 
     class Tiny(torch.nn.Module):
         def __init__(self):

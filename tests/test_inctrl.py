@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("open_clip")
 
 from fsad_bench.adapter import AdapterConfig  # noqa: E402
-from fsad_bench.data import FolderDataset, TensorImages  # noqa: E402
+from fsad_bench.data.readers import FolderDataset, TensorImages  # noqa: E402
 from fsad_bench.errors import FsadError  # noqa: E402
-from fsad_bench.synthetic import generate  # noqa: E402
+from fsad_bench.data.synthetic import generate  # noqa: E402
 from fsad_bench.methods import inctrl  # noqa: E402
 from fsad_bench.methods.inctrl import InCTRL, patch_residuals  # noqa: E402
 from fsad_bench.protocols import training_data  # noqa: E402

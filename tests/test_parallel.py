@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from fsad_bench.engine import plan, run_suite
-from fsad_bench.report import paper_table
-from fsad_bench.store import ResultStore
+from fsad_bench.run.engine import plan, run_suite
+from fsad_bench.report.tables import paper_table
+from fsad_bench.records.store import ResultStore
 
 
 def _same_numbers(a, b):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from fsad_bench.plots import load_example_maps, write_plots
-from fsad_bench.store import pick_examples, save_example_maps
-from fsad_bench.store import ResultStore
+from fsad_bench.report.plots import load_example_maps, write_plots
+from fsad_bench.records.store import pick_examples, save_example_maps
+from fsad_bench.records.store import ResultStore
 
 CATS, KS, RUNS, N_TEST, S = ("c0", "c1"), (2, 4), 2, 12, 16
 

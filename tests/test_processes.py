@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fsad_bench.cli import main
-from fsad_bench.store import ResultStore
+from fsad_bench.records.store import ResultStore
 
 SLOW = '''
 import os, time

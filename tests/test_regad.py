@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.augment import affine_warp
-from fsad_bench.data import FolderDataset, TensorImages, load_images
+from fsad_bench.components.augment import affine_warp
+from fsad_bench.data.readers import FolderDataset, TensorImages, load_images
 from fsad_bench.methods.regad import (IDENTITY_PARAMS, N_PARAMS, RegAD, RegADL, SpatialTransformer,
                                       affine_from_params, compose_affine, invert_affine, simsiam_loss,
                                       training_batches)

@@ -14,9 +14,9 @@ from PIL import Image
 from fsad_bench import identity, registry
 from fsad_bench.adapter import Adapter
 from fsad_bench.cli import main
-from fsad_bench.engine import config_hash, open_dataset, plan, run_suite
-from fsad_bench.report import paper_table
-from fsad_bench.store import ResultStore
+from fsad_bench.run.engine import config_hash, open_dataset, plan, run_suite
+from fsad_bench.report.tables import paper_table
+from fsad_bench.records.store import ResultStore
 
 BASE = ["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64"]
 
@@ -226,7 +226,7 @@ def test_missing_weights_file_is_an_error_at_planning(synth_root, tmp_path, caps
 
 
 def test_cell_ids_are_plain_file_names():
-    from fsad_bench.engine import Cell
+    from fsad_bench.run.engine import Cell
 
     cell = Cell("anomalib:Padim", "training-free", "mvtec", "metal nut", 2, 0, "abc", 1)
     assert cell.cell_id.startswith("anomalib_Padim-metal_nut-k2-r0-t1-")
@@ -274,7 +274,7 @@ def test_unusable_out_folders(synth_root, tmp_path, capsys):
 
 
 def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypatch):
-    import fsad_bench.store as store_mod
+    import fsad_bench.records.store as store_mod
 
     real = np.savez_compressed
 
@@ -291,7 +291,7 @@ def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypa
 
 
 def test_empty_cache_variable_is_not_the_current_folder(monkeypatch, tmp_path):
-    from fsad_bench.engine import cache_dir
+    from fsad_bench.run.engine import cache_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FSAD_BENCH_CACHE", "")
@@ -303,7 +303,7 @@ def test_empty_cache_variable_is_not_the_current_folder(monkeypatch, tmp_path):
 def test_written_files_have_ordinary_modes(make_suite, tmp_path):
     out = tmp_path / "r"
     run_suite(make_suite(methods=["random"], k=[1], runs=1), out)
-    from fsad_bench.report import write_tables
+    from fsad_bench.report.tables import write_tables
 
     write_tables(out)
     mask = os.umask(0)
@@ -330,7 +330,7 @@ class Hog(Adapter):
 
 @pytest.mark.parametrize("hwm_reset", [True, False])
 def test_peak_memory_is_each_cells_own(hwm_reset, make_suite, spies, tmp_path, monkeypatch):
-    import fsad_bench.memory as memory
+    import fsad_bench.run.peak_memory as memory
 
     if not hwm_reset:  # as in containers that refuse /proc/self/clear_refs: the sampling thread alone
         monkeypatch.setattr(memory, "_vm_hwm_mb", lambda: None)

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from fsad_bench.cli import main
-from fsad_bench.report import rerun_agreement
-from fsad_bench.store import ResultStore
+from fsad_bench.report.tables import rerun_agreement
+from fsad_bench.records.store import ResultStore
 
 ARGS = ["run", "--suite", "demo", "--k", "1", "--runs", "2", "--weights", "none", "--image-size", "64",
         "--methods", "random,gaussian", "--categories", "grid,washer"]

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from fsad_bench.data import FolderDataset
+from fsad_bench.data.readers import FolderDataset
 from fsad_bench.errors import FsadError
-from fsad_bench.sampler import SupportSampler, support_indices
+from fsad_bench.data.sampler import SupportSampler, support_indices
 
 
 def test_support_depends_only_on_dataset_category_k_run():

@@ -11,13 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from fsad_bench import engine, registry
-from fsad_bench.data import FolderDataset, load_image
-from fsad_bench.engine import run_suite
-from fsad_bench.features import CachedBackbone
-from fsad_bench.image_cache import load_cached_image
+from fsad_bench import registry
+
+from fsad_bench.run import engine
+from fsad_bench.data.readers import FolderDataset, load_image
+from fsad_bench.run.engine import run_suite
+from fsad_bench.components.feature_cache import CachedBackbone
+from fsad_bench.data.image_cache import load_cached_image
 from fsad_bench.metrics import image_auroc
-from fsad_bench.store import ResultStore
+from fsad_bench.records.store import ResultStore
 
 from fsad_bench.adapter import Adapter
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.data import FolderDataset, TensorImages
+from fsad_bench.data.readers import FolderDataset, TensorImages
 from fsad_bench.methods.tdg import (TDG, PatchDiscriminator, TDGPlus, Transformation, dihedral_transformations,
                                     official_transformations, pyramid_sizes)
 from fsad_bench.protocols import training_data
-from fsad_bench.synthetic import generate, render
+from fsad_bench.data.synthetic import generate, render
 
 FAST = {"niter": 6, "pretrain_niter": 6, "adapt_niter": 4, "pretrain_images_per_category": 3}
 

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fsad_bench.engine import Cell, plan, run_suite
-from fsad_bench.report import MEAN_ROW, paper_table, summary, write_tables
-from fsad_bench.significance import paired_cells
-from fsad_bench.store import ResultStore
+from fsad_bench.run.engine import Cell, plan, run_suite
+from fsad_bench.report.tables import MEAN_ROW, paper_table, summary, write_tables
+from fsad_bench.report.significance import paired_cells
+from fsad_bench.records.store import ResultStore
 
 
 def test_plan_repeats_trained_methods_only(make_suite, spies):

@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from .errors import FsadError
-from .sampler import stable_seed
+from fsad_bench.errors import FsadError
+from fsad_bench.seeding import stable_seed
 
 TEXTURES = ("stripes", "grid", "noise")
 OBJECTS = ("washer", "bracket", "plate")

@@ -2,7 +2,7 @@
 
 ``results/reference/regad_paper.csv`` holds published numbers (``value`` in %); see
 ``results/reference/README.md`` for where each number comes from and what is missing.
-:func:`reference_rows` formats them like :func:`fsad_bench.report.paper_table` columns,
+:func:`reference_rows` formats them like :func:`fsad_bench.report.tables.paper_table` columns,
 labelled ``"<Method> (paper)"``; :func:`paper_difference` gives measured − paper for the
 methods whose registry name maps to a paper name (:data:`PAPER_NAMES`).
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import FsadError
+from fsad_bench.errors import FsadError
 
-MEAN_ROW, STD_ROW = "Mean", "Std (categories)"  # the row names of fsad_bench.report's tables
+MEAN_ROW, STD_ROW = "Mean", "Std (categories)"  # the row names of fsad_bench.report.tables's tables
 # registry name -> method name used in the RegAD paper's tables
 # (gaussian -> RegAD-L: the paper's Table 3 RegAD-L is Table 5 row A, no registration training;
 #  regad-l, our individually trained RegAD, has no published counterpart)
@@ -92,7 +92,7 @@ def caveat_notes(marks: dict[str, tuple[str, str]], methods: Iterable[str] | Non
 def reference_rows(dataset: str, metric: str = "image_auroc", ks: Iterable[int] | None = None,
                    methods: Iterable[str] | None = None, decimals: int = 1,
                    reference: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Published numbers shaped like :func:`fsad_bench.report.paper_table`: index = categories
+    """Published numbers shaped like :func:`fsad_bench.report.tables.paper_table`: index = categories
     + ``Mean`` + ``Std (categories)``, columns ``(f"k={k}", "<Method> (paper)")``, text cells.
 
     ``Mean`` is the published average; ``Std (categories)`` is computed here from the published
@@ -166,7 +166,7 @@ def attach_reference(table: pd.DataFrame, dataset: str, metric: str = "image_aur
     if ks is not None:
         sub = sub[sub["k"].isin(ks)]
     ref_cats = sorted(set(sub["category"]) - {MEAN_ROW})
-    from .data import KNOWN_DATASETS  # the public datasets' category lists
+    from fsad_bench.data.readers import KNOWN_DATASETS  # the public datasets' category lists
 
     universe = ref_cats or list(KNOWN_DATASETS.get(dataset, []))
     common = [c for c in measured if c in universe]
@@ -238,7 +238,7 @@ def paper_difference(df: pd.DataFrame, dataset: str, metric: str = "image_auroc"
             paper = float(np.mean([published[c] for c in measured_cats]))
             basis = f"mean of {len(measured_cats)} categories"  # the paper's numbers over the measured ones
         elif not cats_ref and MEAN_ROW in published and len(measured_cats) > 0:
-            from .data import KNOWN_DATASETS
+            from fsad_bench.data.readers import KNOWN_DATASETS
 
             big_n = len(KNOWN_DATASETS.get(dataset, []))
             paper = published[MEAN_ROW]

@@ -48,7 +48,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .errors import FsadError
+from fsad_bench.errors import FsadError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 NORMAL_DIRS = ("good", "ok")
@@ -638,7 +638,7 @@ def open_folder_dataset(name: str, root: str | Path | list | tuple | None, categ
         if name != "synthetic":
             raise FsadError(f"{missing_root}: the {name} folder in the MVTec AD layout "
                             f"(<category>/train/good, test/, ground_truth/), a VisA folder or a list of them")
-        from .synthetic import generate
+        from fsad_bench.data.synthetic import generate
 
         params = {"categories": 4, "seed": 0, **(synthetic or {})}
         folder_path = Path(cache or ".") / "synthetic" / "-".join(f"{k}{v}" for k, v in sorted(params.items()))

@@ -26,7 +26,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import FsadError
+from fsad_bench.errors import FsadError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -5,11 +5,11 @@ A *cell* is (method, protocol, dataset, category, k, run, train seed). Cells are
 (or loads that training from the model cache) and the fit is reused by every k and run; an
 ``individual`` method trains on each cell's support set, with a seed that includes the train
 seed; a ``training-free`` one never trains and runs train seed 0 only. Every finished cell
-becomes one record in the :class:`~fsad_bench.store.ResultStore`.
+becomes one record in the :class:`~fsad_bench.records.store.ResultStore`.
 
 Images: each adapter gets its support, test and training images at its own
 :attr:`~fsad_bench.adapter.Adapter.input_size` (default: the suite's ``image_size``), decoded
-from the original files through a per-resolution disk cache (:mod:`fsad_bench.image_cache`);
+from the original files through a per-resolution disk cache (:mod:`fsad_bench.data.image_cache`);
 its maps are resized to the suite's ``image_size``, where the masks are, before pixel metrics.
 Test images are streamed in batches, so memory does not grow with the test set beyond its
 scores, maps and masks at the suite's size.
@@ -45,20 +45,21 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from . import __version__, registry
-from .adapter import AdapterConfig
-from .data import FolderDataset, load_mask, open_folder_dataset, verify_readable
-from .features import CachedBackbone
-from .image_cache import load_cached_images
-from .errors import FsadError
-from .backbone import check_weights_argument
-from .identity import code_fingerprint, tree_fingerprint, weights_fingerprint
-from .memory import frozen_gc, peak_rss_mb, reset_peak_rss
-from .metrics import evaluate
-from .sampler import SupportSampler, stable_seed
-from .store import ResultStore, save_example_maps
-from .tracking import after_record
-from .protocols import Suite, training_data  # noqa: E402  (fsad_bench.protocols = top-level protocols/)
+from fsad_bench import __version__, registry
+from fsad_bench.adapter import AdapterConfig
+from fsad_bench.data.readers import FolderDataset, load_mask, open_folder_dataset, verify_readable
+from fsad_bench.components.feature_cache import CachedBackbone
+from fsad_bench.data.image_cache import load_cached_images
+from fsad_bench.errors import FsadError
+from fsad_bench.components.backbone import check_weights_argument
+from fsad_bench.identity import code_fingerprint, tree_fingerprint, weights_fingerprint
+from fsad_bench.run.peak_memory import frozen_gc, peak_rss_mb, reset_peak_rss
+from fsad_bench.metrics import evaluate
+from fsad_bench.data.sampler import SupportSampler
+from fsad_bench.seeding import stable_seed
+from fsad_bench.records.store import ResultStore, save_example_maps
+from fsad_bench.records.tracking import after_record
+from fsad_bench.protocols import Suite, training_data  # noqa: E402  (fsad_bench.protocols = top-level protocols/)
 
 PREDICT_BATCH = 32  # test images per predict call (amortises per-call model traffic)
 
@@ -266,7 +267,7 @@ def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
 
 
 def _reset_peak_memory(device: str) -> None:
-    """Start a cell's memory measurement (definition: :mod:`fsad_bench.memory`)."""
+    """Start a cell's memory measurement (definition: :mod:`fsad_bench.run.peak_memory`)."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
@@ -296,7 +297,7 @@ def input_size(adapter, suite: Suite) -> int:
 
 
 def image_cache_dir() -> Path:
-    """Folder of the decoded-image cache (:mod:`fsad_bench.image_cache`)."""
+    """Folder of the decoded-image cache (:mod:`fsad_bench.data.image_cache`)."""
     return cache_dir() / "images"
 
 
@@ -565,7 +566,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
                               masks, test_paths, labels=labels)
         del maps
         store.put(record)
-        after_record(record, out)  # optional MLflow tracking (fsad_bench.tracking; no-op unless --mlflow)
+        after_record(record, out)  # optional MLflow tracking (fsad_bench.records.tracking; no-op unless --mlflow)
         if on_cell:
             on_cell(cell)
     return len(cells)
@@ -582,8 +583,8 @@ BACKENDS = ("loky", "dask")
 
 
 def _run_group_in_worker(parent_pid: int, *args: Any) -> int:
-    """:func:`run_group` in a local worker that dies with the run (:func:`fsad_bench.workers.guard_worker`)."""
-    from .workers import guard_worker
+    """:func:`run_group` in a local worker that dies with the run (:func:`fsad_bench.run.workers.guard_worker`)."""
+    from fsad_bench.run.workers import guard_worker
 
     guard_worker(parent_pid)
     return run_group(*args)

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import FsadError
+from fsad_bench.errors import FsadError
 
 ENV = "FSAD_BENCH_MLFLOW"
 #: Record fields logged as params / metrics (anything else numeric in the record is ignored).
@@ -71,7 +71,7 @@ def params_of(record: dict[str, Any]) -> dict[str, str]:
 
 def metrics_of(record: dict[str, Any]) -> dict[str, float]:
     """MLflow metrics of a record: accuracy metrics and costs, finite values only."""
-    from .metrics import METRICS
+    from fsad_bench.metrics import METRICS
 
     out = {}
     for f in (*METRICS, *COST_FIELDS):

@@ -21,8 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import FsadError
-from .store import ResultStore, atomic_write_text
+from fsad_bench.errors import FsadError
+from fsad_bench.records.store import ResultStore, atomic_write_text
 
 FORMATS = ("csv", "anomalib")
 #: fsad-bench metric -> anomalib benchmark column.

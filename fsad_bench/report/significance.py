@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import FsadError
-from .published import MEAN_ROW
-from .store import with_train_seed
+from fsad_bench.errors import FsadError
+from fsad_bench.report.published import MEAN_ROW
+from fsad_bench.records.store import with_train_seed
 
 KEYS = ["dataset", "category", "k", "run", "train_seed"]
 
@@ -165,7 +165,7 @@ def significance_markers(df: pd.DataFrame, reference: str, metric: str = "image_
 def add_significance(table: pd.DataFrame, df: pd.DataFrame, reference: str, metric: str = "image_auroc",
                      dataset: str | None = None, levels: tuple[float, float] = (0.05, 0.01),
                      arrows: tuple[str, str] = ("↑", "↓")) -> pd.DataFrame:
-    """Copy of a :func:`fsad_bench.report.paper_table` table whose ``Mean`` cells carry the
+    """Copy of a :func:`fsad_bench.report.tables.paper_table` table whose ``Mean`` cells carry the
     markers of :func:`significance_markers` (e.g. ``"84.1 ± 0.3 **↑"``)."""
     out = table.copy()
     if MEAN_ROW not in out.index:

@@ -14,7 +14,7 @@ Figures (``<dataset>`` = dataset name):
   :data:`RECORD_KEYS_FOR_ROC`); skipped when no record has them.
 * ``<dataset>_<category>_maps.png`` — grid of example test images: image, ground truth and each
   label's anomaly map overlaid. Needs ``<out>/maps/<cell_id>.npz`` files written by
-  :func:`fsad_bench.store.save_example_maps`; skipped when there are none.
+  :func:`fsad_bench.records.store.save_example_maps`; skipped when there are none.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .store import ResultStore
+from fsad_bench.records.store import ResultStore
 
 METRIC_NAMES = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)"}
 RECORD_KEYS_FOR_ROC = ("scores", "labels")  # per-image anomaly scores (N,) and 0/1 labels (N,) of a cell

@@ -24,15 +24,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .costs import method_order
-from .store import ResultStore, atomic_write_text, with_train_seed
+from fsad_bench.report.costs import method_order
+from fsad_bench.records.store import ResultStore, atomic_write_text, with_train_seed
 
 METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)",
            "image_aupr": "Image AUPR (%)", "image_f1max": "Image F1-max (%)", "pixel_aupr": "Pixel AUPR (%)",
            "pixel_f1max": "Pixel F1-max (%)"}
 #: Metrics tabulated unless ``metrics=`` / ``--metrics`` asks for others (every record holds all of them).
 DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
-from .published import MEAN_ROW, STD_ROW  # noqa: E402  (one definition of the row names)
+from fsad_bench.report.published import MEAN_ROW, STD_ROW  # noqa: E402  (one definition of the row names)
 
 
 def _pooled_std(g: pd.DataFrame, within: str) -> float:
@@ -156,9 +156,9 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     ``std_components``: also the ``<dataset>_<metric>_std_components`` tables (std over
     (train seed, run) pairs and its two components); None = when some cell has several train
     seeds. Notes (``attrs["notes"]``) are appended to the Markdown and LaTeX files."""
-    from .costs import cost_ratio_table, cost_table
-    from .published import attach_reference, paper_difference
-    from .significance import add_significance
+    from fsad_bench.report.costs import cost_ratio_table, cost_table
+    from fsad_bench.report.published import attach_reference, paper_difference
+    from fsad_bench.report.significance import add_significance
 
     store = ResultStore(out)
     df = with_train_seed(store.frame())

@@ -18,7 +18,7 @@ Two exact ways to compute it, chosen by ``form``:
 
 Layout: both :meth:`PositionGaussian.fit_samples` and :meth:`PositionGaussian.score_samples`
 take *position-major* samples ``(P, N, C)`` (each position's ``(N, C)`` matrix contiguous,
-what the batched products read; :func:`fsad_bench.maps.pyramid_samples` writes features
+what the batched products read; :func:`fsad_bench.components.maps.pyramid_samples` writes features
 straight into it) and work in place in that buffer: the fitted ``W`` overwrites the
 support samples, the test buffer is centred in place. A test batch of ``B`` images is
 scored in one pass over ``W`` (each position's ``W`` is read once for all ``B`` images).
@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from fsad_bench.maps import ScratchBuffer, pyramid_samples, upsample
+from fsad_bench.components.maps import ScratchBuffer, pyramid_samples, upsample
 
 
 def position_major(features: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ class PositionGaussian:
         """Distances of position-major test samples ``x`` ``(P, B, C)`` -> ``(B, H, W)``.
 
         ``x`` is consumed (centred in place), or already centred (``centred=True``: written as
-        ``x - mean`` by :func:`fsad_bench.maps.pyramid_samples` with ``subtract=mean``).
+        ``x - mean`` by :func:`fsad_bench.components.maps.pyramid_samples` with ``subtract=mean``).
         One pass over the stored ``W`` for all ``B``."""
         self._check()
         p, b, c = x.shape

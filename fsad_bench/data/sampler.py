@@ -11,20 +11,14 @@ be used instead through a JSON file::
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from .data import CategorySplit
-from .errors import FsadError
-
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit integer derived from ``parts`` (stable across processes and Python versions)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from fsad_bench.data.readers import CategorySplit
+from fsad_bench.errors import FsadError
+from fsad_bench.seeding import stable_seed
 
 
 def support_indices(dataset: str, category: str, k: int, run: int, n_available: int, seed: int = 0) -> list[int]:

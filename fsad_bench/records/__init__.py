@@ -1,0 +1,2 @@
+"""Records: one JSON file per cell (atomic, resumable), example maps, the optional MLflow sink.
+"""

@@ -1,0 +1,2 @@
+"""Reporting: paper-style tables, paired significance, published numbers, costs, plots, export.
+"""
