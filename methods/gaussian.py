@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import torch
 
-from fsad_bench.adapter import Adapter
+from fsad_bench.adapter import Adapter, Interval, OneOf
 from fsad_bench.components.augment import augment_support
 from fsad_bench.components.backbone import FeatureExtractor, state_hash
 from fsad_bench.components.feature_cache import CachedBackbone
 from fsad_bench.components.position_gaussian import PositionGaussian
 from fsad_bench.components.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
+from fsad_bench.errors import FsadError
 
 _REGAD_A = {"arch": "resnet18", "eps": 0.01, "normalize": False, "augment": True, "upsample": "nearest",
             "blur_border": "symmetric", "n_features": None, "channel_seed": None, "sigma": 4.0, "batch_size": 32}
@@ -68,15 +69,16 @@ class GaussianAdapter(Adapter):
         "paper": dict(_REGAD_A),
         "padim": {**_REGAD_A, "normalize": True, "augment": False, "blur_border": "reflect"},
     }
+    option_constraints = {
+        "arch": [str], "eps": [Interval(float, 0, None, closed="neither")], "normalize": [bool], "augment": [bool],
+        "upsample": [OneOf("nearest", "bilinear")], "blur_border": [OneOf("symmetric", "reflect")],
+        "n_features": [None, Interval(int, 1)], "channel_seed": [None, Interval(int, 0)],
+        "sigma": [Interval(float, 0, None, closed="neither")], "batch_size": [Interval(int, 1)],
+    }
 
     def __init__(self, config=None):
         super().__init__(config)
         hp = self.hparams
-        if hp["upsample"] not in ("nearest", "bilinear"):
-            raise ValueError(f"gaussian upsample must be 'nearest' or 'bilinear', got {hp['upsample']!r}")
-        if hp["blur_border"] not in ("symmetric", "reflect"):
-            raise ValueError(f"gaussian blur_border must be 'symmetric' or 'reflect', got {hp['blur_border']!r}")
-        torch.manual_seed(self.config.seed)
         self.backbone = FeatureExtractor(hp["arch"], self.config.weights, normalize=hp["normalize"]).to(self.device)
         self.weights_tag = self.backbone.weights_tag
         # frozen backbone: test images are shared by every k and run of a category -> cache them
@@ -90,8 +92,9 @@ class GaussianAdapter(Adapter):
         self.channel_index: torch.Tensor | None = None
         if hp["n_features"] is not None:
             total = sum(self.backbone.channels)
-            if not 0 < hp["n_features"] <= total:
-                raise ValueError(f"gaussian n_features must be in 1..{total}, got {hp['n_features']}")
+            if hp["n_features"] > total:  # the channel count is known only once the backbone is built
+                raise FsadError(f"option 'n_features' of method 'gaussian' must be at most {total} "
+                                f"(the channels of {hp['arch']}'s taps), got {hp['n_features']}")
             seed = self.config.seed if hp["channel_seed"] is None else hp["channel_seed"]
             g = torch.Generator().manual_seed(seed)
             self.channel_index = torch.randperm(total, generator=g)[: hp["n_features"]]

@@ -15,10 +15,13 @@ import torchvision
 from fsad_bench.adapter import AdapterConfig
 from fsad_bench.components.augment import augment_support
 from fsad_bench.components.maps import concat_pyramid, gaussian_blur
+from fsad_bench.errors import FsadError
 from fsad_bench.methods.diffnet import DiffNet, DiffNetPlus
 from fsad_bench.methods.gaussian import GaussianAdapter
 from fsad_bench.methods.regad import RegAD
-from fsad_bench.methods.tdg import TDG, TDGPlus, TDGHierarchy, clahe_rgb, clahe_uint8
+from fsad_bench.methods.tdg.adapter import TDG, TDGPlus
+from fsad_bench.methods.tdg.torch_model import TDGHierarchy, clahe_rgb, clahe_uint8
+from fsad_bench.methods.tdg.training import HierarchyTrainer
 from fsad_bench.protocols import load_suite
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -140,7 +143,7 @@ def test_gaussian_options_change_the_pipeline_and_are_labelled():
     s1 = GaussianAdapter(AdapterConfig(preset="paper", options={"n_features": 10}, **cfg)).channel_index
     s2 = GaussianAdapter(AdapterConfig(preset="paper", options={"n_features": 10}, **{**cfg, "seed": 1})).channel_index
     assert s1.shape == (10,) and not torch.equal(s1, s2)
-    with pytest.raises(ValueError):
+    with pytest.raises(FsadError, match="n_features.*at most 448"):
         GaussianAdapter(AdapterConfig(preset="paper", options={"n_features": 449}, **cfg))
 
 
@@ -325,7 +328,7 @@ def test_clahe_rgb_keeps_hue_and_saturation():
 
 def test_tdg_trains_on_equalised_images_only(monkeypatch):
     seen = []
-    monkeypatch.setattr(TDGHierarchy, "train_hierarchy", lambda self, imgs, *a, **kw: seen.append((imgs, kw)))
+    monkeypatch.setattr(HierarchyTrainer, "train", lambda self, model, imgs, *a, **kw: seen.append((imgs, kw)))
     support, test = images(3, 32, 1), images(2, 32, 2)
     on = TDG(AdapterConfig(weights="none", image_size=32, seed=0))
     on.adapt(support)
@@ -361,5 +364,5 @@ def test_tdg_plus_pretraining_index_is_scaled_to_the_official_range():
     raw = TDGPlus(AdapterConfig(weights="none", image_size=32, seed=0, options={**opts, "pretrain_index": "raw"}))
     assert raw.label == ("tdg+ [cpu, clahe=off, index=raw, pretrain_niter=1, pretrain_batch=3, "
                          "pretrain_images_per_category=None]") and ids_seen(raw).max() > 2
-    with pytest.raises(ValueError):
-        TDGPlus(AdapterConfig(weights="none", image_size=32, options={"pretrain_index": "minmax"}))
+    with pytest.raises(FsadError, match="pretrain_index.*'scaled', 'raw'"):
+        TDGPlus.check_options({"pretrain_index": "minmax"})

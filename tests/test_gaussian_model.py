@@ -1,8 +1,13 @@
 import pytest
 import torch
 
+from fsad_bench.adapter import accepts
 from fsad_bench.components.augment import N_VIEWS, augment_support
 from fsad_bench.components.position_gaussian import PositionGaussian
+from fsad_bench.errors import FsadError
+from fsad_bench.methods.gaussian import GaussianAdapter
+from fsad_bench.protocols import Suite
+from fsad_bench.run.engine import validate_suite
 
 
 def _reference(train: torch.Tensor, test: torch.Tensor, eps: float) -> torch.Tensor:
@@ -171,3 +176,23 @@ def test_feature_cache_respects_its_bound():
     assert cache.bytes == sum(sum(t.numel() * t.element_size() for t in f) for f in cache.memory.values())
     again = cache(images[:4])                                              # evicted: recomputed, identical
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_every_option_is_declared_and_the_presets_satisfy_it():
+    for preset in GaussianAdapter.presets.values():
+        assert set(preset) == set(GaussianAdapter.option_constraints)
+        for key, value in preset.items():
+            assert any(accepts(c, value) for c in GaussianAdapter.option_constraints[key]), (key, value)
+
+
+def test_bad_option_value_fails_at_planning():
+    suite = Suite(name="t", dataset="synthetic", methods=["gaussian"], k=[1],
+                  options={"gaussian": {"upsample": "cubic"}})
+    with pytest.raises(FsadError, match="option 'upsample' of method 'gaussian' must be one of 'nearest', "
+                                        "'bilinear', got 'cubic'"):
+        validate_suite(suite)
+    with pytest.raises(FsadError, match="'blur_border'.*'symmetric', 'reflect'"):
+        GaussianAdapter.check_options({"blur_border": "wrap"})
+    with pytest.raises(FsadError, match="'n_features'.*integer >= 1"):
+        GaussianAdapter.check_options({"n_features": 0})
+    GaussianAdapter.check_options({"upsample": "bilinear", "n_features": 100, "channel_seed": None})

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from fsad_bench.adapter import AdapterConfig
+from fsad_bench.adapter import AdapterConfig, accepts
 from fsad_bench.data.readers import FolderDataset, TensorImages
-from fsad_bench.methods.tdg import (TDG, PatchDiscriminator, TDGPlus, Transformation, dihedral_transformations,
-                                    official_transformations, pyramid_sizes)
+from fsad_bench.errors import FsadError
+from fsad_bench.methods.tdg.adapter import TDG, TDGPlus
+from fsad_bench.methods.tdg.torch_model import (PatchDiscriminator, Transformation, dihedral_transformations,
+                                                official_transformations, pyramid_sizes)
 from fsad_bench.protocols import training_data
 from fsad_bench.data.synthetic import generate, render
 
@@ -80,6 +84,7 @@ def test_discriminator_head_shape():
 
 def test_transformation_head_learns():
     images = ramp_images(2, 64)
+    torch.manual_seed(0)  # as the run layer does before it builds an adapter
     a = TDG(AdapterConfig(image_size=64, seed=0, options={"niter": 30}))
     untrained = a.model.transformation_accuracy(images, n=2)
     a.fit({"ramp": TensorImages(images)})
@@ -167,3 +172,20 @@ def test_presets(cls):
     paper = cls.presets["paper"]
     assert (paper["niter"], paper["lr_g"], paper["lr_d"], paper["alpha"], paper["transforms"]) == (
         1000, 5e-4, 5e-4, 100.0, "official54")
+
+
+@pytest.mark.parametrize("cls", [TDG, TDGPlus])
+def test_every_option_is_declared_and_the_presets_satisfy_it(cls):
+    for preset in cls.presets.values():
+        assert set(preset) == set(cls.option_constraints)
+        for key, value in preset.items():
+            assert any(accepts(c, value) for c in cls.option_constraints[key]), (key, value)
+
+
+def test_bad_options_fail_at_planning():
+    TDGPlus.check_options({"pretrain_index": "raw", "transforms_per_step": None, "alpha": 0})
+    for cls, key, value, valid in [(TDGPlus, "pretrain_index", "minmax", "'scaled', 'raw'"),
+                                   (TDG, "transforms", "all", "'official54', 'dihedral8'"),
+                                   (TDG, "scale_factor", 1.0, "(0, 1)"), (TDG, "niter", 0, ">= 1")]:
+        with pytest.raises(FsadError, match=f"{key!r}.*{re.escape(valid)}"):
+            cls.check_options({key: value})
