@@ -29,6 +29,7 @@ def _same_numbers(a, b):
             assert abs(x[metric] - y[metric]) < 1e-3, (cid, metric)
 
 
+@pytest.mark.slow  # end to end in subprocesses: ~10 s or more
 def test_two_workers_equal_serial_run(make_suite, tmp_path):
     suite = make_suite(methods=["random", "gaussian"], k=[1, 2], runs=2)
     serial = run_suite(suite, tmp_path / "serial")
@@ -39,6 +40,7 @@ def test_two_workers_equal_serial_run(make_suite, tmp_path):
     _same_numbers(parallel, serial)
 
 
+@pytest.mark.slow  # end to end in subprocesses: ~10 s or more
 def test_dask_backend_on_a_local_cluster(make_suite, tmp_path):
     distributed = pytest.importorskip("distributed")
     suite = make_suite(methods=["random"], k=[1, 2], runs=2)
@@ -49,6 +51,7 @@ def test_dask_backend_on_a_local_cluster(make_suite, tmp_path):
     _same_numbers(store, serial)
 
 
+@pytest.mark.slow  # end to end in subprocesses: ~10 s or more
 def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path):
     out = tmp_path / "r"
     args = [sys.executable, "-m", "fsad_bench.cli", "run", "--suite", "demo", "--data-root", str(synth_root),

@@ -100,6 +100,7 @@ def _cleanup(proc, workers):
     proc.wait()
 
 
+@pytest.mark.slow  # end to end in subprocesses: ~10 s or more
 def test_kill_9_of_the_run_kills_its_workers(slow_plugin, synth_root, tmp_path):
     env, pids = slow_plugin
     out = tmp_path / "r"
@@ -114,6 +115,7 @@ def test_kill_9_of_the_run_kills_its_workers(slow_plugin, synth_root, tmp_path):
         _cleanup(proc, workers)
 
 
+@pytest.mark.slow  # end to end in subprocesses: ~10 s each
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_with_two_jobs(sig, code, slow_plugin, synth_root, tmp_path):
     env, pids = slow_plugin

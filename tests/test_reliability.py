@@ -261,16 +261,49 @@ def test_truncated_image_found_at_planning(synth_root, tmp_path, capsys):
 
 
 # -- §4 I/O ---------------------------------------------------------------------------------------
-def test_unusable_out_folders(synth_root, tmp_path, capsys):
+def test_unusable_out_folders(synth_root, tmp_path, capsys, monkeypatch):
     args = BASE + ["--data-root", str(synth_root), "--methods", "random", "--out"]
     afile = tmp_path / "afile"
     afile.write_text("x")
     _one_line_error(args + [str(afile)], capsys, f"--out {afile} is a file")
     _one_line_error(args + [str(afile / "sub")], capsys, f"cannot write to results folder {afile / 'sub'}")
-    if os.geteuid() != 0:  # root writes anywhere
-        ro = tmp_path / "ro"
-        ro.mkdir(mode=0o555)
-        _one_line_error(args + [str(ro / "r")], capsys, f"cannot write to results folder {ro / 'r'}")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    if _writable_anyway(ro):  # root (CAP_DAC_OVERRIDE, as in CI) ignores modes: refuse as the kernel refuses others
+        _refuse_new_entries(ro, monkeypatch)
+    _one_line_error(args + [str(ro / "r")], capsys, f"cannot write to results folder {ro / 'r'}", "Permission denied")
+
+
+def _writable_anyway(folder) -> bool:
+    """Whether this process can create an entry in ``folder`` whatever its mode says (root can)."""
+    try:
+        (folder / "probe").mkdir()
+    except PermissionError:
+        return False
+    (folder / "probe").rmdir()
+    return True
+
+
+def _refuse_new_entries(folder, monkeypatch) -> None:
+    """``os.mkdir`` / ``os.open(O_CREAT)`` of an entry directly in ``folder`` fail with EACCES, the error
+    the kernel gives a non-root process in a folder of mode 0o555 (so the same code path runs as root)."""
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def refused(path):
+        return os.path.dirname(os.path.abspath(os.fspath(path))) == str(folder)
+
+    def mkdir(path, *args, **kwargs):
+        if refused(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and refused(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
 
 
 def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypatch):
