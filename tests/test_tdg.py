@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.data.readers import FolderDataset, TensorImages
+from fsad_bench.data.mvtec import MVTecDataset
+from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.methods.tdg import (TDG, PatchDiscriminator, TDGPlus, Transformation, dihedral_transformations,
                                     official_transformations, pyramid_sizes)
 from fsad_bench.protocols import training_data
@@ -115,7 +116,7 @@ def test_defect_scores_higher_than_normal():
 
 def test_aggregated_pretraining_never_sees_held_out_category(tmp_path):
     root = generate(tmp_path / "synth", categories=3, seed=0, n_train=5, n_test_good=1, n_test_per_defect=1, size=48)
-    ds = FolderDataset(root)
+    ds = MVTecDataset(root)
     target = ds.categories[0]
     train = training_data("aggregated", ds, target, torch.empty(0), 48)
     seen: list[str] = []
