@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from fsad_bench import registry
 from fsad_bench.adapter import AdapterConfig
 from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
-from fsad_bench.data.readers import load_images, load_test_set, open_folder_dataset
+from fsad_bench.data.images import load_images, load_mask
+from fsad_bench.data.roots import open_data_root
 from fsad_bench.components.position_gaussian import PositionGaussian
 from fsad_bench.components.maps import smooth_maps
 from fsad_bench.metrics import evaluate
@@ -42,9 +44,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--out", default="padim_parity.csv")
     a = ap.parse_args()
-    ds = open_folder_dataset("mvtec", a.data_root, [a.category], None, None, "needs a data root")
+    ds = open_data_root("mvtec", a.data_root, [a.category], "needs a data root")
     split = ds.split(a.category)
-    test = load_test_set(split, a.size)
+    test_images = load_images([s.path for s in split.test], a.size)
+    test_labels = np.array([s.label for s in split.test], dtype=np.int64)
+    test_masks = torch.stack([load_mask(s.mask_path, a.size, s.path) for s in split.test])
     sampler = SupportSampler(0, None)
     net, _ = build_torchvision("mobilenet_v2", a.weights)
     body = create_feature_extractor(net, {t: t for t in TAPS}).eval()
@@ -59,7 +63,7 @@ def main() -> None:
             out.append(torch.cat([f[0]] + [F.interpolate(t, size=f[0].shape[-2:], mode="nearest") for t in f[1:]], 1))
         return torch.cat(out)
 
-    test_feats = feats(test.images)
+    test_feats = feats(test_images)
     rows = []
     for k in [int(v) for v in a.k.split(",")]:
         for run in range(a.runs):
@@ -68,7 +72,7 @@ def main() -> None:
                                                               options={"arch": "mobilenet_v2", "n_features": "all"}))
             t0 = time.perf_counter()
             ad.adapt(support)
-            sa, ma = ad.predict(test.images)
+            sa, ma = ad.predict(test_images)
             t_anomalib = time.perf_counter() - t0
             t0 = time.perf_counter()
             g = PositionGaussian(eps=0.01).fit(feats(support))
@@ -77,12 +81,12 @@ def main() -> None:
             so = mo.flatten(1).amax(1)
             t_ours = time.perf_counter() - t0
             row = {"k": k, "run": run, "anomalib_s": t_anomalib, **{f"anomalib_{m}": v for m, v in
-                   evaluate(test.labels, sa.numpy(), test.masks.numpy(), ma.numpy()).items()}}
+                   evaluate(test_labels, sa.numpy(), test_masks.numpy(), ma.numpy()).items()}}
             row.update({"ours_s": t_ours,
                             "max_map_diff_rel": float((ma - mo).abs().max() / (mo.max() - mo.min())),
                             "max_score_diff_rel": float(((sa - so).abs() / so.abs()).max()),
                             **{f"ours_{m}": v for m, v in
-                               evaluate(test.labels, so.numpy(), test.masks.numpy(), mo.numpy()).items()}})
+                               evaluate(test_labels, so.numpy(), test_masks.numpy(), mo.numpy()).items()}})
             rows.append(row)
             print({k2: (round(v, 7) if isinstance(v, float) else v) for k2, v in row.items()}, flush=True)
     df = pd.DataFrame(rows)

@@ -14,7 +14,7 @@ Life of an adapter in a benchmark cell (see :mod:`fsad_bench.run`)::
 * ``individual`` protocol: ``{target: support images}`` only, one fit per cell;
 * ``training-free`` methods never train (``fit`` is not called);
 * ``cross-dataset``: every category of the suite's *training dataset* (another dataset), as
-  labelled images ``(image, label)`` (:class:`~fsad_bench.data.readers.LabelledImages`: train/good and
+  labelled images ``(image, label)`` (:class:`~fsad_bench.data.torch_datasets.LabelledImages`: train/good and
   test/good are 0, test/<defect> are 1); one fit is shared by every target category, k and run.
 
 A trained state is cached by the engine through :meth:`state_dict` / :meth:`load_state_dict`

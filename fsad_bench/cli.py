@@ -347,7 +347,7 @@ def datasets() -> None:
     """List known datasets, their categories, and the built-in suites."""
     from rich.table import Table
 
-    from fsad_bench.data.readers import KNOWN_DATASETS
+    from fsad_bench.data.roots import KNOWN_DATASETS
     from fsad_bench.protocols import builtin_suites
 
     t = Table(title="datasets (MVTec AD or VisA split-CSV layout, or --data-root repeated to pool roots)")

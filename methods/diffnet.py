@@ -93,7 +93,7 @@ from torchvision.transforms.v2 import functional as TF
 from fsad_bench.adapter import Adapter, TrainSet
 from fsad_bench.components.augment import affine_warp
 from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, TAPS, FeatureExtractor
-from fsad_bench.data.readers import TensorImages
+from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.components.maps import gaussian_blur
 
 ALEXNET_CHANNELS = 256  # channels of AlexNet's last ``features`` map

@@ -388,7 +388,7 @@ class InCTRL(Adapter):
     def fit(self, train: Mapping[str, torch.utils.data.Dataset]) -> None:
         """Train adapter + heads on labelled auxiliary data (see module docstring).
 
-        ``train``: category -> Dataset of ``(image, label)`` (:class:`fsad_bench.data.readers.LabelledImages`) or of
+        ``train``: category -> Dataset of ``(image, label)`` (:class:`fsad_bench.data.torch_datasets.LabelledImages`) or of
         plain images (all normal; anomalies are then synthesised with :func:`cutpaste`).
         """
         h = self.hparams

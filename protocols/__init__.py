@@ -27,12 +27,13 @@ from typing import Any
 import torch
 
 from fsad_bench.adapter import PROTOCOLS, TrainSet
-from fsad_bench.data.readers import FolderDataset, ImageFiles, LabelledImages, TensorImages
+from fsad_bench.data.dataset import Dataset
+from fsad_bench.data.torch_datasets import ImageFiles, LabelledImages, TensorImages
 from fsad_bench.errors import FsadError
 from fsad_bench.data.image_cache import CachedImageFiles
 
 
-def training_data(protocol: str, dataset: FolderDataset, target: str, support: torch.Tensor,
+def training_data(protocol: str, dataset: Dataset, target: str, support: torch.Tensor,
                   image_size: int, image_cache: str | Path | None = None) -> TrainSet | None:
     """The images a method of ``protocol`` may train on when ``target`` is evaluated.
 

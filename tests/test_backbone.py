@@ -176,10 +176,11 @@ BOTTLE = SHARED / "data" / "mvtec_ad" / "bottle"
 @pytest.mark.skipif(not (MNV2.is_file() and BOTTLE.is_dir()), reason="../shared (real weights and data) not here")
 def test_shared_mobilenet_v2_separates_real_bottle_images():
     """The real ImageNet MobileNetV2 loads strictly; gaussian at k = 2 ranks 4 defective bottles above 4 good ones."""
-    from fsad_bench.data.readers import FolderDataset, load_images
+    from fsad_bench.data.images import load_images
+    from fsad_bench.data.mvtec import MVTecDataset
     from fsad_bench.methods.gaussian import GaussianAdapter
 
-    split = FolderDataset(BOTTLE.parent, categories=["bottle"]).split("bottle")
+    split = MVTecDataset(BOTTLE.parent, categories=["bottle"]).split("bottle")
     good = [s.path for s in split.test if s.label == 0][:4]
     bad = [s.path for s in split.test if s.label == 1][::16][:4]
     a = GaussianAdapter(AdapterConfig(weights=str(MNV2), image_size=96, seed=0,

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from fsad_bench.data.readers import FolderDataset, load_image, load_test_set
+from fsad_bench.data.images import load_image
+from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.errors import FsadError
 
 
 def test_reader_lists_mvtec_layout(synth_root):
-    ds = FolderDataset(synth_root, name="synthetic")
+    ds = MVTecDataset(synth_root, name="synthetic")
     assert ds.categories == ["grid", "stripes", "washer"]
     split = ds.split("washer")
     assert len(split.train) == 12 and all(p.parent.name == "good" for p in split.train)
@@ -17,8 +18,8 @@ def test_reader_lists_mvtec_layout(synth_root):
     assert all((s.mask_path is None) == (s.label == 0) for s in split.test)
 
 
-def test_test_set_images_and_binary_masks(synth_root):
-    split = FolderDataset(synth_root).split("stripes")
+def test_test_set_images_and_binary_masks(synth_root, load_test_set):
+    split = MVTecDataset(synth_root).split("stripes")
     test = load_test_set(split, 32)
     assert test.images.shape == (14, 3, 32, 32) and 0 <= test.images.min() and test.images.max() <= 1
     assert set(np.unique(test.masks.numpy())) <= {0.0, 1.0}
@@ -36,7 +37,7 @@ def test_missing_mask_is_one_clear_error(synth_root, tmp_path):
     root = _copy(synth_root, tmp_path / "d")
     (root / "grid" / "ground_truth" / "hole" / "000_mask.png").unlink()
     with pytest.raises(FsadError, match=r"missing ground-truth mask for .*hole/000\.png: expected .*000_mask\.png"):
-        FolderDataset(root).split("grid")
+        MVTecDataset(root).split("grid")
 
 
 def test_corrupt_image_names_the_file(synth_root, tmp_path):
@@ -49,9 +50,9 @@ def test_corrupt_image_names_the_file(synth_root, tmp_path):
 
 def test_missing_root_and_unknown_category(tmp_path, synth_root):
     with pytest.raises(FsadError, match="does not exist"):
-        FolderDataset(tmp_path / "nope")
+        MVTecDataset(tmp_path / "nope")
     with pytest.raises(FsadError, match="category 'bottle' not found"):
-        FolderDataset(synth_root, categories=["bottle"])
+        MVTecDataset(synth_root, categories=["bottle"])
 
 
 def test_btad_style_layout(tmp_path, synth_root):
@@ -63,7 +64,7 @@ def test_btad_style_layout(tmp_path, synth_root):
     (root / "ground_truth" / "ko").mkdir(parents=True)
     for m in (synth_root / "grid" / "ground_truth" / "hole").iterdir():
         shutil.copy(m, root / "ground_truth" / "ko" / m.name.replace("_mask", ""))
-    split = FolderDataset(tmp_path / "btad").split("01")
+    split = MVTecDataset(tmp_path / "btad").split("01")
     assert split.n_anomalous == 2 and len(split.train) == 12
 
 
@@ -74,9 +75,12 @@ from pathlib import Path  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
-from fsad_bench.data.readers import (  # noqa: E402
-    DataWarning, GenericFolderDataset, PooledDataset, VisaDataset, load_mask, open_folder_dataset, verify_readable,
-)
+from fsad_bench.data.dataset import DataWarning  # noqa: E402
+from fsad_bench.data.folder_pair import FolderPairDataset  # noqa: E402
+from fsad_bench.data.images import load_mask  # noqa: E402
+from fsad_bench.data.integrity import verify_readable  # noqa: E402
+from fsad_bench.data.roots import PooledDataset, open_data_root  # noqa: E402
+from fsad_bench.data.visa import VisaDataset  # noqa: E402
 
 
 def _pattern(w: int, h: int, seed: int, defect: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +129,9 @@ def _mvtec(root: Path, cat: str, ext: str = ".png", mode: str = "L", mask_ext: s
     (".tiff", "I;16", ".tif"),   # 16-bit grayscale TIFF
     (".png", "I;16", ".png"),    # 16-bit PNG
 ])
-def test_formats_read_as_rgb_and_binary_masks(tmp_path, ext, mode, mask_ext):
+def test_formats_read_as_rgb_and_binary_masks(tmp_path, ext, mode, mask_ext, load_test_set):
     root = _mvtec(tmp_path / "d", "part", ext, mode, mask_ext, sizes=[(40, 32), (52, 30)])
-    ds = FolderDataset(root)
+    ds = MVTecDataset(root)
     split = ds.split("part")
     assert len(split.train) == 4 and split.n_anomalous == 2
     assert all(p.suffix == ext for p in split.train)
@@ -141,11 +145,11 @@ def test_formats_read_as_rgb_and_binary_masks(tmp_path, ext, mode, mask_ext):
     assert verify_readable(ds) == 4 + 4 + 2
 
 
-def test_mask_of_another_size_names_both_files(tmp_path):
+def test_mask_of_another_size_names_both_files(tmp_path, load_test_set):
     root = _mvtec(tmp_path / "d", "part")
     mask = root / "part" / "ground_truth" / "crack" / "001_mask.png"
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(mask)
-    split = FolderDataset(root).split("part")
+    split = MVTecDataset(root).split("part")
     pattern = r"mask .*001_mask\.png is 20x20 but its image .*crack/001\.png is 40x32"
     with pytest.raises(FsadError, match=pattern):
         verify_readable(split)
@@ -163,19 +167,19 @@ def test_verify_readable_finds_empty_and_truncated_files(tmp_path, damage, ext):
     data = bad.read_bytes()
     bad.write_bytes(b"" if damage == "empty" else data[: len(data) * 2 // 3])
     with pytest.raises(FsadError, match=rf"cannot read image .*002\{ext}"):
-        verify_readable(FolderDataset(root))
+        verify_readable(MVTecDataset(root))
 
 
 def test_folder_without_train_good_warns_or_fails(tmp_path):
     root = _mvtec(tmp_path / "d", "part")
     (root / "broken" / "test" / "good").mkdir(parents=True)
     with pytest.warns(DataWarning, match=r"skipping folder\(s\) without train/good: broken"):
-        assert FolderDataset(root).categories == ["part"]
+        assert MVTecDataset(root).categories == ["part"]
     with pytest.raises(FsadError, match=r"category 'broken' not found .*broken/train/good"):
-        FolderDataset(root, categories=["part", "broken"])
+        MVTecDataset(root, categories=["part", "broken"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # listed explicitly: nothing to warn about
-        assert FolderDataset(root, categories=["part"]).categories == ["part"]
+        assert MVTecDataset(root, categories=["part"]).categories == ["part"]
 
 
 def _visa(root: Path) -> Path:
@@ -200,9 +204,9 @@ def _visa(root: Path) -> Path:
     return root
 
 
-def test_visa_split_csv(tmp_path):
+def test_visa_split_csv(tmp_path, load_test_set):
     root = _visa(tmp_path / "VisA")
-    ds = open_folder_dataset("visa", root)  # layout auto-detected from split_csv/1cls.csv
+    ds = open_data_root("visa", root)  # layout auto-detected from split_csv/1cls.csv
     assert isinstance(ds, VisaDataset) and ds.categories == ["candle", "pcb1"]
     split = ds.split("pcb1")
     assert [p.name for p in split.train] == ["0000.JPG", "0001.JPG", "0002.JPG"]
@@ -211,13 +215,13 @@ def test_visa_split_csv(tmp_path):
     assert (test.masks[test.labels == 1].flatten(1).sum(1) > 0).all()  # 0/1 masks are not lost
     assert verify_readable(ds) == 2 * (5 + 2 + 2)
     with pytest.raises(FsadError, match="category 'cable' not found"):
-        open_folder_dataset("visa", root, categories=["cable"])
+        open_data_root("visa", root, categories=["cable"])
     (root / "pcb1" / "Data" / "Images" / "Normal" / "0004.JPG").unlink()
     with pytest.raises(FsadError, match=r"1cls\.csv: row pcb1,test,normal,.*0004\.JPG names .* does not exist"):
         VisaDataset(root).split("pcb1")
 
 
-def test_generic_folder_dataset(tmp_path):
+def test_folder_pair_dataset(tmp_path, load_test_set):
     root = tmp_path / "screws"
     for i in range(10):
         _save(_pattern(30, 30, i)[0], root / "normal" / f"n{i}.png")
@@ -226,31 +230,31 @@ def test_generic_folder_dataset(tmp_path):
         _save(img, root / "abnormal" / f"a{i}.png")
         _save(mask, root / "masks" / f"a{i}.png")
     spec = {"normal_dir": "normal", "abnormal_dir": "abnormal", "mask_dir": "masks", "normal_split_ratio": 0.2}
-    ds = open_folder_dataset("mine", root, layout="folder", folder=spec)
-    assert isinstance(ds, GenericFolderDataset) and ds.categories == ["screws"]
+    ds = open_data_root("mine", root, layout="folder", folder=spec)
+    assert isinstance(ds, FolderPairDataset) and ds.categories == ["screws"]
     split = ds.split("screws")
     assert len(split.train) == 8 and sum(1 - s.label for s in split.test) == 2 and split.n_anomalous == 3
     assert not {s.path for s in split.test} & set(split.train)
-    assert split.train == open_folder_dataset("mine", root, layout="folder", folder=spec).split("screws").train
+    assert split.train == open_data_root("mine", root, layout="folder", folder=spec).split("screws").train
     test = load_test_set(split, 16)
     assert (test.masks[test.labels == 1].flatten(1).sum(1) > 0).all()
     with pytest.raises(FsadError, match="unknown key 'mask'"):
-        open_folder_dataset("mine", root, layout="folder", folder={"mask": "masks"})
+        open_data_root("mine", root, layout="folder", folder={"mask": "masks"})
 
 
 def test_pooled_roots(tmp_path, synth_root):
     a = _mvtec(tmp_path / "a", "tile", ".jpg")
-    ds = open_folder_dataset("pair", [str(synth_root), str(a)])
+    ds = open_data_root("pair", [str(synth_root), str(a)])
     assert isinstance(ds, PooledDataset)
     assert ds.categories == ["grid", "stripes", "washer", "tile"] and ds.roots == [synth_root, a]
     split = ds.split("tile")
     assert split.dataset == "pair" and split.train[0].suffix == ".jpg"
     assert ds.split("grid").root == synth_root / "grid"
-    only = open_folder_dataset("pair", [synth_root, a], categories=["tile", "grid"])
+    only = open_data_root("pair", [synth_root, a], categories=["tile", "grid"])
     assert only.categories == ["tile", "grid"]
     dup = _mvtec(tmp_path / "b", "grid")
     with pytest.raises(FsadError, match=r"category 'grid' is in both .* and .*b: pooled roots need distinct"):
-        open_folder_dataset("pair", [synth_root, dup])
+        open_data_root("pair", [synth_root, dup])
 
 
 def test_cli_pools_data_roots_and_sets_arch(synth_root, tmp_path, capsys):

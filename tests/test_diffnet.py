@@ -8,7 +8,9 @@ import torch
 
 from fsad_bench import registry
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.data.readers import FolderDataset, TensorImages, load_images, load_test_set
+from fsad_bench.data.images import load_images
+from fsad_bench.data.mvtec import MVTecDataset
+from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.methods.diffnet import DiffNet, DiffNetPlus, DifferNetViews, build_flow, rotate
 from fsad_bench.metrics import pixel_auroc
 from fsad_bench.data.synthetic import generate
@@ -24,10 +26,10 @@ def config(seed=0, **options):
 
 
 @pytest.fixture(scope="module")
-def category(tmp_path_factory):
+def category(tmp_path_factory, load_test_set):
     root = generate(tmp_path_factory.mktemp("syn"), categories=1, seed=0, n_train=6, n_test_good=8,
                     n_test_per_defect=3, size=SIZE)
-    ds = FolderDataset(root, name="synthetic")
+    ds = MVTecDataset(root, name="synthetic")
     split = ds.split(ds.categories[0])
     return load_images(split.train, SIZE), load_test_set(split, SIZE)
 

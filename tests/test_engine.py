@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from fsad_bench.data.readers import FolderDataset, load_images
+from fsad_bench.data.images import load_images
+from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.run.engine import plan, run_suite
 from fsad_bench.data.sampler import SupportSampler
 from fsad_bench.records.store import ResultStore
@@ -49,7 +50,7 @@ def test_individual_fit_sees_only_the_support_set(make_suite, spies, synth_root)
     run_suite(suite, synth_root.parent / "out-ind")
     calls = spies["spy-ind"].fit_calls
     assert len(calls) == 3 * 2  # one training per cell
-    ds = FolderDataset(synth_root, name="synthetic")
+    ds = MVTecDataset(synth_root, name="synthetic")
     sampler = SupportSampler(0)
     expected = [(c, load_images(sampler.support(ds.split(c), 2, r), 64)) for c in ds.categories for r in range(2)]
     for call, (cat, support) in zip(calls, expected):

@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("open_clip")
 
 from fsad_bench.adapter import AdapterConfig  # noqa: E402
-from fsad_bench.data.readers import FolderDataset, TensorImages  # noqa: E402
+from fsad_bench.data.mvtec import MVTecDataset  # noqa: E402
+from fsad_bench.data.torch_datasets import TensorImages  # noqa: E402
 from fsad_bench.errors import FsadError  # noqa: E402
 from fsad_bench.data.synthetic import generate  # noqa: E402
 from fsad_bench.methods import inctrl  # noqa: E402
@@ -59,7 +60,7 @@ def synthetic_root(tmp_path_factory):
 
 
 def test_cross_dataset_training_data_labels(synthetic_root):
-    ds = FolderDataset(synthetic_root, name="synthetic")
+    ds = MVTecDataset(synthetic_root, name="synthetic")
     train = cross_dataset_training_data(ds, 64)
     assert set(train) == set(ds.categories)
     c = ds.categories[0]
@@ -72,7 +73,7 @@ def test_cross_dataset_training_data_labels(synthetic_root):
 
 
 def test_tiny_pipeline_fit_adapt_predict(synthetic_root):
-    ds = FolderDataset(synthetic_root, name="synthetic")
+    ds = MVTecDataset(synthetic_root, name="synthetic")
     a = InCTRL(AdapterConfig(weights="none", image_size=64, seed=1, options=TINY))
     assert a.weights_tag == "random-init" and a.clip.layers == [1, 2, 3]
     before = {k: v.clone() for k, v in a.head.state_dict().items()}

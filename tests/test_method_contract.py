@@ -26,7 +26,8 @@ import torch
 
 from fsad_bench import registry
 from fsad_bench.adapter import AdapterConfig, accepts, describe
-from fsad_bench.data.readers import FolderDataset, load_images
+from fsad_bench.data.images import load_images
+from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.errors import FsadError
 from fsad_bench.protocols import training_data
 
@@ -89,8 +90,8 @@ def name(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def dataset(synth_root) -> FolderDataset:
-    return FolderDataset(synth_root)
+def dataset(synth_root) -> MVTecDataset:
+    return MVTecDataset(synth_root)
 
 
 def make(name: str, seed: int = SEED):
@@ -105,14 +106,14 @@ def make(name: str, seed: int = SEED):
         raise
 
 
-def cell_data(adapter, dataset: FolderDataset) -> tuple[int, torch.Tensor, torch.Tensor]:
+def cell_data(adapter, dataset: MVTecDataset) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Input size, support images ``(2, 3, s, s)`` and test images ``(3, 3, s, s)`` of the held-out category."""
     size = adapter.input_size or SIZE
     split = dataset.split(dataset.categories[0])
     return size, load_images(split.train[:2], size), load_images([s.path for s in split.test[-3:]], size)
 
 
-def fit(adapter, dataset: FolderDataset, support: torch.Tensor, size: int) -> None:
+def fit(adapter, dataset: MVTecDataset, support: torch.Tensor, size: int) -> None:
     if adapter.protocol == "training-free":
         return
     target = "" if adapter.protocol == "cross-dataset" else dataset.categories[0]
@@ -120,14 +121,14 @@ def fit(adapter, dataset: FolderDataset, support: torch.Tensor, size: int) -> No
     adapter.fit(training_data(adapter.protocol, dataset, target, support, size))
 
 
-def adapt_predict(adapter, dataset: FolderDataset, support: torch.Tensor, images: torch.Tensor):
+def adapt_predict(adapter, dataset: MVTecDataset, support: torch.Tensor, images: torch.Tensor):
     torch.manual_seed(CELL_SEED)
     adapter.category = dataset.categories[0]
     adapter.adapt(support)
     return adapter.predict(images)
 
 
-def run_cell(name: str, dataset: FolderDataset):
+def run_cell(name: str, dataset: MVTecDataset):
     """(adapter, input size, support, test images, scores, maps) of one cell from scratch."""
     a = make(name)
     size, support, images = cell_data(a, dataset)

@@ -9,7 +9,9 @@ import torch
 
 from fsad_bench.adapter import AdapterConfig
 from fsad_bench.components.augment import affine_warp
-from fsad_bench.data.readers import FolderDataset, TensorImages, load_images
+from fsad_bench.data.images import load_images
+from fsad_bench.data.mvtec import MVTecDataset
+from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.methods.regad import (IDENTITY_PARAMS, N_PARAMS, RegAD, RegADL, SpatialTransformer,
                                       affine_from_params, compose_affine, invert_affine, simsiam_loss,
                                       training_batches)
@@ -86,7 +88,7 @@ def test_simsiam_stop_gradient():
 
 
 def test_held_out_category_never_in_training_pairs(synth_root):
-    ds = FolderDataset(synth_root)
+    ds = MVTecDataset(synth_root)
     target = ds.categories[1]
     train = training_data("aggregated", ds, target, torch.empty(0), SIZE)
     sizes = {c: len(d) for c, d in train.items()}
@@ -104,7 +106,7 @@ def test_held_out_category_never_in_training_pairs(synth_root):
 
 
 def test_fit_adapt_predict_end_to_end(synth_root):
-    ds = FolderDataset(synth_root)
+    ds = MVTecDataset(synth_root)
     target = ds.categories[0]
     train = training_data("aggregated", ds, target, torch.empty(0), SIZE)
     a = RegAD(AdapterConfig(weights="none", image_size=SIZE, seed=0, options=TINY))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fsad_bench.data.readers import FolderDataset
+from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.errors import FsadError
 from fsad_bench.data.sampler import SupportSampler, support_indices
 
@@ -18,19 +18,19 @@ def test_support_depends_only_on_dataset_category_k_run():
 
 
 def test_sampler_same_for_every_caller(synth_root):
-    split = FolderDataset(synth_root, name="synthetic").split("grid")
+    split = MVTecDataset(synth_root, name="synthetic").split("grid")
     s1, s2 = SupportSampler(0), SupportSampler(0)
     assert s1.support(split, 2, 5) == s2.support(split, 2, 5)
 
 
 def test_k_larger_than_train_set_is_an_error(synth_root):
-    split = FolderDataset(synth_root, name="synthetic").split("grid")
+    split = MVTecDataset(synth_root, name="synthetic").split("grid")
     with pytest.raises(FsadError, match="k=13 is larger than the 12 normal training images of synthetic/grid"):
         SupportSampler(0).support(split, 13, 0)
 
 
 def test_explicit_support_lists(synth_root, tmp_path):
-    split = FolderDataset(synth_root, name="synthetic").split("grid")
+    split = MVTecDataset(synth_root, name="synthetic").split("grid")
     path = tmp_path / "supports.json"
     path.write_text(json.dumps({"grid": {"2": {"0": ["004.png", "007.png"]}}}))
     sampler = SupportSampler(lists=path)

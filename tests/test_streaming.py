@@ -14,7 +14,8 @@ from torch import nn
 from fsad_bench import registry
 
 from fsad_bench.run import engine
-from fsad_bench.data.readers import FolderDataset, load_image
+from fsad_bench.data.images import load_image
+from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.run.engine import run_suite
 from fsad_bench.components.feature_cache import CachedBackbone
 from fsad_bench.data.image_cache import load_cached_image
@@ -140,7 +141,7 @@ def test_test_set_streamed_in_batches(make_suite, extra, tmp_path, monkeypatch):
     original = engine.load_cached_images
     monkeypatch.setattr(engine, "load_cached_images", lambda paths, *a: (asked.append(len(paths)), original(paths, *a))[1])
     run_suite(make_suite(methods=["spy-hires"], k=[1], runs=1), tmp_path / "r")
-    n_test = len(FolderDataset(make_suite().data_root).split("grid").test)
+    n_test = len(MVTecDataset(make_suite().data_root).split("grid").test)
     batches = [shape[0] for kind, shape in Hires.seen if kind == "test"]
     assert n_test == 14 and batches == [4, 4, 4, 2] * 3  # 3 categories
     assert max(asked) <= 4

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fsad_bench.adapter import AdapterConfig, accepts
-from fsad_bench.data.readers import FolderDataset, TensorImages
+from fsad_bench.data.mvtec import MVTecDataset
+from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.errors import FsadError
 from fsad_bench.methods.tdg.adapter import TDG, TDGPlus
 from fsad_bench.methods.tdg.torch_model import (PatchDiscriminator, Transformation, dihedral_transformations,
@@ -120,7 +121,7 @@ def test_defect_scores_higher_than_normal():
 
 def test_aggregated_pretraining_never_sees_held_out_category(tmp_path):
     root = generate(tmp_path / "synth", categories=3, seed=0, n_train=5, n_test_good=1, n_test_per_defect=1, size=48)
-    ds = FolderDataset(root)
+    ds = MVTecDataset(root)
     target = ds.categories[0]
     train = training_data("aggregated", ds, target, torch.empty(0), 48)
     seen: list[str] = []

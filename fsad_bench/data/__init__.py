@@ -1,2 +1,3 @@
-"""The data layer: dataset readers, image decoding and its cache, the synthetic dataset, k-shot sampling.
+"""The data layer: dataset readers per layout, image decoding and its cache, integrity checks, torch
+datasets, the synthetic dataset, k-shot sampling (see docs/architecture.md, Files).
 """

@@ -7,7 +7,7 @@ costs ~50 ms for a 900 px MVTec PNG, reading its cached copy ~0.5 ms; a cell re-
 category's whole test set, so the decoded, resized image is kept under
 ``<cache>/images/<size>/`` as one ``.npy`` file per (file, size): ``(3, S, S)`` uint8 when the
 loader's output is exactly ``k / 255`` (PIL images always are), else float32 — either way
-the tensor read back equals :func:`fsad_bench.data.readers.load_image`'s bit for bit. The key is
+the tensor read back equals :func:`fsad_bench.data.images.load_image`'s bit for bit. The key is
 (resolved path, file size, mtime, S), so an edited original is decoded afresh. Disk use:
 3·S² bytes per image (150 KB at 224 px, 600 KB at 448 px).
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fsad_bench.data.readers import ImageFiles, load_image
+from fsad_bench.data.images import load_image
+from fsad_bench.data.torch_datasets import ImageFiles
 
 
 def _key(path: Path, size: int) -> str:
@@ -31,7 +32,7 @@ def _key(path: Path, size: int) -> str:
 
 
 def load_cached_image(path: str | Path, size: int, cache: str | Path | None) -> torch.Tensor:
-    """:func:`~fsad_bench.data.readers.load_image` ``(3, size, size)`` in [0, 1], through the disk cache
+    """:func:`~fsad_bench.data.images.load_image` ``(3, size, size)`` in [0, 1], through the disk cache
     at ``cache`` (None: decode the original). Errors of the original are FsadErrors as there."""
     path = Path(path)
     if cache is None:
@@ -69,7 +70,7 @@ def load_cached_images(paths: list[Path], size: int, cache: str | Path | None) -
 
 
 class CachedImageFiles(ImageFiles):
-    """:class:`~fsad_bench.data.readers.ImageFiles` read through the disk cache (training loops)."""
+    """:class:`~fsad_bench.data.torch_datasets.ImageFiles` read through the disk cache (training loops)."""
 
     def __init__(self, paths: list[Path], size: int, cache: str | Path | None = None):
         super().__init__(paths, size)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fsad_bench.data.readers import CategorySplit
+from fsad_bench.data.dataset import CategorySplit
 from fsad_bench.errors import FsadError
 from fsad_bench.seeding import stable_seed
 

@@ -166,7 +166,7 @@ def attach_reference(table: pd.DataFrame, dataset: str, metric: str = "image_aur
     if ks is not None:
         sub = sub[sub["k"].isin(ks)]
     ref_cats = sorted(set(sub["category"]) - {MEAN_ROW})
-    from fsad_bench.data.readers import KNOWN_DATASETS  # the public datasets' category lists
+    from fsad_bench.data.roots import KNOWN_DATASETS  # the public datasets' category lists
 
     universe = ref_cats or list(KNOWN_DATASETS.get(dataset, []))
     common = [c for c in measured if c in universe]
@@ -238,7 +238,7 @@ def paper_difference(df: pd.DataFrame, dataset: str, metric: str = "image_auroc"
             paper = float(np.mean([published[c] for c in measured_cats]))
             basis = f"mean of {len(measured_cats)} categories"  # the paper's numbers over the measured ones
         elif not cats_ref and MEAN_ROW in published and len(measured_cats) > 0:
-            from fsad_bench.data.readers import KNOWN_DATASETS
+            from fsad_bench.data.roots import KNOWN_DATASETS
 
             big_n = len(KNOWN_DATASETS.get(dataset, []))
             paper = published[MEAN_ROW]

@@ -47,7 +47,11 @@ import torchvision
 
 from fsad_bench import __version__, registry
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.data.readers import FolderDataset, load_mask, open_folder_dataset, verify_readable
+from fsad_bench.data.dataset import Dataset
+from fsad_bench.data.images import load_mask
+from fsad_bench.data.integrity import verify_readable
+from fsad_bench.data.roots import open_data_root
+from fsad_bench.data.synthetic import generate
 from fsad_bench.components.feature_cache import CachedBackbone
 from fsad_bench.data.image_cache import load_cached_images
 from fsad_bench.errors import FsadError
@@ -132,14 +136,26 @@ def _with_train_seed(parts: tuple, train_seed: int) -> tuple:
     return (*parts, f"t{train_seed}") if train_seed else parts
 
 
-def open_dataset(suite: Suite) -> FolderDataset:
+def synthetic_root(name: str, root: str | list[str] | None, params: dict | None) -> str | Path | list[str] | None:
+    """``root`` unchanged, except for the built-in ``synthetic`` dataset without a root: the folder
+    ``<cache>/synthetic/<parameters>`` it is generated into (once) from the ``params``."""
+    if name != "synthetic" or (any(root) if isinstance(root, (list, tuple)) else root):
+        return root
+    params = {"categories": 4, "seed": 0, **(params or {})}
+    folder = cache_dir() / "synthetic" / "-".join(f"{k}{v}" for k, v in sorted(params.items()))
+    generate(folder, **params)
+    return folder
+
+
+def open_dataset(suite: Suite) -> Dataset:
     """The suite's dataset with *every* category: ``suite.categories`` selects the evaluated ones
     (:func:`evaluated_categories`; each must exist), while the aggregated protocol trains on all
     the others. The synthetic dataset is generated into the cache on first use."""
-    def open_(categories: list[str]) -> FolderDataset:
-        return open_folder_dataset(suite.dataset, suite.data_root, categories, suite.synthetic, cache_dir(),
-                                   f"suite {suite.name!r} needs --data-root DIR", layout=suite.layout,
-                                   folder=suite.folder)
+    root = synthetic_root(suite.dataset, suite.data_root, suite.synthetic)
+
+    def open_(categories: list[str]) -> Dataset:
+        return open_data_root(suite.dataset, root, categories, f"suite {suite.name!r} needs --data-root DIR",
+                              layout=suite.layout, folder=suite.folder)
 
     dataset = open_([])
     if any(c not in dataset.categories for c in suite.categories):
@@ -147,18 +163,19 @@ def open_dataset(suite: Suite) -> FolderDataset:
     return dataset
 
 
-def evaluated_categories(suite: Suite, dataset: FolderDataset) -> list[str]:
+def evaluated_categories(suite: Suite, dataset: Dataset) -> list[str]:
     """The categories whose test sets a suite scores: its ``categories``, or all of the dataset's."""
     return list(suite.categories) or list(dataset.categories)
 
 
-def open_train_dataset(suite: Suite) -> FolderDataset:
+def open_train_dataset(suite: Suite) -> Dataset:
     """The training dataset of cross-dataset methods (``train_dataset`` & co. in the suite)."""
     if not suite.train_dataset:
         raise FsadError(f"suite {suite.name!r} has a cross-dataset method but no train_dataset "
                         f"(e.g. train_dataset = \"mvtec\" and train_data_root = \"/data/mvtec\")")
-    return open_folder_dataset(suite.train_dataset, suite.train_data_root, suite.train_categories,
-                               suite.train_synthetic, cache_dir(), f"suite {suite.name!r} needs train_data_root = DIR")
+    root = synthetic_root(suite.train_dataset, suite.train_data_root, suite.train_synthetic)
+    return open_data_root(suite.train_dataset, root, suite.train_categories,
+                          f"suite {suite.name!r} needs train_data_root = DIR")
 
 
 def validate_suite(suite: Suite) -> None:
@@ -179,7 +196,7 @@ def validate_suite(suite: Suite) -> None:
         (classes.get(m) or registry.get(m)).check_options(opts, f"[options.{m}] of suite {suite.name!r}")
 
 
-def _dataset_identity(ds: FolderDataset, categories: list[str], memo: dict[str, str]) -> dict[str, str]:
+def _dataset_identity(ds: Dataset, categories: list[str], memo: dict[str, str]) -> dict[str, str]:
     """Per category: the tree fingerprint (file list, sizes, mtimes) of ``root/category``."""
     out = {}
     for c in categories:
@@ -191,8 +208,8 @@ def _dataset_identity(ds: FolderDataset, categories: list[str], memo: dict[str, 
     return out
 
 
-def config_hash(suite: Suite, method: str, category: str | None = None, dataset: FolderDataset | None = None,
-                train_dataset: FolderDataset | None = None, memo: dict[str, str] | None = None) -> str:
+def config_hash(suite: Suite, method: str, category: str | None = None, dataset: Dataset | None = None,
+                train_dataset: Dataset | None = None, memo: dict[str, str] | None = None) -> str:
     """Hash of everything that changes a method's numbers on ``category`` besides (k, run):
 
     the resolved hyper-parameters (preset values + options, and the preset that supplied them), the
@@ -229,7 +246,7 @@ def config_hash(suite: Suite, method: str, category: str | None = None, dataset:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def plan(suite: Suite) -> tuple[FolderDataset, list[Cell]]:
+def plan(suite: Suite) -> tuple[Dataset, list[Cell]]:
     """Validate the suite against the adapters and the data (every header opened) and expand it into
     cells (nothing is computed); each cell once, whatever the duplicates in the suite."""
     validate_suite(suite)
@@ -414,12 +431,12 @@ def load_masks(split, size: int) -> np.ndarray:
     return out
 
 
-def fit_seed(suite: Suite, method: str, train_ds: FolderDataset, held_out: str, train_seed: int) -> int:
+def fit_seed(suite: Suite, method: str, train_ds: Dataset, held_out: str, train_seed: int) -> int:
     """Seed of one aggregated / cross-dataset fit: (suite seed, train seed, method, dataset, held-out)."""
     return stable_seed("fit", *_with_train_seed((suite.seed, method, train_ds.name, held_out), train_seed))
 
 
-def model_cache_path(method: str, protocol: str, preset: str, suite: Suite, train_ds: FolderDataset,
+def model_cache_path(method: str, protocol: str, preset: str, suite: Suite, train_ds: Dataset,
                      held_out: str, chash: str, train_seed: int = 0) -> Path:
     """Where the fit of ``method`` for ``held_out`` and ``train_seed`` is cached. ``chash`` (the
     cell's config hash) covers hyper-parameters, code, weights, data identity, image size and seed,
@@ -433,7 +450,7 @@ def model_cache_path(method: str, protocol: str, preset: str, suite: Suite, trai
             / f"{held_out or 'all'}-{preset}-s{suite.seed}-t{train_seed}-{key}.pt")
 
 
-def _fit_cached(adapter, suite: Suite, train_ds: FolderDataset, held_out: str, chash: str,
+def _fit_cached(adapter, suite: Suite, train_ds: Dataset, held_out: str, chash: str,
                 train_seed: int = 0) -> float:
     """Fit ``adapter`` (or load the fit from the model cache); returns training seconds.
 

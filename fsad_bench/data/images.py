@@ -1,0 +1,98 @@
+"""Decoding: the only place that turns an image or mask file into pixels.
+
+Files: PNG, JPEG, BMP, TIFF (any case of the suffix). Images are returned as float tensors in
+[0, 1] of shape ``(3, S, S)`` (grayscale replicated; 16-bit scaled by 65535, not clipped; alpha
+dropped; bilinear antialiased resize); masks as ``(S, S)`` float tensors with values in {0, 1}
+(nearest resize); a mask must have its image's size (FsadError naming both files otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from fsad_bench.errors import FsadError
+
+
+def _as_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB view of any PIL image: 16-bit and 32-bit integer images are scaled (not clipped),
+    float images clipped to [0, 1] (or scaled by 1/255 when their values exceed 1), alpha dropped."""
+    if im.mode in ("RGB", "L", "P", "RGBA", "LA", "1", "CMYK", "YCbCr", "PA", "La", "RGBa"):
+        return im.convert("RGB")
+    arr = np.asarray(im)
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float64)
+        arr = arr / 255.0 if np.nanmax(arr) > 1 else arr
+    elif arr.dtype.kind in "iu":
+        arr = arr.astype(np.float64) / (65535.0 if im.mode.startswith("I") else np.iinfo(arr.dtype).max)
+    else:
+        return im.convert("RGB")
+    arr8 = (np.clip(np.nan_to_num(arr), 0, 1) * 255 + 0.5).astype(np.uint8)
+    if arr8.ndim == 3:
+        arr8 = arr8[..., :3] if arr8.shape[-1] >= 3 else arr8[..., 0]
+    return Image.fromarray(arr8).convert("RGB")
+
+
+def _mask_array(im: Image.Image) -> np.ndarray:
+    """Boolean defect mask of a PIL image (1 = defect): binarised at half the value range; a
+    label image whose values all lie below half range (0/1 masks, VisA-style ids) at > 0."""
+    arr = np.asarray(im.convert("L") if im.mode in ("P", "1", "LA", "RGBA", "RGB", "CMYK", "YCbCr") else im)
+    if arr.ndim == 3:
+        arr = arr.max(axis=-1)
+    if arr.dtype == bool:
+        return arr
+    full = 65535.0 if im.mode.startswith("I") else (1.0 if arr.dtype.kind == "f" else float(np.iinfo(arr.dtype).max))
+    half = full / 2
+    return arr > half if arr.max() > half else arr > 0
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image from its header; FsadError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise FsadError(f"cannot read image {path}: {err.__class__.__name__}: {err}") from None
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Read an RGB image resized to ``(3, size, size)`` in [0, 1]; FsadError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im = _as_rgb(im)
+            im = TF.resize(im, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            return TF.to_tensor(im)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise FsadError(f"cannot read image {path}: {err.__class__.__name__}: {err}") from None
+
+
+def mask_size_error(mask: Path, msize: tuple[int, int], image: Path, isize: tuple[int, int]) -> FsadError:
+    """The one-line error for a mask whose size differs from its image's."""
+    return FsadError(f"mask {mask} is {msize[0]}x{msize[1]} but its image {image} is {isize[0]}x{isize[1]} "
+                     f"(a mask must have its image's size)")
+
+
+def load_mask(path: Path | None, size: int, image: Path | None = None) -> torch.Tensor:
+    """Binary mask ``(size, size)`` (1 = defect); all zeros when ``path`` is None. With ``image``,
+    FsadError unless the mask has that image's size."""
+    if path is None:
+        return torch.zeros(size, size)
+    try:
+        with Image.open(path) as im:
+            if image is not None and im.size != image_size_of(image):
+                raise mask_size_error(path, im.size, image, image_size_of(image))
+            m = Image.fromarray(_mask_array(im).astype(np.uint8) * 255)
+            m = TF.resize(m, [size, size], interpolation=InterpolationMode.NEAREST)
+            return (TF.to_tensor(m)[0] > 0.5).float()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise FsadError(f"cannot read mask {path}: {err.__class__.__name__}: {err}") from None
+
+
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """Stack of images ``(N, 3, size, size)``."""
+    return torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
