@@ -43,7 +43,8 @@ from before import PositionGaussian as BeforeGaussian, features_before  # noqa: 
 from common import PeakMemory, describe_device, pick_device, timed  # noqa: E402
 
 from fsad_bench.adapter import AdapterConfig  # noqa: E402
-from fsad_bench.components.augment import N_VIEWS, affine_warp, augment_support  # noqa: E402
+from fsad_bench.components.affine import affine_warp  # noqa: E402
+from fsad_bench.components.augment import N_VIEWS, augment_support  # noqa: E402
 from fsad_bench.components.position_gaussian import PositionGaussian  # noqa: E402
 from fsad_bench.components.maps import ScratchBuffer, smooth_maps  # noqa: E402
 

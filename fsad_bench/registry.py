@@ -18,12 +18,12 @@ BUILTIN: dict[str, str] = {
     "random": "fsad_bench.methods.random_scorer:RandomScorer",
     "gaussian": "fsad_bench.methods.gaussian:GaussianAdapter",
     "inctrl": "fsad_bench.methods.inctrl:InCTRL",
-    "diffnet": "fsad_bench.methods.diffnet:DiffNet",
-    "diffnet+": "fsad_bench.methods.diffnet:DiffNetPlus",
+    "diffnet": "fsad_bench.methods.diffnet.adapter:DiffNet",
+    "diffnet+": "fsad_bench.methods.diffnet.adapter:DiffNetPlus",
     "tdg": "fsad_bench.methods.tdg.adapter:TDG",
     "tdg+": "fsad_bench.methods.tdg.adapter:TDGPlus",
-    "regad": "fsad_bench.methods.regad:RegAD",
-    "regad-l": "fsad_bench.methods.regad:RegADL",
+    "regad": "fsad_bench.methods.regad.adapter:RegAD",
+    "regad-l": "fsad_bench.methods.regad.adapter:RegADL",
     "patchcore": "fsad_bench.methods.patchcore:PatchCore",
 }
 

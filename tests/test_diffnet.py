@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from fsad_bench import registry
-from fsad_bench.adapter import AdapterConfig
+from fsad_bench.adapter import AdapterConfig, accepts
+from fsad_bench.components.affine import rotate
 from fsad_bench.data.images import load_images
 from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.data.torch_datasets import TensorImages
-from fsad_bench.methods.diffnet import DiffNet, DiffNetPlus, DifferNetViews, build_flow, rotate
+from fsad_bench.errors import FsadError
+from fsad_bench.methods.diffnet.adapter import DiffNet, DiffNetPlus
+from fsad_bench.methods.diffnet.torch_model import DifferNetViews, build_flow
 from fsad_bench.metrics import pixel_auroc
 from fsad_bench.data.synthetic import generate
 
@@ -23,6 +26,13 @@ TINY = {"img_size": 64, "n_scales": 1, "n_coupling_blocks": 2, "fc_internal": 32
 
 def config(seed=0, **options):
     return AdapterConfig(weights="none", image_size=SIZE, seed=seed, options={**TINY, **options})
+
+
+def new(cls, cfg: AdapterConfig):
+    """Construct as the run layer does: torch seeded with the adapter's seed right before (initial
+    flow and, with ``weights = "none"``, the frozen random AlexNet come from torch's global RNG)."""
+    torch.manual_seed(cfg.seed)
+    return cls(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +84,7 @@ def test_rotation_is_differentiable_and_zero_filled():
 
 def test_nll_of_training_features_drops(category):
     train, _ = category
-    a = DiffNet(config(lr=2e-3, meta_epochs=6))
+    a = new(DiffNet, config(lr=2e-3, meta_epochs=6))
     a.fit({"c": TensorImages(train)})
     assert a.loss_history[-1] < a.loss_history[0] - 0.15, a.loss_history
     assert a.loss_history[-1] < min(a.loss_history[:3])
@@ -86,7 +96,7 @@ def test_anomalies_found_and_shapes(category):
     small defects is near chance with random weights (0.46-0.59), and images of another
     synthetic category even get a *lower* mean z² — so no image-level AUROC is asserted."""
     train, test = category
-    a = DiffNet(AdapterConfig(weights="none", image_size=SIZE, seed=0, options={"n_transforms_test": 4}))
+    a = new(DiffNet, AdapterConfig(weights="none", image_size=SIZE, seed=0, options={"n_transforms_test": 4}))
     a.fit({"c": TensorImages(train)})
     a.adapt(train)
     scores, maps = a.predict(test.images)
@@ -104,7 +114,7 @@ def test_anomalies_found_and_shapes(category):
 
 def test_diffnet_plus_adapts_from_pretrained_state_each_time(category):
     train, test = category
-    a = DiffNetPlus(config(finetune_epochs=3))
+    a = new(DiffNetPlus, config(finetune_epochs=3))
     a.fit({"other": TensorImages(train[3:])})
     pretrained = {k: v.clone() for k, v in a.flow.state_dict().items()}
     support = train[:2]
@@ -117,10 +127,15 @@ def test_diffnet_plus_adapts_from_pretrained_state_each_time(category):
     assert all(torch.equal(v, pretrained[k]) for k, v in a.flow.state_dict().items())
     assert any(not torch.equal(v, pretrained[k]) for k, v in a.adapted.state_dict().items())
     # the cached state (engine) is the pre-trained flow only, and it round-trips
-    torch.manual_seed(123)  # a fresh adapter with different initial weights, then the cached state
-    b = DiffNetPlus(AdapterConfig(weights="none", image_size=SIZE, seed=0, options={**TINY, "finetune_epochs": 3}))
+    # a fresh adapter constructed as the run layer does (same torch seed: same frozen random AlexNet,
+    # which the state does not hold), with an untrained flow, then the cached state
+    b = new(DiffNetPlus, AdapterConfig(weights="none", image_size=SIZE, seed=0, options={**TINY, "finetune_epochs": 3}))
     assert set(a.state_dict()) == {"flow"}
+    assert any(not torch.equal(v, pretrained[k]) for k, v in b.flow.state_dict().items())
+    b_first = b.predict(test.images[:4])[0]
     b.load_state_dict(a.state_dict())
+    assert all(torch.equal(v, pretrained[k]) for k, v in b.flow.state_dict().items())
+    assert not torch.allclose(b_first, s1, rtol=1e-3)  # before loading, b scored differently
     b.adapt(support)
     assert torch.allclose(b.predict(test.images[:4])[0], s1, rtol=1e-5)
 
@@ -129,5 +144,46 @@ def test_weights_tag_and_labels():
     a = DiffNet(config())
     assert a.weights_tag == "random-init"
     assert a.extractor.n_feat == 256 and DiffNet(AdapterConfig(weights="none")).extractor.n_feat == 512
-    with pytest.raises(ValueError):
+    with pytest.raises(FsadError, match="n_scales"):  # a cross-option check: in the constructor
         DiffNet(AdapterConfig(weights="none", options={"img_size": 128, "n_scales": 3}))
+
+
+def flow_params(a: DiffNet) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in a.flow.parameters()]
+
+
+def test_initial_weights_come_from_the_callers_seed():
+    """Constructors never reseed torch: the run layer seeds right before constructing an adapter,
+    so the same torch seed gives the same initial flow, another seed another one, whatever ``config.seed``."""
+    def build(torch_seed: int, seed: int = 0) -> DiffNet:
+        torch.manual_seed(torch_seed)
+        return DiffNet(config(seed=seed))
+
+    first, again, other_config_seed, other = build(5), build(5), build(5, seed=9), build(6)
+    assert all(torch.equal(p, q) for p, q in zip(flow_params(first), flow_params(again)))
+    assert all(torch.equal(p, q) for p, q in zip(flow_params(first), flow_params(other_config_seed)))
+    assert any(not torch.equal(p, q) for p, q in zip(flow_params(first), flow_params(other)))
+    # with weights = "none" the frozen AlexNet is random too: it follows the same seed
+    ext = [dict(a.extractor.state_dict()) for a in (first, again, other)]
+    assert all(torch.equal(v, ext[1][k]) for k, v in ext[0].items())
+    assert any(not torch.equal(v, ext[2][k]) for k, v in ext[0].items())
+
+
+def test_declared_options():
+    for cls in (DiffNet, DiffNetPlus):
+        for name, preset in cls.presets.items():
+            assert set(preset) == set(cls.option_constraints), (cls.name, name)
+            for key, value in preset.items():
+                assert any(accepts(c, value) for c in cls.option_constraints[key]), (cls.name, name, key, value)
+    DiffNetPlus.check_options({"finetune_epochs": 0, "feature_pool": 0, "betas": [0.9, 0.99], "lr": 1})
+    for bad in ({"img_size": 0}, {"n_scales": 1.5}, {"lr": 0.0}, {"dropout": 1.0}, {"betas": [0.9, 1.2]},
+                {"meta_epochs": 0}, {"feature_pool": -1}, {"rotation": 270.0}, {"brightness": 2.0},
+                {"view_chunk": 0}, {"grad_sigma": -1.0}):
+        with pytest.raises(FsadError, match=next(iter(bad))):
+            DiffNet.check_options(bad)
+    with pytest.raises(FsadError, match="finetune_epochs"):
+        DiffNetPlus.check_options({"finetune_epochs": -1})
+    with pytest.raises(FsadError, match="finetune_epochs"):  # not an option of diffnet
+        DiffNet.check_options({"finetune_epochs": 3})
+    with pytest.raises(FsadError, match="betas"):
+        DiffNet(AdapterConfig(weights="none", options={"betas": [0.8, 0.8, 0.8]}))

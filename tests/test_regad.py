@@ -7,18 +7,26 @@ import math
 import pytest
 import torch
 
-from fsad_bench.adapter import AdapterConfig
-from fsad_bench.components.augment import affine_warp
+from fsad_bench.adapter import AdapterConfig, accepts
+from fsad_bench.components.affine import (IDENTITY_PARAMS, N_PARAMS, affine_from_params, affine_warp, compose_affine,
+                                          invert_affine)
 from fsad_bench.data.images import load_images
 from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.data.torch_datasets import TensorImages
-from fsad_bench.methods.regad import (IDENTITY_PARAMS, N_PARAMS, RegAD, RegADL, SpatialTransformer,
-                                      affine_from_params, compose_affine, invert_affine, simsiam_loss,
-                                      training_batches)
+from fsad_bench.errors import FsadError
+from fsad_bench.methods.regad.adapter import RegAD, RegADL
+from fsad_bench.methods.regad.torch_model import SpatialTransformer, simsiam_loss
+from fsad_bench.methods.regad.training import training_batches
 from fsad_bench.protocols import training_data
 
 SIZE = 64
 TINY = {"epochs": 1, "batch_size": 4, "max_queries_per_category": 4, "infer_batch": 8}
+
+
+def new(cls, cfg: AdapterConfig):
+    """Construct as the run layer does: torch seeded with the adapter's seed right before (initial weights)."""
+    torch.manual_seed(cfg.seed)
+    return cls(cfg)
 
 
 def smooth_map(n: int = 1, size: int = 48) -> torch.Tensor:
@@ -109,7 +117,7 @@ def test_fit_adapt_predict_end_to_end(synth_root):
     ds = MVTecDataset(synth_root)
     target = ds.categories[0]
     train = training_data("aggregated", ds, target, torch.empty(0), SIZE)
-    a = RegAD(AdapterConfig(weights="none", image_size=SIZE, seed=0, options=TINY))
+    a = new(RegAD, AdapterConfig(weights="none", image_size=SIZE, seed=0, options=TINY))
     before = {k: v.clone() for k, v in a.model.state_dict().items()}
     a.fit(train)
     assert any(not torch.equal(before[k], v) for k, v in a.model.state_dict().items())  # backbone+STNs trained
@@ -127,7 +135,7 @@ def test_fit_adapt_predict_end_to_end(synth_root):
 def test_regad_l_trains_on_support_only(k):
     g = torch.Generator().manual_seed(0)
     support = torch.rand(k, 3, SIZE, SIZE, generator=g)
-    a = RegADL(AdapterConfig(weights="none", image_size=SIZE, seed=1, options={**TINY, "epochs": 2}))
+    a = new(RegADL, AdapterConfig(weights="none", image_size=SIZE, seed=1, options={**TINY, "epochs": 2}))
     assert a.protocol == "individual" and a.name == "regad-l"
     a.fit({"target": TensorImages(support)})
     assert len(a.loss_history) == 2 and all(math.isfinite(v) for v in a.loss_history)
@@ -140,9 +148,9 @@ def test_state_dict_round_trip_gives_identical_predictions():
     g = torch.Generator().manual_seed(0)
     train = {c: TensorImages(torch.rand(4, 3, SIZE, SIZE, generator=g)) for c in ("a", "b")}
     support, images = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.rand(2, 3, SIZE, SIZE, generator=g)
-    a = RegAD(AdapterConfig(weights="none", image_size=SIZE, seed=0, options={**TINY, "lr": 0.05}))
+    a = new(RegAD, AdapterConfig(weights="none", image_size=SIZE, seed=0, options={**TINY, "lr": 0.05}))
     a.fit(train)
-    b = RegAD(AdapterConfig(weights="none", image_size=SIZE, seed=7, options=TINY))
+    b = new(RegAD, AdapterConfig(weights="none", image_size=SIZE, seed=7, options=TINY))
     b.load_state_dict(a.state_dict())
     a.adapt(support)
     b.adapt(support)
@@ -150,18 +158,80 @@ def test_state_dict_round_trip_gives_identical_predictions():
     sb, mb = b.predict(images)
     # b's seed also shuffles its 22-view support differently: equal up to float32 summation order
     assert torch.allclose(sa, sb, rtol=1e-5, atol=0) and torch.allclose(ma, mb, rtol=1e-5, atol=1e-5)
-    c = RegAD(AdapterConfig(weights="none", image_size=SIZE, seed=7, options=TINY))
+    c = new(RegAD, AdapterConfig(weights="none", image_size=SIZE, seed=7, options=TINY))
     c.adapt(support)
     assert not torch.allclose(c.predict(images)[0], sa, rtol=1e-3)  # the loaded state is what made them equal
 
 
-def test_image_frame_variant_and_bad_options():
-    a = RegAD(AdapterConfig(weights="none", image_size=SIZE, seed=0, options={"feature_frame": "image"}))
+def tilt(a: RegAD) -> RegAD:
+    """Give the three STNs constant, clearly non-identity transforms (rotation, anisotropic scale)."""
+    with torch.no_grad():
+        for stn, p in zip(a.model.stns, ((0.3, 0.9, 1.1), (-0.2, 1.05, 0.95), (0.25, 1.1, 0.9))):
+            stn.regressor[2].bias.copy_(torch.tensor(p))
+    return a
+
+
+def frame_pair(tilted: bool) -> tuple[RegAD, RegAD]:
+    """Two adapters with the same weights: ``feature_frame`` "image" and "registered"."""
+    out = []
+    for frame in ("image", "registered"):
+        a = new(RegAD, AdapterConfig(weights="none", image_size=SIZE, seed=0, options={"feature_frame": frame,
+                                                                                       "infer_batch": 8}))
+        out.append(tilt(a) if tilted else a)
+    return out[0], out[1]
+
+
+def test_image_frame_variant_is_the_image_frame_and_differs_from_registered():
     g = torch.Generator().manual_seed(0)
-    a.adapt(torch.rand(2, 3, SIZE, SIZE, generator=g))
-    scores, maps = a.predict(torch.rand(2, 3, SIZE, SIZE, generator=g))
-    assert maps.shape == (2, SIZE, SIZE) and torch.isfinite(scores).all()
-    with pytest.raises(ValueError):
-        RegAD(AdapterConfig(weights="none", image_size=SIZE, options={"stn_mode": "projective"}))
-    with pytest.raises(ValueError):
-        RegAD(AdapterConfig(weights="none", image_size=SIZE, options={"feature_frame": "canonical"}))
+    x, support = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.rand(2, 3, SIZE, SIZE, generator=g)
+    image, registered = frame_pair(tilted=True)
+    assert image.hparams["feature_frame"] == "image" and registered.hparams["feature_frame"] == "registered"
+    assert image.label == "regad [cpu, resnet18, random-init]"
+    assert registered.label == "regad [cpu, resnet18, random-init, frame=registered]"
+    with torch.no_grad():
+        maps, thetas = image.model(x)
+    assert (thetas[0] - torch.eye(3)[None, :2]).abs().max() > 0.05  # the STNs really move
+    fi, ti = image.features(x)
+    fr, tr = registered.features(x)
+    torch.testing.assert_close(ti, tr)  # same network, same transforms: only the frame differs
+    c1 = maps[0].shape[1]
+    # registered frame: the STN outputs themselves; image frame: each warped back by the inverse STN transforms
+    assert torch.equal(fr[:, :c1], maps[0])
+    torch.testing.assert_close(fi[:, :c1], affine_warp(maps[0], invert_affine(thetas[0])))
+    back3 = affine_warp(affine_warp(affine_warp(maps[2], invert_affine(thetas[2])), invert_affine(thetas[1])),
+                        invert_affine(thetas[0]))
+    torch.testing.assert_close(fi[:, -maps[2].shape[1]:], back3.repeat_interleave(4, -1).repeat_interleave(4, -2))
+    assert (fi - fr).abs().max() > 1e-2
+    image.adapt(support)
+    registered.adapt(support)
+    (si, mi), (sr, mr) = image.predict(x), registered.predict(x)
+    assert mi.shape == mr.shape == (2, SIZE, SIZE) and torch.isfinite(mi).all() and torch.isfinite(mr).all()
+    assert not torch.allclose(mi, mr, rtol=1e-3)
+    assert torch.equal(si, mi.flatten(1).max(1).values) and torch.equal(sr, mr.flatten(1).max(1).values)
+
+
+def test_frames_agree_when_the_stns_are_the_identity():
+    """Untrained STNs are the identity: the two frames differ only through the transforms."""
+    g = torch.Generator().manual_seed(1)
+    x, support = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.rand(2, 3, SIZE, SIZE, generator=g)
+    image, registered = frame_pair(tilted=False)
+    torch.testing.assert_close(image.features(x)[0], registered.features(x)[0], rtol=1e-5, atol=1e-5)
+    image.adapt(support)
+    registered.adapt(support)
+    torch.testing.assert_close(image.predict(x)[1], registered.predict(x)[1], rtol=1e-3, atol=1e-4)
+
+
+def test_declared_options():
+    for cls in (RegAD, RegADL):
+        for name, preset in cls.presets.items():
+            assert set(preset) == set(cls.option_constraints), (cls.name, name)
+            for key, value in preset.items():
+                assert any(accepts(c, value) for c in cls.option_constraints[key]), (cls.name, name, key, value)
+    RegAD.check_options({"feature_frame": "registered", "max_queries_per_category": None, "lr": 1, "eps": 0.1})
+    for bad in ({"stn_mode": "projective"}, {"feature_frame": "canonical"}, {"concat_upsample": "bicubic"},
+                {"blur_border": "wrap"}, {"lr_schedule": "linear"}, {"epochs": 0}, {"batch_size": 2.0},
+                {"lr": 0.0}, {"eps": -1.0}, {"max_queries_per_category": 0}, {"imagenet_norm": 1}):
+        with pytest.raises(FsadError, match=next(iter(bad))):
+            RegADL.check_options(bad)
+    with pytest.raises(ValueError):  # direct use of the torch module: its own argument check
+        SpatialTransformer(8, (12, 12), "projective")

@@ -20,19 +20,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
+
+from fsad_bench.components.affine import affine_warp
 
 SMALL_ANGLES = tuple(s * a for a in (math.pi / 16, math.pi / 8, 3 * math.pi / 16, math.pi / 4) for s in (-1, 1))
 SHIFTS = ((0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2), (0.2, -0.2), (0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))
 N_VIEWS = 1 + len(SMALL_ANGLES) + len(SHIFTS) + 1 + 1 + 3
-
-
-def affine_warp(x: torch.Tensor, theta: torch.Tensor, padding_mode: str = "reflection") -> torch.Tensor:
-    """Warp ``x`` ``(B, C, H, W)`` by affine matrices ``theta`` ``(B, 2, 3)`` in normalised
-    coordinates (the spatial-transformer convention), bilinear; ``padding_mode`` as ``grid_sample``."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
 def _rotation(angle: float) -> torch.Tensor:
