@@ -17,7 +17,7 @@ ENTRY_POINT_GROUP = "fsad_bench.methods"
 BUILTIN: dict[str, str] = {
     "random": "fsad_bench.methods.random_scorer:RandomScorer",
     "gaussian": "fsad_bench.methods.gaussian:GaussianAdapter",
-    "inctrl": "fsad_bench.methods.inctrl:InCTRL",
+    "inctrl": "fsad_bench.methods.inctrl.adapter:InCTRL",
     "diffnet": "fsad_bench.methods.diffnet.adapter:DiffNet",
     "diffnet+": "fsad_bench.methods.diffnet.adapter:DiffNetPlus",
     "tdg": "fsad_bench.methods.tdg.adapter:TDG",

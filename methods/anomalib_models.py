@@ -35,13 +35,12 @@ The record stores ``anomalib_version`` and every hyper-parameter (``Adapter.desc
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 import torch
 from torch import nn
 
-from fsad_bench.adapter import Adapter
+from fsad_bench.adapter import Adapter, Interval, ListOf, OneOf
 from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
+from fsad_bench.components.clip import CLIP_MEAN, CLIP_STD, cached_candidates, import_open_clip, offline
 from fsad_bench.errors import FsadError
 
 PREFIX = "anomalib:"
@@ -54,8 +53,6 @@ DEFAULT_TAPS: dict[str, dict[str, list[str]]] = {
                   "mobilenet_v2": ["features.6", "features.13"]},
 }
 PADIM_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}  # anomalib's _N_FEATURES_DEFAULTS
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WINCLIP_WEIGHTS = ("ViT-B-16-plus-240", "laion400m_e31")
 
 
@@ -100,7 +97,6 @@ class _AnomalibAdapter(Adapter):
     def __init__(self, config=None):
         super().__init__(config)
         self.hparams["anomalib_version"] = _require_anomalib()
-        torch.manual_seed(self.config.seed)
         self.model: nn.Module = self.build().to(self.device).eval()
 
     def build(self) -> nn.Module:  # pragma: no cover - abstract
@@ -138,6 +134,13 @@ class AnomalibPadim(_AnomalibAdapter):
     model_name = "Padim"
     paper = "anomalib PadimModel — PaDiM (Defard et al., ICPR 2020)"
     presets = {"cpu": {"arch": "resnet18", "taps": None, "n_features": None, "batch_size": 16}}
+    option_constraints = {
+        "arch": [str],  # a torchvision classifier (checked when built)
+        "taps": [None, ListOf(str)],  # torchvision node names; None: DEFAULT_TAPS
+        # None / "default": anomalib's count for the arch; "all"; or a count (<= the taps' channels: checked when built)
+        "n_features": [None, OneOf("default", "all"), Interval(int, 1)],
+        "batch_size": [Interval(int, 1)],
+    }
 
     def build(self) -> nn.Module:
         from anomalib.models.image.padim.torch_model import PadimModel
@@ -153,9 +156,8 @@ class AnomalibPadim(_AnomalibAdapter):
         n = total if n == "all" else int(n)
         if not 0 < n <= total:
             raise FsadError(f"anomalib:Padim: n_features must be in 1..{total} for {arch} taps {taps}, got {n}")
-        torch.manual_seed(self.config.seed)  # anomalib draws the channel subset with torch.randperm
-        model.n_features = n
-        model.idx = torch.randperm(total)[:n]
+        model.n_features = n  # the channel subset, drawn like anomalib's (torch.randperm) from the adapter's seed
+        model.idx = torch.randperm(total, generator=torch.Generator().manual_seed(self.config.seed))[:n]
         self.hparams.update(taps=taps, n_features_used=n, channels_total=total)
         return model
 
@@ -181,6 +183,13 @@ class AnomalibPatchcore(_AnomalibAdapter):
     paper = "anomalib PatchcoreModel — PatchCore (Roth et al., CVPR 2022)"
     presets = {"cpu": {"arch": "wide_resnet50_2", "taps": None, "coreset_ratio": 0.1, "num_neighbors": 9,
                        "batch_size": 16}}
+    option_constraints = {
+        "arch": [str],
+        "taps": [None, ListOf(str)],
+        "coreset_ratio": [Interval(float, 0, 1, closed="right")],  # 1: every patch, no sampler
+        "num_neighbors": [Interval(int, 1)],
+        "batch_size": [Interval(int, 1)],
+    }
 
     def build(self) -> nn.Module:
         from anomalib.models.image.patchcore.torch_model import PatchcoreModel
@@ -207,45 +216,14 @@ class AnomalibPatchcore(_AnomalibAdapter):
         self.model.eval()
 
 
-@contextmanager
-def _offline():
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def winclip_weights_cached() -> str | None:
-    """Where the OpenCLIP ViT-B-16-plus-240 laion400m_e31 weights are cached, None if nowhere."""
+    """Where the OpenCLIP ViT-B-16-plus-240 laion400m_e31 weights are cached (the Hugging Face cache or
+    ``~/.cache/clip``, where open_clip itself looks), None if nowhere or without open_clip."""
     try:
-        from open_clip.pretrained import get_pretrained_cfg
-    except ImportError:
+        found = [p for p in cached_candidates(*WINCLIP_WEIGHTS, torch_hub=False) if p.is_file()]
+    except FsadError:  # open_clip is not installed
         return None
-    cfg = get_pretrained_cfg(*WINCLIP_WEIGHTS)
-    hub = (cfg.get("hf_hub") or "").strip("/")
-    if hub:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-                p = try_to_load_from_cache(hub, fname)
-                if isinstance(p, str):
-                    return p
-        except ImportError:
-            pass
-    url = cfg.get("url")
-    if url:
-        p = os.path.join(os.path.expanduser("~/.cache/clip"), url.rsplit("/", 1)[-1])
-        if os.path.isfile(p):
-            return p
-    return None
+    return str(found[0]) if found else None
 
 
 class AnomalibWinClip(_AnomalibAdapter):
@@ -255,6 +233,10 @@ class AnomalibWinClip(_AnomalibAdapter):
     model_name = "WinClip"
     paper = "anomalib WinClipModel — WinCLIP+ (Jeong et al., CVPR 2023)"
     presets = {"cpu": {"scales": [2, 3], "batch_size": 8}}
+    option_constraints = {
+        "scales": [ListOf(Interval(int, 1))],  # window sizes in patches
+        "batch_size": [Interval(int, 1)],
+    }
     mean, std = CLIP_MEAN, CLIP_STD
 
     @property
@@ -262,17 +244,14 @@ class AnomalibWinClip(_AnomalibAdapter):
         return 240  # ViT-B-16-plus-240
 
     def build(self) -> nn.Module:
-        try:
-            import open_clip  # noqa: F401
-        except ImportError:
-            raise FsadError("anomalib:WinClip needs open_clip: pip install open-clip-torch") from None
+        import_open_clip("anomalib:WinClip", install="pip install open-clip-torch")
         if winclip_weights_cached() is None:
             raise FsadError("anomalib:WinClip: OpenCLIP weights ViT-B-16-plus-240 / laion400m_e31 are not cached "
                             "(Hugging Face hub timm/vit_base_patch16_plus_clip_240.laion400m_e31); nothing is downloaded")
         from anomalib.models.image.winclip.torch_model import WinClipModel
 
         self.weights_tag = "clip:" + "/".join(WINCLIP_WEIGHTS)
-        with _offline():
+        with offline():
             return WinClipModel(scales=tuple(self.hparams["scales"]))
 
     @torch.no_grad()

@@ -23,16 +23,17 @@ Facts (paper Sec. 3; checked against anomalib 2.7's ``PatchcoreModel``, code rea
 * map: patch scores upsampled to the image (``upsample``: ``bilinear`` — the official code;
   ``nearest`` — anomalib's) and smoothed by a Gaussian of σ = 4 px (:mod:`fsad_bench.components.maps`).
 
-Options (every preset value can be overridden): ``arch`` (any torchvision classifier; taps
-from ``taps`` or :data:`PATCHCORE_TAPS`), ``patch_size``, ``coreset_ratio``, ``coreset_dim``,
+Options (every preset value can be overridden): ``arch`` (a torchvision CNN that
+``FeatureExtractor`` can tap; taps: module names from ``taps`` or :data:`PATCHCORE_TAPS`), ``patch_size``, ``coreset_ratio``, ``coreset_dim``,
 ``num_neighbors``, ``augment`` (RegAD's 22 support views, default off: the paper has no
 augmentation), ``upsample``, ``sigma``, ``knn`` (``torch`` | ``faiss``), ``batch_size``,
 ``chunk`` (query patches per distance block).
 Presets: ``paper`` = ``cpu`` (WRN-50 layer2+3, p = 3, b = 9, σ = 4); the paper's 256 → 224
 resize / centre crop is the suite's ``image_size`` here.
-Deviations: none in the scoring; the backbone is built by :func:`build_backbone` (torchvision
-``create_feature_extractor`` over :func:`fsad_bench.components.backbone.build_torchvision`), an isolated
-function meant to be swapped for ``fsad_bench.components.backbone.FeatureExtractor`` once that exists.
+Option values are declared in ``PatchCore.option_constraints`` and checked when a suite is planned.
+Deviations: none in the scoring. The backbone is :class:`fsad_bench.components.backbone.FeatureExtractor`
+(:func:`build_backbone`: PatchCore's default taps, torch's default memory layout), so taps are module
+names of the torchvision model.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsad_bench.adapter import Adapter
+from fsad_bench.adapter import Adapter, Interval, ListOf, OneOf
 from fsad_bench.components.augment import augment_support
-from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision, state_hash
-from fsad_bench.errors import FsadError
+from fsad_bench.components.backbone import FeatureExtractor, state_hash
 from fsad_bench.components.feature_cache import CachedBackbone
 from fsad_bench.components.maps import concat_pyramid, gaussian_blur
+from fsad_bench.errors import FsadError
 
 #: PatchCore's default taps per architecture (mid-level: stride 8 and 16).
 PATCHCORE_TAPS: dict[str, list[str]] = {
@@ -58,41 +59,16 @@ PATCHCORE_TAPS: dict[str, list[str]] = {
 }
 
 
-class _Taps(nn.Module):
-    """``(B, 3, H, W)`` in [0, 1] -> list of tap maps (ImageNet normalisation inside)."""
-
-    def __init__(self, net: nn.Module, taps: list[str]):
-        super().__init__()
-        from torchvision.models.feature_extraction import create_feature_extractor
-
-        self.taps = list(taps)
-        try:
-            self.body = create_feature_extractor(net, return_nodes={t: t for t in self.taps})
-        except ValueError as err:
-            raise FsadError(f"taps {self.taps} are not nodes of the backbone: {str(err).splitlines()[0]}") from None
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = self.body((x - self.mean) / self.std)
-        return [out[t] for t in self.taps]
-
-
-def build_backbone(arch: str, weights: str, taps: list[str] | None = None) -> tuple[nn.Module, str]:
-    """Frozen feature extractor for PatchCore: ``(module, weights tag)``; the module maps images
-    ``(B, 3, H, W)`` in [0, 1] to the tap maps. Isolated on purpose: to be replaced by
-    ``fsad_bench.components.backbone.FeatureExtractor(arch, weights, taps)`` once it is merged."""
+def build_backbone(arch: str, weights: str, taps: list[str] | None = None) -> FeatureExtractor:
+    """Frozen feature extractor for PatchCore: images ``(B, 3, H, W)`` in [0, 1] -> the tap maps
+    ``(B, C_i, H_i, W_i)`` (ImageNet normalisation inside; default taps :data:`PATCHCORE_TAPS`),
+    in torch's default memory layout (channels-last convolutions differ in the last bits)."""
     if taps is None:
         if arch not in PATCHCORE_TAPS:
             raise FsadError(f"patchcore: no default taps for arch {arch!r}; pass the taps option "
                             f"(known: {', '.join(PATCHCORE_TAPS)})")
         taps = PATCHCORE_TAPS[arch]
-    try:
-        net, tag = build_torchvision(arch, weights)
-    except ValueError as err:  # unknown architecture name
-        raise FsadError(f"patchcore: unknown torchvision architecture {arch!r} ({err})") from None
-    return _Taps(net, taps).requires_grad_(False), tag
+    return FeatureExtractor(arch, weights, taps, channels_last=False)
 
 
 def greedy_coreset(features: torch.Tensor, n: int, dim: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -167,19 +143,26 @@ class PatchCore(Adapter):
                 "batch_size": 16, "chunk": 4096},
     }
     presets["paper"] = dict(presets["cpu"])
+    option_constraints = {
+        "arch": [str],  # a torchvision classifier (checked when built)
+        "taps": [None, ListOf(str)],  # module names, in forward order; None: PATCHCORE_TAPS[arch]
+        "patch_size": [Interval(int, 1)],
+        "coreset_ratio": [Interval(float, 0, 1, closed="right")],
+        "coreset_dim": [Interval(int, 0)],  # 0: no random projection
+        "num_neighbors": [Interval(int, 1)],
+        "augment": [bool],
+        "upsample": [OneOf("bilinear", "nearest")],
+        "sigma": [Interval(float, 0)],  # 0: no smoothing
+        "knn": [OneOf("torch", "faiss")],
+        "batch_size": [Interval(int, 1)],
+        "chunk": [Interval(int, 1)],
+    }
 
     def __init__(self, config=None):
         super().__init__(config)
         h = self.hparams
-        if h["upsample"] not in ("bilinear", "nearest"):
-            raise FsadError(f"patchcore: upsample must be bilinear or nearest, got {h['upsample']!r}")
-        if h["knn"] not in ("torch", "faiss"):
-            raise FsadError(f"patchcore: knn must be torch or faiss, got {h['knn']!r}")
-        if not 0 < float(h["coreset_ratio"]) <= 1:
-            raise FsadError(f"patchcore: coreset_ratio must be in (0, 1], got {h['coreset_ratio']}")
-        torch.manual_seed(self.config.seed)
-        self.backbone, self.weights_tag = build_backbone(h["arch"], self.config.weights, h["taps"])
-        self.backbone.to(self.device)
+        self.backbone = build_backbone(h["arch"], self.config.weights, h["taps"]).to(self.device)
+        self.weights_tag = self.backbone.weights_tag
         self.cached = CachedBackbone(self.backbone, f"patchcore-{h['arch']}-{'+'.join(self.backbone.taps)}-"
                                      f"{state_hash(self.backbone)}", disk=self.config.feature_cache)
         self.pool = nn.AvgPool2d(h["patch_size"], 1, h["patch_size"] // 2)

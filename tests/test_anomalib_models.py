@@ -63,12 +63,52 @@ def test_patchcore_equals_ours():
 
     support, test = _images()
     opts = {"arch": "resnet18", "coreset_ratio": 1.0}
+    torch.manual_seed(0)  # the same random-init backbone on both sides (the run layer seeds like this)
     a = registry.get("anomalib:Patchcore")(AdapterConfig(weights="none", image_size=64, options=opts))
     a.adapt(support)
+    torch.manual_seed(0)
     b = PatchCore(AdapterConfig(weights="none", image_size=64, options={**opts, "upsample": "nearest"}))
     b.adapt(support)
     (sa, ma), (sb, mb) = a.predict(test), b.predict(test)
     assert torch.allclose(sa, sb, rtol=1e-4) and torch.allclose(ma, mb, rtol=1e-4, atol=1e-4)
+
+
+def test_option_constraints():
+    """Declared per option and checked at planning (no anomalib needed)."""
+    for cls in anomalib_models.MODELS.values():
+        for preset in cls.presets.values():
+            cls.check_options(preset)
+    padim, patchcore, winclip = (anomalib_models.MODELS[m] for m in ("Padim", "Patchcore", "WinClip"))
+    padim.check_options({"n_features": "all", "taps": ["layer1"]})
+    padim.check_options({"n_features": 50})
+    for cls, bad, what in [(padim, {"n_features": "most"}, "n_features"), (padim, {"n_features": 0}, "n_features"),
+                           (patchcore, {"coreset_ratio": 0}, r"coreset_ratio.*in \(0, 1\]"),
+                           (patchcore, {"num_neighbors": 0}, "num_neighbors"), (winclip, {"scales": 2}, "scales"),
+                           (winclip, {"batch_size": 0}, "batch_size")]:
+        with pytest.raises(FsadError, match=what):
+            cls.check_options(bad)
+
+
+def test_winclip_weights_lookup_without_open_clip(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    assert anomalib_models.winclip_weights_cached() is None
+
+
+def test_winclip_weights_lookup(tmp_path, monkeypatch):
+    """Where open_clip itself looks (~/.cache/clip, the Hugging Face cache); never torch hub's folder."""
+    pytest.importorskip("open_clip")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    name = "vit_b_16_plus_240-laion400m_e31-8fb26589.pt"
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / name).write_bytes(b"x")
+    assert anomalib_models.winclip_weights_cached() is None
+    (tmp_path / ".cache" / "clip").mkdir(parents=True)
+    (tmp_path / ".cache" / "clip" / name).write_bytes(b"x")
+    assert anomalib_models.winclip_weights_cached() == str(tmp_path / ".cache" / "clip" / name)
 
 
 def test_winclip_missing_weights_is_one_line(monkeypatch):

@@ -86,6 +86,22 @@ def test_taps_shapes_channels_last_and_stages(arch, shapes):
             assert torch.equal(y, m)
 
 
+def test_default_layout_equals_torchvision_feature_extractor():
+    """channels_last=False: torch's default layout, bit-identical to torchvision's create_feature_extractor
+    on the same weights (PatchCore's numbers before it moved to FeatureExtractor)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    fe = FeatureExtractor("resnet18", "none", taps=["layer2", "layer3"], channels_last=False)
+    torch.manual_seed(0)
+    ref = create_feature_extractor(build_torchvision("resnet18", "none")[0], {"layer2": "a", "layer3": "b"})
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, want = fe(x), ref((x - fe.mean) / fe.std)
+    assert all(m.is_contiguous() for m in maps)
+    assert torch.equal(maps[0], want["a"]) and torch.equal(maps[1], want["b"])
+
+
 def test_custom_taps_frozen_and_trainable():
     fe = FeatureExtractor("resnet18", "none", taps=["layer1.0", "layer2"])
     assert fe.channels == [64, 128] and not any(p.requires_grad for p in fe.parameters())

@@ -23,17 +23,31 @@ def test_nearest_is_exact_and_chunked():
     assert torch.equal(i2[:, 0], torch.arange(5)) and torch.allclose(d2[:, 0], torch.full((5,), 0.2), rtol=1e-3)
 
 
+#: points on a line: 0, 1, 3, 7, 20; the greedy order of 3 picks for every start point, by hand
+#: (each step adds the point farthest from those chosen; squared or not, the argmax is the same)
+LINE = torch.tensor([[0.0], [1.0], [3.0], [7.0], [20.0]])
+GREEDY_3 = {0: [0, 4, 3],   # from 0: 20 is farthest; then 7 (7 from 0) beats 3 (3)
+            1: [1, 4, 3],   # from 1: 20; then 7 (6 from 1)
+            2: [2, 4, 3],   # from 3: 20; then 7 (4 from 3) beats 0 (3 from 3)
+            3: [3, 4, 0],   # from 7: 20 (13 away); then 0 (7 from 7)
+            4: [4, 0, 3]}   # from 20: 0; then 7 (7 from 0, 13 from 20)
+
+
 def test_greedy_coreset_by_hand():
-    # points on a line: 0, 1, 2, 10; start forced at index 0 by a one-point-start trick
-    x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
-    idx = greedy_coreset(x, 4, dim=0, generator=torch.Generator().manual_seed(0))
-    assert sorted(idx.tolist()) == [0, 1, 2, 3]
-    first = int(idx[0])
-    idx2 = greedy_coreset(x, 2, dim=0, generator=torch.Generator().manual_seed(0))
-    assert int(idx2[0]) == first
-    expected_second = 3 if first != 3 else 0  # the farthest point from the start
-    assert int(idx2[1]) == expected_second
-    assert torch.equal(greedy_coreset(x, 9), torch.arange(4))
+    starts = set()
+    for seed in range(12):
+        idx = greedy_coreset(LINE, 3, dim=0, generator=torch.Generator().manual_seed(seed))
+        assert idx.dtype == torch.long and len(idx) == 3
+        start = int(idx[0])
+        assert idx.tolist() == GREEDY_3[start], f"seed {seed}"
+        assert torch.equal(idx, greedy_coreset(LINE, 3, dim=0, generator=torch.Generator().manual_seed(seed)))
+        starts.add(start)
+    assert len(starts) >= 3  # the start point is drawn, and the order follows from it
+    # a random projection keeps a 1-D order when the features are one direction (x * v)
+    v = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
+    idx = greedy_coreset(LINE * v, 3, dim=16, generator=torch.Generator().manual_seed(2))
+    assert idx.tolist() == GREEDY_3[int(idx[0])]
+    assert torch.equal(greedy_coreset(LINE, 9), torch.arange(5))  # n >= M: every row, in order
 
 
 def test_reweighted_score_by_hand():
@@ -67,8 +81,15 @@ def test_adapter_scores_and_maps():
 
 
 def test_bad_options():
-    with pytest.raises(FsadError, match="upsample"):
-        PatchCore(AdapterConfig(weights="none", options={"arch": "resnet18", "upsample": "cubic"}))
+    for preset in PatchCore.presets.values():
+        PatchCore.check_options(preset)
+    PatchCore.check_options({"taps": ["layer1", "layer2"], "coreset_ratio": 1, "sigma": 0, "knn": "faiss"})
+    for bad, what in [({"upsample": "cubic"}, "upsample.*one of 'bilinear', 'nearest'"),
+                      ({"knn": "annoy"}, "knn"), ({"coreset_ratio": 0.0}, r"coreset_ratio.*in \(0, 1\]"),
+                      ({"coreset_ratio": 1.5}, "coreset_ratio"), ({"num_neighbors": 0}, "num_neighbors"),
+                      ({"taps": "layer2"}, "taps"), ({"augment": 1}, "augment")]:
+        with pytest.raises(FsadError, match=what):
+            PatchCore.check_options(bad)
     with pytest.raises(FsadError, match="no default taps"):
         PatchCore(AdapterConfig(weights="none", options={"arch": "vgg11"}))
 

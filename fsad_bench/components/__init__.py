@@ -1,4 +1,4 @@
 """Building blocks of models, shared by methods (timm's ``layers/``): anomaly-map operations,
 affine maths and warps, support augmentation, the per-position Gaussian, torchvision backbones,
-the frozen-feature cache.
+CLIP loading, the frozen-feature cache.
 """

@@ -213,16 +213,18 @@ class FeatureExtractor(nn.Module):
     children (every CNN family; not ViT/Swin); ``taps``: module names (default ``TAPS[arch]``),
     in forward order; ``normalize``: apply ImageNet mean/std inside; ``trainable``: parameters
     get gradients and ``train()`` switches BatchNorm to training mode (otherwise frozen:
-    ``requires_grad`` off, always in eval mode).
+    ``requires_grad`` off, always in eval mode); ``channels_last``: weights and input in
+    channels-last memory format (faster convolutions on CPU; False keeps torch's default
+    layout, whose convolutions can differ in the last bits).
 
     ``forward(x)``: ``(B, 3, H, W)`` in [0, 1] -> list of tap maps ``(B, C_i, H_i, W_i)`` in
-    channels-last memory format. ``.stages`` (``nn.ModuleList``): stage ``i`` maps the previous
+    channels-last memory format (``channels_last``; otherwise the layout torch gives). ``.stages`` (``nn.ModuleList``): stage ``i`` maps the previous
     tap's output (stage 0: the normalised image) to tap ``i``'s; ``.channels``: ``C_i``;
     ``.weights_tag``: ``imagenet`` | ``random-init`` | ``file:<name>``; ``.arch``, ``.taps``.
     """
 
     def __init__(self, arch: str = "resnet18", weights: str = "imagenet", taps: list[str] | None = None,
-                 normalize: bool = True, trainable: bool = False):
+                 normalize: bool = True, trainable: bool = False, channels_last: bool = True):
         super().__init__()
         if taps is None:
             if arch not in TAPS:
@@ -244,10 +246,12 @@ class FeatureExtractor(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.normalize = normalize
         self.trainable = trainable
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(trainable)
-        self.to(memory_format=torch.channels_last)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         self.eval()
         with torch.no_grad():  # channel counts; 64 px is enough for every listed family but AlexNet
             shapes = [f.shape for f in self(torch.zeros(1, 3, 96 if arch == "alexnet" else 64,
@@ -261,10 +265,10 @@ class FeatureExtractor(nn.Module):
         return super().train(mode and self.trainable)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """The input of stage 0: normalised (when ``normalize``), channels-last."""
+        """The input of stage 0: normalised (when ``normalize``), in :attr:`memory_format`."""
         if self.normalize:
             x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.prepare(x)
