@@ -218,16 +218,34 @@ def table(results_dir: Path, reference_method: str | None, std_components: bool 
 
 @cli.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
-def prune(results_dir: Path) -> None:
-    """Delete the records and example maps of RESULTS_DIR that are not cells of the suite as last run
-    (other configuration, code, data or cells), and temporary files a killed run left."""
+@click.option("--yes", is_flag=True, help="Delete without asking (needed without a terminal).")
+def prune(results_dir: Path, yes: bool) -> None:
+    """Delete the records of RESULTS_DIR that no configuration run into it claims (cells recomputed since
+    under another configuration: code, data, options) and invalid cell files, with their example maps and
+    the temporary files a killed run left. Records of earlier runs that no later run replaced (e.g. the
+    other methods after `run --methods X`) are kept. Shows what goes and asks first."""
+    from collections import Counter
+
     from fsad_bench.records.store import ResultStore
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
     store = ResultStore(results_dir)
+    doomed = store.prunable()
+    if doomed:
+        per = Counter(what.split(":")[0] for what in doomed.values())
+        names = ", ".join(p.name for p in list(doomed)[:5]) + (f", ... ({len(doomed) - 5} more)" if len(doomed) > 5 else "")
+        console.print(f"{len(doomed)} record{'s' if len(doomed) > 1 else ''} to delete from {results_dir} "
+                      f"({', '.join(f'{m}: {c}' for m, c in sorted(per.items()))}): {names}", markup=False, highlight=False)
+        if not yes:
+            if not (sys.stdin is not None and sys.stdin.isatty()):
+                raise FsadError(f"prune would delete {len(doomed)} records from {results_dir} and no terminal is "
+                                f"there to confirm; rerun with --yes")
+            if not click.confirm("delete them?", default=False):
+                console.print("nothing deleted")
+                return
     with store.lock():
-        records, others = store.prune()
+        records, others = store.prune(only=set(doomed))
     console.print(f"removed {records} records and {others} other files from {results_dir}")
 
 
@@ -268,17 +286,22 @@ def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamp
 def rerun(reference_dir: Path, rerun_dir: Path, metric: str) -> None:
     """Check a rerun of a suite (another machine, thread count, library build) against the
     reference's printed error bars: per (k, method) Mean row the reference's mean ± std, the
-    rerun's mean and the difference; exit status 1 when a Mean row lies outside the ± (as diff)."""
+    rerun's mean and the difference; exit status 1 when a Mean row lies outside the ± (as diff).
+    Refused (exit 2) unless both folders ran the same suite (suite.json equal but for data paths)."""
     import pandas as pd
 
     from fsad_bench.report.published import MEAN_ROW
     from fsad_bench.report.tables import print_table, rerun_agreement
     from fsad_bench.records.store import ResultStore, atomic_write_text
 
+    from fsad_bench.report.tables import check_rerun
+
     for d in (reference_dir, rerun_dir):
         if not d.is_dir():
             raise FsadError(f"results folder {d} does not exist")
-    t = rerun_agreement(ResultStore(reference_dir).frame(), ResultStore(rerun_dir).frame(), metric)
+    ref_store, rerun_store = ResultStore(reference_dir), ResultStore(rerun_dir)
+    check_rerun(ref_store, rerun_store)
+    t = rerun_agreement(ref_store.frame(), rerun_store.frame(), metric)
     if t.empty:
         raise FsadError(f"{reference_dir} and {rerun_dir} share no (dataset, category, k, method label) cell")
     mean = t[t["category"] == MEAN_ROW]
@@ -293,6 +316,9 @@ def rerun(reference_dir: Path, rerun_dir: Path, metric: str) -> None:
     cats = t[t["category"] != MEAN_ROW]
     console.print(f"Mean rows inside the reference's ±: {int(mean['inside'].sum())} of {len(mean)}; "
                   f"per category: {int(cats['inside'].sum())} of {len(cats)}")
+    for store in (ref_store, rerun_store):
+        if note := store.invalid_note():
+            console.print(note, markup=False, highlight=False)
     path = rerun_dir / "tables" / f"rerun_vs_{reference_dir.name}_{metric}.csv"
     atomic_write_text(path, t.to_csv(index=False))
     console.print(f"written {path}")
@@ -305,12 +331,17 @@ def rerun(reference_dir: Path, rerun_dir: Path, metric: str) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["csv", "anomalib"]), default="csv", show_default=True,
               help="csv: every record field; anomalib: anomalib benchmark column names.")
-def export(results_dir: Path, out: Path, fmt: str) -> None:
-    """Write the cells of RESULTS_DIR to the CSV file OUT, one row per cell."""
+@click.option("--all", "everything", is_flag=True,
+              help="Every valid record, also of earlier runs and other configurations, with a `current` column.")
+def export(results_dir: Path, out: Path, fmt: str, everything: bool) -> None:
+    """Write the cells of the suite as last run in RESULTS_DIR to the CSV file OUT, one row per cell."""
+    from fsad_bench.records.store import ResultStore
     from fsad_bench.report.export import export as export_cells
 
-    df = export_cells(results_dir, out, fmt)
+    df = export_cells(results_dir, out, fmt, everything=everything)
     console.print(f"{len(df)} cells, {len(df.columns)} columns ({fmt}) written to {out}")
+    if note := ResultStore(results_dir).invalid_note():
+        console.print(note, markup=False, highlight=False)
 
 
 @cli.command()

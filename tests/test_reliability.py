@@ -130,7 +130,7 @@ def test_image_size_change_does_not_mix_records(make_suite, tmp_path, capsys):
     assert set(store.frame()["image_size"]) == {96}
     main(["table", str(out)])
     assert "12 records of another configuration ignored (random: 12)" in capsys.readouterr().out
-    main(["prune", str(out)])
+    main(["prune", str(out), "--yes"])
     assert "removed 12 records" in capsys.readouterr().out
     assert len(store.records()) == 12 and store.foreign_note() is None
     assert paper_table(store.frame(), "image_auroc").equals(paper_table(store.frame(everything=True), "image_auroc"))

@@ -10,11 +10,23 @@ Layout of a results folder::
 
 A cell file appears whole or not at all, so a killed run loses at most the cells in
 flight, parallel workers never clash (different cells, different files) and a rerun skips
-every cell whose file exists (resume). A cell id contains the hash of everything that changes
-its numbers (:func:`fsad_bench.run.engine.config_hash`), and ``suite.json`` lists the ids of the
-suite as last run: tables read only those records (:meth:`ResultStore.frame`); the others are
-counted (:meth:`ResultStore.foreign`) and removed by ``fsad-bench prune``. Files are written
-with the ordinary mode (0666 minus the umask: 0644 by default) so that other users and the
+every cell whose file holds a valid record (resume). A cell id contains the hash of everything that
+changes its numbers (:func:`fsad_bench.run.engine.config_hash`).
+
+Every record is read through :func:`check_record` (a JSON object; ids, names, k and run of the
+right types; every metric of :data:`fsad_bench.metrics.METRICS` a finite number in [0, 1], the
+pixel metrics all null together where the masks hold no defect pixel; the record's ``cell_id``
+equal to its file name): an invalid file is never shown, exported or counted as done — it is
+named by :meth:`ResultStore.invalid`, noted under every table, recomputed by ``fsad-bench run``
+and deleted by ``fsad-bench prune``.
+
+``suite.json`` holds the suite as last run with the ids of its cells (``cell_ids``: what tables
+show, :meth:`ResultStore.frame`) and ``kept_ids``: the records of earlier runs into the folder
+that no later run has replaced (e.g. the other methods' cells after ``run --methods random``).
+A record claimed by neither is stale — its (method, category, k, run, train seed) was recomputed
+under another configuration — and only those, and invalid files, are removed by ``fsad-bench
+prune``. A folder holds one suite (:meth:`ResultStore.save_suite` refuses another name). Files are
+written with the ordinary mode (0666 minus the umask: 0644 by default) so that other users and the
 workers of a cluster can read them; a write that fails (disk full, read-only) leaves no
 temporary file and raises FsadError naming the path.
 """
@@ -25,7 +37,9 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from fsad_bench.errors import FsadError
+from fsad_bench.metrics import METRICS
 
 
 def _umask() -> int:
@@ -86,6 +101,72 @@ def atomic_savez(path: Path, **arrays: Any) -> None:
 
 _HELD: dict[str, int] = {}  # results folders whose lock this process holds (depth)
 
+#: Metrics every record holds as a number (a test set always has normal and anomalous images).
+IMAGE_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m.startswith("image_"))
+#: Metrics undefined — all together — when the test masks hold no defect pixel (:func:`fsad_bench.metrics.evaluate`
+#: gives NaN; the store writes null, and reads a record written before with NaN for all of them as null).
+PIXEL_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m not in IMAGE_METRICS)
+#: Fields of every record and their types (``train_seed``, when present, is an integer too).
+REQUIRED: dict[str, type] = {"cell_id": str, "method": str, "label": str, "dataset": str, "category": str, "k": int,
+                             "run": int, "config_hash": str}
+_SLOT = re.compile(r"^(?P<name>.+)-k(?P<k>\d+)-r(?P<run>\d+)(?:-t(?P<t>\d+))?-[^-]+$")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _undefined_as_null(data: Any) -> Any:
+    """A record whose pixel metrics are all NaN or null (masks without a defect pixel) with them all null."""
+    if isinstance(data, dict) and all(m in data and (data[m] is None or (isinstance(data[m], float) and math.isnan(data[m])))
+                                      for m in PIXEL_METRICS):
+        return dict(data, **{m: None for m in PIXEL_METRICS})
+    return data
+
+
+def check_record(data: Any, cell_id: str) -> str | None:
+    """Why ``data`` (the parsed content of ``cells/<cell_id>.json``) is not a valid record, or None.
+
+    Valid: a JSON object with the :data:`REQUIRED` fields of the right types, ``cell_id`` equal to
+    the file's name, every metric of :data:`METRICS` a finite number in [0, 1] — the
+    :data:`PIXEL_METRICS` may all be null together (undefined: no defect pixel in the masks)."""
+    if not isinstance(data, dict):
+        return f"not a JSON object but {'null' if data is None else type(data).__name__}"
+    for key, typ in REQUIRED.items():
+        if key not in data:
+            return f"no {key}"
+        if not (_is_int(data[key]) if typ is int else isinstance(data[key], typ)):
+            return f"{key} is {data[key]!r}, not {'an integer' if typ is int else 'a string'}"
+    if "train_seed" in data and not _is_int(data["train_seed"]):
+        return f"train_seed is {data['train_seed']!r}, not an integer"
+    if data["cell_id"] != cell_id:
+        return f"holds the record of another cell ({data['cell_id']})"
+    undefined = [m for m in PIXEL_METRICS if m in data and data[m] is None]
+    if undefined and len(undefined) < len(PIXEL_METRICS):
+        return f"{', '.join(undefined)} null but not every pixel metric (they are undefined all together)"
+    for m in METRICS:
+        if m not in data:
+            return f"no {m}"
+        v = data[m]
+        if v is None and m in PIXEL_METRICS:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+            return f"{m} is {v!r}, not a number in [0, 1]"
+    return None
+
+
+def slot(cell_id: str) -> str:
+    """The (method, category, k, run, train seed) part of a cell id — equal for the same cell under
+    two configurations (ids end in the hash of the configuration); an id of another form is its own slot."""
+    m = _SLOT.match(cell_id)
+    return cell_id if m is None else f"{m['name']}-k{m['k']}-r{m['run']}-t{m['t'] or 0}"
+
+
+def _unreplaced(ids: set[str], current: set[str]) -> set[str]:
+    """The ``ids`` not in ``current`` whose (method, category, k, run, train seed) no ``current`` id has."""
+    taken = {slot(c) for c in current}
+    return {c for c in ids - current if slot(c) not in taken}
+
 
 class ResultStore:
     """The records of one results folder."""
@@ -93,33 +174,94 @@ class ResultStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.cells = self.root / "cells"
+        self._seen: dict[Path, tuple[tuple[int, int, int], dict[str, Any] | None, str | None]] = {}
 
     def path(self, cell_id: str) -> Path:
         return self.cells / f"{cell_id}.json"
 
-    def has(self, cell_id: str) -> bool:
-        return self.path(cell_id).is_file()
-
-    def put(self, record: dict[str, Any]) -> None:
-        """Write one record (atomic, mode :data:`FILE_MODE`); FsadError naming the file on failure."""
-        atomic_write_text(self.path(record["cell_id"]), json.dumps(record, indent=1, sort_keys=True))
-
-    def done_ids(self) -> set[str]:
-        return {p.stem for p in self.cells.glob("*.json")} if self.cells.is_dir() else set()
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every record; a file that is not valid JSON raises FsadError naming it."""
-        out = []
-        for p in sorted(self.cells.glob("*.json")) if self.cells.is_dir() else []:
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, json.JSONDecodeError) as err:
-                raise FsadError(f"corrupt result record {p}: {err} (delete it to recompute that cell)") from None
+    # -- reading: every record through check_record -------------------------------------
+    def read(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """``(record, None)`` for a valid cell file, ``(None, why)`` otherwise (see :func:`check_record`)."""
+        try:
+            st = path.stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if path in self._seen and self._seen[path][0] == key:  # records are large: parse each file once
+                return self._seen[path][1:]
+            text = path.read_text()
+        except OSError as err:
+            return None, f"unreadable: {err.strerror or err}"
+        try:
+            data = _undefined_as_null(json.loads(text))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            out: tuple[dict[str, Any] | None, str | None] = (None, f"not JSON ({err})")
+        else:
+            why = check_record(data, path.stem)
+            out = (None, why) if why else (data, None)
+        self._seen[path] = (key, *out)
         return out
 
+    def _scan(self) -> tuple[dict[str, dict[str, Any]], dict[Path, str]]:
+        valid, invalid = {}, {}
+        for p in sorted(self.cells.glob("*.json")) if self.cells.is_dir() else []:
+            rec, why = self.read(p)
+            if rec is None:
+                invalid[p] = why or "?"
+            else:
+                valid[p.stem] = rec
+        return valid, invalid
+
+    def has(self, cell_id: str) -> bool:
+        """Whether the cell has a valid record (an invalid file counts as not done: recomputed)."""
+        p = self.path(cell_id)
+        return p.is_file() and self.read(p)[0] is not None
+
+    def done_ids(self) -> set[str]:
+        """Ids of the cells with a valid record."""
+        return set(self._scan()[0])
+
+    def invalid(self) -> dict[Path, str]:
+        """Cell files that hold no valid record: path -> why (see :func:`check_record`)."""
+        return self._scan()[1]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every valid record (by file name); invalid files are skipped, see :meth:`invalid`."""
+        return list(self._scan()[0].values())
+
+    def put(self, record: dict[str, Any]) -> None:
+        """Write one record (atomic, mode :data:`FILE_MODE`): undefined pixel metrics (NaN) as null; FsadError
+        naming the file when it fails or when the record would not read back as valid."""
+        record = _undefined_as_null(record)
+        path = self.path(record["cell_id"])
+        if why := check_record(record, record["cell_id"]):
+            raise FsadError(f"refusing to write {path}: {why}")
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
+
+    # -- the suite of the folder --------------------------------------------------------
     def save_suite(self, suite: dict[str, Any], cell_ids: list[str] | None = None) -> None:
-        """Write ``suite.json``; ``cell_ids``: the cells of the suite as it is now (what tables show)."""
-        data = dict(suite, cell_ids=sorted(cell_ids)) if cell_ids is not None else suite
+        """Write ``suite.json``; ``cell_ids``: the cells of the suite as it is now (what tables show).
+
+        FsadError when the folder holds another suite (another ``name``). With ``cell_ids`` the
+        store also keeps ``kept_ids``: the cells of earlier runs into this folder (its former
+        ``cell_ids`` and ``kept_ids``; every valid record for a folder written before ``kept_ids``)
+        whose record is valid and whose (method, category, k, run, train seed) is not a cell of
+        this run — a run of a subset of the methods leaves the others' records claimed."""
+        try:
+            previous = self.load_suite()
+        except FsadError:
+            previous = None  # a corrupt suite.json: rewritten
+        if previous is not None and previous.get("name") is not None and previous.get("name") != suite.get("name"):
+            raise FsadError(f"{self.root} holds suite {previous['name']!r}, not {suite.get('name')!r}; use another "
+                            f"--out, or delete {self.root} first")
+        if cell_ids is None:
+            data = suite
+        else:
+            new = set(cell_ids)
+            valid = self.done_ids()
+            if previous is not None and "kept_ids" in previous:
+                before = set(previous.get("cell_ids") or []) | set(previous["kept_ids"])
+            else:
+                before = valid
+            data = dict(suite, cell_ids=sorted(new), kept_ids=sorted(_unreplaced(before & valid, new)))
         atomic_write_text(self.root / "suite.json", json.dumps(data, indent=1, sort_keys=True))
 
     def load_suite(self) -> dict[str, Any] | None:
@@ -127,50 +269,80 @@ class ResultStore:
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text())
+            data = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise FsadError(f"corrupt {p}: {err} (rerun `fsad-bench run` to rewrite it)") from None
+        if not isinstance(data, dict):
+            raise FsadError(f"corrupt {p}: not a JSON object (rerun `fsad-bench run` to rewrite it)")
+        return data
 
-    # -- the current suite and the others ---------------------------------------------
+    # -- the current suite, the kept records and the others -------------------------------
     def current_ids(self) -> set[str] | None:
         """Ids of the cells of the suite as last run (None for a folder written before ids were kept)."""
         suite = self.load_suite()
         ids = suite.get("cell_ids") if suite else None
         return set(ids) if ids is not None else None
 
+    def kept_ids(self) -> set[str]:
+        """Ids of the cells of earlier runs into the folder that no later run replaced (not in the tables).
+        A ``suite.json`` written before ``kept_ids`` existed keeps every valid record whose (method,
+        category, k, run, train seed) is not a current cell (its history is unknown)."""
+        suite = self.load_suite()
+        if not suite:
+            return set()
+        if "kept_ids" in suite or suite.get("cell_ids") is None:
+            return set(suite.get("kept_ids") or [])
+        return _unreplaced(self.done_ids(), set(suite["cell_ids"]))
+
+    def current_records(self) -> list[dict[str, Any]]:
+        """The valid records of the suite as last run (every valid record without ``cell_ids``)."""
+        ids = self.current_ids()
+        return [r for r in self.records() if ids is None or r["cell_id"] in ids]
+
     def frame(self, everything: bool = False) -> pd.DataFrame:
-        """The records of the current suite as a DataFrame (one row per cell); ``everything``: all records."""
-        recs = self.records()
-        ids = None if everything else self.current_ids()
-        if ids is not None:
-            recs = [r for r in recs if r.get("cell_id") in ids]
+        """The valid records of the current suite as a DataFrame (one row per cell); ``everything``: all valid records."""
+        recs = self.records() if everything else self.current_records()
         if not recs:
             raise FsadError(f"no results in {self.root} (expected {self.cells}/*.json from `fsad-bench run`)")
         return pd.DataFrame.from_records(recs)
 
-    def foreign(self) -> Counter:
-        """Records not in the current suite (other configuration, data, code or cells), by method."""
+    def _unclaimed(self) -> dict[str, dict[str, Any]]:
+        """Valid records no current or kept configuration claims (their cell was recomputed under another one)."""
         ids = self.current_ids()
-        if ids is None or not self.cells.is_dir():
-            return Counter()
-        out: Counter = Counter()
-        for p in self.cells.glob("*.json"):
-            if p.stem not in ids:
-                try:
-                    out[json.loads(p.read_text()).get("method", "?")] += 1
-                except (OSError, json.JSONDecodeError):
-                    out["unreadable"] += 1
-        return out
+        if ids is None:
+            return {}
+        claimed = ids | self.kept_ids()
+        return {c: r for c, r in self._scan()[0].items() if c not in claimed}
+
+    def foreign(self) -> Counter:
+        """Valid records of another configuration (no current or kept cell), by method: what ``prune`` deletes."""
+        return Counter(r["method"] for r in self._unclaimed().values())
 
     def foreign_note(self) -> str | None:
-        """One line about the records tables ignore, or None."""
-        n = self.foreign()
-        if not n:
+        """A line about the records of another configuration (tables ignore them, prune deletes them) and one
+        about kept records of earlier runs the tables do not show; or None."""
+        lines = []
+        if n := self.foreign():
+            total = sum(n.values())
+            per = ", ".join(f"{m}: {c}" for m, c in sorted(n.items()))
+            lines.append(f"{total} record{'s' if total > 1 else ''} of another configuration ignored ({per}); "
+                         f"`fsad-bench prune {self.root}` removes them")
+        kept = self.kept_ids() & self.done_ids()
+        if kept:
+            per = ", ".join(f"{m}: {c}" for m, c in sorted(Counter(self._scan()[0][c]["method"] for c in kept).items()))
+            lines.append(f"{len(kept)} record{'s' if len(kept) > 1 else ''} of earlier runs into this folder kept but "
+                         f"not tabulated ({per}); a run of their methods shows them again without recomputing")
+        return "\n".join(lines) or None
+
+    def invalid_note(self) -> str | None:
+        """One line naming how many invalid cell files the tables skipped, or None."""
+        bad = self.invalid()
+        if not bad:
             return None
-        total = sum(n.values())
-        per = ", ".join(f"{m}: {c}" for m, c in sorted(n.items()))
-        return (f"{total} record{'s' if total > 1 else ''} of another configuration ignored ({per}); "
-                f"`fsad-bench prune {self.root}` removes them")
+        (first, why), more = next(iter(bad.items())), len(bad) - 1
+        return (f"{len(bad)} invalid record{'s' if len(bad) > 1 else ''} skipped ({first.name}: {why}"
+                f"{f'; {more} more' if more else ''}); `fsad-bench run` recomputes the suite's cells, "
+                f"`fsad-bench prune {self.root}` deletes the files")
 
     def remove(self, cell_ids: set[str]) -> int:
         """Delete the records (and example maps) of ``cell_ids``; returns how many records went."""
@@ -182,19 +354,28 @@ class ResultStore:
             (self.root / "maps" / f"{cid}.npz").unlink(missing_ok=True)
         return n
 
-    def prune(self) -> tuple[int, int]:
-        """Delete every record and example map not in the current suite, and temporary leftovers;
-        returns (records, other files) removed. FsadError without ``suite.json`` cell ids."""
-        ids = self.current_ids()
-        if ids is None:
+    def prunable(self) -> dict[Path, str]:
+        """Cell files ``prune`` deletes: path -> the method of a record of another configuration (no current or
+        kept cell claims it), or ``"invalid: <why>"``. FsadError without ``suite.json`` cell ids."""
+        if self.current_ids() is None:
             raise FsadError(f"{self.root / 'suite.json'} lists no cell ids (run `fsad-bench run` on it first)")
-        def drop(folder: Path, pattern: str) -> int:
-            stale = [p for p in folder.glob(pattern) if p.stem not in ids] if folder.is_dir() else []
-            for p in stale:
-                p.unlink(missing_ok=True)
-            return len(stale)
+        out = {p: f"invalid: {why}" for p, why in self.invalid().items()}
+        out.update({self.path(c): r["method"] for c, r in self._unclaimed().items()})
+        return dict(sorted(out.items()))
 
-        return drop(self.cells, "*.json"), drop(self.root / "maps", "*.npz") + self.clean_temporary()
+    def prune(self, only: set[Path] | None = None) -> tuple[int, int]:
+        """Delete the :meth:`prunable` cell files (those of them in ``only``, when given: what the user
+        confirmed), the example maps of no current or kept cell and temporary leftovers; returns
+        (records, other files) removed. Only call while holding :meth:`lock`."""
+        doomed = [p for p in self.prunable() if only is None or p in only]
+        for p in doomed:
+            p.unlink(missing_ok=True)
+        claimed = (self.current_ids() or set()) | self.kept_ids()
+        maps = self.root / "maps"
+        stale_maps = [p for p in maps.glob("*.npz") if p.stem not in claimed] if maps.is_dir() else []
+        for p in stale_maps:
+            p.unlink(missing_ok=True)
+        return len(doomed), len(stale_maps) + self.clean_temporary()
 
     def clean_temporary(self) -> int:
         """Remove temp files a killed run left (``.<name>.*.tmp``); only call while holding :meth:`lock`."""

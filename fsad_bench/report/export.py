@@ -12,6 +12,10 @@
   ``pixel_F1Max``, ``pixel_AUPRO``, then config columns ``seed``, ``model.class_path``,
   ``data.class_path``, ``data.init_args.category``, ``k_shot``, ``run``, ``preset``,
   ``weights``, ``image_size``, ``config_hash``, ``cell_id``.
+
+Only the valid records of the suite as last run are written (a folder also keeps records of earlier
+runs and of other configurations, which would share labels); ``everything`` / ``--all`` writes every
+valid record with a ``current`` column saying which is which.
 """
 
 from __future__ import annotations
@@ -72,19 +76,29 @@ def anomalib_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
                     "data.init_args.category": r["category"], "k_shot": r.get("k"), "run": r.get("run"),
                     "preset": r.get("preset"), "weights": r.get("weights"), "image_size": r.get("image_size"),
                     "config_hash": r.get("config_hash"), "cell_id": r.get("cell_id")})
+        if "current" in r:
+            row["current"] = r["current"]
         rows.append(row)
     df = pd.DataFrame(rows)
     return df.sort_values(["model", "category", "k_shot", "run"], kind="stable").reset_index(drop=True) if len(df) else df
 
 
-def export(results_dir: str | Path, out: str | Path, fmt: str = "csv") -> pd.DataFrame:
-    """Write the cells of ``results_dir`` to the CSV file ``out`` in format ``fmt``; returns the frame."""
+def export(results_dir: str | Path, out: str | Path, fmt: str = "csv", everything: bool = False) -> pd.DataFrame:
+    """Write the valid records of the suite as last run in ``results_dir`` (the ids of its
+    ``suite.json``) to the CSV file ``out`` in format ``fmt``; returns the frame. ``everything``: every
+    valid record, with a ``current`` column (True: a cell of the suite as last run; False: kept from
+    an earlier run or of another configuration). Invalid cell files are never exported."""
     if fmt not in FORMATS:
         raise FsadError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     results_dir = Path(results_dir)
     if not (results_dir / "cells").is_dir():
         raise FsadError(f"{results_dir} is not a results folder (no cells/ inside)")
-    records = ResultStore(results_dir).records()
+    store = ResultStore(results_dir)
+    if everything:
+        ids = store.current_ids()
+        records = [dict(r, current=ids is None or r["cell_id"] in ids) for r in store.records()]
+    else:
+        records = store.current_records()
     if not records:
         raise FsadError(f"{results_dir} holds no finished cells")
     df = flat_rows(records) if fmt == "csv" else anomalib_rows(records)

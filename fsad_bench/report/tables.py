@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fsad_bench.errors import FsadError
+
 from fsad_bench.report.costs import method_order
 from fsad_bench.records.store import ResultStore, atomic_write_text, with_train_seed
 
@@ -134,6 +136,48 @@ def rerun_agreement(reference: pd.DataFrame, rerun: pd.DataFrame, metric: str = 
     return out.sort_values(["dataset", "k", "label", "is_mean", "category"]).drop(columns="is_mean").reset_index(drop=True)
 
 
+#: suite.json fields that depend on the machine, not on the experiment (the data's content is in the
+#: config hashes and in what each record says it ran); ``cell_ids`` / ``kept_ids`` are bookkeeping.
+MACHINE_FIELDS = ("data_root", "train_data_root", "support_lists", "description", "cell_ids", "kept_ids")
+#: What a record says it ran, compared between a reference and its rerun cell by cell.
+RUN_FIELDS = ("label", "protocol", "preset", "weights", "hparams", "image_size", "input_size", "n_test", "n_support",
+              "support", "train_dataset", "seed")
+
+
+def check_rerun(reference: ResultStore, rerun: ResultStore) -> None:
+    """FsadError (one line) unless ``rerun`` is a rerun of ``reference``: their ``suite.json`` equal but for
+    :data:`MACHINE_FIELDS` (``weights`` compared by file name), the common cells' records equal in
+    :data:`RUN_FIELDS` and — when both read the data at the same path — in their config hash
+    (code, data or weights changed otherwise; another machine's path and file times change the hash)."""
+    a, b = reference.load_suite(), rerun.load_suite()
+    head = f"{rerun.root} is not a rerun of {reference.root}"
+    if a is None or b is None:
+        raise FsadError(f"{head}: no suite.json in {(reference if a is None else rerun).root}")
+
+    def norm(key: str, v):
+        return Path(v).name if key == "weights" and isinstance(v, str) else v
+
+    diff = [k for k in sorted(set(a) & set(b)) if k not in MACHINE_FIELDS and norm(k, a[k]) != norm(k, b[k])]
+    if diff:
+        k = diff[0]
+        more = f" and {', '.join(diff[1:])}" if len(diff) > 1 else ""
+        raise FsadError(f"{head}: suite.json differs in {k} ({a[k]!r} vs {b[k]!r}){more}")
+
+    def cells(store: ResultStore) -> dict[tuple, dict]:
+        return {(r["dataset"], r["method"], r["category"], r["k"], r["run"], r.get("train_seed", 0)): r
+                for r in store.current_records()}
+
+    ra, rb = cells(reference), cells(rerun)
+    same_path = a.get("data_root") == b.get("data_root") and a.get("train_data_root") == b.get("train_data_root")
+    for key in sorted(set(ra) & set(rb), key=str):
+        x, y = ra[key], rb[key]
+        fields = RUN_FIELDS + (("config_hash",) if same_path else ())
+        for f in fields:
+            if x.get(f) != y.get(f):
+                why = " (code, data or weights changed)" if f == "config_hash" else ""
+                raise FsadError(f"{head}: cell {y['cell_id']} differs in {f} ({x.get(f)!r} vs {y.get(f)!r}){why}")
+
+
 def _tex_escape(text: str) -> str:
     out = "".join("\\" + c if c in "&%$#_{}" else c for c in text)
     return out.replace("~", "\\textasciitilde{}").replace("^", "\\textasciicircum{}")
@@ -155,7 +199,8 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     significance markers on their ``Mean`` row (paired Wilcoxon vs that method).
     ``std_components``: also the ``<dataset>_<metric>_std_components`` tables (std over
     (train seed, run) pairs and its two components); None = when some cell has several train
-    seeds. Notes (``attrs["notes"]``) are appended to the Markdown and LaTeX files."""
+    seeds. Notes (``attrs["notes"]``) are appended to the Markdown and LaTeX files; when invalid cell
+    files were skipped (:meth:`ResultStore.invalid`), every table carries a note saying how many."""
     from fsad_bench.report.costs import cost_ratio_table, cost_table
     from fsad_bench.report.published import attach_reference, paper_difference
     from fsad_bench.report.significance import add_significance
@@ -185,6 +230,9 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
                 tables[f"{ds}_{metric}_vs_paper"] = diff.set_index("label")
     tables["cost"] = cost_table(df, methods)
     tables["cost_ratio"] = cost_ratio_table(df, methods)
+    if note := store.invalid_note():  # never silently: every table says it lacks records
+        for t in tables.values():
+            t.attrs["notes"] = [*t.attrs.get("notes", []), note]
     folder = Path(out) / "tables"
     for name, t in tables.items():
         caption = next((text for m, text in METRICS.items() if m in name), "Cost") + f" — {name}"
@@ -212,7 +260,7 @@ def print_table(table: pd.DataFrame, title: str, console: Console | None = None)
     else:
         _print_one(table, title, console)
     for note in table.attrs.get("notes", []):
-        console.print(Text(note, style="dim"))
+        console.print(Text(note, style="dim"), soft_wrap=True)  # one line each, however long
 
 
 def _print_one(table: pd.DataFrame, title: str, console: Console) -> None:
