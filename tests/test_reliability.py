@@ -183,8 +183,8 @@ def _suite_file(tmp_path, synth_root, extra="", **replace):
 @pytest.mark.parametrize("extra,needles", [
     ("[options.gaussian]\nepss = 0.5\n", ["unknown option 'epss' for method 'gaussian'", "valid:", "eps"]),
     ("[options.gausian]\neps = 0.5\n", ["[options.gausian] names no method of this suite", "gaussian"]),
-    ('[options.gaussian]\neps = "big"\n', ["option 'eps' of method 'gaussian' must be float or int", "'big'"]),
-    ("[options.gaussian]\naugment = 1\n", ["option 'augment' of method 'gaussian' must be bool"]),
+    ('[options.gaussian]\neps = "big"\n', ["option 'eps' of method 'gaussian' must be a number > 0", "'big'"]),
+    ("[options.gaussian]\naugment = 1\n", ["option 'augment' of method 'gaussian' must be true or false"]),
 ])
 def test_bad_options_are_errors_before_any_work(extra, needles, synth_root, tmp_path, capsys):
     path = _suite_file(tmp_path, synth_root, extra)
