@@ -11,7 +11,7 @@ Layout of a results folder::
 A cell file appears whole or not at all, so a killed run loses at most the cells in
 flight, parallel workers never clash (different cells, different files) and a rerun skips
 every cell whose file exists (resume). A cell id contains the hash of everything that changes
-its numbers (:func:`fsad_bench.run.engine.config_hash`), and ``suite.json`` lists the ids of the
+its numbers (:func:`fsad_bench.run.plan.config_hash`), and ``suite.json`` lists the ids of the
 suite as last run: tables read only those records (:meth:`ResultStore.frame`); the others are
 counted (:meth:`ResultStore.foreign`) and removed by ``fsad-bench prune``. Files are written
 with the ordinary mode (0666 minus the umask: 0644 by default) so that other users and the
