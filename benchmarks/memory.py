@@ -1,6 +1,6 @@
 """Peak memory of the ``gaussian`` adapter's scoring vs the number of test images, and the feature cache's bound.
 
-The engine predicts in batches of 32 (``engine.PREDICT_BATCH``); inside the adapter, what
+The engine predicts in batches of 32 (``fsad_bench.run.predict.PREDICT_BATCH``); inside the adapter, what
 grows with the test set is only the frozen-backbone feature cache (``fsad_bench.components.feature_cache``),
 bounded by ``max_memory_mb``. For each test-set size (``--tests``) a fresh adapter is
 adapted (k shots) and scores the test images batch by batch, as the engine does; printed:

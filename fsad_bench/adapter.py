@@ -17,7 +17,7 @@ Life of an adapter in a benchmark cell (see :mod:`fsad_bench.run`)::
   labelled images ``(image, label)`` (:class:`~fsad_bench.data.torch_datasets.LabelledImages`: train/good and
   test/good are 0, test/<defect> are 1); one fit is shared by every target category, k and run.
 
-A trained state is cached by the engine through :meth:`state_dict` / :meth:`load_state_dict`
+A trained state is cached by the run layer through :meth:`state_dict` / :meth:`load_state_dict`
 (default: the ``nn.Module`` attributes of the adapter), keyed by (method, dataset,
 held-out category, preset, seed, config).
 """
@@ -163,7 +163,7 @@ class Adapter(ABC):
         self.device = torch.device(self.config.device)
         #: Backbone weights actually used ("imagenet", "random-init", "file:x.pth"); set by subclasses.
         self.weights_tag = "n/a"
-        #: Name of the category being evaluated; the engine sets it before ``adapt`` (text priors use it).
+        #: Name of the category being evaluated; the run layer sets it before ``adapt`` (text priors use it).
         self.category: str | None = None
 
     # -- presets and options --------------------------------------------------------------
@@ -248,9 +248,9 @@ class Adapter(ABC):
     # -- input resolution -------------------------------------------------------------
     @property
     def input_size(self) -> int | None:
-        """Side (px) at which the engine should load this adapter's images from the original
+        """Side (px) at which the run layer should load this adapter's images from the original
         files; None = the suite's ``image_size``. ``predict`` then returns maps at that size and
-        the engine resizes them to the suite's ``image_size`` (masks stay at that size)."""
+        the run layer resizes them to the suite's ``image_size`` (masks stay at that size)."""
         return None
 
     # -- labels -----------------------------------------------------------------------

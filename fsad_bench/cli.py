@@ -106,7 +106,8 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
     A finished cell is reused only when nothing that changes its numbers changed (options,
     method code, weights, data files, image size, seeds, support lists); otherwise it is recomputed
     and the old record is no longer shown (``fsad-bench prune OUT`` deletes it)."""
-    from fsad_bench.run.engine import cell_status, pick_device, plan
+    from fsad_bench.run.devices import pick_device
+    from fsad_bench.run.plan import cell_status, plan
     from fsad_bench.protocols import apply_arch, load_suite, validate_numbers
 
     suite = load_suite(suite_name)
@@ -133,7 +134,8 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         from fsad_bench.records.tracking import default_uri, enable
 
         enable(default_uri(out) if mlflow_uri == "default" else mlflow_uri)
-    _, cells = plan(suite)
+    planned = plan(suite)
+    cells = planned.cells
     from fsad_bench.records.store import ResultStore
 
     store = ResultStore(out)
@@ -142,15 +144,16 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         _print_dry_run(suite.name, out, status)
         return
     with store.lock():  # before the first line: an unusable or busy --out is one error, nothing started
-        _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force,
+        _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
                     std_components, metric_names)
 
 
-def _run_locked(suite, cells, status, store, out, device, jobs, backend, scheduler, cache_features, force,
+def _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
                 std_components, metric_names) -> None:
-    from fsad_bench.run.engine import run_suite
+    from fsad_bench.run.schedule import run_suite
     from fsad_bench.report.tables import print_table, write_tables
 
+    cells = planned.cells
     todo = len(cells) if force else len(status["todo"])
     console.print(f"[bold]{suite.name}[/]: {len(cells)} cells ({len(cells) - todo} done), "
                   f"{len(suite.methods)} methods, device {device}, results in {out}")
@@ -163,7 +166,7 @@ def _run_locked(suite, cells, status, store, out, device, jobs, backend, schedul
                   transient=False) as bar:
         task = bar.add_task("cells", total=todo)
         run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
-                  scheduler=scheduler, cache_features=cache_features, force=force, cells=cells)
+                  scheduler=scheduler, cache_features=cache_features, force=force, planned=planned)
     tables = write_tables(out, suite.methods, std_components=std_components, metrics=metric_names)
     for name, table in tables.items():
         print_table(table, name, console)

@@ -1,6 +1,6 @@
 """Detection and localisation metrics: AUROC, AUPR (average precision), F1-max, AUPRO.
 
-:func:`evaluate` computes every metric of a cell at once (the engine calls it once per cell).
+:func:`evaluate` computes every metric of a cell at once (the run layer calls it once per cell).
 AUROC, the precision-recall curve and average precision come from scikit-learn. F1-max is the
 best F1 over all thresholds of the precision-recall curve (the number WinCLIP, PromptAD and
 anomalib's ``F1Max`` report); AUPR is scikit-learn's ``average_precision_score`` (step-wise

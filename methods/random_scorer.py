@@ -8,7 +8,7 @@ from fsad_bench.adapter import Adapter
 
 
 class RandomScorer(Adapter):
-    """Image scores and maps drawn uniformly at random (from torch's RNG, which the engine
+    """Image scores and maps drawn uniformly at random (from torch's RNG, which the run layer
     seeds per cell, so every run differs and the same command repeats)."""
 
     name = "random"

@@ -62,7 +62,7 @@ def training_data(protocol: str, dataset: Dataset, target: str, support: torch.T
             if image_cache is not None:
                 out[c].images = files(out[c].images.paths, image_size)
         return out
-    raise FsadError(f"protocol {protocol!r} is not run by this engine (known: {', '.join(PROTOCOLS)})")
+    raise FsadError(f"protocol {protocol!r} is not run by the run layer (known: {', '.join(PROTOCOLS)})")
 
 
 SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",

@@ -72,7 +72,7 @@ def make_suite(synth_root):
 
 
 class MeanDiff(Adapter):
-    """Tiny real scorer for engine tests: |image - mean support image|, channel-averaged."""
+    """Tiny real scorer for run-layer tests: |image - mean support image|, channel-averaged."""
 
     name = "meandiff"
     protocol = "training-free"

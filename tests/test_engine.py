@@ -5,7 +5,8 @@ import torch
 
 from fsad_bench.data.images import load_images
 from fsad_bench.data.mvtec import MVTecDataset
-from fsad_bench.run.engine import plan, run_suite
+from fsad_bench.run.plan import plan
+from fsad_bench.run.schedule import run_suite
 from fsad_bench.data.sampler import SupportSampler
 from fsad_bench.records.store import ResultStore
 
@@ -36,7 +37,7 @@ def test_category_selection_evaluates_one_and_aggregated_trains_on_the_others(ma
     from fsad_bench.errors import FsadError
 
     suite = make_suite(methods=["spy-agg", "meandiff"], k=[1], runs=1, categories=["grid"])
-    _, cells = plan(suite)
+    cells = plan(suite).cells
     assert {c.category for c in cells} == {"grid"} and len(cells) == 2
     store = run_suite(suite, tmp_path / "out")
     assert [set(call) for call in spies["spy-agg"].fit_calls] == [{"stripes", "washer"}]
@@ -88,10 +89,10 @@ def test_resume_after_interruption_runs_only_missing_cells(make_suite, spies, tm
     monkeypatch.setattr(spies["meandiff"], "adapt", original)
     done_before = part.done_ids()
     ran = []
-    monkeypatch.setattr("fsad_bench.run.engine.ResultStore.put",
+    monkeypatch.setattr("fsad_bench.run.cell.ResultStore.put",
                         lambda self, rec, _put=ResultStore.put: (ran.append(rec["cell_id"]), _put(self, rec)))
     run_suite(suite, tmp_path / "part")
-    _, cells = plan(suite)
+    cells = plan(suite).cells
     assert set(ran) == {c.cell_id for c in cells} - done_before  # only the missing cells ran
     assert _stable(part.records()) == _stable(full.records())
 

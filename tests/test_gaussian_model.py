@@ -7,7 +7,7 @@ from fsad_bench.components.position_gaussian import PositionGaussian
 from fsad_bench.errors import FsadError
 from fsad_bench.methods.gaussian import GaussianAdapter
 from fsad_bench.protocols import Suite
-from fsad_bench.run.engine import validate_suite
+from fsad_bench.run.plan import validate_suite
 
 
 def _reference(train: torch.Tensor, test: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """One contract for every registered method (like scikit-learn's ``check_estimator``).
 
 Each method of :func:`fsad_bench.registry.available` runs the life of a benchmark cell at tiny
-settings (:data:`TINY`), seeded the way the run layer seeds it (``fsad_bench.run.engine``):
+settings (:data:`TINY`), seeded the way the run layer seeds it (``fsad_bench.run.cell``):
 ``torch.manual_seed(seed)`` then ``AdapterConfig(seed=seed)``, ``fit`` on
 :func:`~fsad_bench.protocols.training_data` of the synthetic dataset, ``torch.manual_seed(cell seed)``,
 ``adapt`` on support images, ``predict`` on test images at the adapter's input size. Checked:

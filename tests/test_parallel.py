@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from fsad_bench.run.engine import plan, run_suite
+from fsad_bench.run.plan import plan
+from fsad_bench.run.schedule import run_suite
 from fsad_bench.report.tables import paper_table
 from fsad_bench.records.store import ResultStore
 
@@ -34,7 +35,7 @@ def test_two_workers_equal_serial_run(make_suite, tmp_path):
     suite = make_suite(methods=["random", "gaussian"], k=[1, 2], runs=2)
     serial = run_suite(suite, tmp_path / "serial")
     parallel = run_suite(suite, tmp_path / "parallel", jobs=2)
-    _, cells = plan(suite)
+    cells = plan(suite).cells
     assert parallel.done_ids() == {c.cell_id for c in cells}  # every cell once: no loss, no duplicate
     assert len(list((tmp_path / "parallel" / "cells").iterdir())) == len(cells)
     _same_numbers(parallel, serial)

@@ -81,7 +81,7 @@ def test_example_maps_format(tmp_path):
 
 def test_example_maps_keep_the_contrast_of_tiny_maps(tmp_path):
     """DiffNet-like maps of values ~1e-8 (below float16's range) keep every value and their contrast;
-    images may be given as a loader of the chosen indices only (the engine streams test images)."""
+    images may be given as a loader of the chosen indices only (the run layer streams test images)."""
     rng = np.random.default_rng(0)
     maps = (1e-8 * rng.random((6, S, S))).astype(np.float32)
     images = rng.random((6, 3, S, S)).astype(np.float32)

@@ -14,7 +14,8 @@ from PIL import Image
 from fsad_bench import identity, registry
 from fsad_bench.adapter import Adapter
 from fsad_bench.cli import main
-from fsad_bench.run.engine import config_hash, open_dataset, plan, run_suite
+from fsad_bench.run.plan import config_hash, open_dataset, plan
+from fsad_bench.run.schedule import run_suite
 from fsad_bench.report.tables import paper_table
 from fsad_bench.records.store import ResultStore
 
@@ -226,7 +227,7 @@ def test_missing_weights_file_is_an_error_at_planning(synth_root, tmp_path, caps
 
 
 def test_cell_ids_are_plain_file_names():
-    from fsad_bench.run.engine import Cell
+    from fsad_bench.run.plan import Cell
 
     cell = Cell("anomalib:Padim", "training-free", "mvtec", "metal nut", 2, 0, "abc", 1)
     assert cell.cell_id.startswith("anomalib_Padim-metal_nut-k2-r0-t1-")
@@ -324,7 +325,7 @@ def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypa
 
 
 def test_empty_cache_variable_is_not_the_current_folder(monkeypatch, tmp_path):
-    from fsad_bench.run.engine import cache_dir
+    from fsad_bench.run.paths import cache_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FSAD_BENCH_CACHE", "")

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from fsad_bench.run.engine import run_suite
+from fsad_bench.run.schedule import run_suite
 from fsad_bench.report.costs import cost_table
 from fsad_bench.report.tables import MEAN_ROW, STD_ROW, paper_table, summary, write_tables
 

@@ -13,10 +13,10 @@ from torch import nn
 
 from fsad_bench import registry
 
-from fsad_bench.run import engine
+from fsad_bench.run import cell, predict
 from fsad_bench.data.images import load_image
 from fsad_bench.data.mvtec import MVTecDataset
-from fsad_bench.run.engine import run_suite
+from fsad_bench.run.schedule import run_suite
 from fsad_bench.components.feature_cache import CachedBackbone
 from fsad_bench.data.image_cache import load_cached_image
 from fsad_bench.metrics import image_auroc
@@ -136,10 +136,12 @@ def test_images_loaded_at_the_adapter_input_size_and_maps_resized(make_suite, ex
 
 def test_test_set_streamed_in_batches(make_suite, extra, tmp_path, monkeypatch):
     """A spy adapter sees batches, never the whole test set; no loader call asks for more than a batch."""
-    monkeypatch.setattr(engine, "PREDICT_BATCH", 4)
+    monkeypatch.setattr(predict, "PREDICT_BATCH", 4)
     asked = []
-    original = engine.load_cached_images
-    monkeypatch.setattr(engine, "load_cached_images", lambda paths, *a: (asked.append(len(paths)), original(paths, *a))[1])
+    original = predict.load_cached_images
+    for module in (predict, cell):  # test batches, support sets
+        monkeypatch.setattr(module, "load_cached_images",
+                            lambda paths, *a: (asked.append(len(paths)), original(paths, *a))[1])
     run_suite(make_suite(methods=["spy-hires"], k=[1], runs=1), tmp_path / "r")
     n_test = len(MVTecDataset(make_suite().data_root).split("grid").test)
     batches = [shape[0] for kind, shape in Hires.seen if kind == "test"]
@@ -166,7 +168,7 @@ def test_cold_time_bypasses_feature_caches_and_warm_reuses_them(make_suite, extr
     for r in store.records():
         assert r["infer_seconds_per_image"] > 0 and r["infer_warm_seconds_per_image"] > 0
     # the extra cold pass changes no number: same scores as a run without it
-    monkeypatch.setattr(engine, "_feature_caches", lambda adapter: [])
+    monkeypatch.setattr(predict, "_feature_caches", lambda adapter: [])
     plain = run_suite(make_suite(methods=["spy-cached"], k=[1, 2], runs=1), tmp_path / "plain")
     assert {r["cell_id"]: r["scores"] for r in store.records()} == {r["cell_id"]: r["scores"] for r in plain.records()}
 

@@ -159,7 +159,7 @@ def test_tdg_plus_adapts_from_the_same_pretrained_state():
     assert torch.equal(s1, s2) and torch.equal(m1, m2)
     after = a.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # pre-trained state untouched
-    # the engine's cache round trip gives the same adapted model
+    # the run layer's cache round trip gives the same adapted model
     b = TDGPlus(AdapterConfig(image_size=48, seed=0, options=FAST))
     b.load_state_dict(a.state_dict())
     b.adapt(support)

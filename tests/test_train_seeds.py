@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fsad_bench.run.engine import Cell, plan, run_suite
+from fsad_bench.run.plan import Cell, plan
+from fsad_bench.run.schedule import run_suite
 from fsad_bench.report.tables import MEAN_ROW, paper_table, summary, write_tables
 from fsad_bench.report.significance import paired_cells
 from fsad_bench.records.store import ResultStore
@@ -17,7 +18,7 @@ from fsad_bench.records.store import ResultStore
 
 def test_plan_repeats_trained_methods_only(make_suite, spies):
     suite = make_suite(methods=["spy-agg", "spy-ind", "meandiff"], k=[1, 2], runs=2, train_seeds=3)
-    _, cells = plan(suite)
+    cells = plan(suite).cells
     seeds = {m: sorted({c.train_seed for c in cells if c.method == m}) for m in suite.methods}
     assert seeds == {"spy-agg": [0, 1, 2], "spy-ind": [0, 1, 2], "meandiff": [0]}  # training-free: seed 0 only
     assert len(cells) == 3 * 2 * 2 * (3 + 3 + 1)
@@ -29,7 +30,7 @@ def test_plan_repeats_trained_methods_only(make_suite, spies):
 def test_train_seeds_table_gives_each_method_its_own_count(make_suite, spies, tmp_path):
     suite = make_suite(methods=["spy-agg", "spy-ind", "meandiff"], k=[1], runs=1,
                        train_seeds={"default": 2, "spy-ind": 4})
-    _, cells = plan(suite)
+    cells = plan(suite).cells
     seeds = {m: sorted({c.train_seed for c in cells if c.method == m}) for m in suite.methods}
     assert seeds == {"spy-agg": [0, 1], "spy-ind": [0, 1, 2, 3], "meandiff": [0]}
     toml = tmp_path / "s.toml"

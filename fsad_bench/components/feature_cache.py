@@ -38,7 +38,7 @@ class CachedBackbone:
         self.memory: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
-        #: False: nothing is read from the cache (features computed afresh; the engine's cold timing)
+        #: False: nothing is read from the cache (features computed afresh; the run layer's cold timing)
         self.read_enabled = True
 
     def key(self, image: torch.Tensor) -> str:

@@ -82,7 +82,7 @@ def check_split(split: CategorySplit, where: Path) -> CategorySplit:
 
 
 class Dataset:
-    """The dataset every layout reader returns and the engine, protocols and sampler use: ``name``, ``root``,
+    """The dataset every layout reader returns and the run layer, protocols and sampler use: ``name``, ``root``,
     ``roots``, ``categories``, ``split(c)``."""
 
     name: str

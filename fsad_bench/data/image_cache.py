@@ -1,6 +1,6 @@
 """Decoded images cached on disk per resolution, so that every cell re-reads them cheaply.
 
-The engine streams test images from disk in batches (memory bounded independently of the
+The run layer streams test images from disk in batches (memory bounded independently of the
 test-set size) and loads support and training images at each adapter's own input size
 (:attr:`fsad_bench.adapter.Adapter.input_size`) from the original files. Decoding an original
 costs ~50 ms for a 900 px MVTec PNG, reading its cached copy ~0.5 ms; a cell re-reads its

@@ -11,7 +11,7 @@ Layout of a results folder::
 A cell file appears whole or not at all, so a killed run loses at most the cells in
 flight, parallel workers never clash (different cells, different files) and a rerun skips
 every cell whose file holds a valid record (resume). A cell id contains the hash of everything that
-changes its numbers (:func:`fsad_bench.run.engine.config_hash`).
+changes its numbers (:func:`fsad_bench.run.plan.config_hash`).
 
 Every record is read through :func:`check_record` (a JSON object; ids, names, k and run of the
 right types; every metric of :data:`fsad_bench.metrics.METRICS` a finite number in [0, 1], the
@@ -471,7 +471,7 @@ def save_example_maps(path: str | Path, maps: Any, images: Any, masks: Any, path
 
     maps ``(N, S, S)`` float (higher = more anomalous), images ``(N, 3, S, S)`` in [0, 1] — or a
     function ``images(index) -> (len(index), 3, S, S)`` that loads only the chosen ones (the
-    engine streams test images and keeps none) —, masks ``(N, S, S)`` 0/1, paths: N image paths,
+    run layer streams test images and keeps none) —, masks ``(N, S, S)`` 0/1, paths: N image paths,
     labels: optional ``(N,)`` 0/1 image labels (used to pick anomalous examples of several defect
     types — the images' parent folders — plus one normal, see :func:`pick_examples`). numpy
     arrays or torch tensors. Writes ``path`` (``<out>/maps/<cell_id>.npz``) with keys

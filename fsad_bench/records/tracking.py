@@ -1,6 +1,6 @@
 """Optional MLflow tracking: one MLflow run per finished cell (``fsad-bench run --mlflow [URI]``).
 
-The engine calls :func:`after_record` once a cell's record is stored. It does nothing unless
+The run layer calls :func:`after_record` once a cell's record is stored. It does nothing unless
 tracking is switched on — by ``--mlflow`` on the command line, which sets the environment
 variable ``FSAD_BENCH_MLFLOW`` to the tracking URI (inherited by local worker processes;
 Dask workers on other machines need it in their own environment). Each cell becomes one run
@@ -11,7 +11,7 @@ in the experiment ``fsad-bench/<results folder name>``:
   (``hparam.<name>``) and library versions (``version.<lib>``);
 * metrics: every accuracy metric of the record (values in [0, 1]) and the costs
   (``adapt_seconds``, ``train_seconds``, ``infer_seconds_per_image``, ``peak_memory_mb``);
-* artifacts: the record itself (``record.json``) and, where the engine saved them, the
+* artifacts: the record itself (``record.json``) and, where the run layer saved them, the
   example maps (``maps/<cell_id>.npz``).
 
 Default URI (``--mlflow`` without a value): a local file store ``<results>/mlruns`` — MLflow

@@ -13,7 +13,8 @@ set in memory, a shared trained model) does. Two sources, the larger wins:
   is refused, e.g. in some containers; misses spikes shorter than the interval).
 
 Without ``/proc`` (macOS), ``ru_maxrss`` is the last resort (the process-wide peak).
-CUDA runs report ``torch.cuda.max_memory_allocated`` instead (reset per cell by the engine).
+CUDA runs report ``torch.cuda.max_memory_allocated`` instead (reset per cell:
+:func:`fsad_bench.run.devices.reset_peak_memory`).
 """
 
 from __future__ import annotations

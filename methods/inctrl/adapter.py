@@ -57,7 +57,7 @@ class InCTRL(Adapter):
         self.clip = FrozenCLIP(h["clip_model"], self.config.weights, h["pretrained"], layers).to(self.device)
         self.weights_tag = self.clip.weights_tag
         self.head = InCTRLHead(self.clip.embed_dim, self.clip.num_patches).to(self.device)
-        #: Category name for the text prior; the engine sets it before ``adapt`` (default "object").
+        #: Category name for the text prior; the run layer sets it before ``adapt`` (default "object").
         self.category: str | None = None
         self._prompt_cls: torch.Tensor | None = None
         self._prompt_patches: torch.Tensor | None = None

@@ -1,0 +1,80 @@
+"""Trained models of aggregated and cross-dataset methods: fitted once per (held-out category, train
+seed) and cached on disk under a key of everything that changes the fit (:func:`model_cache_path`),
+loaded instead of refitted when present (:func:`fit_cached`), deleted for ``--force``
+(:func:`forget_models`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from fsad_bench.data.dataset import Dataset
+from fsad_bench.protocols import Suite, training_data
+from fsad_bench.run.paths import cache_dir, image_cache_dir
+from fsad_bench.run.plan import Plan, groups_of
+from fsad_bench.run.predict import input_size
+from fsad_bench.run.seeds import fit_seed
+
+
+def model_cache_path(method: str, protocol: str, preset: str, suite: Suite, train_ds: Dataset,
+                     held_out: str, chash: str, train_seed: int = 0) -> Path:
+    """Where the fit of ``method`` for ``held_out`` and ``train_seed`` is cached. ``chash`` (the
+    cell's config hash) covers hyper-parameters, code, weights, data identity, image size and seed,
+    and the fit seed enters the key, so a cached model is reused only for the configuration and
+    training seed that trained it."""
+    seed = fit_seed(suite, method, train_ds, held_out, train_seed)
+    key = hashlib.sha256(f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}|fit{seed}"
+                         .encode()).hexdigest()[:16]
+    folder = train_ds.name if protocol == "aggregated" else f"cross-{train_ds.name}"
+    return (cache_dir() / "models" / method / folder
+            / f"{held_out or 'all'}-{preset}-s{suite.seed}-t{train_seed}-{key}.pt")
+
+
+def fit_cached(adapter, suite: Suite, train_ds: Dataset, held_out: str, chash: str,
+               train_seed: int = 0) -> float:
+    """Fit ``adapter`` (or load the fit from the model cache); returns training seconds.
+
+    ``aggregated``: trains on every category of ``train_ds`` but ``held_out``;
+    ``cross-dataset``: on all of ``train_ds`` (another dataset), ``held_out`` is "".
+    Torch is seeded with :func:`fit_seed`; the cache key is :func:`model_cache_path`.
+    Training images are loaded at the adapter's :func:`input_size`."""
+    path = model_cache_path(adapter.name, adapter.protocol, adapter.preset_name, suite, train_ds, held_out, chash,
+                            train_seed)
+    if path.is_file():
+        blob = torch.load(path, map_location=adapter.device, weights_only=False)
+        adapter.load_state_dict(blob["state"])
+        return float(blob["train_seconds"])
+    torch.manual_seed(fit_seed(suite, adapter.name, train_ds, held_out, train_seed) % 2**63)
+    train = training_data(adapter.protocol, train_ds, held_out, torch.empty(0), input_size(adapter, suite),
+                          image_cache_dir())
+    t0 = time.perf_counter()
+    adapter.fit(train)
+    seconds = time.perf_counter() - t0
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel workers may fit the same model
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": adapter.state_dict(), "train_seconds": seconds}, tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a full or read-only cache costs a refit next time, not the run
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"cannot cache the trained model at {path}: {err.strerror or err}", stacklevel=1)
+    return seconds
+
+
+def forget_models(planned: Plan) -> None:
+    """Delete the cached trained models of the planned cells (``--force``: recompute means retrain too)."""
+    suite = planned.suite
+    for (m, c), group in groups_of(planned.cells).items():
+        cls = planned.classes[m]
+        if cls.protocol not in ("aggregated", "cross-dataset"):
+            continue
+        train_ds = planned.dataset if cls.protocol == "aggregated" else planned.train_dataset
+        held_out = c if cls.protocol == "aggregated" else ""
+        for t in sorted({cell.train_seed for cell in group}):
+            model_cache_path(m, cls.protocol, cls.resolve_preset(suite.preset), suite, train_ds, held_out,
+                             group[0].config_hash, t).unlink(missing_ok=True)

@@ -1,0 +1,82 @@
+"""The code fingerprint (part of every cell id and cached-model key) hashes the modules that compute
+numbers, and only those: editing a number module makes a method's records stale, editing scheduling,
+storage, reports or the CLI does not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fsad_bench
+from fsad_bench import identity, registry
+from fsad_bench.protocols import __file__ as protocols_file
+
+PACKAGE = Path(fsad_bench.__file__).resolve().parent
+
+
+def _fingerprint(monkeypatch, cls, edited: Path | None = None) -> str:
+    """``code_fingerprint(cls)`` as if ``edited`` had one more line (the hasher's reads patched)."""
+    original = identity._source
+    target = edited.resolve() if edited else None
+    monkeypatch.setattr(identity, "_source",
+                        lambda p: original(p) + (b"\n# edited\n" if Path(p).resolve() == target else b""))
+    identity.code_fingerprint.cache_clear()
+    try:
+        return identity.code_fingerprint(cls)
+    finally:
+        identity.code_fingerprint.cache_clear()
+        monkeypatch.setattr(identity, "_source", original)
+
+
+NUMBERS = ["run/cell.py", "run/predict.py", "run/seeds.py", "run/model_cache.py", "metrics.py", "data/images.py", "data/torch_datasets.py",
+           "data/sampler.py", "data/image_cache.py", "adapter.py"]
+NOT_NUMBERS = ["run/schedule.py", "run/plan.py", "run/paths.py", "run/workers.py", "run/devices.py",
+               "run/peak_memory.py", "records/store.py", "records/tracking.py", "report/tables.py", "cli.py",
+               "identity.py"]
+
+
+@pytest.mark.parametrize("method", ["gaussian", "random"])
+@pytest.mark.parametrize("rel", NUMBERS)
+def test_editing_a_number_module_changes_the_fingerprint(method, rel, monkeypatch):
+    cls = registry.get(method)
+    assert (PACKAGE / rel).is_file()
+    assert _fingerprint(monkeypatch, cls, PACKAGE / rel) != _fingerprint(monkeypatch, cls)
+
+
+def test_editing_the_adapter_or_the_protocols_changes_the_fingerprint(monkeypatch):
+    cls = registry.get("gaussian")
+    base = _fingerprint(monkeypatch, cls)
+    assert _fingerprint(monkeypatch, cls, Path(sys.modules[cls.__module__].__file__)) != base
+    assert _fingerprint(monkeypatch, cls, Path(protocols_file)) != base  # training_data: which images reach fit
+
+
+@pytest.mark.parametrize("rel", NOT_NUMBERS)
+def test_editing_scheduling_storage_reports_or_cli_keeps_the_fingerprint(rel, monkeypatch):
+    cls = registry.get("gaussian")
+    assert (PACKAGE / rel).is_file()
+    assert _fingerprint(monkeypatch, cls, PACKAGE / rel) == _fingerprint(monkeypatch, cls)
+
+
+def test_declared_module_lists_name_existing_modules():
+    """NUMBER_MODULES and NOT_NUMBERS stay true to the code: every name is a module or package."""
+    for name in (*identity.NUMBER_MODULES, *identity.NOT_NUMBERS):
+        assert identity._module_file(name) is not None, name
+    assert not [n for n in identity.NUMBER_MODULES if not identity.counts_for_numbers(n)]
+    hashed = identity.fingerprinted_modules(registry.get("gaussian"))
+    assert set(identity.NUMBER_MODULES) <= set(hashed)
+    assert all(identity.counts_for_numbers(n) for n in hashed)
+
+
+def test_fingerprint_does_not_depend_on_what_the_process_imported():
+    """A process that imported nothing of the run layer hashes the same files as one that did."""
+    import fsad_bench.run.schedule  # noqa: F401  (this process: the whole run layer)
+
+    identity.code_fingerprint.cache_clear()
+    here = identity.code_fingerprint(registry.get("gaussian"))
+    code = ("import sys; from fsad_bench import registry; from fsad_bench.identity import code_fingerprint; "
+            "assert 'fsad_bench.run' not in sys.modules; print(code_fingerprint(registry.get('gaussian')))")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert fresh == here
