@@ -4,6 +4,10 @@ Exit codes: 0 done; 2 bad input or an unusable results folder (one line on stder
 computed lost); 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM — both print the same
 line, keep every finished cell and stop the worker processes; 1 a bug (one line, the traceback
 with ``FSAD_BENCH_DEBUG=1``).
+
+Start-up: this module imports click and rich only; torch, pandas, sklearn and the methods are imported
+inside the commands that need them, so ``--help``, ``--version``, ``methods`` and argument errors
+(a missing ``--data-root`` too) answer without loading them (``benchmarks/startup.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fsad_bench import registry
 from fsad_bench.errors import FsadError
 
 #: ``--metric`` of compare / rerun: the record metrics (report.METRICS' keys, kept here so that the
@@ -47,14 +49,13 @@ def _names(text: str | None) -> list[str] | None:
 
 def _metric_names(text: str | None) -> list[str] | None:
     """``--metrics a,b`` -> validated metric names (None: the default tables)."""
-    from fsad_bench.metrics import METRICS
-
+    known = METRIC_CHOICE.choices
     names = _names(text)
     if names is None:
         return None
-    unknown = [n for n in names if n not in METRICS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise FsadError(f"--metrics: unknown {', '.join(unknown) or '(empty)'} (known: {', '.join(METRICS)})")
+        raise FsadError(f"--metrics: unknown {', '.join(unknown) or '(empty)'} (known: {', '.join(known)})")
     return names
 
 
@@ -98,14 +99,16 @@ def cli() -> None:
               "(default image_auroc,pixel_auroc,aupro; records hold every metric).")
 @click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value="default",
               help="Log one MLflow run per cell to URI (alone: a file store OUT/mlruns); needs fsad-bench[mlflow].")
+@click.option("--complete-only", is_flag=True, help="Tables leave out every (method, k) missing a planned cell.")
 def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, data_root, train_data_root, out,
         device, jobs, backend, scheduler, cache_features, weights, arch, preset, image_size, seed, support_lists,
-        force, dry_run, metric_list, mlflow_uri) -> None:
+        force, dry_run, metric_list, mlflow_uri, complete_only) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables.
 
     A finished cell is reused only when nothing that changes its numbers changed (options,
     method code, weights, data files, image size, seeds, support lists); otherwise it is recomputed
     and the old record is no longer shown (``fsad-bench prune OUT`` deletes it)."""
+    _check_arguments(ks, data_root, train_data_root, jobs, metric_list)  # before torch is imported
     from fsad_bench.run.devices import pick_device
     from fsad_bench.run.plan import cell_status, plan
     from fsad_bench.protocols import apply_arch, load_suite, validate_numbers
@@ -123,8 +126,6 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
             setattr(suite, key, value)
     validate_numbers(suite, f"suite {suite.name}")
     apply_arch(suite, override=arch is not None)
-    if jobs < 1:
-        raise FsadError(f"--jobs must be >= 1, got {jobs}")
     device = pick_device(device)
     out = out or Path("results") / suite.name
     if out.exists() and not out.is_dir():
@@ -145,11 +146,24 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         return
     with store.lock():  # before the first line: an unusable or busy --out is one error, nothing started
         _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
-                    std_components, metric_names)
+                    std_components, metric_names, complete_only)
+
+
+def _check_arguments(ks, data_root, train_data_root, jobs, metric_list) -> None:
+    """The checks of ``run``'s arguments that need no suite: one line (FsadError) within the start-up time."""
+    _ints(ks, "--k")
+    _metric_names(metric_list)
+    for root in (*data_root, *([train_data_root] if train_data_root else [])):
+        if not root.exists():
+            raise FsadError(f"data root {root} does not exist (--data-root: a dataset folder)")
+    if jobs < 1:
+        raise FsadError(f"--jobs must be >= 1, got {jobs}")
 
 
 def _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
-                std_components, metric_names) -> None:
+                std_components, metric_names, complete_only=False) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     from fsad_bench.run.schedule import run_suite
     from fsad_bench.report.tables import print_table, write_tables
 
@@ -167,7 +181,8 @@ def _run_locked(suite, planned, status, store, out, device, jobs, backend, sched
         task = bar.add_task("cells", total=todo)
         run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
                   scheduler=scheduler, cache_features=cache_features, force=force, planned=planned)
-    tables = write_tables(out, suite.methods, std_components=std_components, metrics=metric_names)
+    tables = write_tables(out, suite.methods, std_components=std_components, metrics=metric_names,
+                          complete_only=complete_only)
     for name, table in tables.items():
         print_table(table, name, console)
     if note := store.foreign_note():
@@ -201,18 +216,21 @@ def _print_dry_run(name: str, out: Path, status: dict[str, list]) -> None:
                    "training-seed components (default: when the results have several train seeds).")
 @click.option("--metrics", "metric_list", help="Tables to build, e.g. image_auroc,image_f1max,pixel_aupr "
               "(default image_auroc,pixel_auroc,aupro).")
+@click.option("--complete-only", is_flag=True, help="Leave out every (method, k) missing a planned cell "
+              "(an interrupted run); otherwise such cells are marked *.")
 def table(results_dir: Path, reference_method: str | None, std_components: bool | None,
-          metric_list: str | None) -> None:
-    """Rebuild and print the tables of RESULTS_DIR without rerunning anything."""
-    from fsad_bench.report.tables import print_table, write_tables
-
-    from fsad_bench.records.store import ResultStore
-
+          metric_list: str | None, complete_only: bool) -> None:
+    """Rebuild and print the tables of RESULTS_DIR without rerunning anything. An aggregate missing
+    some cell the suite planned (categories, runs, training seeds) is marked * with a note."""
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
     metric_names = _metric_names(metric_list)
+    from fsad_bench.records.store import ResultStore
+    from fsad_bench.report.tables import print_table, write_tables
+
     for name, t in write_tables(results_dir, reference_method=reference_method,
-                                std_components=std_components, metrics=metric_names).items():
+                                std_components=std_components, metrics=metric_names,
+                                complete_only=complete_only).items():
         print_table(t, name, console)
     if note := ResultStore(results_dir).foreign_note():
         console.print(note, markup=False, highlight=False)
@@ -260,18 +278,23 @@ def prune(results_dir: Path, yes: bool) -> None:
               type=METRIC_CHOICE)
 @click.option("--resamples", type=int, default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamples: int, seed: int) -> None:
+@click.option("--allow-unpaired", is_flag=True,
+              help="Test on the cells A and B share even when one has cells the other lacks (refused otherwise).")
+def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamples: int, seed: int,
+            allow_unpaired: bool) -> None:
     """Paired comparison of A against B on the same cells of RESULTS_DIR: mean difference,
-    bootstrap 95% CI, wins/ties/losses and Wilcoxon signed-rank p, per k and overall."""
-    from fsad_bench.report.significance import compare_methods
-    from fsad_bench.report.tables import print_table
-    from fsad_bench.records.store import ResultStore, atomic_write_text
-
+    bootstrap 95% CI, wins/ties/losses and Wilcoxon signed-rank p, per k and overall. Refused (exit 2)
+    when A and B do not have the same (category, k, run, train seed) cells, unless --allow-unpaired."""
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
     if resamples < 100:
         raise FsadError(f"--resamples must be >= 100, got {resamples}")
-    t = compare_methods(ResultStore(results_dir).frame(), method_a, method_b, metric, resamples, seed=seed)
+    from fsad_bench.records.store import ResultStore, atomic_write_text
+    from fsad_bench.report.significance import compare_methods
+    from fsad_bench.report.tables import print_table
+
+    t = compare_methods(ResultStore(results_dir).frame(), method_a, method_b, metric, resamples, seed=seed,
+                        allow_unpaired=allow_unpaired)
     shown = t.drop(columns=["a", "b", "metric"]).set_index(["dataset", "k"])
     shown.index = [f"{d} k={k}" for d, k in shown.index]
     print_table(shown, f"{t['a'].iloc[0]} − {t['b'].iloc[0]} ({metric}, percentage points)", console)
@@ -337,7 +360,10 @@ def rerun(reference_dir: Path, rerun_dir: Path, metric: str) -> None:
 @click.option("--all", "everything", is_flag=True,
               help="Every valid record, also of earlier runs and other configurations, with a `current` column.")
 def export(results_dir: Path, out: Path, fmt: str, everything: bool) -> None:
-    """Write the cells of the suite as last run in RESULTS_DIR to the CSV file OUT, one row per cell."""
+    """Write the cells of the suite as last run in RESULTS_DIR to the CSV file OUT, one row per cell;
+    the `complete` column says whether the row's (method, k) has every cell the suite planned."""
+    if not (results_dir / "cells").is_dir():
+        raise FsadError(f"{results_dir} is not a results folder (no cells/ inside)")
     from fsad_bench.records.store import ResultStore
     from fsad_bench.report.export import export as export_cells
 
@@ -367,12 +393,14 @@ def methods() -> None:
     """List registered method adapters."""
     from rich.table import Table
 
+    from fsad_bench import registry
+
     t = Table(title="methods")
     for col in ("name", "protocol", "presets", "reference"):
         t.add_column(col)
     for name in registry.available():
-        cls = registry.get(name)
-        t.add_row(name, cls.protocol, ", ".join(cls.presets), cls.paper)
+        info = registry.info(name)  # built-ins without importing torch
+        t.add_row(name, info.protocol, ", ".join(info.presets), info.paper)
     console.print(t)
 
 

@@ -13,6 +13,10 @@
   ``data.class_path``, ``data.init_args.category``, ``k_shot``, ``run``, ``preset``,
   ``weights``, ``image_size``, ``config_hash``, ``cell_id``.
 
+Both formats end with a ``complete`` column: the row's (method, k) has a record for every cell ``suite.json``
+planned (categories, runs, training seeds); False marks the rows of an interrupted run's partial aggregates
+(:mod:`fsad_bench.report.completeness`) and rows of no current cell (``--all``).
+
 Only the valid records of the suite as last run are written (a folder also keeps records of earlier
 runs and of other configurations, which would share labels); ``everything`` / ``--all`` writes every
 valid record with a ``current`` column saying which is which.
@@ -27,6 +31,7 @@ import pandas as pd
 
 from fsad_bench.errors import FsadError
 from fsad_bench.records.store import ResultStore, atomic_write_text
+from fsad_bench.report.completeness import completeness
 
 FORMATS = ("csv", "anomalib")
 #: fsad-bench metric -> anomalib benchmark column.
@@ -76,8 +81,9 @@ def anomalib_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
                     "data.init_args.category": r["category"], "k_shot": r.get("k"), "run": r.get("run"),
                     "preset": r.get("preset"), "weights": r.get("weights"), "image_size": r.get("image_size"),
                     "config_hash": r.get("config_hash"), "cell_id": r.get("cell_id")})
-        if "current" in r:
-            row["current"] = r["current"]
+        for key in ("current", "complete"):
+            if key in r:
+                row[key] = r[key]
         rows.append(row)
     df = pd.DataFrame(rows)
     return df.sort_values(["model", "category", "k_shot", "run"], kind="stable").reset_index(drop=True) if len(df) else df
@@ -101,6 +107,10 @@ def export(results_dir: str | Path, out: str | Path, fmt: str = "csv", everythin
         records = store.current_records()
     if not records:
         raise FsadError(f"{results_dir} holds no finished cells")
+    comp = completeness(store)
+    current = store.current_ids()
+    records = [dict(r, complete=(current is None or r["cell_id"] in current) and comp.complete(r["method"], r["k"]))
+               for r in records]
     df = flat_rows(records) if fmt == "csv" else anomalib_rows(records)
     atomic_write_text(Path(out), df.to_csv(index=False))
     return df

@@ -80,8 +80,10 @@ def _safe(name: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 def plot_metric_vs_k(df: pd.DataFrame, dataset: str, metric: str, path: Path,
-                     methods: list[str] | None = None) -> Path | None:
-    """Macro-average ``metric`` against k per label, mean ± std over runs (band)."""
+                     methods: list[str] | None = None, incomplete: set[tuple[str, int]] | None = None) -> Path | None:
+    """Macro-average ``metric`` against k per label, mean ± std over runs (band). ``incomplete``: (label, k)
+    points missing some planned cell (:mod:`fsad_bench.report.completeness`), drawn hollow and named
+    in the legend, never as a mean over the suite."""
     d = df[(df["dataset"] == dataset)].dropna(subset=[metric])
     if d.empty:
         return None
@@ -94,7 +96,11 @@ def plot_metric_vs_k(df: pd.DataFrame, dataset: str, metric: str, path: Path,
     ax = fig.add_subplot()
     for lab in labels:
         a = agg[agg["label"] == lab].sort_values("k")
-        ax.plot(a["k"], a["mean"], marker="o", color=colors[lab], label=lab)
+        part = a["k"].map(lambda k: (lab, int(k)) in (incomplete or set()))
+        name = lab + (f" (* incomplete at k={', '.join(map(str, a.loc[part, 'k']))})" if part.any() else "")
+        ax.plot(a["k"], a["mean"], marker="o", color=colors[lab], label=name)
+        ax.plot(a.loc[part, "k"], a.loc[part, "mean"], linestyle="none", marker="o", markersize=9,
+                markerfacecolor="white", markeredgecolor=colors[lab])  # incomplete: hollow
         ax.fill_between(a["k"], a["mean"] - a["std"], a["mean"] + a["std"], color=colors[lab], alpha=0.2)
     ks = sorted(agg["k"].unique())
     ax.set_xscale("log", base=2)
@@ -271,8 +277,12 @@ def write_plots(out: str | Path, methods: list[str] | None = None) -> list[Path]
     """Write every figure of the results folder ``out`` to ``<out>/plots/``; returns the paths.
     Figures whose inputs are absent (per-image scores, saved maps, a metric never computed)
     are skipped."""
+    from fsad_bench.report.completeness import completeness
+
     store = ResultStore(out)
     df = store.frame()
+    comp = completeness(store)
+    incomplete = {(lab, int(k)) for lab, k in set(zip(df["label"], df["k"])) if not comp.label_complete(lab, k)}
     if methods is None and (suite := store.load_suite()):
         methods = suite.get("methods")
     plots = Path(out) / "plots"
@@ -281,7 +291,8 @@ def write_plots(out: str | Path, methods: list[str] | None = None) -> list[Path]
         for metric in METRIC_NAMES:
             if metric not in df.columns or not df.loc[df["dataset"] == ds, metric].notna().any():
                 continue
-            written.append(plot_metric_vs_k(df, ds, metric, plots / f"{_safe(ds)}_{metric}_vs_k.png", methods))
+            written.append(plot_metric_vs_k(df, ds, metric, plots / f"{_safe(ds)}_{metric}_vs_k.png", methods,
+                                            incomplete))
             written.append(plot_category_bars(df, ds, metric, plots / f"{_safe(ds)}_{metric}_categories.png", methods))
         written.append(plot_roc(df, ds, plots / f"{_safe(ds)}_roc.png", methods))
     written += plot_map_grids(out, plots, df, methods)

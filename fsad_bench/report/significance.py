@@ -61,6 +61,30 @@ def paired_cells(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc") 
     return pairs.sort_values(KEYS).reset_index(drop=True)
 
 
+def check_paired(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc") -> None:
+    """FsadError (one line) unless ``a`` and ``b`` have results on the same (dataset, category, k, run,
+    train seed) cells — an interrupted run, or methods run on other categories, would test on the
+    cells one side happens to have. A training-free side (train seed 0 only) is compared with the
+    other side's train seed 0 (what :func:`paired_cells` pairs)."""
+    la, lb = resolve_label(df, a), resolve_label(df, b)
+    d = with_train_seed(df).dropna(subset=[metric])
+    keys = {}
+    for lab in (la, lb):
+        rows = d[d["label"] == lab]
+        keys[lab] = (set(map(tuple, rows[KEYS].itertuples(index=False))),
+                     "protocol" in rows and bool(len(rows)) and (rows["protocol"] == "training-free").all())
+    (ka, free_a), (kb, free_b) = keys[la], keys[lb]
+    if free_a or free_b:  # the other side's train seeds > 0 have no partner by design
+        ka, kb = ({x for x in s if x[-1] == 0} for s in (ka, kb))
+    only_a, only_b = sorted(ka - kb, key=str), sorted(kb - ka, key=str)
+    if only_a or only_b:
+        lone, who = (only_a, la) if only_a else (only_b, lb)
+        ds, cat, k, run, seed = lone[0]
+        raise FsadError(f"{la!r} and {lb!r} are not paired: {len(only_a)} cells of {la!r} and {len(only_b)} of "
+                        f"{lb!r} have no partner (e.g. {who!r} {cat} k={k} run {run} train seed {seed}); finish "
+                        f"the run, or --allow-unpaired tests on the {len(ka & kb)} shared cells")
+
+
 def wilcoxon_p(diffs: Iterable[float]) -> tuple[float, float]:
     """Two-sided Wilcoxon signed-rank test of paired differences: ``(statistic, p)``.
 
@@ -108,14 +132,19 @@ def _summarise(pairs: pd.DataFrame, n_resamples: int, confidence: float, seed: i
 
 
 def compare_methods(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc", n_resamples: int = 10_000,
-                    confidence: float = 0.95, seed: int = 0, tie_tol: float = 1e-9) -> pd.DataFrame:
+                    confidence: float = 0.95, seed: int = 0, tie_tol: float = 1e-9,
+                    allow_unpaired: bool = False) -> pd.DataFrame:
     """Paired comparison of ``a`` against ``b`` (labels or method names), one row per dataset
     and k plus one row per dataset with ``k = "all"``.
 
     Columns: dataset, k, a, b, metric, n_pairs, mean_a, mean_b, mean_diff, median_diff,
     ci_low, ci_high (percentile bootstrap of the mean difference, ``confidence`` level),
     wins, ties, losses (``|diff| <= tie_tol`` points is a tie), wilcoxon_stat, p_value.
-    Values are AUROC percentage points; positive differences favour ``a``."""
+    Values are AUROC percentage points; positive differences favour ``a``. Refused (FsadError, see
+    :func:`check_paired`) when ``a`` and ``b`` do not have the same cells, unless ``allow_unpaired``:
+    then only the shared cells are tested."""
+    if not allow_unpaired:
+        check_paired(df, a, b, metric)
     pairs = paired_cells(df, a, b, metric)
     la, lb = resolve_label(df, a), resolve_label(df, b)
     if pairs.empty:

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from fsad_bench.errors import FsadError
 
+from fsad_bench.report.completeness import complete_column, completeness, mark_table
 from fsad_bench.report.costs import method_order
 from fsad_bench.records.store import ResultStore, atomic_write_text, with_train_seed
 
@@ -189,7 +190,7 @@ def _latex(table: pd.DataFrame, caption: str) -> str:
 
 def write_tables(out: str | Path, methods: list[str] | None = None,
                  reference_method: str | None = None, std_components: bool | None = None,
-                 metrics: list[str] | None = None) -> dict[str, pd.DataFrame]:
+                 metrics: list[str] | None = None, complete_only: bool = False) -> dict[str, pd.DataFrame]:
     """Build every table of a results folder and write ``tables/*.{md,csv,tex}``; returns them by name.
 
     ``metrics``: which accuracy tables (names of :data:`METRICS`; default :data:`DEFAULT_METRICS`).
@@ -200,13 +201,24 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     ``std_components``: also the ``<dataset>_<metric>_std_components`` tables (std over
     (train seed, run) pairs and its two components); None = when some cell has several train
     seeds. Notes (``attrs["notes"]``) are appended to the Markdown and LaTeX files; when invalid cell
-    files were skipped (:meth:`ResultStore.invalid`), every table carries a note saying how many."""
+    files were skipped (:meth:`ResultStore.invalid`), every table carries a note saying how many.
+
+    An aggregate missing some planned cell of ``suite.json`` (an interrupted run) is marked ``*`` with a note
+    naming what it lacks (:mod:`fsad_bench.report.completeness`); the long tables and ``summary.csv`` get a
+    ``complete`` column. ``complete_only``: incomplete (method, k) are left out of every table (a note says which)."""
     from fsad_bench.report.costs import cost_ratio_table, cost_table
     from fsad_bench.report.published import attach_reference, paper_difference
     from fsad_bench.report.significance import add_significance
 
     store = ResultStore(out)
     df = with_train_seed(store.frame())
+    comp = completeness(store)
+    hidden = []
+    if complete_only and comp.incomplete():
+        hidden = [f"hidden (--complete-only): {'; '.join(c.note() for c in comp.incomplete())}"]
+        df = df[comp.complete_rows(df)]
+        if df.empty:
+            raise FsadError(f"no (method, k) of {out} has every planned cell; --complete-only leaves no table")
     if std_components is None:
         std_components = bool(df.groupby(["dataset", "category", "k", "label", "run"])["train_seed"].nunique().gt(1).any())
     if methods is None and (suite := store.load_suite()):
@@ -217,22 +229,23 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
         for metric in metrics or DEFAULT_METRICS:
             if metric not in df.columns:  # records written before the metric existed
                 continue
-            t = paper_table(df, metric, ds, methods)
+            t = mark_table(paper_table(df, metric, ds, methods), comp, (MEAN_ROW, STD_ROW), hide=complete_only)
             if t.empty:
                 continue
             if reference_method and reference_method in set(sub["label"]) | set(sub["method"]):
                 t = add_significance(t, sub, reference_method, metric)
             tables[f"{ds}_{metric}"] = attach_reference(t, ds, metric)  # no-op without published numbers
             if std_components:
-                tables[f"{ds}_{metric}_std_components"] = paper_table(df, metric, ds, methods, std="components")
+                tables[f"{ds}_{metric}_std_components"] = mark_table(
+                    paper_table(df, metric, ds, methods, std="components"), comp, (MEAN_ROW,), hide=complete_only)
             diff = paper_difference(df, ds, metric)
             if not diff.empty:
-                tables[f"{ds}_{metric}_vs_paper"] = diff.set_index("label")
-    tables["cost"] = cost_table(df, methods)
-    tables["cost_ratio"] = cost_ratio_table(df, methods)
-    if note := store.invalid_note():  # never silently: every table says it lacks records
-        for t in tables.values():
-            t.attrs["notes"] = [*t.attrs.get("notes", []), note]
+                tables[f"{ds}_{metric}_vs_paper"] = complete_column(diff, comp, "label").set_index("label")
+    tables["cost"] = complete_column(cost_table(df, methods), comp)
+    tables["cost_ratio"] = complete_column(cost_ratio_table(df, methods), comp, k_col=None)
+    notes = hidden + ([note] if (note := store.invalid_note()) else [])  # never silently: every table says it lacks records
+    for t in tables.values():
+        t.attrs["notes"] = [*t.attrs.get("notes", []), *notes]
     folder = Path(out) / "tables"
     for name, t in tables.items():
         caption = next((text for m, text in METRICS.items() if m in name), "Cost") + f" — {name}"
@@ -245,8 +258,10 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
         atomic_write_text(folder / f"{name}.csv", flat.to_csv())
         tex_notes = "".join(f"\\par\\noindent{{\\footnotesize {_tex_escape(n)}}}\n" for n in notes)
         atomic_write_text(folder / f"{name}.tex", _latex(t, caption) + tex_notes)
-    summaries = [summary(df, m).assign(metric=m) for m in METRICS if m in df.columns and df[m].notna().any()]
-    atomic_write_text(folder / "summary.csv", pd.concat(summaries).to_csv(index=False))
+    summaries = pd.concat([summary(df, m).assign(metric=m) for m in METRICS if m in df.columns and df[m].notna().any()])
+    summaries["complete"] = [comp.label_complete(lab, k, None if cat == MEAN_ROW else cat)
+                             for lab, k, cat in zip(summaries["label"], summaries["k"], summaries["category"])]
+    atomic_write_text(folder / "summary.csv", summaries.to_csv(index=False))
     return tables
 
 
