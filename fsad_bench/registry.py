@@ -109,7 +109,7 @@ def _installed(package: str) -> bool:
         from importlib.util import find_spec
 
         return find_spec(package) is not None and bool(version(package))
-    except Exception:  # not installed, or blocked (sys.modules[package] = None)
+    except Exception:  # noqa: BLE001 (not installed, or blocked: sys.modules[package] = None)
         return False
 
 

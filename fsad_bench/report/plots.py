@@ -96,7 +96,7 @@ def plot_metric_vs_k(df: pd.DataFrame, dataset: str, metric: str, path: Path,
     ax = fig.add_subplot()
     for lab in labels:
         a = agg[agg["label"] == lab].sort_values("k")
-        part = a["k"].map(lambda k: (lab, int(k)) in (incomplete or set()))
+        part = pd.Series([(lab, int(k)) in (incomplete or set()) for k in a["k"]], index=a.index)
         name = lab + (f" (* incomplete at k={', '.join(map(str, a.loc[part, 'k']))})" if part.any() else "")
         ax.plot(a["k"], a["mean"], marker="o", color=colors[lab], label=name)
         ax.plot(a.loc[part, "k"], a.loc[part, "mean"], linestyle="none", marker="o", markersize=9,

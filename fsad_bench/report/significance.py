@@ -79,7 +79,7 @@ def check_paired(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc") 
     only_a, only_b = sorted(ka - kb, key=str), sorted(kb - ka, key=str)
     if only_a or only_b:
         lone, who = (only_a, la) if only_a else (only_b, lb)
-        ds, cat, k, run, seed = lone[0]
+        _, cat, k, run, seed = lone[0]
         raise FsadError(f"{la!r} and {lb!r} are not paired: {len(only_a)} cells of {la!r} and {len(only_b)} of "
                         f"{lb!r} have no partner (e.g. {who!r} {cat} k={k} run {run} train seed {seed}); finish "
                         f"the run, or --allow-unpaired tests on the {len(ka & kb)} shared cells")
