@@ -49,6 +49,8 @@ NOT_NUMBERS = {
     "fsad_bench.records": "storing records and example maps, MLflow tracking",
     "fsad_bench.report": "tables, significance, published numbers, costs, plots, export",
     "fsad_bench.cli": "the command line",
+    "fsad_bench.registry": "names -> adapter classes (each class's own code is hashed)",
+    "fsad_bench.errors": "the one-line user error",
 }
 
 
