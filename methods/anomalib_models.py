@@ -35,6 +35,7 @@ The record stores ``anomalib_version`` and every hyper-parameter (``Adapter.desc
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -211,8 +212,16 @@ class AnomalibPatchcore(_AnomalibAdapter):
             self.model.memory_bank = torch.vstack(self.model.embedding_store)
             self.model.embedding_store.clear()
         else:
+            # anomalib's k-center greedy draws its start from torch's RNG and its sparse random projection
+            # from numpy's global one (sklearn, random_state=None): seed both from the adapter's seed, then put
+            # numpy's state back
             torch.manual_seed(self.config.seed)
-            self.model.subsample_embedding(ratio)
+            state = np.random.get_state()
+            np.random.seed(self.config.seed % 2**32)
+            try:
+                self.model.subsample_embedding(ratio)
+            finally:
+                np.random.set_state(state)
         self.model.eval()
 
 

@@ -13,6 +13,7 @@ needs_anomalib = pytest.mark.skipif(anomalib_models.anomalib_version() is None, 
 
 def test_registry_prefix_without_anomalib(monkeypatch):
     monkeypatch.setattr(anomalib_models, "anomalib_version", lambda: None)
+    monkeypatch.setattr(registry, "_installed", lambda package: package != "anomalib")
     assert not any(n.startswith("anomalib:") for n in registry.available())
     with pytest.raises(FsadError, match=r"pip install 'fsad-bench\[anomalib\]'"):
         registry.get("anomalib:Padim")
