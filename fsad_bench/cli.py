@@ -100,9 +100,12 @@ def cli() -> None:
 @click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value="default",
               help="Log one MLflow run per cell to URI (alone: a file store OUT/mlruns); needs fsad-bench[mlflow].")
 @click.option("--complete-only", is_flag=True, help="Tables leave out every (method, k) missing a planned cell.")
+@click.option("--operating-point/--no-operating-point", default=None,
+              help="Label-free threshold from leave-one-out support scores for every method (the suite key "
+                   "operating_point; default: all but individual methods, for which it costs k extra trainings a cell).")
 def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, data_root, train_data_root, out,
         device, jobs, backend, scheduler, cache_features, weights, arch, preset, image_size, seed, support_lists,
-        force, dry_run, metric_list, mlflow_uri, complete_only) -> None:
+        force, dry_run, metric_list, mlflow_uri, complete_only, operating_point) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables.
 
     A finished cell is reused only when nothing that changes its numbers changed (options,
@@ -120,7 +123,7 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
                  if data_root else None, "arch": arch,
                  "train_data_root": str(train_data_root) if train_data_root else None,
                  "weights": weights, "preset": preset, "image_size": image_size, "seed": seed,
-                 "support_lists": str(support_lists) if support_lists else None}
+                 "support_lists": str(support_lists) if support_lists else None, "operating_point": operating_point}
     for key, value in overrides.items():
         if value is not None:
             setattr(suite, key, value)
@@ -218,8 +221,10 @@ def _print_dry_run(name: str, out: Path, status: dict[str, list]) -> None:
               "(default image_auroc,pixel_auroc,aupro).")
 @click.option("--complete-only", is_flag=True, help="Leave out every (method, k) missing a planned cell "
               "(an interrupted run); otherwise such cells are marked *.")
+@click.option("--strict", is_flag=True, help="Exit 3 when any record is flagged (constant scores, identical maps, "
+              "chance-level AUROC, ...; docs/flags-and-operating-point.md).")
 def table(results_dir: Path, reference_method: str | None, std_components: bool | None,
-          metric_list: str | None, complete_only: bool) -> None:
+          metric_list: str | None, complete_only: bool, strict: bool) -> None:
     """Rebuild and print the tables of RESULTS_DIR without rerunning anything. An aggregate missing
     some cell the suite planned (categories, runs, training seeds) is marked * with a note."""
     if not results_dir.is_dir():
@@ -235,6 +240,12 @@ def table(results_dir: Path, reference_method: str | None, std_components: bool 
     if note := ResultStore(results_dir).foreign_note():
         console.print(note, markup=False, highlight=False)
     console.print(f"tables in {results_dir / 'tables'}")
+    if strict:
+        from fsad_bench.report.flags_table import strict_failure
+
+        if why := strict_failure(ResultStore(results_dir).frame()):
+            err_console.print(f"--strict: {why}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(3)
 
 
 @cli.command()

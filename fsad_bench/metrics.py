@@ -144,3 +144,90 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np
         px = _pixels(masks, maps)
         out["pixel_aupr"], out["pixel_f1max"] = (float("nan"),) * 2 if px is None else _pr_summary(*px)
     return {m: out[m] for m in wanted}
+
+
+# -- checks of degenerate cells, the label-free operating point, per-defect AUROC -------------------
+# None of these change :func:`evaluate`; the run layer stores their results beside its metrics.
+
+
+def auroc_permutation_p(labels: np.ndarray, scores: np.ndarray, n_permutations: int = 1000, seed: int = 0) -> float:
+    """One-sided permutation p-value of image AUROC against shuffled labels, in (0, 1].
+
+    ``labels`` / ``scores`` are ``(N,)``. ``p = (1 + #{permutations with AUROC >= observed}) /
+    (n_permutations + 1)``: a perfectly separating score gives ``≈ 1 / (n_permutations + 1)``,
+    constant scores give exactly 1 (every permutation ties the observed AUROC). Exact and vectorised:
+    AUROC is a monotone function of the anomalous images' rank sum (average ranks for ties, doubled to
+    integers), so the ``(n_permutations, N)`` shuffled label matrix times the ranks gives every permuted
+    AUROC in one product. ``seed`` seeds numpy's generator (the run layer passes the cell's seed)."""
+    from scipy.stats import rankdata
+
+    y = (np.asarray(labels).reshape(-1) > 0).astype(np.float64)
+    ranks2 = 2 * rankdata(np.asarray(scores, dtype=np.float64).reshape(-1))  # integers (ties: x.5 doubled)
+    observed = float(y @ ranks2)
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permuted(np.broadcast_to(y, (n_permutations, len(y))), axis=1)
+    hits = int(np.count_nonzero(shuffled @ ranks2 >= observed))
+    return (1 + hits) / (n_permutations + 1)
+
+
+def tied_pair_fraction(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Fraction of (normal, anomalous) image pairs whose scores ``(N,)`` are equal, in [0, 1]
+    (AUROC counts each such pair as one half)."""
+    y = np.asarray(labels).reshape(-1) > 0
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    values, inverse = np.unique(s, return_inverse=True)
+    n_bad = np.bincount(inverse, weights=y, minlength=len(values))
+    n_good = np.bincount(inverse, weights=~y, minlength=len(values))
+    pairs = y.sum() * (~y).sum()
+    return float((n_bad * n_good).sum() / pairs) if pairs else 0.0
+
+
+def support_threshold(support_scores: np.ndarray, rule: str = "max") -> float:
+    """A threshold from the scores ``(k,)`` of normal support images alone (no labelled anomaly).
+
+    ``rule``: ``"max"`` (the highest support score), or ``"q<p>"`` with ``0 <= p <= 1`` (e.g. ``"q0.9"``:
+    numpy's linear-interpolation quantile of the support scores). An image is called anomalous when its
+    score is strictly above the threshold. ValueError for another rule."""
+    s = np.asarray(support_scores, dtype=np.float64).reshape(-1)
+    if rule == "max":
+        return float(s.max())
+    if rule.startswith("q"):
+        try:
+            q = float(rule[1:])
+        except ValueError:
+            q = -1.0
+        if 0 <= q <= 1:
+            return float(np.quantile(s, q))
+    raise ValueError(f"unknown threshold rule {rule!r} (known: max, q<p> with 0 <= p <= 1, e.g. q0.9)")
+
+
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Detection at a fixed threshold: images with score ``> threshold`` are called anomalous.
+
+    ``labels`` / ``scores`` are ``(N,)``. Returns ``fpr`` (normal images called anomalous / normal
+    images), ``recall`` (anomalous images called anomalous / anomalous images), ``precision`` (1 when
+    nothing is called anomalous) and ``f1 = 2 TP / (2 TP + FP + FN)`` (0 without true positives), in [0, 1]."""
+    y = np.asarray(labels).reshape(-1) > 0
+    called = np.asarray(scores, dtype=np.float64).reshape(-1) > threshold
+    tp, fp = int(np.sum(called & y)), int(np.sum(called & ~y))
+    fn = int(np.sum(~called & y))
+    n_good = int(np.sum(~y))
+    return {"fpr": fp / n_good if n_good else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
+            "precision": tp / (tp + fp) if tp + fp else 1.0, "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+
+
+def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defects: list[str]) -> dict[str, float]:
+    """Image AUROC per defect type: defect -> AUROC of that defect's anomalous images against every
+    normal image (``labels`` / ``scores`` / ``defects`` of length N; defect names of anomalous images,
+    e.g. MVTec's ``test/<defect>`` folders), sorted by name; {} without normal images."""
+    y = np.asarray(labels).reshape(-1) > 0
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    good = ~y
+    if not good.any():
+        return {}
+    out: dict[str, float] = {}
+    for d in sorted({defects[i] for i in np.flatnonzero(y)}):
+        bad = y & (np.asarray(defects) == d)
+        keep = good | bad
+        out[d] = image_auroc(bad[keep].astype(int), s[keep])
+    return out

@@ -67,7 +67,8 @@ def training_data(protocol: str, dataset: Dataset, target: str, support: torch.T
 
 SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",
               "image_size", "weights", "preset", "train_seeds", "options", "synthetic", "support_lists",
-              "train_dataset", "train_data_root", "train_categories", "train_synthetic", "arch", "layout", "folder"}
+              "train_dataset", "train_data_root", "train_categories", "train_synthetic", "arch", "layout", "folder",
+              "operating_point"}
 
 
 @dataclass
@@ -105,6 +106,9 @@ class Suite:
     layout: str = "auto"
     #: sub-folders of the ``folder`` layout (normal_dir, abnormal_dir, mask_dir, normal_test_dir, ...)
     folder: dict[str, Any] = field(default_factory=dict)
+    #: the label-free operating point (leave-one-out support scores, fsad_bench.run.operating_point):
+    #: None = every method but the individual ones (whose k extra adaptations are k extra trainings)
+    operating_point: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,7 +179,7 @@ def apply_arch(suite: Suite, override: bool = False) -> None:
                 opts["arch"] = suite.arch
 
 
-#: TOML type of every suite key: "str", "int", "str-list", "int-list", "str-or-str-list" (one string or a
+#: TOML type of every suite key: "str", "int", "bool", "str-list", "int-list", "str-or-str-list" (one string or a
 #: list of them, kept as given), "int-table" (name -> int), "int-or-int-table", "table" (any table),
 #: "options" (method -> table of option values). A list key also takes a single value (``k = 2``
 #: is ``k = [2]``, ``categories = "washer"`` is ``["washer"]``); repeated list entries are dropped.
@@ -184,7 +188,8 @@ SUITE_TYPES = {"name": "str", "description": "str", "dataset": "str", "data_root
                "image_size": "int", "weights": "str", "preset": "str", "options": "options",
                "synthetic": "int-table", "support_lists": "str", "train_dataset": "str",
                "train_data_root": "str", "train_categories": "str-list", "train_synthetic": "int-table",
-               "train_seeds": "int-or-int-table", "arch": "str", "layout": "str", "folder": "table"}
+               "train_seeds": "int-or-int-table", "arch": "str", "layout": "str", "folder": "table",
+               "operating_point": "bool"}
 
 
 def _is_int(v: Any) -> bool:
@@ -203,6 +208,8 @@ def check_types(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
         if kind == "str" and not isinstance(value, str):
             fail("a string")
+        elif kind == "bool" and not isinstance(value, bool):
+            fail("true or false")
         elif kind == "int" and not _is_int(value):
             fail("an integer")
         elif kind in ("str-list", "int-list"):

@@ -142,7 +142,7 @@ def test_test_set_streamed_in_batches(make_suite, extra, tmp_path, monkeypatch):
     for module in (predict, cell):  # test batches, support sets
         monkeypatch.setattr(module, "load_cached_images",
                             lambda paths, *a: (asked.append(len(paths)), original(paths, *a))[1])
-    run_suite(make_suite(methods=["spy-hires"], k=[1], runs=1), tmp_path / "r")
+    run_suite(make_suite(methods=["spy-hires"], k=[1], runs=1, operating_point=False), tmp_path / "r")
     n_test = len(MVTecDataset(make_suite().data_root).split("grid").test)
     batches = [shape[0] for kind, shape in Hires.seen if kind == "test"]
     assert n_test == 14 and batches == [4, 4, 4, 2] * 3  # 3 categories

@@ -207,6 +207,8 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     naming what it lacks (:mod:`fsad_bench.report.completeness`); the long tables and ``summary.csv`` get a
     ``complete`` column. ``complete_only``: incomplete (method, k) are left out of every table (a note says which)."""
     from fsad_bench.report.costs import cost_ratio_table, cost_table
+    from fsad_bench.report.flags_table import mark_flags
+    from fsad_bench.report.per_defect import write_side_tables
     from fsad_bench.report.published import attach_reference, paper_difference
     from fsad_bench.report.significance import add_significance
 
@@ -234,7 +236,8 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
                 continue
             if reference_method and reference_method in set(sub["label"]) | set(sub["method"]):
                 t = add_significance(t, sub, reference_method, metric)
-            tables[f"{ds}_{metric}"] = attach_reference(t, ds, metric)  # no-op without published numbers
+            t = attach_reference(t, ds, metric)  # no-op without published numbers
+            tables[f"{ds}_{metric}"] = mark_flags(t, sub, metric)  # † on cells with a flagged record
             if std_components:
                 tables[f"{ds}_{metric}_std_components"] = mark_table(
                     paper_table(df, metric, ds, methods, std="components"), comp, (MEAN_ROW,), hide=complete_only)
@@ -258,6 +261,7 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
         atomic_write_text(folder / f"{name}.csv", flat.to_csv())
         tex_notes = "".join(f"\\par\\noindent{{\\footnotesize {_tex_escape(n)}}}\n" for n in notes)
         atomic_write_text(folder / f"{name}.tex", _latex(t, caption) + tex_notes)
+    write_side_tables(folder, df, methods)  # per_defect_image_auroc, operating_point (.md, .csv)
     summaries = pd.concat([summary(df, m).assign(metric=m) for m in METRICS if m in df.columns and df[m].notna().any()])
     summaries["complete"] = [comp.label_complete(lab, k, None if cat == MEAN_ROW else cat)
                              for lab, k, cat in zip(summaries["label"], summaries["k"], summaries["category"])]
@@ -270,8 +274,11 @@ def print_table(table: pd.DataFrame, title: str, console: Console | None = None)
     so that they stay readable in a terminal (the written files keep the full table)."""
     console = console or Console()
     if isinstance(table.columns, pd.MultiIndex) and table.columns.names[0] == "k":
-        for k in dict.fromkeys(table.columns.get_level_values(0)):
-            _print_one(table[k], f"{title} — {k}", console)
+        heads = list(dict.fromkeys(table.columns.get_level_values(0)))
+        extra = [h for h in heads if not str(h).startswith("k=")]  # e.g. the flagged column: beside every block
+        for k in (h for h in heads if h not in extra):
+            beside = [table[[c]].set_axis([" ".join(c).strip()], axis=1) for c in table.columns if c[0] in extra]
+            _print_one(pd.concat([table[k], *beside], axis=1), f"{title} — {k}", console)
     else:
         _print_one(table, title, console)
     for note in table.attrs.get("notes", []):

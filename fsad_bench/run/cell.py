@@ -36,11 +36,13 @@ from fsad_bench.adapter import AdapterConfig
 from fsad_bench.data.image_cache import load_cached_images
 from fsad_bench.data.dataset import Dataset
 from fsad_bench.data.sampler import SupportSampler
-from fsad_bench.metrics import evaluate
+from fsad_bench.metrics import evaluate, per_defect_auroc
 from fsad_bench.protocols import Suite, training_data
 from fsad_bench.records.store import ResultStore, save_example_maps
 from fsad_bench.records.tracking import after_record
+from fsad_bench.run import operating_point as op
 from fsad_bench.run.devices import peak_memory_mb, reset_peak_memory, sync
+from fsad_bench.run.flags import cell_flags
 from fsad_bench.run.model_cache import fit_cached
 from fsad_bench.run.paths import image_cache_dir
 from fsad_bench.run.peak_memory import frozen_gc
@@ -90,6 +92,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
     split = dataset.split(category)
     test_paths = [s.path for s in split.test]
     labels = np.array([s.label for s in split.test], dtype=np.int64)
+    defects = [s.defect for s in split.test]
     masks = load_masks(split, suite.image_size)
     images_cache = image_cache_dir()
     sampler = SupportSampler(suite.seed, suite.support_lists)
@@ -134,7 +137,6 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
         adapter.adapt(support.to(adapter.device))
         sync(device)
         adapt_seconds = time.perf_counter() - t0
-        del support
         scores, maps, infer_cold, infer_warm = predict_stream(adapter, test_paths, size, suite.image_size, device,
                                                               images_cache)
         record: dict[str, Any] = {
@@ -145,6 +147,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
             "preset": adapter.preset_name, "weights": adapter.weights_tag, "seed": suite.seed,
             "hparams": adapter.describe().get("hparams", {}),
             **evaluate(labels, scores, masks, maps),
+            **cell_flags(labels, scores, maps, seed), "per_defect_auroc": per_defect_auroc(labels, scores, defects),
             "adapt_seconds": adapt_seconds, "train_seconds": train_seconds,
             "infer_seconds_per_image": infer_cold, "infer_warm_seconds_per_image": infer_warm,
             "peak_memory_mb": peak_memory_mb(device),
@@ -161,6 +164,11 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
                                                              images_cache),
                               masks, test_paths, labels=labels)
         del maps
+        if op.wanted(cls.protocol, suite.operating_point):  # after the timings above, never inside them
+            fresh = None if shared is not None else lambda images, seed=seed, size=size: (  # individual: a model
+                m := make(seed), m.fit(training_data("individual", dataset, category, images, size)))[0]  # on k - 1
+            record.update(op.measure(adapter, support, seed, fresh, labels, scores, record["image_f1max"], device))
+        del support
         store.put(record)
         after_record(record, out)  # optional MLflow tracking (fsad_bench.records.tracking; no-op unless --mlflow)
         if on_cell:

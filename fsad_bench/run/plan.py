@@ -156,6 +156,8 @@ def config_hash(suite: Suite, method: str, category: str | None = None, dataset:
         "synthetic": suite.synthetic if suite.dataset == "synthetic" else None,
         "support_lists": Path(suite.support_lists).read_text() if suite.support_lists else None,
     }
+    if cls.protocol == "individual" and suite.operating_point:  # records then hold the operating point
+        payload["operating_point"] = True
     if dataset is not None:
         cats = dataset.categories if cls.protocol == "aggregated" or category is None else [category]
         payload["data"] = {"name": dataset.name, "root": str(dataset.root.resolve()),
