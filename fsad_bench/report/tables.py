@@ -204,6 +204,7 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     from fsad_bench.report.costs import cost_ratio_table, cost_table
     from fsad_bench.report.published import attach_reference, paper_difference
     from fsad_bench.report.significance import add_significance
+    from fsad_bench.report.sweeps import sweep_tables
 
     store = ResultStore(out)
     df = with_train_seed(store.frame())
@@ -230,6 +231,7 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
                 tables[f"{ds}_{metric}_vs_paper"] = diff.set_index("label")
     tables["cost"] = cost_table(df, methods)
     tables["cost_ratio"] = cost_ratio_table(df, methods)
+    tables.update(sweep_tables(df, metrics or DEFAULT_METRICS))  # one row per swept value (report/sweeps.py)
     if note := store.invalid_note():  # never silently: every table says it lacks records
         for t in tables.values():
             t.attrs["notes"] = [*t.attrs.get("notes", []), note]
