@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from fsad_bench import registry
 from fsad_bench.errors import FsadError
 
 #: ``--metric`` of compare / rerun: the record metrics (report.METRICS' keys, kept here so that the
@@ -117,7 +118,7 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
     from fsad_bench.protocols import apply_arch, load_suite, validate_numbers
 
     suite = load_suite(suite_name)
-    overrides = {"methods": _names(methods), "k": _ints(ks, "--k"), "runs": runs, "train_seeds": train_seeds,
+    overrides = {"methods": None if methods is None else registry.method_names(methods), "k": _ints(ks, "--k"), "runs": runs, "train_seeds": train_seeds,
                  "categories": _names(categories),
                  "data_root": ([str(r) for r in data_root] if len(data_root) > 1 else str(data_root[0]))
                  if data_root else None, "arch": arch,
@@ -139,7 +140,7 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
 
         enable(default_uri(out) if mlflow_uri == "default" else mlflow_uri)
     planned = plan(suite)
-    cells = planned.cells
+    suite, cells = planned.suite, planned.cells  # sweeps expanded into method variants
     from fsad_bench.records.store import ResultStore
 
     store = ResultStore(out)
@@ -388,12 +389,13 @@ def export(results_dir: Path, out: Path, fmt: str, everything: bool) -> None:
 @click.argument("results_dir", type=click.Path(path_type=Path))
 def plot(results_dir: Path) -> None:
     """Write the figures of RESULTS_DIR to RESULTS_DIR/plots: AUROC vs k, per-category bars,
-    ROC curves and anomaly-map overlays."""
+    ROC curves, anomaly-map overlays, and each sweep's metrics and seconds against the swept value."""
     from fsad_bench.report.plots import write_plots
+    from fsad_bench.report.sweeps import write_sweep_plots
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
-    paths = write_plots(results_dir)
+    paths = write_plots(results_dir) + write_sweep_plots(results_dir)
     for p in paths:
         console.print(str(p))
     console.print(f"{len(paths)} figures in {results_dir / 'plots'}")
@@ -404,7 +406,6 @@ def methods() -> None:
     """List registered method adapters."""
     from rich.table import Table
 
-    from fsad_bench import registry
 
     t = Table(title="methods")
     for col in ("name", "protocol", "presets", "reference"):

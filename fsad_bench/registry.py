@@ -1,7 +1,9 @@
 """Method registry: built-in adapters plus third-party ones from the entry-point group
 ``fsad_bench.methods`` (``mymethod = "mypkg.module:MyAdapter"`` in their pyproject), and
 prefixed families: ``anomalib:<Model>`` resolves through ``fsad_bench.methods.anomalib_models``
-(listed when the ``anomalib`` extra is installed).
+(listed when the ``anomalib`` extra is installed), and *variants*: ``<method>@<option>=<value>[,...]``
+(e.g. ``diffnet+@finetune_epochs=48``, what a suite's ``[sweep.<method>]`` expands into) is the method
+with those options fixed, a method of its own for every layer downstream (:func:`variant_name`).
 
 Importing this module imports no torch: adapter classes (and :mod:`fsad_bench.adapter`) are imported
 by :func:`get` / :func:`register`; :func:`available` and :func:`info` answer for the built-ins from
@@ -10,9 +12,11 @@ the classes (``fsad-bench methods`` and ``--help`` start without loading torch).
 
 from __future__ import annotations
 
+import json
+import re
 from importlib import import_module
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fsad_bench.errors import FsadError
 
@@ -129,7 +133,11 @@ def info(name: str) -> MethodInfo:
 
 
 def get(name: str) -> type[Adapter]:
-    """The adapter class registered as ``name``; FsadError for unknown names."""
+    """The adapter class registered as ``name``; FsadError for unknown names. A variant name
+    (``base@option=value,...``) gives a subclass of the base's class (:func:`variant_class`)."""
+    if VARIANT_MARK in name and name not in _REGISTERED:
+        base, options = split_variant(name)
+        return variant_class(get(base), options, base)
     from fsad_bench.adapter import Adapter
 
     if name in _REGISTERED:
@@ -145,3 +153,136 @@ def get(name: str) -> type[Adapter]:
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
         raise FsadError(f"method {name!r} ({targets[name]}) is not an fsad_bench Adapter subclass")
     return cls
+
+
+# -- variants: a method with some options fixed (what a suite's [sweep.<method>] expands into) ---------
+#: separates a variant's base method from its options: ``diffnet+@finetune_epochs=48``
+VARIANT_MARK = "@"
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VARIANTS: dict[tuple[type, str], type[Adapter]] = {}
+
+
+def _value_text(value: Any) -> str:
+    """An option value as written in a variant name: JSON without spaces (``48``, ``0.001``, ``true``,
+    ``[0.8,0.8]``); a string as itself unless it would read back as something else or holds ``,``."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            if "," not in value and value.strip() == value:
+                return value
+        return json.dumps(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def variant_name(base: str, options: dict[str, Any]) -> str:
+    """``base@key=value,key=value`` (keys in the given order): the name of ``base`` run with ``options``
+    fixed. FsadError when a key is not an option name or a value does not read back the same."""
+    if VARIANT_MARK in base:
+        raise FsadError(f"cannot make a variant of the variant {base!r}: name its base method")
+    if not options:
+        return base
+    for key in options:
+        if not _KEY.fullmatch(str(key)):
+            raise FsadError(f"variant of {base!r}: {key!r} is not an option name (letters, digits, _)")
+    name = base + VARIANT_MARK + ",".join(f"{k}={_value_text(v)}" for k, v in options.items())
+    back = split_variant(name)[1]
+    if back != options or any(type(back[k]) is not type(v) for k, v in options.items()):
+        raise FsadError(f"variant of {base!r}: the values {options!r} cannot be written in a method name "
+                        f"(numbers, true/false, strings and lists of them can)")
+    return name
+
+
+def split_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``("diffnet+", {"finetune_epochs": 48})`` for ``"diffnet+@finetune_epochs=48"``; ``(name, {})``
+    for a plain method name. FsadError for a malformed variant name."""
+    base, mark, text = name.partition(VARIANT_MARK)
+    if not mark:
+        return name, {}
+    options: dict[str, Any] = {}
+    decoder = json.JSONDecoder()
+    pos = 0
+    while pos < len(text):
+        key = _KEY.match(text, pos)
+        if key is None or text[key.end():key.end() + 1] != "=":
+            raise FsadError(f"malformed method variant {name!r} (expected {base}@option=value[,option=value...])")
+        pos = key.end() + 1
+        try:
+            value, end = decoder.raw_decode(text, pos)
+            if end < len(text) and text[end] != ",":
+                raise ValueError
+        except ValueError:  # a plain string runs to the next comma
+            end = text.find(",", pos)
+            end = len(text) if end < 0 else end
+            value = text[pos:end]
+        if key.group() in options:
+            raise FsadError(f"method variant {name!r} sets {key.group()!r} twice")
+        options[key.group()] = value
+        pos = end + 1 if end < len(text) else end
+        if end < len(text) and pos == len(text):
+            raise FsadError(f"malformed method variant {name!r} (ends in a comma)")
+    if not base or not options:
+        raise FsadError(f"malformed method variant {name!r} (expected METHOD@option=value[,option=value...])")
+    return base, options
+
+
+def method_names(text: str) -> list[str]:
+    """Comma-separated method names (the CLI's ``--methods``), a variant's own commas kept:
+    ``"random,diffnet+@meta_epochs=3,finetune_epochs=48"`` is two methods."""
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        last = out[-1] if out else ""
+        open_ = last.count("[") > last.count("]") or last.count("{") > last.count("}") or last.count('"') % 2
+        if VARIANT_MARK in last and (open_ or (VARIANT_MARK not in piece and re.match(r"[A-Za-z_]\w*=", piece))):
+            out[-1] = f"{last},{piece}"
+        else:
+            out.append(piece)
+    return out
+
+
+def base_name(name: str) -> str:
+    """The method a variant name is based on (``diffnet+`` for ``diffnet+@finetune_epochs=48``); a plain name itself."""
+    return name.partition(VARIANT_MARK)[0]
+
+
+def variant_class(base: type[Adapter], options: dict[str, Any], base_method: str | None = None) -> type[Adapter]:
+    """The subclass of ``base`` that runs with ``options`` fixed (checked by ``base.check_options``);
+    ``base_method``: the registry name of ``base`` (default ``base.name``).
+
+    ``name`` is the variant name, ``base_method`` / ``variant_options`` say what it varies; its
+    ``hparams`` are the preset's values overridden by the suite's options and then by ``options``;
+    its label is the base's name with one ``key=value`` tag per fixed option (also when the value is
+    the preset's: the values of a sweep stay apart), e.g. ``diffnet+ [cpu, alexnet, finetune_epochs=48]``.
+    Its module is the base's (the code fingerprint is the base's). One class per name and base."""
+    base_method = base_method or base.name
+    name = variant_name(base_method, options)
+    key = (base, name)
+    if key in _VARIANTS:
+        return _VARIANTS[key]
+    base.check_options(options, f"method {name!r}")
+    fixed = dict(options)
+
+    class Variant(base):  # type: ignore[misc, valid-type]
+        variant_options = fixed
+
+        @classmethod
+        def resolve_hparams(cls, preset: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+            return super().resolve_hparams(preset, {**(options or {}), **fixed})
+
+        def override_tags(self) -> list[str]:
+            shown = [k for k in fixed if k != "arch"]  # the architecture has its own tag
+            tags = [t for t in super().override_tags() if t.partition("=")[0] not in shown]
+            return tags + [f"{k}={self.hparams[k]}" for k in shown]
+
+        @property
+        def label(self) -> str:
+            return base_method + super().label[len(name):]
+
+    Variant.name, Variant.base_method = name, base_method
+    Variant.__name__ = Variant.__qualname__ = f"{base.__name__}Variant"
+    Variant.__module__ = base.__module__
+    Variant.__doc__ = f"{base_method} with {', '.join(f'{k}={v!r}' for k, v in fixed.items())} fixed."
+    _VARIANTS[key] = Variant
+    return Variant

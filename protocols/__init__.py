@@ -13,6 +13,11 @@ runs under its own protocol); see ``demo.toml`` for every key. ``train_seeds`` r
 training (an aggregated / cross-dataset fit, an individual method's fit on the support set)
 with that many seeds, so the tables' error bars cover training noise as well as the
 support-set draw; training-free methods (nothing trained) run training seed 0 only.
+
+A ``[sweep.<method>]`` table (option -> list of values; several options: every combination)
+runs the method once per value as a method *variant* of its own, ``<method>@<option>=<value>``
+(:func:`fsad_bench.registry.variant_name`; expanded by :func:`fsad_bench.run.plan.expand_sweeps`),
+on the same support sets and with the method's training seeds; see ``calibrate_cpu.toml``.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def training_data(protocol: str, dataset: Dataset, target: str, support: torch.T
 SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",
               "image_size", "weights", "preset", "train_seeds", "options", "synthetic", "support_lists",
               "train_dataset", "train_data_root", "train_categories", "train_synthetic", "arch", "layout", "folder",
-              "operating_point"}
+              "operating_point", "sweep"}
 
 
 @dataclass
@@ -109,15 +114,20 @@ class Suite:
     #: the label-free operating point (leave-one-out support scores, fsad_bench.run.operating_point):
     #: None = every method but the individual ones (whose k extra adaptations are k extra trainings)
     operating_point: bool | None = None
+    #: method -> option -> values: the method runs once per value (several options: per combination),
+    #: each a variant ``method@option=value`` of its own (:func:`check_sweep`)
+    sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def train_seeds_for(self, method: str) -> int:
-        """Training seeds of ``method``: its entry of a ``train_seeds`` table, else ``default``
-        (1 when the table has none), or the single number."""
+        """Training seeds of ``method``: its entry of a ``train_seeds`` table (a variant
+        ``base@option=value``: its own entry, else its base method's), else ``default`` (1 when the
+        table has none), or the single number."""
         if isinstance(self.train_seeds, dict):
-            return self.train_seeds.get(method, self.train_seeds.get("default", 1))
+            base = method.partition("@")[0]
+            return self.train_seeds.get(method, self.train_seeds.get(base, self.train_seeds.get("default", 1)))
         return self.train_seeds
 
 
@@ -158,6 +168,7 @@ def load_suite(name_or_path: str) -> Suite:
     if bad:
         raise FsadError(f"suite {source}: train_seeds names {bad[0]!r}, which is not a method of this suite "
                         f"(methods: {', '.join(raw['methods'])}; or 'default')")
+    check_sweep(raw.get("sweep", {}), raw.get("options", {}), f"suite {source}", raw["methods"])
     suite = Suite(**raw)
     validate_numbers(suite, f"suite {source}")
     apply_arch(suite)
@@ -173,6 +184,8 @@ def apply_arch(suite: Suite, override: bool = False) -> None:
     from fsad_bench import registry
 
     for m in suite.methods:
+        if "arch" in suite.sweep.get(m, {}):  # a sweep over the architecture: its values, not the suite's
+            continue
         if any("arch" in p for p in registry.get(m).presets.values()):
             opts = suite.options.setdefault(m, {})
             if override or "arch" not in opts:
@@ -181,7 +194,7 @@ def apply_arch(suite: Suite, override: bool = False) -> None:
 
 #: TOML type of every suite key: "str", "int", "bool", "str-list", "int-list", "str-or-str-list" (one string or a
 #: list of them, kept as given), "int-table" (name -> int), "int-or-int-table", "table" (any table),
-#: "options" (method -> table of option values). A list key also takes a single value (``k = 2``
+#: "options" (method -> table of option values), "sweep" (method -> table of option -> list of values). A list key also takes a single value (``k = 2``
 #: is ``k = [2]``, ``categories = "washer"`` is ``["washer"]``); repeated list entries are dropped.
 SUITE_TYPES = {"name": "str", "description": "str", "dataset": "str", "data_root": "str-or-str-list",
                "categories": "str-list", "methods": "str-list", "k": "int-list", "runs": "int", "seed": "int",
@@ -189,7 +202,7 @@ SUITE_TYPES = {"name": "str", "description": "str", "dataset": "str", "data_root
                "synthetic": "int-table", "support_lists": "str", "train_dataset": "str",
                "train_data_root": "str", "train_categories": "str-list", "train_synthetic": "int-table",
                "train_seeds": "int-or-int-table", "arch": "str", "layout": "str", "folder": "table",
-               "operating_point": "bool"}
+               "operating_point": "bool", "sweep": "sweep"}
 
 
 def _is_int(v: Any) -> bool:
@@ -232,7 +245,30 @@ def check_types(raw: dict[str, Any], source: str) -> dict[str, Any]:
         elif kind == "options":
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 fail("a table of per-method tables ([options.<method>] name = value)")
+        elif kind == "sweep":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                fail("a table of per-method tables ([sweep.<method>] option = [value, ...])")
     return out
+
+
+def check_sweep(sweep: dict[str, Any], options: dict[str, Any], source: str, methods: list[str] | None = None) -> None:
+    """FsadError (one line) unless ``sweep`` is ``{method: {option: [value, ...]}}`` with every list
+    non-empty, no option also fixed in ``[options.<method>]`` (which value would run?), and, with
+    ``methods``, every swept method one of them. Option names and value types are checked against
+    the adapter when the suite is planned (:func:`fsad_bench.run.plan.expand_sweeps`)."""
+    if not isinstance(sweep, dict) or not all(isinstance(t, dict) for t in sweep.values()):
+        raise FsadError(f"{source}: sweep must be a table of per-method tables ([sweep.<method>] option = [value, ...])")
+    for m, table in sweep.items():
+        if methods is not None and m not in methods:
+            raise FsadError(f"{source}: [sweep.{m}] names no method of this suite (methods: {', '.join(methods)})")
+        if not table:
+            raise FsadError(f"{source}: [sweep.{m}] is empty (give option = [value, ...])")
+        for key, values in table.items():
+            if not isinstance(values, list) or not values:
+                raise FsadError(f"{source}: [sweep.{m}] {key} must be a non-empty list of values, got {values!r}")
+            if key in (options.get(m) or {}):
+                raise FsadError(f"{source}: option {key!r} of {m!r} is both swept ([sweep.{m}]) and fixed "
+                                f"([options.{m}]); keep one")
 
 
 def validate_numbers(suite: Suite, source: str = "suite") -> None:

@@ -211,6 +211,7 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     from fsad_bench.report.per_defect import write_side_tables
     from fsad_bench.report.published import attach_reference, paper_difference
     from fsad_bench.report.significance import add_significance
+    from fsad_bench.report.sweeps import sweep_tables
 
     store = ResultStore(out)
     df = with_train_seed(store.frame())
@@ -246,6 +247,7 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
                 tables[f"{ds}_{metric}_vs_paper"] = complete_column(diff, comp, "label").set_index("label")
     tables["cost"] = complete_column(cost_table(df, methods), comp)
     tables["cost_ratio"] = complete_column(cost_ratio_table(df, methods), comp, k_col=None)
+    tables.update(sweep_tables(df, metrics or DEFAULT_METRICS))  # one row per swept value (report/sweeps.py)
     notes = hidden + ([note] if (note := store.invalid_note()) else [])  # never silently: every table says it lacks records
     for t in tables.values():
         t.attrs["notes"] = [*t.attrs.get("notes", []), *notes]

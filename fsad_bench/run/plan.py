@@ -3,11 +3,15 @@ the datasets a run reads, and which cells are done. Nothing here computes a numb
 
 A *cell* is (method, protocol, dataset, category, k, run, train seed); :func:`plan` returns a
 :class:`Plan` (suite, dataset, cells, adapter classes, training dataset) that running reuses.
+A suite's ``[sweep.<method>]`` tables are expanded first (:func:`expand_sweeps`): the method is
+replaced by one variant per value, ``<method>@<option>=<value>``, a method of its own downstream.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -23,7 +27,7 @@ from fsad_bench.data.synthetic import generate
 from fsad_bench.data.sampler import SupportSampler
 from fsad_bench.errors import FsadError
 from fsad_bench.identity import code_fingerprint, tree_fingerprint, weights_fingerprint
-from fsad_bench.protocols import Suite
+from fsad_bench.protocols import Suite, check_sweep
 from fsad_bench.run.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -100,6 +104,43 @@ def open_train_dataset(suite: Suite) -> Dataset:
     root = synthetic_root(suite.train_dataset, suite.train_data_root, suite.train_synthetic)
     return open_data_root(suite.train_dataset, root, suite.train_categories,
                           f"suite {suite.name!r} needs train_data_root = DIR")
+
+
+def sweep_variants(suite: Suite, method: str) -> list[str]:
+    """Variant names of ``method`` swept by ``suite.sweep[method]``: one per combination of the listed
+    values (the product over the options, in table order; repeated values once), each checked against
+    the adapter (option name, type, declared constraints: FsadError naming the ``[sweep.<method>]``)."""
+    table = suite.sweep[method]
+    cls = registry.get(method)
+    source = f"[sweep.{method}] of suite {suite.name!r}"
+    for key, values in table.items():
+        for value in values:
+            cls.check_options({key: value}, source)
+    names = [registry.variant_name(method, dict(zip(table, combo))) for combo in itertools.product(*table.values())]
+    return list(dict.fromkeys(names))
+
+
+def expand_sweeps(suite: Suite) -> Suite:
+    """The suite with each swept method replaced (in place in ``methods``) by its variants
+    (:func:`sweep_variants`), and every variant's ``options`` its base method's (the swept values
+    travel in the variant's name); the suite itself is unchanged. A ``[sweep.X]`` whose method is not
+    in ``methods`` (a ``--methods`` subset) is skipped; one that names no registered method, an empty
+    list, an option also fixed in ``[options.X]``, an unknown option or a value of the wrong type is
+    an FsadError (one line). Expanding an expanded suite changes nothing."""
+    check_sweep(suite.sweep, suite.options, f"suite {suite.name!r}")
+    for m in suite.sweep:
+        if m not in suite.methods and m not in registry.available():
+            raise FsadError(f"suite {suite.name!r}: [sweep.{m}] names no registered method "
+                            f"(suite methods: {', '.join(suite.methods)})")
+    methods = [v for m in suite.methods for v in (sweep_variants(suite, m) if m in suite.sweep else [m])]
+    options = dict(suite.options)
+    for m in methods:
+        base = registry.base_name(m)
+        if base != m and base in suite.options:
+            options[m] = {**suite.options[base], **suite.options.get(m, {})}
+    if methods == suite.methods and options == suite.options:
+        return suite
+    return dataclasses.replace(suite, methods=list(dict.fromkeys(methods)), options=options)
 
 
 def validate_suite(suite: Suite) -> None:
@@ -187,7 +228,9 @@ class Plan:
 
 def plan(suite: Suite) -> Plan:
     """Validate the suite against the adapters and the data (every header opened) and expand it into
-    cells (nothing is computed); each cell once, whatever the duplicates in the suite."""
+    cells (nothing is computed); each cell once, whatever the duplicates in the suite. ``Plan.suite``
+    is the suite with its sweeps expanded (:func:`expand_sweeps`): what the run and the records use."""
+    suite = expand_sweeps(suite)
     validate_suite(suite)
     dataset = open_dataset(suite)
     evaluated = evaluated_categories(suite, dataset)

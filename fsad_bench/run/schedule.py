@@ -51,6 +51,7 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
         raise FsadError("--backend dask needs --scheduler tcp://HOST:PORT (a running dask scheduler)")
     if planned is None:
         planned = plan(suite)
+    suite = planned.suite  # sweeps expanded: the variants are the methods the groups run
     cells = planned.cells
     datasets = (planned.dataset, planned.train_dataset)
     store = ResultStore(out)

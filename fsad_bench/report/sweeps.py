@@ -1,0 +1,256 @@
+"""Sweeps: a metric and the adaptation cost against the value of a swept option.
+
+A suite's ``[sweep.<method>]`` runs each value as a method variant ``<method>@<option>=<value>``
+(:func:`fsad_bench.registry.variant_name`); every record carries the variant's name in ``method``.
+Here the variants of one base method and one set of swept options form a *sweep*:
+
+* :func:`sweep_tables` — per (dataset, sweep, metric) one row per value (``48``; several options:
+  ``meta_epochs=3, finetune_epochs=48``), columns ``k=<k>``: the macro average over categories, ``mean ± std`` in % with the std over
+  every (train seed, run) pair of macro averages (as the ``Mean`` row of the paper tables), then
+  ``adapt_s k=<k>`` (mean seconds) and ``train_s`` (mean seconds of the fit over cells);
+* :func:`plot_sweep` / :func:`write_sweep_plots` — ``<out>/plots/<dataset>_sweep_<method>.png``: one
+  panel per metric (mean ± std error bars against the swept value, one line per k), and a panel
+  of seconds: adaptation (solid; an individual method's training included) and the aggregated fit
+  (dashed, ``train_seconds``), mean ± std over cells.
+
+Numbers on a single numeric option are drawn on a numeric axis (logarithmic when the values span
+a factor of 10 or more); several options or other values are drawn at evenly spaced positions.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from fsad_bench.metrics import METRICS
+from fsad_bench.records.store import ResultStore, with_train_seed
+from fsad_bench.registry import split_variant
+from fsad_bench.report.plots import METRIC_NAMES, _colors, _save
+
+#: metrics drawn when none are asked for (those with a value in the records)
+PLOT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+METRICS_TEXT = {m: METRIC_NAMES.get(m, m.replace("_", " ")) for m in METRICS}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _order_key(values: tuple) -> tuple:
+    return tuple((0, float(v), "") if _is_number(v) else (1, 0.0, str(v)) for v in values)
+
+
+def setting_text(options: dict[str, Any]) -> str:
+    """A row of a sweep table: the value (``48``) of a single swept option, else ``meta_epochs=3,
+    finetune_epochs=48`` (the index name says which options)."""
+    if len(options) == 1:
+        return str(next(iter(options.values())))
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
+def _safe(name: str) -> str:
+    """``name`` in a file name (as in cell ids: letters, digits and ``_.+-``)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(name))
+
+
+def _suffix(found: dict, ds: str, base: str, keys: tuple[str, ...]) -> str:
+    """``<method>`` in file and table names; ``<method>_<options>`` when the method has several sweeps."""
+    several = sum(1 for (d, b, _) in found if (d, b) == (ds, base)) > 1
+    return _safe(base) + ("_" + "_".join(keys) if several else "")
+
+
+def sweeps(df: pd.DataFrame) -> dict[tuple[str, str, tuple[str, ...]], pd.DataFrame]:
+    """The records of method variants by (dataset, base method, swept options), each with the
+    columns ``setting`` (:func:`setting_text`) and ``order`` (rank of the swept values: numbers
+    numerically); a sweep needs two values at least (a lone variant is no sweep)."""
+    if df.empty or "method" not in df.columns:
+        return {}
+    parsed = {m: split_variant(m) for m in df["method"].unique()}
+    variants = {m: p for m, p in parsed.items() if p[1]}
+    out: dict[tuple[str, str, tuple[str, ...]], pd.DataFrame] = {}
+    for ds in sorted(df["dataset"].unique()):
+        sub = df[df["dataset"] == ds]
+        groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        for m in sub["method"].unique():
+            if m in variants:
+                base, opts = variants[m]
+                groups.setdefault((base, tuple(opts)), []).append(m)
+        for (base, keys), methods in sorted(groups.items()):
+            if len(methods) < 2:
+                continue
+            ranked = sorted(methods, key=lambda m: _order_key(tuple(variants[m][1].values())))
+            d = sub[sub["method"].isin(methods)]
+            d = d.assign(setting=d["method"].map(lambda m: setting_text(variants[m][1])),
+                         order=d["method"].map({m: i for i, m in enumerate(ranked)}))
+            out[(ds, base, keys)] = d
+    return out
+
+
+def sweep_summary(d: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (variant, k) of one sweep's records ``d`` (from :func:`sweeps`): ``mean`` (the mean
+    over categories of each category's mean over (train seed, run) pairs) and ``std`` (sample std of
+    the per-(train seed, run) macro averages), in %; ``adapt_s`` / ``adapt_s_std`` and ``train_s`` /
+    ``train_s_std`` (seconds, over cells), ``n`` pairs; sorted by the swept value, then k."""
+    d = with_train_seed(d)
+    cols = ["setting", "order", "method", "k"]
+    cost = d.groupby(cols).agg(adapt_s=("adapt_seconds", "mean"), adapt_s_std=("adapt_seconds", "std"),
+                               train_s=("train_seconds", "mean"), train_s_std=("train_seconds", "std"),
+                               protocol=("protocol", "first")).reset_index()
+    v = d.dropna(subset=[metric]) if metric in d.columns else d.iloc[0:0]
+    if v.empty:
+        acc = pd.DataFrame(columns=cols + ["mean", "std", "n"])
+    else:
+        v = v.assign(value=100 * v[metric].astype(float))
+        pairs = v.groupby(cols + ["category", "train_seed", "run"])["value"].mean().reset_index()
+        mean = pairs.groupby(cols + ["category"])["value"].mean().groupby(cols).mean().rename("mean")
+        macro = pairs.groupby(cols + ["train_seed", "run"])["value"].mean().groupby(cols)
+        acc = pd.concat([mean, macro.std(ddof=1).rename("std"), macro.size().rename("n")], axis=1).reset_index()
+    out = cost.merge(acc, on=cols, how="left")
+    out[["adapt_s_std", "train_s_std", "std"]] = out[["adapt_s_std", "train_s_std", "std"]].fillna(0.0)
+    return out.sort_values(["order", "k"]).reset_index(drop=True)
+
+
+def sweep_tables(df: pd.DataFrame, metrics: list[str] | tuple[str, ...] | None = None,
+                 decimals: int = 1) -> dict[str, pd.DataFrame]:
+    """``<dataset>_<metric>_sweep_<method>`` (``…_<options>`` when a method has sweeps over other
+    options too) -> a table with one row per swept value (see the module docstring); nothing
+    without sweeps. ``metrics``: default :data:`PLOT_METRICS`."""
+    found = sweeps(df)
+    fmt = f"{{:.{decimals}f}}"
+    tables: dict[str, pd.DataFrame] = {}
+    for (ds, base, keys), d in found.items():
+        for metric in metrics or PLOT_METRICS:
+            s = sweep_summary(d, metric)
+            if s["mean"].isna().all():
+                continue
+            ks = sorted(s["k"].unique())
+            rows = list(dict.fromkeys(s["setting"]))
+            t = pd.DataFrame(index=rows, columns=[f"k={k}" for k in ks] + [f"adapt_s k={k}" for k in ks] + ["train_s"],
+                             dtype=object)
+            for r in s.itertuples():
+                if not pd.isna(r.mean):
+                    t.loc[r.setting, f"k={r.k}"] = fmt.format(r.mean) + (f" ± {fmt.format(r.std)}" if r.n > 1 else "")
+                t.loc[r.setting, f"adapt_s k={r.k}"] = f"{r.adapt_s:.3g}"
+            for setting, g in s.groupby("setting"):
+                t.loc[setting, "train_s"] = f"{g['train_s'].mean():.3g}"
+            t.index.name = ", ".join(keys)
+            t = t.fillna("–")
+            t.attrs["notes"] = [(f"{base} swept over {', '.join(keys)} on {ds}: {METRICS_TEXT.get(metric, metric)}, "
+                                 f"macro average over categories, ± = sample std over (train seed, run) pairs; "
+                                 f"seconds: mean over cells")]
+            tables[f"{_safe(ds)}_{metric}_sweep_{_suffix(found, ds, base, keys)}"] = t
+    return tables
+
+
+def _axis(methods: list[str], key: str, variants: dict[str, dict[str, Any]]
+          ) -> tuple[dict[str, float], list[float], list[str], bool]:
+    """x of each variant (its value of ``key``), the ticks and their labels, and whether the axis is
+    logarithmic: numbers on a numeric axis, other values at evenly spaced positions."""
+    values = list(dict.fromkeys(variants[m][key] for m in methods))
+    if all(_is_number(v) for v in values):
+        x = {m: float(variants[m][key]) for m in methods}
+        lo, hi = min(x.values()), max(x.values())
+        return x, [float(v) for v in values], [str(v) for v in values], lo > 0 and hi >= 10 * lo
+    pos = {repr(v): float(i) for i, v in enumerate(values)}
+    return {m: pos[repr(variants[m][key])] for m in methods}, list(pos.values()), [str(v) for v in values], False
+
+
+def plot_sweep(d: pd.DataFrame, dataset: str, base: str, keys: tuple[str, ...], path: Path,
+               metrics: list[str] | tuple[str, ...] | None = None) -> Path | None:
+    """One sweep's figure (see the module docstring) from its records ``d`` (:func:`sweeps`): x is the
+    last swept option; several options give one line per k and setting of the others (colour = k,
+    marker and line style = the other options). None when no metric of ``metrics`` (default
+    :data:`PLOT_METRICS`) has a value."""
+    from matplotlib.lines import Line2D
+
+    wanted = [m for m in (metrics or PLOT_METRICS) if m in d.columns and d[m].notna().any()]
+    if not wanted:
+        return None
+    variants = {m: split_variant(m)[1] for m in d["method"].unique()}
+    cost = sweep_summary(d, wanted[0])
+    methods = list(dict.fromkeys(cost["method"]))
+    x, ticks, tick_labels, log = _axis(methods, keys[-1], variants)
+    if len(keys) == 2:  # the other option's value alone ("3"; the legend says "meta_epochs=3")
+        others = {m: str(variants[m][keys[0]]) for m in methods}
+    else:
+        others = {m: setting_text({k: v for k, v in variants[m].items() if k != keys[-1]}) if len(keys) > 1 else ""
+                  for m in methods}
+    series = list(dict.fromkeys(others[m] for m in methods))
+    style = {o: (("o", "s", "^", "D", "v", "P", "X", "*")[i % 8], ("-", "--", ":", "-.")[i % 4])
+             for i, o in enumerate(series)}
+    ks = sorted(cost["k"].unique())
+    colors = _colors([f"k={k}" for k in ks])
+
+    def lines(ax, s: pd.DataFrame, column: str, spread: str) -> None:
+        for k in ks:
+            for o in series:
+                a = s[(s["k"] == k) & (s["method"].map(others) == o)]
+                if not a.empty:
+                    ax.errorbar(a["method"].map(x), a[column], yerr=a[spread], marker=style[o][0], ls=style[o][1],
+                                capsize=3, ms=4, color=colors[f"k={k}"])
+
+    n = len(wanted) + 1
+    fig = Figure(figsize=(3.6 * n, 3.4))
+    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
+    for ax, metric in zip(axes, wanted):
+        lines(ax, sweep_summary(d, metric).dropna(subset=["mean"]), "mean", "std")
+        ax.set_ylabel(METRIC_NAMES.get(metric, metric) + ", macro avg.", fontsize=8)
+        ax.set_title(f"{METRIC_NAMES.get(metric, metric)} (mean ± std over train seed × run)", fontsize=8)
+    ax = axes[-1]
+    lines(ax, cost, "adapt_s", "adapt_s_std")
+    trained = any(p in ("aggregated", "cross-dataset") for p in cost["protocol"]) and (cost["train_s"] > 0).any()
+    if trained:  # one fit serves every k: drawn once per setting, grey
+        fit = cost.groupby("method", sort=False).agg(train_s=("train_s", "mean"), train_s_std=("train_s_std", "mean"))
+        for o in series:
+            a = fit[fit.index.map(others) == o]
+            ax.errorbar(a.index.map(x), a["train_s"], yerr=a["train_s_std"], marker=style[o][0], ls=style[o][1],
+                        capsize=3, ms=4, color="grey")
+    ax.set_ylabel("seconds", fontsize=8)
+    ax.set_title("adaptation" + (" and fit (grey)" if trained else "") + " seconds (mean ± std over cells)",
+                 fontsize=8)
+    positive = pd.concat([cost["adapt_s"], cost["train_s"] if trained else cost["adapt_s"]])
+    if (positive > 0).all() and positive.max() >= 20 * positive.min():
+        ax.set_yscale("log")
+    handles = [Line2D([], [], color=colors[f"k={k}"], marker="o", label=f"k={k}") for k in ks]
+    if len(series) > 1:
+        handles += [Line2D([], [], color="black", marker=style[o][0], ls=style[o][1],
+                           label=f"{keys[0]}={o}" if len(keys) == 2 else o) for o in series]
+    if trained:
+        handles.append(Line2D([], [], color="grey", marker="o", label="fit (aggregated)"))
+    for ax in axes:
+        if log:
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(ticks, tick_labels, fontsize=7)
+        ax.set_xlabel(keys[-1], fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.legend(handles=handles, fontsize=6, loc="best")
+    fig.suptitle(f"{dataset}: {base} swept over {', '.join(keys)}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_sweep_plots(out: str | Path, metrics: list[str] | tuple[str, ...] | None = None,
+                      df: pd.DataFrame | None = None) -> list[Path]:
+    """Every sweep of the results folder ``out`` drawn to ``<out>/plots/<dataset>_sweep_<method>.png``
+    (``…_<options>`` when a method has sweeps over other options too); returns the paths (none
+    without sweeps). ``df``: the records, when the caller has them (default: the current suite's)."""
+    df = ResultStore(out).frame() if df is None else df
+    found = sweeps(df)
+    written = []
+    for (ds, base, keys), d in found.items():
+        path = Path(out) / "plots" / f"{_safe(ds)}_sweep_{_suffix(found, ds, base, keys)}.png"
+        p = plot_sweep(d, ds, base, keys, path, metrics)
+        if p is not None:
+            written.append(p)
+    return written
+
+
+__all__ = ["PLOT_METRICS", "plot_sweep", "setting_text", "sweep_summary", "sweep_tables", "sweeps",
+           "write_sweep_plots"]
