@@ -1,4 +1,4 @@
-"""Command line: ``fsad-bench run | table | compare | export | plot | prune | methods | datasets | synth``.
+"""Command line: ``fsad-bench run | table | compare | export | plot | report | prune | methods | datasets | synth``.
 
 Exit codes: 0 done; 2 bad input or an unusable results folder (one line on stderr, nothing
 computed lost); 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM — both print the same
@@ -12,6 +12,7 @@ inside the commands that need them, so ``--help``, ``--version``, ``methods`` an
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import threading
@@ -399,6 +400,19 @@ def plot(results_dir: Path) -> None:
     for p in paths:
         console.print(str(p))
     console.print(f"{len(paths)} figures in {results_dir / 'plots'}")
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--reference-method", help="Test every method against this one (default: gaussian when present).")
+def report(results_dir: Path, reference_method: str | None) -> None:
+    """Write RESULTS_DIR/report.html: one self-contained page (tables with published numbers and Δ,
+    figures, anomaly maps, significance, provenance) that opens offline; also rewrites tables/ and plots/."""
+    from fsad_bench.report.html import build_report
+
+    path = build_report(results_dir, reference_method=reference_method,
+                        command=shlex.join(["fsad-bench", *sys.argv[1:]]) if sys.argv[1:2] == ["report"] else None)
+    console.print(f"written {path}")
 
 
 @cli.command()

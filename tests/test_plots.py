@@ -29,7 +29,8 @@ def fabricate(out, with_scores: bool, with_maps: bool) -> None:
                     rec = {"cell_id": cell_id, "method": method, "label": method, "protocol": "individual",
                            "dataset": "synthetic", "category": c, "k": k, "run": r,
                            "image_auroc": float(rng.uniform(0.5, 0.6) + 0.15 * strength),
-                           "pixel_auroc": float(rng.uniform(0.6, 0.7)), "aupro": None,
+                           "pixel_auroc": float(rng.uniform(0.6, 0.7)), "aupro": 0.5, "config_hash": "0",
+                           "image_aupr": 0.5, "image_f1max": 0.5, "pixel_aupr": 0.5, "pixel_f1max": 0.5,
                            "adapt_seconds": 1.0, "train_seconds": 1.0, "infer_seconds_per_image": 0.01,
                            "peak_memory_mb": 100.0}
                     if with_scores:
@@ -53,7 +54,8 @@ def test_all_plots(tmp_path):
     names = {p.name for p in paths}
     assert names == {"synthetic_image_auroc_vs_k.png", "synthetic_image_auroc_categories.png",
                      "synthetic_pixel_auroc_vs_k.png", "synthetic_pixel_auroc_categories.png",
-                     "synthetic_roc.png", "synthetic_c0_maps.png", "synthetic_c1_maps.png"}
+                     "synthetic_aupro_vs_k.png", "synthetic_aupro_categories.png", "synthetic_roc.png",
+                     "synthetic_image_auroc_vs_adapt_cost.png", "synthetic_c0_maps.png", "synthetic_c1_maps.png"}
     for p in paths:
         assert p.parent == tmp_path / "plots"
         check_png(p)
@@ -63,7 +65,9 @@ def test_skips_roc_and_maps_when_absent(tmp_path):
     fabricate(tmp_path, with_scores=False, with_maps=False)
     names = {p.name for p in write_plots(tmp_path)}
     assert names == {"synthetic_image_auroc_vs_k.png", "synthetic_image_auroc_categories.png",
-                     "synthetic_pixel_auroc_vs_k.png", "synthetic_pixel_auroc_categories.png"}
+                     "synthetic_pixel_auroc_vs_k.png", "synthetic_pixel_auroc_categories.png",
+                     "synthetic_aupro_vs_k.png", "synthetic_aupro_categories.png",
+                     "synthetic_image_auroc_vs_adapt_cost.png"}
     assert not (tmp_path / "maps").exists()
 
 
