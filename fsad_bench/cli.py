@@ -97,6 +97,9 @@ def cli() -> None:
               help="Also print the std split into support-draw and training-seed parts (default: with several train seeds).")
 @click.option("--force", is_flag=True, help="Recompute every cell of the suite (and retrain cached models).")
 @click.option("--dry-run", is_flag=True, help="List the cells (done / to do / stale) and stop; writes nothing.")
+@click.option("--verify-data", is_flag=True,
+              help="Key the decoded-image cache by every image file's whole content too (sha256: one read per "
+                   "image and access, ~1-3 ms per MB): exact, slower. See docs/caches.md.")
 @click.option("--metrics", "metric_list", help="Tables to print, e.g. image_auroc,image_f1max,pixel_aupr "
               "(default image_auroc,pixel_auroc,aupro; records hold every metric).")
 @click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value="default",
@@ -107,7 +110,7 @@ def cli() -> None:
                    "operating_point; default: all but individual methods, for which it costs k extra trainings a cell).")
 def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, data_root, train_data_root, out,
         device, jobs, backend, scheduler, cache_features, weights, arch, preset, image_size, seed, support_lists,
-        force, dry_run, metric_list, mlflow_uri, complete_only, operating_point) -> None:
+        force, dry_run, verify_data, metric_list, mlflow_uri, complete_only, operating_point) -> None:
     """Run a benchmark suite (resumable: finished cells are skipped) and print its tables.
 
     A finished cell is reused only when nothing that changes its numbers changed (options,
@@ -151,7 +154,7 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         return
     with store.lock():  # before the first line: an unusable or busy --out is one error, nothing started
         _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
-                    std_components, metric_names, complete_only)
+                    std_components, metric_names, complete_only, verify_data)
 
 
 def _check_arguments(ks, data_root, train_data_root, jobs, metric_list) -> None:
@@ -166,7 +169,7 @@ def _check_arguments(ks, data_root, train_data_root, jobs, metric_list) -> None:
 
 
 def _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
-                std_components, metric_names, complete_only=False) -> None:
+                std_components, metric_names, complete_only=False, verify_data=False) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from fsad_bench.run.schedule import run_suite
@@ -185,7 +188,8 @@ def _run_locked(suite, planned, status, store, out, device, jobs, backend, sched
                   transient=False) as bar:
         task = bar.add_task("cells", total=todo)
         run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
-                  scheduler=scheduler, cache_features=cache_features, force=force, planned=planned)
+                  scheduler=scheduler, cache_features=cache_features, force=force, planned=planned,
+                  verify_data=verify_data)
     tables = write_tables(out, suite.methods, std_components=std_components, metrics=metric_names,
                           complete_only=complete_only)
     for name, table in tables.items():
@@ -392,7 +396,7 @@ def plot(results_dir: Path) -> None:
     """Write the figures of RESULTS_DIR to RESULTS_DIR/plots: AUROC vs k, per-category bars,
     ROC curves, anomaly-map overlays, and each sweep's metrics and seconds against the swept value."""
     from fsad_bench.report.plots import write_plots
-    from fsad_bench.report.sweeps import write_sweep_plots
+    from fsad_bench.report.sweep_plots import write_sweep_plots
 
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
@@ -490,6 +494,8 @@ def _main(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort as err:
+        if isinstance(err.__cause__, EOFError):  # click turns EOFError into Abort: a bug or bad file, not Ctrl-C
+            _crash(err.__cause__)
         err_console.print(STOPPED)
         sys.exit(143 if isinstance(err.__cause__, Terminated) else 130)
     except click.ClickException as err:
@@ -502,11 +508,16 @@ def _main(argv: list[str] | None) -> None:
         err_console.print(STOPPED)
         sys.exit(143 if isinstance(err, Terminated) else 130)
     except Exception as err:  # a bug in a method: one line, the trace only on request
-        if "FSAD_BENCH_DEBUG" in __import__("os").environ:
-            traceback.print_exc()
-        err_console.print(f"error: {err.__class__.__name__}: {err} (set FSAD_BENCH_DEBUG=1 for the traceback; "
-                          "finished cells are kept)", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _crash(err)
+
+
+def _crash(err: BaseException) -> None:
+    """A bug: one line (the traceback with ``FSAD_BENCH_DEBUG``), exit 1."""
+    if "FSAD_BENCH_DEBUG" in __import__("os").environ:
+        traceback.print_exception(err)
+    err_console.print(f"error: {err.__class__.__name__}: {err} (set FSAD_BENCH_DEBUG=1 for the traceback; "
+                      "finished cells are kept)", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

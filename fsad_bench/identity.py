@@ -5,7 +5,15 @@ that a record or a cached model is reused only when its inputs are unchanged:
 
 * :func:`file_sha256` — content hash of a file (weights), cached in ``<cache>/file_hashes.json``
   by (path, size, mtime): a 45 MB checkpoint is read once, then costs one ``stat``;
-* :func:`tree_fingerprint` — a folder's identity from its file list, sizes and mtimes (no read);
+* :func:`tree_fingerprint` — a folder's identity from its file list, sizes and mtimes (no read),
+  symbolic links followed (files and folders, cycles cut) and their targets included;
+* :func:`sampled_sha256` / :func:`content_sha256` — a file's content identity without a cache:
+  its size and first and last 64 KiB (cheap), or all of it (exact);
+* :func:`module_fingerprint` — the source of some modules and what they import from ``fsad_bench``
+  (the decoded-image cache keys on its decoding code's);
+* :func:`write_with_digest` / :func:`digest_problem` / :func:`discard_corrupt` — cached files (trained
+  models, features) written with their size and sha256 in a sidecar ``<file>.json``, checked before
+  they are loaded, deleted with one :class:`CorruptFileWarning` line when they fail;
 * :func:`weights_fingerprint` — ``--weights`` resolved to file contents (``auto`` / ``imagenet``:
   every checkpoint in torch's hub cache; a path: that file);
 * :func:`code_fingerprint` — the source of the modules that compute a method's numbers: the
@@ -25,8 +33,11 @@ import hashlib
 import inspect
 import json
 import os
+import stat
 import sys
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 HASH_CACHE_FILE = "file_hashes.json"
@@ -51,6 +62,8 @@ NOT_NUMBERS = {
     "fsad_bench.cli": "the command line",
     "fsad_bench.registry": "names -> adapter classes (each class's own code is hashed)",
     "fsad_bench.errors": "the one-line user error",
+    "fsad_bench.identity": "content identities and checked cache files: what an input is, never a number "
+                           "(a change in how config_hash identifies inputs changes cell ids by itself)",
 }
 
 
@@ -99,14 +112,140 @@ def file_sha256(path: str | Path, cache: Path | None = None) -> str:
 
 
 def tree_fingerprint(folder: str | Path) -> str:
-    """Identity of a folder from its resolved path and every file's relative path, size and mtime."""
+    """Identity of a folder from its resolved path and every file's relative path, size and mtime.
+
+    Symbolic links are followed, to files and to folders (a folder met again below itself, a link
+    cycle, is not re-entered); each link adds its relative path, its text and its resolved target,
+    so that retargeting a link to identical-looking files changes the identity too. A tree without
+    links has the identity it always had (the same bytes hashed in the same order)."""
     folder = Path(folder).resolve()
     h = hashlib.sha256(str(folder).encode())
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"\0{p.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for *_, line in sorted(_tree_lines(folder)):
+        h.update(line.encode())
     return h.hexdigest()
+
+
+def _tree_lines(folder: Path) -> list[tuple[Path, int, str]]:
+    """(relative path, kind, hashed text) of every file and link under ``folder``, links followed."""
+    lines: list[tuple[Path, int, str]] = []
+
+    def walk(directory: Path, rel: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:  # unreadable folder: skipped, as rglob did
+            return
+        for entry in entries:
+            path, r = Path(entry.path), rel / entry.name
+            if entry.is_symlink():
+                try:
+                    text = os.readlink(path)
+                except OSError:
+                    text = "?"
+                lines.append((r, 1, f"\0{r}|->{text}|{os.path.realpath(path)}"))
+            try:
+                st = path.stat()  # follows links
+            except OSError:  # a dangling link: its line above says where it pointed
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                here = (st.st_dev, st.st_ino)
+                if here in ancestors:  # a link cycle: recorded (line above), not walked again
+                    continue
+                walk(path, r, ancestors | {here})
+            elif stat.S_ISREG(st.st_mode):
+                lines.append((r, 0, f"\0{r}|{st.st_size}|{st.st_mtime_ns}"))
+
+    st = folder.stat() if folder.is_dir() else None
+    if st is not None:
+        walk(folder, Path(), frozenset({(st.st_dev, st.st_ino)}))
+    return lines
+
+
+#: Bytes read from each end of a file by :func:`sampled_sha256`.
+SAMPLE_BYTES = 1 << 16
+
+
+def sampled_sha256(path: str | Path, block: int = SAMPLE_BYTES) -> str:
+    """sha256 of a file's size, first ``block`` and last ``block`` bytes (the whole file when it is at
+    most ``2 * block`` bytes): two reads whatever the size. It sees every change to a PNG's pixels
+    (the zlib Adler-32 and the chunk CRC sit at the end) but not a same-size edit in the middle of a
+    larger uncompressed or JPEG file: :func:`content_sha256` is exact."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(f"{size}|".encode())
+        if size <= 2 * block:
+            h.update(f.read())
+        else:
+            h.update(f.read(block))
+            f.seek(size - block)
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file's whole content, read now (no cache: see :func:`file_sha256` for one)."""
+    return _sha256_file(Path(path))
+
+
+class CorruptFileWarning(UserWarning):
+    """A cached file failed its size / sha256 check or could not be loaded: deleted and recomputed."""
+
+
+def digest_path(path: Path) -> Path:
+    """The sidecar of a cached file: ``<file>.json`` with its ``size`` (bytes) and ``sha256``."""
+    return path.with_name(path.name + ".json")
+
+
+def write_with_digest(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(temporary path)`` with its size and sha256 in :func:`digest_path`;
+    both replaced atomically, the sidecar first (a file never appears without a sidecar; two writers
+    racing may leave a file and another's sidecar, which fails the check: a recomputation, never a
+    wrong load). OSError when the folder is not writable (nothing partial is left)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    side = digest_path(path)
+    side_tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        side_tmp.write_text(json.dumps({"size": tmp.stat().st_size, "sha256": _sha256_file(tmp)}))
+        os.replace(side_tmp, side)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+
+
+def digest_problem(path: Path) -> str | None:
+    """None when ``path`` has the size and sha256 its sidecar says; else what is wrong, in words.
+    Cost: one read of the file (sha256: ~1 ms per MB)."""
+    try:
+        info = json.loads(digest_path(path).read_text())
+        expected_size, expected_sha = int(info["size"]), str(info["sha256"])
+    except FileNotFoundError:
+        return f"no size/sha256 record {digest_path(path).name} beside it"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable size/sha256 record {digest_path(path).name}"
+    try:
+        size = path.stat().st_size
+        if size != expected_size:
+            return f"{size} bytes, {expected_size} written (truncated or overwritten)"
+        if _sha256_file(path) != expected_sha:
+            return "content differs from the sha256 written (damaged)"
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    return None
+
+
+def discard_corrupt(path: Path, what: str, why: str, action: str) -> None:
+    """One warning line naming ``path`` and why it is unusable; the file and its sidecar deleted."""
+    warnings.warn_explicit(f"{what} {path} is unusable ({why}): deleted, {action}", CorruptFileWarning,
+                           "fsad-bench", 0)
+    for p in (path, digest_path(path)):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:  # a read-only cache: the next run checks (and warns) again
+            pass
 
 
 def weights_fingerprint(weights: str, cache: Path | None = None) -> str:
@@ -187,8 +326,13 @@ def _source(path: Path) -> bytes:
 
 def _hashed_modules(module: str, file: str) -> dict[str, str]:
     """Module name -> sha256 of its source, for every module :func:`code_fingerprint` hashes."""
-    roots = {module.split(".")[0], "fsad_bench"}
-    todo: list[tuple[str, Path | None]] = [(module, Path(file)), *((n, None) for n in NUMBER_MODULES)]
+    return _walk_sources([(module, Path(file)), *((n, None) for n in NUMBER_MODULES)],
+                         {module.split(".")[0], "fsad_bench"})
+
+
+def _walk_sources(todo: list[tuple[str, Path | None]], roots: set[str]) -> dict[str, str]:
+    """Module name -> sha256 of its source for the modules of ``todo`` and, transitively, what they
+    import from the packages ``roots`` (the modules of :data:`NOT_NUMBERS` neither hashed nor followed)."""
     seen: dict[str, str] = {}
     while todo:
         name, path = todo.pop()
@@ -212,6 +356,15 @@ def _hashed_modules(module: str, file: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=None)
 def _code_fingerprint(module: str, file: str) -> str:
     files = sorted(_hashed_modules(module, file).items())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def module_fingerprint(*modules: str) -> str:
+    """Hash of the source of ``modules`` and of every module they import from ``fsad_bench``,
+    transitively (found without importing them; remembered per process: ``cache_clear()`` after
+    editing a source in a test)."""
+    files = sorted(_walk_sources([(m, None) for m in modules], {"fsad_bench"}).items())
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 

@@ -18,7 +18,8 @@ from fsad_bench.adapter import Adapter, Interval
 from fsad_bench.cli import main
 from fsad_bench.errors import FsadError
 from fsad_bench.records.store import ResultStore
-from fsad_bench.report.sweeps import sweep_tables, write_sweep_plots
+from fsad_bench.report.sweep_plots import write_sweep_plots
+from fsad_bench.report.sweeps import sweep_tables
 from fsad_bench.report.tables import write_tables
 from fsad_bench.run.plan import expand_sweeps, plan
 from fsad_bench.run.schedule import run_suite

@@ -5,8 +5,11 @@ method adapts on images that other k / runs also draw; with a frozen backbone th
 features never change. :class:`CachedBackbone` wraps such a backbone and keys each image's
 outputs by (backbone tag, SHA-1 of the image's pixels) — the pixels stand for the file and
 the transform that produced them — in memory (LRU, bounded in MiB) and, optionally, on disk
-(one ``.pt`` file per image, written atomically), so repeated commands and other methods
-with the same backbone and weights reuse them. Outputs are bit-identical to the backbone's.
+(one ``<key>.feat.pt`` file per image, written atomically with its size and sha256 beside it in
+``<key>.feat.pt.json``), so repeated commands and other methods with the same backbone and
+weights reuse them. Outputs are bit-identical to the backbone's. A disk file is checked before it
+is loaded (one read of the file); a truncated, damaged or unloadable one gives one warning line
+naming it (:class:`~fsad_bench.identity.CorruptFileWarning`), is deleted and recomputed.
 
 Memory: the in-memory part never holds more than ``max_memory_mb`` of feature tensors
 (:attr:`CachedBackbone.bytes`, least recently used evicted first), whatever the number of
@@ -16,12 +19,13 @@ test images; ``benchmarks/memory.py`` measures the process's peak against that b
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from fsad_bench.identity import digest_problem, discard_corrupt, write_with_digest
 
 
 class CachedBackbone:
@@ -51,15 +55,24 @@ class CachedBackbone:
             self.memory.move_to_end(key)
             return self.memory[key]
         if self.disk is not None:
-            path = self.disk / key[:2] / f"{key}.pt"
+            path = self._file(key)
             if path.is_file():
-                try:
-                    feats = torch.load(path, map_location="cpu", weights_only=True)
-                except Exception:  # a damaged cache file is recomputed, never fatal
+                why = digest_problem(path)
+                if why is None:
+                    try:
+                        feats = torch.load(path, map_location="cpu", weights_only=True)
+                    except Exception as err:  # EOFError, unpickling, ...: a damaged file, recomputed
+                        why = f"{err.__class__.__name__}: {err}".splitlines()[0]
+                if why is not None:
+                    discard_corrupt(path, "cached features", why, "computing them again")
                     return None
                 self._remember(key, feats)
                 return feats
         return None
+
+    def _file(self, key: str) -> Path:
+        """The disk file of ``key`` (``.feat.pt``: files of the unchecked format, ``.pt``, are never read)."""
+        return self.disk / key[:2] / f"{key}.feat.pt"
 
     def _remember(self, key: str, feats: list[torch.Tensor]) -> None:
         size = sum(f.numel() * f.element_size() for f in feats)
@@ -76,11 +89,7 @@ class CachedBackbone:
     def _put(self, key: str, feats: list[torch.Tensor]) -> None:
         self._remember(key, feats)
         if self.disk is not None:
-            path = self.disk / key[:2] / f"{key}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(feats, tmp)
-            os.replace(tmp, path)
+            write_with_digest(self._file(key), lambda tmp: torch.save(feats, tmp))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:

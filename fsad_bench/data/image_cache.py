@@ -7,15 +7,31 @@ costs ~50 ms for a 900 px MVTec PNG, reading its cached copy ~0.5 ms; a cell re-
 category's whole test set, so the decoded, resized image is kept under
 ``<cache>/images/<size>/`` as one ``.npy`` file per (file, size): ``(3, S, S)`` uint8 when the
 loader's output is exactly ``k / 255`` (PIL images always are), else float32 — either way
-the tensor read back equals :func:`fsad_bench.data.images.load_image`'s bit for bit. The key is
-(resolved path, file size, mtime, S), so an edited original is decoded afresh. Disk use:
+the tensor read back equals :func:`fsad_bench.data.images.load_image`'s bit for bit. Disk use:
 3·S² bytes per image (150 KB at 224 px, 600 KB at 448 px).
+
+The key (:func:`cache_key`) is everything that produced an entry's pixels:
+
+* the decoding code (:func:`decoder_fingerprint`): the source of :mod:`fsad_bench.data.images`,
+  of this module and of what they import from ``fsad_bench``, and the Pillow, torchvision, torch
+  and numpy versions — editing the decoder never serves pixels it no longer produces;
+* the original's identity: resolved path, size, mtime, inode and ctime (``touch -r`` restores an
+  mtime, not the ctime; a ``chmod`` or a rename costs a re-decode, never a wrong pixel);
+* the output size ``S``;
+* with :attr:`ImageCache.check` ``"sample"`` (what ``fsad-bench run --force`` uses) also the
+  file's size and first and last 64 KiB (:func:`fsad_bench.identity.sampled_sha256`: two reads,
+  ~0.05 ms per file; exact for PNG, whose checksums sit at the end), with ``"full"``
+  (``--verify-data``) the sha256 of the whole file (one read: ~1–3 ms per MB, a few times the
+  cached read, still ~20x cheaper than decoding). These keys differ from the plain one, so the
+  first run in each mode decodes every image once.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +39,75 @@ import torch
 
 from fsad_bench.data.images import load_image
 from fsad_bench.data.torch_datasets import ImageFiles
+from fsad_bench.errors import FsadError
+from fsad_bench.identity import content_sha256, module_fingerprint, sampled_sha256
+
+#: :attr:`ImageCache.check` values -> what identifies an original's content besides its metadata.
+CHECKS = {"stat": "path, size, mtime, inode, ctime (no read)",
+          "sample": "also the size and first and last 64 KiB (--force)",
+          "full": "also the sha256 of the whole file (--verify-data)"}
+
+#: Modules whose source decides the decoded pixels (with what they import from fsad_bench).
+DECODER_MODULES = ("fsad_bench.data.images", "fsad_bench.data.image_cache")
 
 
-def _key(path: Path, size: int) -> str:
+@dataclass(frozen=True)
+class ImageCache:
+    """The decoded-image cache: its ``folder`` and how an original's content is identified
+    (``check``: a key of :data:`CHECKS`). A plain folder path means ``ImageCache(folder)``."""
+
+    folder: Path
+    check: str = "stat"
+
+    def __post_init__(self):
+        if self.check not in CHECKS:
+            raise FsadError(f"image cache check {self.check!r} is not one of {', '.join(CHECKS)}")
+        object.__setattr__(self, "folder", Path(self.folder))
+
+
+@functools.lru_cache(maxsize=None)
+def decoder_fingerprint() -> str:
+    """Hash of the decoding code: the source of :data:`DECODER_MODULES` and of what they import from
+    ``fsad_bench`` (:func:`fsad_bench.identity.module_fingerprint`), and the versions of the libraries
+    that decode and resize. Computed once per process."""
+    import PIL
+    import torchvision
+
+    versions = f"PIL={PIL.__version__}|torchvision={torchvision.__version__}|torch={torch.__version__}|" \
+               f"numpy={np.__version__}"
+    return hashlib.sha256(f"{module_fingerprint(*DECODER_MODULES)}|{versions}".encode()).hexdigest()
+
+
+def cache_key(path: Path, size: int, check: str = "stat") -> str:
+    """The cache key of ``path`` decoded at ``size`` (see the module doc); OSError if ``path`` cannot
+    be read. Every input of the decoded pixels is one field here: a new one (e.g. a resize filter)
+    is one more entry of ``fields``."""
     st = path.stat()
-    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{size}"
-    return hashlib.sha1(raw.encode()).hexdigest()
+    fields = [decoder_fingerprint(), path.resolve(), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, size]
+    if check == "sample":
+        fields.append(sampled_sha256(path))
+    elif check == "full":
+        fields.append(content_sha256(path))
+    return hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()
 
 
-def load_cached_image(path: str | Path, size: int, cache: str | Path | None) -> torch.Tensor:
+def _as_cache(cache: str | Path | ImageCache) -> ImageCache:
+    return cache if isinstance(cache, ImageCache) else ImageCache(Path(cache))
+
+
+def load_cached_image(path: str | Path, size: int, cache: str | Path | ImageCache | None) -> torch.Tensor:
     """:func:`~fsad_bench.data.images.load_image` ``(3, size, size)`` in [0, 1], through the disk cache
-    at ``cache`` (None: decode the original). Errors of the original are FsadErrors as there."""
+    ``cache`` (a folder or an :class:`ImageCache`; None: decode the original). Errors of the original
+    are FsadErrors as there."""
     path = Path(path)
     if cache is None:
         return load_image(path, size)
+    cache = _as_cache(cache)
     try:
-        key = _key(path, size)
+        key = cache_key(path, size, cache.check)
     except OSError:
         return load_image(path, size)  # raises the data layer's one-line error
-    file = Path(cache) / str(size) / key[:2] / f"{key}.npy"
+    file = cache.folder / str(size) / key[:2] / f"{key}.npy"
     try:
         arr = np.load(file)
     except (OSError, ValueError, EOFError):  # absent or damaged: decode the original
@@ -62,7 +128,7 @@ def load_cached_image(path: str | Path, size: int, cache: str | Path | None) -> 
     return image
 
 
-def load_cached_images(paths: list[Path], size: int, cache: str | Path | None) -> torch.Tensor:
+def load_cached_images(paths: list[Path], size: int, cache: str | Path | ImageCache | None) -> torch.Tensor:
     """Stack ``(N, 3, size, size)`` of :func:`load_cached_image`."""
     if not paths:
         return torch.zeros(0, 3, size, size)
@@ -72,7 +138,7 @@ def load_cached_images(paths: list[Path], size: int, cache: str | Path | None) -
 class CachedImageFiles(ImageFiles):
     """:class:`~fsad_bench.data.torch_datasets.ImageFiles` read through the disk cache (training loops)."""
 
-    def __init__(self, paths: list[Path], size: int, cache: str | Path | None = None):
+    def __init__(self, paths: list[Path], size: int, cache: str | Path | ImageCache | None = None):
         super().__init__(paths, size)
         self.cache = cache
 

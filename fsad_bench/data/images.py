@@ -4,19 +4,77 @@ Files: PNG, JPEG, BMP, TIFF (any case of the suffix). Images are returned as flo
 [0, 1] of shape ``(3, S, S)`` (grayscale replicated; 16-bit scaled by 65535, not clipped; alpha
 dropped; bilinear antialiased resize); masks as ``(S, S)`` float tensors with values in {0, 1}
 (nearest resize); a mask must have its image's size (FsadError naming both files otherwise).
+
+Errors: any failure to read or decode a file (unknown format, truncated data, a mode that cannot
+be converted, any other Pillow error) is an FsadError naming the file, its mode and size when the
+header was read, and what was expected. Size limit: an image of more than :data:`MAX_PIXELS`
+pixels (Pillow's default ``MAX_IMAGE_PIXELS``, 89,478,485: e.g. 9459x9459; a 224 px model never
+needs more, and one such RGB image takes 268 MB decoded) is refused by the header alone, before
+any decoding, by :func:`check_pixels` (at planning, :func:`fsad_bench.data.integrity.verify_readable`,
+and here as a fallback). Pillow's own decompression-bomb error (above twice that) becomes the same
+FsadError.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from fsad_bench.errors import FsadError
+
+#: Largest image accepted, in pixels (width x height): Pillow's default ``Image.MAX_IMAGE_PIXELS``,
+#: written out so that a Pillow release changing its default does not change what fsad-bench accepts.
+MAX_PIXELS = 89_478_485
+
+#: What a readable image is, for the error messages.
+EXPECTED = f"a PNG, JPEG, BMP or TIFF image of at most {MAX_PIXELS} pixels that Pillow decodes"
+
+
+def check_pixels(path: Path, size: tuple[int, int], what: str = "image") -> None:
+    """FsadError naming ``path`` when ``size`` ``(width, height)`` exceeds :data:`MAX_PIXELS`."""
+    if size[0] * size[1] > MAX_PIXELS:
+        raise FsadError(f"cannot read {what} {path}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, larger than "
+                        f"{MAX_PIXELS} pixels (fsad_bench.data.images.MAX_PIXELS, Pillow's default limit)")
+
+
+def decode_error(path: Path, err: BaseException, what: str = "image", im: Image.Image | None = None) -> FsadError:
+    """The one-line FsadError for any exception ``err`` raised while reading ``path`` (``im``: its
+    header, when it was read: the mode and size are named)."""
+    if isinstance(err, FsadError):
+        return err
+    if isinstance(err, Image.DecompressionBombError):  # Pillow's message names its own (doubled) limit
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = f"{found.group(1)} pixels" if found else "an image"
+        return FsadError(f"cannot read {what} {path}: {pixels}, larger than {MAX_PIXELS} pixels "
+                         f"(fsad_bench.data.images.MAX_PIXELS, Pillow's default limit)")
+    header = f" (mode {im.mode}, {im.size[0]}x{im.size[1]})" if im is not None else ""
+    return FsadError(f"cannot read {what} {path}{header}: {err.__class__.__name__}: {err} (expected {EXPECTED})")
+
+
+@contextmanager
+def open_image(path: Path, what: str = "image"):
+    """``Image.open(path)`` whose header is checked (:func:`check_pixels`) and whose errors, in the
+    ``with`` block too, are FsadErrors naming the file (:func:`decode_error`); MemoryError passes."""
+    im = None
+    try:
+        with warnings.catch_warnings():  # the size check below says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            check_pixels(path, im.size, what)
+            yield im
+    except (MemoryError, GeneratorExit):
+        raise
+    except Exception as err:
+        raise decode_error(path, err, what, im) from None
 
 
 def _as_rgb(im: Image.Image) -> Image.Image:
@@ -53,22 +111,16 @@ def _mask_array(im: Image.Image) -> np.ndarray:
 
 def image_size_of(path: Path) -> tuple[int, int]:
     """``(width, height)`` of an image from its header; FsadError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise FsadError(f"cannot read image {path}: {err.__class__.__name__}: {err}") from None
+    with open_image(path) as im:
+        return im.size
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
     """Read an RGB image resized to ``(3, size, size)`` in [0, 1]; FsadError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            im = _as_rgb(im)
-            im = TF.resize(im, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-            return TF.to_tensor(im)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise FsadError(f"cannot read image {path}: {err.__class__.__name__}: {err}") from None
+    with open_image(path) as im:
+        rgb = _as_rgb(im)
+        rgb = TF.resize(rgb, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return TF.to_tensor(rgb)
 
 
 def mask_size_error(mask: Path, msize: tuple[int, int], image: Path, isize: tuple[int, int]) -> FsadError:
@@ -82,15 +134,12 @@ def load_mask(path: Path | None, size: int, image: Path | None = None) -> torch.
     FsadError unless the mask has that image's size."""
     if path is None:
         return torch.zeros(size, size)
-    try:
-        with Image.open(path) as im:
-            if image is not None and im.size != image_size_of(image):
-                raise mask_size_error(path, im.size, image, image_size_of(image))
-            m = Image.fromarray(_mask_array(im).astype(np.uint8) * 255)
-            m = TF.resize(m, [size, size], interpolation=InterpolationMode.NEAREST)
-            return (TF.to_tensor(m)[0] > 0.5).float()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise FsadError(f"cannot read mask {path}: {err.__class__.__name__}: {err}") from None
+    with open_image(path, "mask") as im:
+        if image is not None and im.size != image_size_of(image):
+            raise mask_size_error(path, im.size, image, image_size_of(image))
+        m = Image.fromarray(_mask_array(im).astype(np.uint8) * 255)
+        m = TF.resize(m, [size, size], interpolation=InterpolationMode.NEAREST)
+        return (TF.to_tensor(m)[0] > 0.5).float()
 
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fsad_bench.data.dataset import CategorySplit, Dataset
-from fsad_bench.data.images import mask_size_error
+from fsad_bench.data.images import mask_size_error, open_image
 from fsad_bench.errors import FsadError
 
 #: Formats whose end is checked from the file's tail: (bytes read from the end, end marker, reason).
@@ -31,17 +31,18 @@ def _truncation(path: Path, im: Image.Image, nbytes: int) -> str | None:
 
 
 def check_file(path: Path, what: str = "image") -> tuple[int, int]:
-    """Open ``path``'s header, check it is complete (cheap tail check, see :func:`_truncation`);
-    returns ``(width, height)``; FsadError naming the file otherwise."""
+    """Open ``path``'s header, check its pixel count (:func:`~fsad_bench.data.images.check_pixels`) and
+    that it is complete (cheap tail check, see :func:`_truncation`); returns ``(width, height)``;
+    FsadError naming the file otherwise."""
     try:
         nbytes = path.stat().st_size
-        if nbytes == 0:
-            raise FsadError(f"cannot read {what} {path}: empty file (0 bytes)")
-        with Image.open(path) as im:
-            why = _truncation(path, im, nbytes)
-            size = im.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except OSError as err:
         raise FsadError(f"cannot read {what} {path}: {err.__class__.__name__}: {err}") from None
+    if nbytes == 0:
+        raise FsadError(f"cannot read {what} {path}: empty file (0 bytes)")
+    with open_image(path, what) as im:  # any Pillow error, and more than MAX_PIXELS pixels: FsadError
+        why = _truncation(path, im, nbytes)
+        size = im.size
     if why:
         raise FsadError(f"cannot read {what} {path}: {why}")
     return size

@@ -33,7 +33,7 @@ import torchvision
 
 from fsad_bench import __version__, registry
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.data.image_cache import load_cached_images
+from fsad_bench.data.image_cache import ImageCache, load_cached_images
 from fsad_bench.data.dataset import Dataset
 from fsad_bench.data.sampler import SupportSampler
 from fsad_bench.metrics import evaluate, per_defect_auroc
@@ -60,19 +60,20 @@ def versions() -> dict[str, str]:
 def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: str | Path,
               device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None,
               feature_cache: str | None = None, dataset: Dataset | None = None,
-              train_dataset: Dataset | None = None) -> int:
+              train_dataset: Dataset | None = None, image_check: str = "stat") -> int:
     """Run the unfinished ``cells`` of one (method, category); returns how many were run.
     (What was alive before stays out of the per-cell garbage collections: :func:`frozen_gc`.)
-    ``dataset`` / ``train_dataset``: the :class:`~fsad_bench.run.plan.Plan`'s, else opened here."""
+    ``dataset`` / ``train_dataset``: the :class:`~fsad_bench.run.plan.Plan`'s, else opened here;
+    ``image_check``: how the decoded-image cache identifies files (:class:`~fsad_bench.data.image_cache.ImageCache`)."""
     with frozen_gc():
         return _run_group(suite, method, category, cells, out, device, threads, on_cell, feature_cache, dataset,
-                          train_dataset)
+                          train_dataset, image_check)
 
 
 def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: str | Path,
                device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None,
                feature_cache: str | None = None, dataset: Dataset | None = None,
-               train_dataset: Dataset | None = None) -> int:
+               train_dataset: Dataset | None = None, image_check: str = "stat") -> int:
     """Run the unfinished ``cells`` of one (method, category); returns how many were run.
 
     Cells run grouped by train seed: a shared (aggregated / cross-dataset) adapter is fitted (or
@@ -94,7 +95,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
     labels = np.array([s.label for s in split.test], dtype=np.int64)
     defects = [s.defect for s in split.test]
     masks = load_masks(split, suite.image_size)
-    images_cache = image_cache_dir()
+    images_cache = ImageCache(image_cache_dir(), image_check)
     sampler = SupportSampler(suite.seed, suite.support_lists)
 
     def make(seed: int):
@@ -109,11 +110,13 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
             shared = None  # the previous train seed's model goes before the next one is built
             shared, shared_seed = make(adapter_seed(suite.seed, cell.train_seed)), cell.train_seed
             if cls.protocol == "aggregated":
-                train_seconds = fit_cached(shared, suite, dataset, category, cell.config_hash, cell.train_seed)
+                train_seconds = fit_cached(shared, suite, dataset, category, cell.config_hash, cell.train_seed,
+                                           images_cache)
             elif cls.protocol == "cross-dataset":
                 if train_dataset is None:
                     train_dataset = open_train_dataset(suite)
-                train_seconds = fit_cached(shared, suite, train_dataset, "", cell.config_hash, cell.train_seed)
+                train_seconds = fit_cached(shared, suite, train_dataset, "", cell.config_hash, cell.train_seed,
+                                           images_cache)
         support_paths = sampler.support(split, cell.k, cell.run)
         seed = cell_seed(suite.seed, method, category, cell.k, cell.run, cell.train_seed)
         reset_peak_memory(device)

@@ -21,18 +21,18 @@ from fsad_bench.run.plan import Plan, groups_of, plan
 BACKENDS = ("loky", "dask")
 
 
-def _run_group_in_worker(parent_pid: int, *args: Any) -> int:
+def _run_group_in_worker(parent_pid: int, *args: Any, **kwargs: Any) -> int:
     """:func:`run_group` in a local worker that dies with the run (:func:`fsad_bench.run.workers.guard_worker`)."""
     from fsad_bench.run.workers import guard_worker
 
     guard_worker(parent_pid)
-    return run_group(*args)
+    return run_group(*args, **kwargs)
 
 
 def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
               progress: Callable[[int], None] | None = None, backend: str = "loky",
               scheduler: str | None = None, cache_features: bool = False, force: bool = False,
-              planned: Plan | None = None) -> ResultStore:
+              planned: Plan | None = None, verify_data: bool = False) -> ResultStore:
     """Run every unfinished cell of ``suite`` into the store at ``out``.
 
     ``progress(n)`` is called as cells finish. ``jobs > 1`` runs (method, category) groups in
@@ -43,7 +43,9 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
     duplicate one. ``out`` is locked for the whole run (a second run on it gets FsadError);
     ``force``: recompute every cell of the suite (their records and cached trained models are
     deleted first); ``planned``: the :func:`plan` of ``suite`` when the caller already has it (its
-    dataset, adapter classes and training dataset are reused by every group).
+    dataset, adapter classes and training dataset are reused by every group). The decoded-image cache
+    identifies an original by its metadata, with ``force`` also by its size and first and last 64 KiB,
+    with ``verify_data`` by its whole content (:data:`fsad_bench.data.image_cache.CHECKS`).
     """
     if backend not in BACKENDS:
         raise FsadError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
@@ -63,12 +65,13 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
         store.save_suite(suite.to_dict(), [c.cell_id for c in cells])
         todo = groups_of([c for c in cells if not store.has(c.cell_id)])
         features = str(cache_dir() / "features") if cache_features else None
+        check = {"image_check": "full" if verify_data else "sample" if force else "stat"}
         if backend == "loky" and jobs <= 1:
             with frozen_gc():  # one full collection per run, not one per group
                 for (m, c), group in todo.items():
                     run_group(suite, m, c, group, out, device, feature_cache=features,
                               on_cell=(lambda _c: progress(1)) if progress else None, dataset=datasets[0],
-                              train_dataset=datasets[1])
+                              train_dataset=datasets[1], **check)
             return store
         from joblib import Parallel, delayed, parallel_config
 
@@ -77,7 +80,7 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
                 from distributed import Client
             except ImportError:
                 raise FsadError("--backend dask needs dask.distributed: pip install 'fsad-bench[dask]'") from None
-            tasks = (delayed(run_group)(suite, m, c, g, out, device, None, None, features, *datasets)
+            tasks = (delayed(run_group)(suite, m, c, g, out, device, None, None, features, *datasets, **check)
                      for (m, c), g in todo.items())
             try:
                 client = Client(scheduler, timeout="10s")
@@ -90,7 +93,7 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
             return store
         threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
         tasks = (delayed(_run_group_in_worker)(os.getpid(), suite, m, c, g, out, device, threads, None, features,
-                                               *datasets) for (m, c), g in todo.items())
+                                               *datasets, **check) for (m, c), g in todo.items())
         for n in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
             if progress:
                 progress(n)
