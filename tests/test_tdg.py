@@ -74,8 +74,10 @@ def test_inverse_maps_a_centred_patch_grid_back():
 
 
 def test_pyramid_matches_official_sizes():
-    assert pyramid_sizes(128, 25, 64, 0.75) == [25, 32, 40, 51, 64]  # paper preset, MVTec at 128 px
-    assert pyramid_sizes(128, 16, 32, 0.5) == [16, 23, 32]  # cpu preset
+    # SinGAN's imresize: ceil(64 * 0.390625000000000006) = 26 (benchmarks/parity/tdg.py measures it)
+    assert pyramid_sizes(128, 25, 64, 0.75) == [26, 32, 41, 51, 64]  # paper preset, MVTec at 128 px
+    assert pyramid_sizes(128, 16, 32, 0.5) == [17, 23, 32]  # cpu preset
+    assert pyramid_sizes(128, 25, 64, 0.75, "exact") == [25, 32, 40, 51, 64]  # option pyramid_sides = "exact"
 
 
 def test_discriminator_head_shape():

@@ -85,7 +85,9 @@ def offline():
 class FrozenCLIP(nn.Module):
     """An open_clip CLIP used as a fixed feature extractor.
 
-    ``model_name``: an open_clip model name or ``"tiny"`` (:data:`TINY_CLIP`, random init only);
+    ``model_name``: an open_clip model name or ``"tiny"`` (:data:`TINY_CLIP`, or ``model_cfg`` when given:
+    an open_clip ``CLIP(**cfg)`` config, e.g. ViT-B-16-plus-240's shape with narrow blocks for
+    ``benchmarks/parity/inctrl.py``; random init only);
     ``weights``: see :func:`resolve_clip_weights`; ``pretrained_tag``: the open_clip tag whose cached
     file ``weights="auto"`` looks for; ``layers``: 0-based indices of the visual blocks to tap.
 
@@ -95,15 +97,17 @@ class FrozenCLIP(nn.Module):
     final norm. ``.weights_tag``: ``random-init``, the pretrained tag, or ``file:<name>``.
     """
 
-    def __init__(self, model_name: str, weights: str, pretrained_tag: str, layers: list[int]):
+    def __init__(self, model_name: str, weights: str, pretrained_tag: str, layers: list[int],
+                 model_cfg: dict | None = None):
         super().__init__()
         open_clip = import_open_clip()
         self.model_name = model_name
         if model_name == "tiny":
             if weights not in ("none", "auto"):
                 raise FsadError("clip_model 'tiny' exists only with random init: use --weights none")
-            self.model = open_clip.model.CLIP(**TINY_CLIP)
-            self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=TINY_CLIP["text_cfg"]["context_length"])
+            cfg = TINY_CLIP if model_cfg is None else model_cfg
+            self.model = open_clip.model.CLIP(**cfg)
+            self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
             self.weights_tag = "random-init"
         else:
             if model_name not in open_clip.list_models():
@@ -149,7 +153,7 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.to(self.mean.device, torch.float32)
+        x = images.to(self.mean.device, self.mean.dtype)  # float32 unless the module was cast
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
                               align_corners=False, antialias=True).clamp(0, 1)

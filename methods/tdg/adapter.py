@@ -9,7 +9,8 @@ import copy
 import torch
 
 from fsad_bench.adapter import Adapter, Interval, OneOf, TrainSet
-from fsad_bench.methods.tdg.torch_model import TRANSFORMATION_SETS, TDGHierarchy, clahe_rgb, pyramid_sizes
+from fsad_bench.methods.tdg.torch_model import (PYRAMID_SIDES, TRANSFORMATION_SETS, TDGHierarchy, clahe_rgb,
+                                               pyramid_sizes)
 from fsad_bench.methods.tdg.training import HierarchyTrainer
 
 _PAPER = {
@@ -17,13 +18,16 @@ _PAPER = {
     "niter": 1000, "d_steps": 3, "g_steps": 3, "lr_g": 5e-4, "lr_d": 5e-4, "beta1": 0.5,
     "gamma": 0.1, "milestone_d": 500, "milestone_g": 1000, "alpha": 100.0, "noise_amp": 0.1,
     "transforms": "official54", "transforms_per_step": None, "batch_size": None, "fraction": 0.1,
-    "clahe": True, "clahe_clip": 2.0, "clahe_tiles": 8,
+    "clahe": True, "clahe_clip": 2.0, "clahe_tiles": 8, "pyramid_sides": "official",
+    "sample_forward": True,
 }
 _CPU = {
     **_PAPER, "min_size": 16, "max_size": 32, "scale_factor": 0.5, "nfc": 16, "min_nfc": 16,
     "niter": 40, "d_steps": 1, "g_steps": 1, "transforms": "dihedral8", "transforms_per_step": 4,
     "batch_size": 2,
 }
+#: official ``train_single_scale``: sample PNGs (one extra generator forward) every 150 epochs
+SAMPLE_EVERY = 150
 _POSITIVE = Interval(float, 0, None, closed="neither")
 #: constraints of the options both adapters share (pyramid sides in px, widths in channels)
 _CONSTRAINTS = {
@@ -37,6 +41,7 @@ _CONSTRAINTS = {
     "transforms": [OneOf(*TRANSFORMATION_SETS)], "transforms_per_step": [None, Interval(int, 1)],
     "batch_size": [None, Interval(int, 1)], "fraction": [Interval(float, 0, 1, closed="right")],
     "clahe": [bool], "clahe_clip": [Interval(float, 0)], "clahe_tiles": [Interval(int, 1)],
+    "pyramid_sides": [OneOf(*PYRAMID_SIDES)], "sample_forward": [bool],
 }
 
 
@@ -46,20 +51,22 @@ class TDG(Adapter):
     name = "tdg"
     protocol = "individual"
     paper = "Sheynin, Benaim, Wolf: A Hierarchical Transformation-Discriminating Generative Model for FSAD (ICCV 2021)"
-    labelled_options = frozenset({"clahe"})
+    labelled_options = frozenset({"clahe", "pyramid_sides", "sample_forward"})
     presets = {"paper": dict(_PAPER), "cpu": dict(_CPU)}
     option_constraints = dict(_CONSTRAINTS)
 
     def __init__(self, config=None):
         super().__init__(config)
         hp = self.hparams
-        sizes = pyramid_sizes(self.config.image_size, hp["min_size"], hp["max_size"], hp["scale_factor"])
+        sizes = pyramid_sizes(self.config.image_size, hp["min_size"], hp["max_size"], hp["scale_factor"],
+                              hp["pyramid_sides"])
         transforms = TRANSFORMATION_SETS[hp["transforms"]]()
         self.model = TDGHierarchy(sizes, transforms, hp["nfc"], hp["min_nfc"], hp["num_layer"]).to(self.device)
         self.trainer = HierarchyTrainer(
             lr_g=hp["lr_g"], lr_d=hp["lr_d"], beta1=hp["beta1"], gamma=hp["gamma"], milestone_d=hp["milestone_d"],
             milestone_g=hp["milestone_g"], d_steps=hp["d_steps"], g_steps=hp["g_steps"], alpha=hp["alpha"],
-            noise_amp=hp["noise_amp"], transforms_per_step=hp["transforms_per_step"])
+            noise_amp=hp["noise_amp"], transforms_per_step=hp["transforms_per_step"],
+            sample_every=SAMPLE_EVERY if hp["sample_forward"] else 0)
         self._trained = False
 
     def _generator(self, tag: int) -> torch.Generator:
@@ -71,7 +78,9 @@ class TDG(Adapter):
         return clahe_rgb(images, hp["clahe_clip"], hp["clahe_tiles"]) if hp["clahe"] else images
 
     def label_tags(self) -> list[str]:
-        return [] if self.hparams["clahe"] else ["clahe=off"]
+        tags = [] if self.hparams["clahe"] else ["clahe=off"]
+        tags += [] if self.hparams["pyramid_sides"] == "official" else [f"sides={self.hparams['pyramid_sides']}"]
+        return tags + ([] if self.hparams["sample_forward"] else ["sample_forward=off"])
 
     def fit(self, train: TrainSet) -> None:
         """Train the whole hierarchy on the target's support images ``{target: (K, 3, S, S)}``."""
@@ -97,7 +106,7 @@ class TDGPlus(TDG):
     name = "tdg+"
     protocol = "aggregated"
     paper = "TDG with aggregated training, as compared in RegAD (Huang et al., ECCV 2022)"
-    labelled_options = frozenset({"clahe", "pretrain_index"})
+    labelled_options = frozenset({"clahe", "pyramid_sides", "sample_forward", "pretrain_index"})
     presets = {
         "paper": {**_PAPER, "pretrain_niter": 1000, "pretrain_batch": 10, "pretrain_images_per_category": None,
                   "adapt_niter": 1000, "pretrain_index": "scaled"},

@@ -238,16 +238,29 @@ class PatchGenerator(nn.Module):
 # ----------------------------------------------------------------------------------------
 # The hierarchy
 # ----------------------------------------------------------------------------------------
-def pyramid_sizes(image_size: int, min_size: int, max_size: int, scale_factor: float) -> list[int]:
-    """Image side per scale, coarsest first (official ``functions.adjust_scales2image``).
+PYRAMID_SIDES = ("official", "exact")
 
-    E.g. 128 px input, min 25, max 64, factor 0.75 -> [25, 32, 40, 51, 64].
+
+def pyramid_sizes(image_size: int, min_size: int, max_size: int, scale_factor: float,
+                  sides: str = "official") -> list[int]:
+    """Image side per scale (px), coarsest first (official ``functions.adjust_scales2image`` and
+    ``creat_reals_pyramid``).
+
+    ``sides="official"``: as SinGAN's ``imresize`` sizes them, ``ceil(top · f^(stop - i))`` in float64,
+    ``f = (min_size / top)^(1 / stop)``, ``top = ceil(image_size · min(max_size / image_size, 1))``; the
+    round-off of ``f^stop`` lifts an exact ``min_size`` to ``min_size + 1``: 128 px input, min 25, max 64,
+    factor 0.75 -> [26, 32, 41, 51, 64]. ``sides="exact"`` (before the parity check): the same sides with
+    that round-off removed (``ceil(x - 1e-6)``, ``top`` rounded): [25, 32, 40, 51, 64].
     """
     num_scales = math.ceil(math.log(min_size / image_size, scale_factor)) + 1
     stop_scale = num_scales - math.ceil(math.log(min(max_size, image_size) / image_size, scale_factor))
-    top = round(image_size * min(max_size / image_size, 1.0))
+    scale1 = min(max_size / image_size, 1.0)
+    top = math.ceil(image_size * scale1) if sides == "official" else round(image_size * scale1)
     if stop_scale <= 0 or min_size >= top:
         return [top]
+    if sides == "official":
+        factor = math.pow(min_size / top, 1 / stop_scale)
+        return [math.ceil(top * math.pow(factor, stop_scale - i)) for i in range(stop_scale + 1)]
     factor = (min_size / top) ** (1.0 / stop_scale)
     return [math.ceil(top * factor ** (stop_scale - i) - 1e-6) for i in range(stop_scale + 1)]
 

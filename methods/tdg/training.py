@@ -24,7 +24,11 @@ class HierarchyTrainer:
     ``milestone_g`` / ``milestone_d`` iterations; ``d_steps`` / ``g_steps``: D and G updates per
     iteration; ``alpha``: weight of the reconstruction MSE (0: none); ``noise_amp``: noise amplitude
     of a scale = ``noise_amp`` x mean |real - coarser reconstruction| per image (pixels in [-1, 1]);
-    ``transforms_per_step``: transformations drawn per iteration (None: all of them).
+    ``transforms_per_step``: transformations drawn per iteration (None: all of them);
+    ``sample_every``: every that many iterations (0: never), and at the last one, one more generator
+    forward of the reconstruction input in training mode, as the official loop's sample-saving step
+    (``plt.imsave(... G(z_opt) ...)`` at epochs 0, 150, 300, …, niter − 1): it updates only G's BatchNorm
+    running statistics, which the coarser-scale chains use in eval mode.
     """
 
     lr_g: float
@@ -38,6 +42,7 @@ class HierarchyTrainer:
     alpha: float
     noise_amp: float
     transforms_per_step: int | None = None
+    sample_every: int = 0
 
     def train(self, model: TDGHierarchy, images: torch.Tensor, niter: int, gen: torch.Generator,
               batch_size: int | None = None, warm_start: bool = False, index_scale: float = 1.0) -> None:
@@ -124,6 +129,9 @@ class HierarchyTrainer:
                     loss = loss + self.alpha * F.mse_loss(G(noisy_rec, rec_prev, ids), real)
                 loss.backward()
                 opt_g.step()
+            if self.sample_every and (it % self.sample_every == 0 or it == niter - 1):
+                with torch.no_grad():
+                    G(noisy_rec, rec_prev, ids)
             for p in D.parameters():
                 p.requires_grad_(True)
             sched_d.step(), sched_g.step()
