@@ -27,15 +27,15 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fsad_bench.adapter import PROTOCOLS, TrainSet
-from fsad_bench.data.dataset import Dataset
-from fsad_bench.data.torch_datasets import ImageFiles, LabelledImages, TensorImages
 from fsad_bench.errors import FsadError
-from fsad_bench.data.image_cache import CachedImageFiles
+
+if TYPE_CHECKING:  # loading a suite imports no torch (the CLI reports a bad suite within its start-up time)
+    import torch
+
+    from fsad_bench.adapter import TrainSet
+    from fsad_bench.data.dataset import Dataset
 
 
 def training_data(protocol: str, dataset: Dataset, target: str, support: torch.Tensor,
@@ -48,6 +48,10 @@ def training_data(protocol: str, dataset: Dataset, target: str, support: torch.T
     ``image_size`` is the adapter's input size; ``image_cache``: folder of the decoded-image
     cache (:mod:`fsad_bench.data.image_cache`), None = decode the originals on every access.
     """
+    from fsad_bench.adapter import PROTOCOLS
+    from fsad_bench.data.image_cache import CachedImageFiles
+    from fsad_bench.data.torch_datasets import ImageFiles, LabelledImages, TensorImages
+
     files = ImageFiles if image_cache is None else partial(CachedImageFiles, cache=image_cache)
     if protocol == "aggregated":
         others = [c for c in dataset.categories if c != target]
