@@ -3,7 +3,8 @@
 Exit codes: 0 done; 2 bad input or an unusable results folder (one line on stderr, nothing
 computed lost); 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM — both print the same
 line, keep every finished cell and stop the worker processes; 1 a bug (one line, the traceback
-with ``FSAD_BENCH_DEBUG=1``).
+with ``FSAD_BENCH_DEBUG=1``) or a worker lost mid-run (a loky worker process or a Dask worker killed or
+crashed: one line, within seconds; finished cells are kept).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fsad_bench import registry
 from fsad_bench.errors import FsadError
+from fsad_bench.run.workers import WorkerLost
 
 #: ``--metric`` of compare / rerun: the record metrics (report.METRICS' keys, kept here so that the
 #: CLI starts without importing pandas; a test keeps the two equal)
@@ -134,16 +136,16 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         from fsad_bench.records.tracking import default_uri, enable
 
         enable(default_uri(out) if mlflow_uri == "default" else mlflow_uri)
-    planned = plan(suite)
-    cells = planned.cells
     from fsad_bench.records.store import ResultStore
 
     store = ResultStore(out)
-    status = cell_status(suite, cells, store)
-    if dry_run:
-        _print_dry_run(suite.name, out, status)
+    if dry_run:  # writes nothing, takes no lock
+        planned = plan(suite)
+        _print_dry_run(suite.name, out, cell_status(suite, planned.cells, store))
         return
-    with store.lock():  # before the first line: an unusable or busy --out is one error, nothing started
+    with store.lock():  # before planning: an unusable or busy --out is one error within a second, nothing started
+        planned = plan(suite)
+        status = cell_status(suite, planned.cells, store)
         _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
                     std_components, metric_names)
 
@@ -161,18 +163,70 @@ def _run_locked(suite, planned, status, store, out, device, jobs, backend, sched
         console.print(f"{len(status['stale'])} of them were computed before with another configuration "
                       f"(options, code, weights or data changed): recomputed")
     t0 = time.perf_counter()
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                  transient=False) as bar:
-        task = bar.add_task("cells", total=todo)
-        run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
-                  scheduler=scheduler, cache_features=cache_features, force=force, planned=planned)
+    from fsad_bench.run.progress import prior_costs
+
+    todo_cells = list(cells) if force else status["todo"]
+    prior = prior_costs(r for r in store.records() if r.get("method") in suite.methods)
+    _with_progress(lambda: run_suite(suite, out, device=device, jobs=jobs, backend=backend, scheduler=scheduler,
+                                     cache_features=cache_features, force=force, planned=planned),
+                   out, todo_cells, prior, jobs if backend == "loky" else 1)
     tables = write_tables(out, suite.methods, std_components=std_components, metrics=metric_names)
     for name, table in tables.items():
         print_table(table, name, console)
     if note := store.foreign_note():
         console.print(note, markup=False, highlight=False)
     console.print(f"done in {time.perf_counter() - t0:.1f} s; tables in {out / 'tables'}")
+
+
+def _running_text(running, most: int = 2) -> str:
+    """What runs now, e.g. ``gaussian washer k=2 run 1: predict``; ``+N`` more beyond ``most``."""
+    if not running:
+        return "starting"
+    text = " | ".join(r.describe() for r in running[:most])
+    return text + (f" | +{len(running) - most}" if len(running) > most else "")
+
+
+def _with_progress(work, out: Path, cells, prior: dict[str, float], parallel: int) -> None:
+    """Run ``work()`` under a progress bar fed by the run's status files (:mod:`fsad_bench.run.progress`,
+    polled twice a second in a thread: cells done, what runs now, a per-method ETA); warnings, of this
+    process and forwarded from workers, print above the bar."""
+    import warnings
+
+    from fsad_bench.run.progress import RunWatcher, clear_status, format_eta
+
+    clear_status(out)  # a killed run's files must not count (we hold the lock)
+    watcher = RunWatcher(out, cells, prior, parallel=parallel)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA {task.fields[eta]}"), console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=len(cells), eta="?")
+
+        def say(text: str) -> None:
+            bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        def update(final: bool = False) -> None:
+            snap = watcher.poll()
+            for w in snap.warnings:
+                say(w)
+            bar.update(task, completed=snap.done, eta="0:00:00" if final else format_eta(snap.eta),
+                       description="done" if final else _running_text(snap.running))
+
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(0.5):
+                update()
+
+        previous = warnings.showwarning
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: say(warnings.formatwarning(m, c, f, n, line).rstrip())
+        thread = threading.Thread(target=loop, name="fsad-progress", daemon=True)
+        thread.start()
+        try:
+            work()
+        finally:
+            stop.set()
+            thread.join()
+            warnings.showwarning = previous
+        update(final=True)
 
 
 def _print_dry_run(name: str, out: Path, status: dict[str, list]) -> None:
@@ -444,6 +498,9 @@ def _main(argv: list[str] | None) -> None:
     except FsadError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except WorkerLost as err:  # a worker process or Dask worker died: exit 1, one line, finished cells kept
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt as err:
         err_console.print(STOPPED)
         sys.exit(143 if isinstance(err, Terminated) else 130)
