@@ -15,6 +15,8 @@ even when loaded from the model cache), ``infer_seconds_per_image`` (cold: the f
 with every feature cache bypassed — what a new image costs) and
 ``infer_warm_seconds_per_image`` (the whole test pass, reusing test features cached by earlier
 cells); image decoding is never timed.
+``torch_threads``: torch's intra-op threads the cell ran with (reduction order; not in the config
+hash: numbers agree within error bars across thread counts, and the record says which).
 """
 
 from __future__ import annotations
