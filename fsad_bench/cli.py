@@ -178,10 +178,10 @@ def _run_locked(suite, planned, status, store, out, device, jobs, backend, sched
     console.print(f"done in {time.perf_counter() - t0:.1f} s; tables in {out / 'tables'}")
 
 
-def _running_text(running, most: int = 2) -> str:
+def _running_text(running, done: int, most: int = 2) -> str:
     """What runs now, e.g. ``gaussian washer k=2 run 1: predict``; ``+N`` more beyond ``most``."""
     if not running:
-        return "starting"
+        return "between cells" if done else "starting"
     text = " | ".join(r.describe() for r in running[:most])
     return text + (f" | +{len(running) - most}" if len(running) > most else "")
 
@@ -207,8 +207,9 @@ def _with_progress(work, out: Path, cells, prior: dict[str, float], parallel: in
             snap = watcher.poll()
             for w in snap.warnings:
                 say(w)
-            bar.update(task, completed=snap.done, eta="0:00:00" if final else format_eta(snap.eta),
-                       description="done" if final else _running_text(snap.running))
+            bar.update(task, completed=len(cells) if final else snap.done,  # run_suite returned: all done
+                       eta="0:00:00" if final else format_eta(snap.eta),
+                       description="done" if final else _running_text(snap.running, snap.done))
 
         stop = threading.Event()
 

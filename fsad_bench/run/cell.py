@@ -111,7 +111,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
     for cell in cells:
         if cls.protocol != "individual" and cell.train_seed != shared_seed:
             shared = None  # the previous train seed's model goes before the next one is built
-            status.stage(method, category, cell, "fit")
+            status.stage(method, category, cell, "load" if cls.protocol == "training-free" else "fit")
             shared, shared_seed = make(adapter_seed(suite.seed, cell.train_seed)), cell.train_seed
             if cls.protocol == "aggregated":
                 train_seconds = fit_cached(shared, suite, dataset, category, cell.config_hash, cell.train_seed)

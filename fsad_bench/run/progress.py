@@ -4,7 +4,8 @@ process reads them.
 
 Writer side (:class:`StatusWriter`, called from :mod:`fsad_bench.run.cell` at stage changes): each
 process writes ``<out>/.status/<host>-<pid>.json`` (atomic replace) with the cell it is on (method,
-category, k, run, train seed), its stage (``fit`` / ``adapt`` / ``predict``) and since when (Unix
+category, k, run, train seed), its stage (``fit`` / ``load`` (a training-free model built) / ``adapt`` /
+``predict``) and since when (Unix
 seconds), its finished cells per method with their wall seconds (cumulative, so a reader that polls
 seldom misses none) and the warnings it caught (:func:`forward_warnings`, in worker processes).
 Writing is best effort: a status file that cannot be written never stops a run.
