@@ -3,7 +3,8 @@
 Exit codes: 0 done; 2 bad input or an unusable results folder (one line on stderr, nothing
 computed lost); 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM — both print the same
 line, keep every finished cell and stop the worker processes; 1 a bug (one line, the traceback
-with ``FSAD_BENCH_DEBUG=1``).
+with ``FSAD_BENCH_DEBUG=1``) or a worker lost mid-run (a loky worker process or a Dask worker killed or
+crashed: one line, within seconds; finished cells are kept).
 
 Start-up: this module imports click and rich only; torch, pandas, sklearn and the methods are imported
 inside the commands that need them, so ``--help``, ``--version``, ``methods`` and argument errors
@@ -25,6 +26,7 @@ from rich.console import Console
 
 from fsad_bench import registry
 from fsad_bench.errors import FsadError
+from fsad_bench.run.workers import WorkerLost
 
 #: ``--metric`` of compare / rerun: the record metrics (report.METRICS' keys, kept here so that the
 #: CLI starts without importing pandas; a test keeps the two equal)
@@ -143,16 +145,18 @@ def run(suite_name, methods, ks, runs, train_seeds, std_components, categories, 
         from fsad_bench.records.tracking import default_uri, enable
 
         enable(default_uri(out) if mlflow_uri == "default" else mlflow_uri)
-    planned = plan(suite)
-    suite, cells = planned.suite, planned.cells  # sweeps expanded into method variants
     from fsad_bench.records.store import ResultStore
 
     store = ResultStore(out)
-    status = cell_status(suite, cells, store)
-    if dry_run:
-        _print_dry_run(suite.name, out, status)
+    if dry_run:  # writes nothing, takes no lock
+        planned = plan(suite)
+        suite = planned.suite  # sweeps expanded into method variants
+        _print_dry_run(suite.name, out, cell_status(suite, planned.cells, store))
         return
-    with store.lock():  # before the first line: an unusable or busy --out is one error, nothing started
+    with store.lock():  # before planning: an unusable or busy --out is one error within a second, nothing started
+        planned = plan(suite)
+        suite = planned.suite  # sweeps expanded into method variants
+        status = cell_status(suite, planned.cells, store)
         _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
                     std_components, metric_names, complete_only, verify_data)
 
@@ -170,7 +174,6 @@ def _check_arguments(ks, data_root, train_data_root, jobs, metric_list) -> None:
 
 def _run_locked(suite, planned, status, store, out, device, jobs, backend, scheduler, cache_features, force,
                 std_components, metric_names, complete_only=False, verify_data=False) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from fsad_bench.run.schedule import run_suite
     from fsad_bench.report.tables import print_table, write_tables
@@ -183,13 +186,15 @@ def _run_locked(suite, planned, status, store, out, device, jobs, backend, sched
         console.print(f"{len(status['stale'])} of them were computed before with another configuration "
                       f"(options, code, weights or data changed): recomputed")
     t0 = time.perf_counter()
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                  transient=False) as bar:
-        task = bar.add_task("cells", total=todo)
-        run_suite(suite, out, device=device, jobs=jobs, progress=lambda n: bar.advance(task, n), backend=backend,
-                  scheduler=scheduler, cache_features=cache_features, force=force, planned=planned,
-                  verify_data=verify_data)
+    from fsad_bench.run.progress import prior_costs
+
+    cells = planned.cells
+    todo_cells = list(cells) if force else status["todo"]
+    prior = prior_costs(r for r in store.records() if r.get("method") in suite.methods)
+    _with_progress(lambda: run_suite(suite, out, device=device, jobs=jobs, backend=backend, scheduler=scheduler,
+                                     cache_features=cache_features, force=force, planned=planned,
+                                     verify_data=verify_data),
+                   out, todo_cells, prior, jobs if backend == "loky" else 1)
     tables = write_tables(out, suite.methods, std_components=std_components, metrics=metric_names,
                           complete_only=complete_only)
     for name, table in tables.items():
@@ -197,6 +202,60 @@ def _run_locked(suite, planned, status, store, out, device, jobs, backend, sched
     if note := store.foreign_note():
         console.print(note, markup=False, highlight=False)
     console.print(f"done in {time.perf_counter() - t0:.1f} s; tables in {out / 'tables'}")
+
+
+def _running_text(running, done: int, most: int = 2) -> str:
+    """What runs now, e.g. ``gaussian washer k=2 run 1: predict``; ``+N`` more beyond ``most``."""
+    if not running:
+        return "between cells" if done else "starting"
+    text = " | ".join(r.describe() for r in running[:most])
+    return text + (f" | +{len(running) - most}" if len(running) > most else "")
+
+
+def _with_progress(work, out: Path, cells, prior: dict[str, float], parallel: int) -> None:
+    """Run ``work()`` under a progress bar fed by the run's status files (:mod:`fsad_bench.run.progress`,
+    polled twice a second in a thread: cells done, what runs now, a per-method ETA); warnings, of this
+    process and forwarded from workers, print above the bar."""
+    import warnings
+
+    from fsad_bench.run.progress import RunWatcher, clear_status, format_eta
+
+    clear_status(out)  # a killed run's files must not count (we hold the lock)
+    watcher = RunWatcher(out, cells, prior, parallel=parallel)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA {task.fields[eta]}"), console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=len(cells), eta="?")
+
+        def say(text: str) -> None:
+            bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        def update(final: bool = False) -> None:
+            snap = watcher.poll()
+            for w in snap.warnings:
+                say(w)
+            bar.update(task, completed=len(cells) if final else snap.done,  # run_suite returned: all done
+                       eta="0:00:00" if final else format_eta(snap.eta),
+                       description="done" if final else _running_text(snap.running, snap.done))
+
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(0.5):
+                update()
+
+        previous = warnings.showwarning
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: say(warnings.formatwarning(m, c, f, n, line).rstrip())
+        thread = threading.Thread(target=loop, name="fsad-progress", daemon=True)
+        thread.start()
+        try:
+            work()
+        finally:
+            stop.set()
+            thread.join()
+            warnings.showwarning = previous
+        update(final=True)
 
 
 def _print_dry_run(name: str, out: Path, status: dict[str, list]) -> None:
@@ -504,6 +563,9 @@ def _main(argv: list[str] | None) -> None:
     except FsadError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except WorkerLost as err:  # a worker process or Dask worker died: exit 1, one line, finished cells kept
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt as err:
         err_console.print(STOPPED)
         sys.exit(143 if isinstance(err, Terminated) else 130)

@@ -57,6 +57,7 @@ NOT_NUMBERS = {
     "fsad_bench.run.paths": "where the cache folders are",
     "fsad_bench.run.devices": "choosing the device, CUDA sync before a clock read, peak memory",
     "fsad_bench.run.peak_memory": "peak RSS measurement and the frozen garbage collector",
+    "fsad_bench.run.progress": "status files at stage changes, the progress display's counts and ETA",
     "fsad_bench.records": "storing records and example maps, MLflow tracking",
     "fsad_bench.report": "tables, significance, published numbers, costs, plots, export",
     "fsad_bench.cli": "the command line",

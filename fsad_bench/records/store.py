@@ -403,6 +403,7 @@ class ResultStore:
         if self.root.exists() and not self.root.is_dir():
             raise FsadError(f"results folder {self.root} is a file, not a folder")
         path = self.root / ".lock"
+        created = not self.root.exists()  # a run refused before any work leaves no folder behind
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
@@ -425,6 +426,12 @@ class ResultStore:
             _HELD[key] = 1
             try:
                 yield
+            except FsadError:
+                if created and {p.name for p in self.root.iterdir()} <= {".lock"}:
+                    path.unlink(missing_ok=True)  # bad input found while holding the lock: nothing to keep
+                    with contextlib.suppress(OSError):
+                        self.root.rmdir()
+                raise
             finally:
                 _HELD.pop(key, None)
         finally:

@@ -15,6 +15,8 @@ even when loaded from the model cache), ``infer_seconds_per_image`` (cold: the f
 with every feature cache bypassed — what a new image costs) and
 ``infer_warm_seconds_per_image`` (the whole test pass, reusing test features cached by earlier
 cells); image decoding is never timed.
+``torch_threads``: torch's intra-op threads the cell ran with (reduction order; not in the config
+hash: numbers agree within error bars across thread counts, and the record says which).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from fsad_bench.run.paths import image_cache_dir
 from fsad_bench.run.peak_memory import frozen_gc
 from fsad_bench.run.plan import Cell, open_dataset, open_train_dataset
 from fsad_bench.run.predict import input_size, load_masks, predict_stream
+from fsad_bench.run.progress import writer as status_writer
 from fsad_bench.run.seeds import adapter_seed, cell_seed
 
 
@@ -66,8 +69,11 @@ def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: 
     ``dataset`` / ``train_dataset``: the :class:`~fsad_bench.run.plan.Plan`'s, else opened here;
     ``image_check``: how the decoded-image cache identifies files (:class:`~fsad_bench.data.image_cache.ImageCache`)."""
     with frozen_gc():
-        return _run_group(suite, method, category, cells, out, device, threads, on_cell, feature_cache, dataset,
-                          train_dataset, image_check)
+        try:
+            return _run_group(suite, method, category, cells, out, device, threads, on_cell, feature_cache, dataset,
+                              train_dataset, image_check)
+        finally:
+            status_writer(out).idle()  # the progress display's status file (fsad_bench.run.progress)
 
 
 def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: str | Path,
@@ -97,6 +103,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
     masks = load_masks(split, suite.image_size)
     images_cache = ImageCache(image_cache_dir(), image_check)
     sampler = SupportSampler(suite.seed, suite.support_lists)
+    status = status_writer(out)
 
     def make(seed: int):
         torch.manual_seed(seed)
@@ -108,6 +115,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
     for cell in cells:
         if cls.protocol != "individual" and cell.train_seed != shared_seed:
             shared = None  # the previous train seed's model goes before the next one is built
+            status.stage(method, category, cell, "load" if cls.protocol == "training-free" else "fit")
             shared, shared_seed = make(adapter_seed(suite.seed, cell.train_seed)), cell.train_seed
             if cls.protocol == "aggregated":
                 train_seconds = fit_cached(shared, suite, dataset, category, cell.config_hash, cell.train_seed,
@@ -125,6 +133,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
             size = input_size(adapter, suite)
             support = load_cached_images(support_paths, size, images_cache)
             train = training_data("individual", dataset, category, support, size)
+            status.stage(method, category, cell, "fit")
             sync(device)
             t0 = time.perf_counter()
             adapter.fit(train)
@@ -135,11 +144,13 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
             size = input_size(adapter, suite)
             support = load_cached_images(support_paths, size, images_cache)
             t0 = time.perf_counter()
+        status.stage(method, category, cell, "adapt")
         torch.manual_seed(seed)
         adapter.category = category
         adapter.adapt(support.to(adapter.device))
         sync(device)
         adapt_seconds = time.perf_counter() - t0
+        status.stage(method, category, cell, "predict")
         scores, maps, infer_cold, infer_warm = predict_stream(adapter, test_paths, size, suite.image_size, device,
                                                               images_cache)
         record: dict[str, Any] = {
@@ -156,7 +167,8 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
             "peak_memory_mb": peak_memory_mb(device),
             "n_test": int(len(labels)), "n_support": len(support_paths),
             "support": [p.name for p in support_paths], "image_size": suite.image_size, "input_size": size,
-            "config_hash": cell.config_hash, "device": device, "versions": versions(),
+            "config_hash": cell.config_hash, "device": device, "torch_threads": torch.get_num_threads(),
+            "versions": versions(),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "scores": scores.astype(np.float32).tolist(),  # per-image anomaly scores, float32 exactly (ROC curves)
             "labels": labels.astype(int).tolist(),          # per-image ground truth, 1 = anomalous
@@ -174,6 +186,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
         del support
         store.put(record)
         after_record(record, out)  # optional MLflow tracking (fsad_bench.records.tracking; no-op unless --mlflow)
+        status.finished(method, category, cell)
         if on_cell:
             on_cell(cell)
     return len(cells)

@@ -55,3 +55,93 @@ def guard_worker(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=_watch, args=(parent_pid, os.getppid()), name="fsad-parent-watchdog",
                      daemon=True).start()
+
+
+def guard_run(alive) -> None:
+    """Kill this process (SIGKILL) once ``alive()`` is false; checked every :data:`POLL_SECONDS` by a
+    daemon thread (a Dask task's process: the run that submitted it ended or was replaced)."""
+    def watch() -> None:
+        stop, misses = threading.Event(), 0
+        while not stop.wait(POLL_SECONDS):
+            try:
+                misses = 0 if alive() else misses + 1
+            except Exception:
+                misses = 0
+            if misses >= 2:  # twice in a row: a file being replaced is no reason to die
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="fsad-run-watchdog", daemon=True).start()
+
+
+class WorkerLost(RuntimeError):
+    """A worker process (loky) or Dask worker died mid-run (killed, out of memory, crashed). The run
+    stops at once; the CLI prints one line and exits 1 (a failure of the machine, not of the
+    suite: exit 2 stays for bad input). Finished cells are kept; a rerun resumes."""
+
+
+def run_in_child(fn, args: tuple, threads: int | None = None):
+    """``fn(*args)`` in a fresh Python process started here (``sys.executable -m
+    fsad_bench.run.workers``); returns its result or raises its exception.
+
+    Why a process per task on a Dask worker: torch's random generator is process-wide (module
+    initialisation draws from it), so two tasks running as threads of one multi-threaded Dask
+    worker would interleave their draws and give numbers that depend on scheduling. A child
+    process per task isolates every draw, and a worker with ``--nthreads T`` still drives T tasks
+    at once. (A subprocess rather than ``multiprocessing``: Dask worker processes are daemonic and
+    may not fork multiprocessing children.) The child dies with the process that started it
+    (:func:`guard_worker`), ignores Ctrl-C, sets ``threads`` torch threads when given, and prints
+    to this process's stderr; the result comes back pickled through a pipe. A child that dies
+    without a result raises :class:`WorkerLost`."""
+    import pickle
+    import subprocess
+    import sys
+
+    payload = pickle.dumps((os.getpid(), threads, fn, args))
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "fsad_bench.run.workers", str(write_fd)], stdin=subprocess.PIPE,
+                            pass_fds=(write_fd,))
+    os.close(write_fd)
+    try:
+        proc.stdin.write(payload)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    with os.fdopen(read_fd, "rb") as f:
+        data = f.read()
+    code = proc.wait()
+    if not data:
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        raise WorkerLost(f"a group process (pid {proc.pid}) died with {how} before its result; finished cells "
+                         f"are kept (rerun to resume)")
+    ok, value = pickle.loads(data)
+    if ok:
+        return value
+    raise value
+
+
+def _child_main(fd: int) -> None:
+    import pickle
+    import sys
+
+    parent_pid, threads, fn, args = pickle.loads(sys.stdin.buffer.read())
+    guard_worker(parent_pid)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        result = (True, fn(*args))
+    except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
+        try:
+            pickle.dumps(err)
+            result = (False, err)
+        except Exception:
+            result = (False, RuntimeError(f"{err.__class__.__name__}: {err}"))
+    with os.fdopen(fd, "wb") as f:
+        f.write(pickle.dumps(result))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child_main(int(sys.argv[1]))
