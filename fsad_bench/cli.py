@@ -512,7 +512,7 @@ def supports_import(source: Path, data_root: Path, fmt: str, out: Path, size: in
     atomic_write_text(out, lists_json(matched_lists(matches), files, source_info))
     from rich.table import Table
 
-    t = Table(title=f"{source}: {len(matches)} support sets matched ({fmt}; distance = mean |difference|, grey levels)")
+    t = Table(title=f"{len(matches)} support sets matched ({fmt}); distance: mean |difference|, grey levels")
     for col in ("category", "k", "run", "files", "distance (max)", "next file (min)"):
         t.add_column(col)
     for m in matches:
@@ -556,7 +556,7 @@ def supports_export(results_dir: Path, out: Path | None, data_root: Path | None)
                                                      "dataset": names[0], "data_root": str(root),
                                                      "seed": suite.get("seed"), "support_lists": suite.get("support_lists")}))
     n = sum(len(runs) for ks in lists.values() for runs in ks.values())
-    console.print(f"{n} support sets of {len(lists)} categories written to {out}")
+    console.print(f"{n} support sets of {len(lists)} categor{'y' if len(lists) == 1 else 'ies'} written to {out}")
 
 
 class Terminated(KeyboardInterrupt):
