@@ -1,4 +1,5 @@
-"""Command line: ``fsad-bench run | table | compare | export | plot | report | prune | methods | datasets | synth``.
+"""Command line: ``fsad-bench run | table | compare | export | plot | report | prune | methods | datasets | synth |
+supports import / export``.
 
 Exit codes: 0 done; 2 bad input or an unusable results folder (one line on stderr, nothing
 computed lost); 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM — both print the same
@@ -359,25 +360,34 @@ def prune(results_dir: Path, yes: bool) -> None:
 def compare(results_dir: Path, method_a: str, method_b: str, metric: str, resamples: int, seed: int,
             allow_unpaired: bool) -> None:
     """Paired comparison of A against B on the same cells of RESULTS_DIR: mean difference,
-    bootstrap 95% CI, wins/ties/losses and Wilcoxon signed-rank p, per k and overall. Refused (exit 2)
+    bootstrap 95% CI, wins/ties/losses and Wilcoxon signed-rank p, per k and overall; how stable that is
+    (p_a_ahead, and per category: P(A beats B) on a new support draw and training seed, the min–max of
+    each over the draws), all from seeded bootstrap resamples of the (run, train seed) draws. Refused (exit 2)
     when A and B do not have the same (category, k, run, train seed) cells, unless --allow-unpaired."""
     if not results_dir.is_dir():
         raise FsadError(f"results folder {results_dir} does not exist")
     if resamples < 100:
         raise FsadError(f"--resamples must be >= 100, got {resamples}")
     from fsad_bench.records.store import ResultStore, atomic_write_text
-    from fsad_bench.report.significance import compare_methods
+    from rich.markup import escape
+
+    from fsad_bench.report.significance import compare_methods, lottery_table, win_probability, with_ahead_column
     from fsad_bench.report.tables import print_table
 
-    t = compare_methods(ResultStore(results_dir).frame(), method_a, method_b, metric, resamples, seed=seed,
-                        allow_unpaired=allow_unpaired)
+    frame = ResultStore(results_dir).frame()
+    t = compare_methods(frame, method_a, method_b, metric, resamples, seed=seed, allow_unpaired=allow_unpaired)
+    wins = win_probability(frame, method_a, method_b, metric, resamples, seed=seed, allow_unpaired=allow_unpaired)
+    t = with_ahead_column(t, wins)  # rank stability: P(A stays ahead when the draws are redrawn)
     shown = t.drop(columns=["a", "b", "metric"]).set_index(["dataset", "k"])
     shown.index = [f"{d} k={k}" for d, k in shown.index]
-    print_table(shown, f"{t['a'].iloc[0]} − {t['b'].iloc[0]} ({metric}, percentage points)", console)
+    a, b = escape(t["a"].iloc[0]), escape(t["b"].iloc[0])  # labels hold [options]: not rich markup
+    print_table(shown, f"{a} − {b} ({metric}, percentage points)", console)
+    print_table(lottery_table(wins), f"A = {a} vs B = {b} on a new support draw and training seed ({metric}, %)", console)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{method_a}_vs_{method_b}")
     path = results_dir / "tables" / f"compare_{safe}_{metric}.csv"
     atomic_write_text(path, t.to_csv(index=False))
-    console.print(f"written {path}")
+    atomic_write_text(draws := path.with_name(f"{path.stem}_draws.csv"), wins.to_csv(index=False))
+    console.print(f"written {path}, {draws.name}")
 
 
 @cli.command()
@@ -522,6 +532,90 @@ def synth(out: Path, categories: int, seed: int, n_train: int, size: int) -> Non
 
     generate(out, categories=categories, seed=seed, n_train=n_train, size=size)
     console.print(f"wrote {', '.join(category_names(categories))} to {out}")
+
+
+@cli.group()
+def supports() -> None:
+    """Support-set lists (--support-lists): import the papers' own .pt files, export the sets a run used."""
+
+
+@supports.command("import")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--data-root", type=click.Path(path_type=Path), required=True,
+              help="Dataset folder holding the images the tensors were made from (MVTec AD or VisA layout).")
+@click.option("--format", "fmt", type=click.Choice(["regad", "inctrl"]), required=True,
+              help="regad: support_set/<category>/<k>_<n>.pt; inctrl: [<k>/]<category>.pt.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("supports.json"), show_default=True)
+@click.option("--size", type=int, help="Image side of the tensors (default: the format's, 224 / 240).")
+@click.option("--max-distance", type=float, default=1.0, show_default=True,
+              help="Largest accepted mean absolute difference, in 8-bit grey levels.")
+def supports_import(source: Path, data_root: Path, fmt: str, out: Path, size: int | None, max_distance: float) -> None:
+    """Match every tensor of the .pt file(s) SOURCE to the normal training image it was made from and write
+    the --support-lists JSON (with each file's SHA-256). Exit 2, naming the tensor, on a failed or ambiguous match."""
+    from fsad_bench.data.official_supports import FORMATS, match_sets, matched_lists, read_stored
+    from fsad_bench.data.roots import open_data_root
+    from fsad_bench.data.support_lists import lists_json
+    from fsad_bench.records.store import atomic_write_text
+
+    if not data_root.is_dir():
+        raise FsadError(f"data root {data_root} does not exist (--data-root: a dataset folder)")
+    sets = read_stored(source, fmt, size)
+    dataset = open_data_root(data_root.name, data_root)
+    matches = match_sets(sets, dataset, fmt, size, max_distance)
+    files = {c: {p.name: p for p in dataset.split(c).train} for c in {m.stored.category for m in matches}}
+    size = size or FORMATS[fmt].size
+    source_info = {"command": "supports import", "format": fmt, "from": str(source), "data_root": str(data_root),
+                   "preprocessing": FORMATS[fmt].describe.format(size=size), "max_distance": max_distance,
+                   "distances": {f"{m.stored.category}/k={m.stored.k}/run={m.stored.run}": [round(d, 4) for d in m.distances]
+                                 for m in matches}}
+    atomic_write_text(out, lists_json(matched_lists(matches), files, source_info))
+    from rich.table import Table
+
+    t = Table(title=f"{len(matches)} support sets matched ({fmt}); distance: mean |difference|, grey levels")
+    for col in ("category", "k", "run", "files", "distance (max)", "next file (min)"):
+        t.add_column(col)
+    for m in matches:
+        t.add_row(m.stored.category, str(m.stored.k), str(m.stored.run), ", ".join(m.names),
+                  f"{max(m.distances):.2f}", f"{min(m.runner_up):.2f}")
+    console.print(t)
+    console.print(f"written {out}")
+
+
+@supports.command("export")
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="JSON to write (default RESULTS_DIR/supports.json).")
+@click.option("--data-root", type=click.Path(path_type=Path),
+              help="Dataset folder to hash the files in (default: the data_root of RESULTS_DIR/suite.json).")
+def supports_export(results_dir: Path, out: Path | None, data_root: Path | None) -> None:
+    """Write the support sets the current records of RESULTS_DIR used (per category, k, run) as a
+    --support-lists JSON with each file's SHA-256: `run --support-lists` on it draws the same images."""
+    from fsad_bench.data.roots import open_data_root
+    from fsad_bench.data.support_lists import lists_from_records, lists_json
+    from fsad_bench.records.store import ResultStore, atomic_write_text
+
+    if not (results_dir / "cells").is_dir():
+        raise FsadError(f"{results_dir} is not a results folder (no cells/ inside)")
+    store = ResultStore(results_dir)
+    records = store.current_records()
+    if not records:
+        raise FsadError(f"{results_dir} holds no current record")
+    names = sorted({str(r["dataset"]) for r in records})
+    if len(names) > 1:
+        raise FsadError(f"{results_dir} holds records of several datasets ({', '.join(names)}); a support list is per dataset")
+    suite = store.load_suite() or {}
+    root = data_root or suite.get("data_root")
+    if not root:
+        raise FsadError(f"{results_dir}/suite.json names no data_root; pass --data-root")
+    lists = lists_from_records(records)
+    dataset = open_data_root(names[0], str(root) if isinstance(root, Path) else root, list(lists),
+                             layout=suite.get("layout", "auto"), folder=suite.get("folder") or None)
+    files = {c: {p.name: p for p in dataset.split(c).train} for c in lists}
+    out = out or results_dir / "supports.json"
+    atomic_write_text(out, lists_json(lists, files, {"command": "supports export", "from": str(results_dir),
+                                                     "dataset": names[0], "data_root": str(root),
+                                                     "seed": suite.get("seed"), "support_lists": suite.get("support_lists")}))
+    n = sum(len(runs) for ks in lists.values() for runs in ks.values())
+    console.print(f"{n} support sets of {len(lists)} categor{'y' if len(lists) == 1 else 'ies'} written to {out}")
 
 
 class Terminated(KeyboardInterrupt):

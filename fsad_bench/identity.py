@@ -63,6 +63,8 @@ NOT_NUMBERS = {
     "fsad_bench.cli": "the command line",
     "fsad_bench.registry": "names -> adapter classes (each class's own code is hashed)",
     "fsad_bench.errors": "the one-line user error",
+    "fsad_bench.data.support_lists": "the SHA-256 check of a support list's files (refuses, never changes which "
+                                     "files are used: the list's text is in config_hash), writing lists",
     "fsad_bench.identity": "content identities and checked cache files: what an input is, never a number "
                            "(a change in how config_hash identifies inputs changes cell ids by itself)",
 }

@@ -6,7 +6,9 @@ be used instead through a JSON file::
 
     {"bottle": {"2": {"0": ["000.png", "017.png"], "1": [...]}, "4": {...}}}
 
-(file names relative to ``<category>/train/good``; keys are k, then run).
+(file names relative to ``<category>/train/good``; keys are k, then run). A list may carry the
+SHA-256 of every file it names (``"_sha256"``, see :mod:`fsad_bench.data.support_lists`): then each
+file is checked before it is used, and a copy of the data that differs is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from fsad_bench.data.dataset import CategorySplit
 from fsad_bench.errors import FsadError
+from fsad_bench.data.support_lists import check_hashes
 from fsad_bench.seeding import stable_seed
 
 
@@ -40,11 +43,15 @@ class SupportSampler:
         self.seed = seed
         self.lists_path = Path(lists) if lists else None
         self.lists: dict | None = None
+        self._verified: dict[Path, str] = {}  # sha256 of the files checked so far
         if self.lists_path is not None:
             try:
                 self.lists = json.loads(self.lists_path.read_text())
             except (OSError, json.JSONDecodeError) as err:
                 raise FsadError(f"cannot read support-set list {self.lists_path}: {err}") from None
+            if not isinstance(self.lists, dict):
+                raise FsadError(f"support-set list {self.lists_path} must be a JSON object: category -> k -> run -> "
+                                f"file names")
 
     def support(self, split: CategorySplit, k: int, run: int) -> list[Path]:
         """Paths of the k support images of ``split`` for run ``run``."""
@@ -65,4 +72,5 @@ class SupportSampler:
             paths.append(by_name[n])
         if len(paths) != k:
             raise FsadError(f"support-set list {self.lists_path}: {split.name}/k={k}/run={run} has {len(paths)} files")
+        check_hashes(self.lists, self.lists_path, split.name, paths, self._verified)
         return paths

@@ -8,6 +8,11 @@ all k): number of pairs, mean difference, a percentile-bootstrap 95 % CI of the 
 (cells resampled with replacement, seeded ``numpy.random.Generator``), win / tie / loss counts
 and the two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped).
 
+How stable a ranking is: :func:`win_probability` (the probability that A beats B on a new support draw and
+training seed, per category and over categories, and the "support lottery", min–max over the draws) and
+:func:`rank_stability` (each method's probability of ranking first when the (run, train seed) draws are
+resampled): ``fsad-bench compare`` and ``tables/rank_stability.{md,csv}``.
+
 Caveats: runs of one category share the category's test set, so pairs are not fully
 independent (the test and the CI treat every cell as one observation). With fewer than
 6 non-zero pairs the exact two-sided Wilcoxon p-value cannot fall below 0.05
@@ -16,7 +21,9 @@ independent (the test and the CI treat every cell as one observation). With fewe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +31,8 @@ from scipy import stats
 
 from fsad_bench.errors import FsadError
 from fsad_bench.report.published import MEAN_ROW
-from fsad_bench.records.store import with_train_seed
+from fsad_bench.records.store import atomic_write_text, with_train_seed
+from fsad_bench.report.costs import method_order
 
 KEYS = ["dataset", "category", "k", "run", "train_seed"]
 
@@ -209,3 +217,171 @@ def significance_note(reference: str, levels: tuple[float, float] = (0.05, 0.01)
     """Footnote for tables with markers."""
     return (f"*: p < {levels[0]}, **: p < {levels[1]}, two-sided Wilcoxon signed-rank test over paired "
             f"(category, run, train seed) cells against {reference}; ↑ higher, ↓ lower than {reference}.")
+
+
+# --- how stable is a ranking: new support draws and training seeds ------------------------------------------------
+
+#: The unit a new experiment redraws: one support draw (run) with one training seed.
+DRAW = ["run", "train_seed"]
+
+
+def _win_row(a: np.ndarray, b: np.ndarray, n_resamples: int, rng: np.random.Generator, tie_tol: float) -> dict:
+    """Win probabilities and lottery spreads of paired per-draw values ``a``, ``b`` (%)."""
+    d = a - b
+    n = d.size
+    score = np.where(d > tie_tol, 1.0, np.where(d < -tie_tol, 0.0, 0.5))  # A beats B: 1, tie: 1/2
+    row = {"n_draws": int(n), "p_a_better": float(score.mean()), "p_a_better_low": np.nan,
+           "p_a_better_high": np.nan, "p_a_ahead": np.nan,
+           "a_min": float(a.min()), "a_max": float(a.max()), "b_min": float(b.min()), "b_max": float(b.max()),
+           "a_spread": float(a.max() - a.min()), "b_spread": float(b.max() - b.min())}
+    if n >= 2:
+        idx = rng.integers(0, n, (n_resamples, n))
+        lo, hi = np.percentile(score[idx].mean(axis=1), [2.5, 97.5])
+        mean_d = d[idx].mean(axis=1)
+        ahead = np.where(mean_d > tie_tol, 1.0, np.where(mean_d < -tie_tol, 0.0, 0.5))
+        row.update(p_a_better_low=float(lo), p_a_better_high=float(hi), p_a_ahead=float(ahead.mean()))
+    return row
+
+
+def win_probability(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc", n_resamples: int = 10_000,
+                    seed: int = 0, tie_tol: float = 1e-9, allow_unpaired: bool = False) -> pd.DataFrame:
+    """How likely ``a`` beats ``b`` on a new support draw and training seed: one row per dataset, k and
+    category, a ``Mean`` row per dataset and k (the per-draw mean over categories), and ``k = "all"`` Mean
+    rows (a draw is then a (k, run, train seed)).
+
+    Columns (values in %): ``n_draws`` (paired (run, train seed) draws, see :func:`paired_cells`);
+    ``p_a_better`` — share of draws where ``a`` scores higher (ties count 1/2): the probability that ``a``
+    beats ``b`` on one new draw, with ``p_a_better_low`` / ``_high``, its 95 % percentile-bootstrap interval
+    over the draws; ``p_a_ahead`` — share of bootstrap resamples of the draws (with replacement, as many as
+    there are) whose mean difference favours ``a``: the probability that a rerun with as many new draws
+    keeps ``a`` ahead; ``a_min`` … ``b_max``, ``a_spread`` / ``b_spread`` — the support lottery, min and
+    max over the draws and their difference. Bootstrap columns are NaN with fewer than 2 draws. Seeded:
+    every row's resamples come from ``numpy.random.default_rng(seed)``, whatever the other rows."""
+    if not allow_unpaired:
+        check_paired(df, a, b, metric)
+    pairs = paired_cells(df, a, b, metric)
+    la, lb = resolve_label(df, a), resolve_label(df, b)
+    if pairs.empty:
+        raise FsadError(f"{la!r} and {lb!r} share no finished cell with a {metric} value")
+    rows = []
+    for ds, dsp in pairs.groupby("dataset", sort=True):
+        groups = [(int(k), g, DRAW) for k, g in dsp.groupby("k", sort=True)] + [("all", dsp, ["k", *DRAW])]
+        for k, g, draw in groups:
+            parts = [] if k == "all" else [(c, gc) for c, gc in g.groupby("category", sort=True)]
+            per_draw = g.groupby(draw, sort=True)[["a", "b"]].mean()
+            for cat, gc in parts + [(MEAN_ROW, per_draw)]:
+                rows.append({"dataset": ds, "k": k, "category": cat, "a": la, "b": lb, "metric": metric,
+                             **_win_row(gc["a"].to_numpy(float), gc["b"].to_numpy(float), n_resamples,
+                                        np.random.default_rng(seed), tie_tol)})
+    return pd.DataFrame(rows)
+
+
+def _draw_values(g: pd.DataFrame, metric: str) -> tuple[list[str], np.ndarray]:
+    """Labels and their per-draw mean over categories ``(labels, draws)`` in % for one (dataset, k); a label
+    run at train seed 0 only (training-free) stands for itself at every train seed of the others."""
+    seeds = sorted(g["train_seed"].unique())
+    parts = []
+    for lab, gl in g.groupby("label", sort=False):
+        if gl["train_seed"].nunique() == 1 and int(gl["train_seed"].iloc[0]) == 0 and len(seeds) > 1:
+            gl = pd.concat([gl.assign(train_seed=s) for s in seeds])
+        parts.append(gl)
+    wide = (pd.concat(parts).groupby(["label", *DRAW])[metric].mean().unstack(DRAW) * 100)  # mean over categories
+    return list(wide.index), wide.to_numpy(float)
+
+
+def rank_stability(df: pd.DataFrame, metric: str = "image_auroc", n_resamples: int = 10_000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Each label's probability of ranking first among the labels of a dataset and k when the (run, train
+    seed) draws are resampled (bootstrap with replacement, as many as there are; ``default_rng(seed)`` per
+    (dataset, k)).
+
+    One row per (dataset, k, label): ``mean`` (% over categories and draws), ``rank`` (1 = best, by
+    ``mean``), ``p_first`` (share of resamples in which the label has the highest mean; a tie shares the
+    resample), ``mean_rank`` (its average rank over the resamples), ``n_draws``, ``n_categories``. The mean
+    over categories is taken per draw first (a draw missing some category averages the ones present)."""
+    df = with_train_seed(df).dropna(subset=[metric])
+    rows = []
+    for (ds, k), g in df.groupby(["dataset", "k"], sort=True):
+        labels, v = _draw_values(g, metric)
+        n = v.shape[1]
+        rng = np.random.default_rng(seed)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a label without some draw: NaN there
+            means = np.nanmean(v[:, rng.integers(0, n, (n_resamples, n))], axis=-1)  # (labels, resamples)
+            observed = np.nanmean(v, axis=1)
+        filled = np.where(np.isnan(means), -np.inf, means)
+        best = filled == filled.max(axis=0, keepdims=True)
+        p_first = (best / best.sum(axis=0, keepdims=True)).mean(axis=1)
+        ranks = 1 + (filled[None, :, :] > filled[:, None, :]).sum(axis=1)  # labels strictly above each one
+        order = np.argsort(-np.where(np.isnan(observed), -np.inf, observed), kind="stable")
+        rank = np.empty(len(labels), int)
+        rank[order] = np.arange(1, len(labels) + 1)
+        for i, lab in enumerate(labels):
+            rows.append({"dataset": ds, "k": int(k), "label": lab, "metric": metric, "mean": float(observed[i]),
+                         "rank": int(rank[i]), "p_first": float(p_first[i]), "mean_rank": float(ranks[i].mean()),
+                         "n_draws": int(np.isfinite(v[i]).sum()), "n_categories": int(g.loc[g["label"] == lab,
+                                                                                             "category"].nunique())})
+    return pd.DataFrame(rows)
+
+
+def with_ahead_column(table: pd.DataFrame, wins: pd.DataFrame) -> pd.DataFrame:
+    """:func:`compare_methods`' table with the column ``p_a_ahead`` of the ``Mean`` rows of
+    :func:`win_probability` (the probability that ``a`` stays ahead when the draws are redrawn)."""
+    mean = wins[wins["category"] == MEAN_ROW][["dataset", "k", "p_a_ahead"]]
+    keyed = table.assign(_k=table["k"].astype(str)).merge(mean.assign(_k=mean["k"].astype(str)).drop(columns="k"),
+                                                          on=["dataset", "_k"], how="left")
+    return keyed.drop(columns="_k")
+
+
+def lottery_table(wins: pd.DataFrame) -> pd.DataFrame:
+    """:func:`win_probability` for printing: rows ``"<dataset> k=<k> <category>"``; P(A better) with its
+    interval, P(A ahead) and each side's min–max over the draws (%)."""
+    several = wins["dataset"].nunique() > 1
+
+    def pct(v: float) -> str:
+        return "–" if not np.isfinite(v) else f"{100 * v:.0f}%"
+
+    out = pd.DataFrame({
+        "draws": wins["n_draws"].to_numpy(),
+        "P(A better), 95% CI": [f"{pct(r.p_a_better)} [{pct(r.p_a_better_low)}, {pct(r.p_a_better_high)}]"
+                                for r in wins.itertuples()],
+        "P(A ahead)": [pct(v) for v in wins["p_a_ahead"]],
+        "A min–max": [f"{r.a_min:.1f}–{r.a_max:.1f} ({r.a_spread:.1f})" for r in wins.itertuples()],
+        "B min–max": [f"{r.b_min:.1f}–{r.b_max:.1f} ({r.b_spread:.1f})" for r in wins.itertuples()],
+    })
+    out.index = [(f"{r.dataset} " if several else "") + f"k={r.k} {r.category}" for r in wins.itertuples()]
+    return out
+
+
+def rank_stability_table(df: pd.DataFrame, metrics: Iterable[str], labels: list[str] | None = None,
+                         n_resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """:func:`rank_stability` of every metric of ``metrics`` present in ``df``, rows in ``labels`` order
+    (the tables' method order) within each (dataset, metric, k); empty when no metric has a value."""
+    parts = [rank_stability(df, m, n_resamples, seed) for m in metrics if m in df.columns and df[m].notna().any()]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return pd.DataFrame()
+    t = pd.concat(parts, ignore_index=True)
+    order = {lab: i for i, lab in enumerate(labels or [])}
+    t["_o"] = [order.get(lab, len(order)) for lab in t["label"]]
+    t["_m"] = [list(dict.fromkeys(t["metric"])).index(m) for m in t["metric"]]  # metrics in the order given
+    return t.sort_values(["dataset", "_m", "k", "_o", "rank"], kind="stable").drop(columns=["_o", "_m"]).reset_index(drop=True)
+
+
+RANK_NOTE = ("p_first: share of 10000 bootstrap resamples of the (run, train seed) draws (seed 0) in which the method "
+             "has the highest mean over categories and draws; mean_rank: its average rank there (1 = best). "
+             "A training-free method (train seed 0 only) counts at every train seed.")
+
+
+def write_rank_stability(folder: Path, df: pd.DataFrame, metrics: Iterable[str],
+                         methods: list[str] | None = None) -> pd.DataFrame:
+    """Write ``tables/rank_stability.md`` and ``.csv`` (:func:`rank_stability_table`, methods in the tables'
+    order); nothing when there is nothing to rank. Returns the table."""
+    t = rank_stability_table(df, metrics, method_order(df, methods) if len(df) else None)
+    if t.empty:
+        return t
+    shown = t.assign(p_first=(100 * t["p_first"]).round(1)).rename(columns={"label": "method", "p_first": "p_first %"})
+    atomic_write_text(Path(folder) / "rank_stability.md",
+                      shown.to_markdown(index=False, floatfmt=".2f") + "\n\n" + RANK_NOTE + "\n")
+    atomic_write_text(Path(folder) / "rank_stability.csv", t.to_csv(index=False))
+    return t

@@ -210,7 +210,7 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     from fsad_bench.report.flags_table import mark_flags
     from fsad_bench.report.per_defect import write_side_tables
     from fsad_bench.report.published import attach_reference, paper_difference
-    from fsad_bench.report.significance import add_significance
+    from fsad_bench.report.significance import add_significance, write_rank_stability
     from fsad_bench.report.sweeps import sweep_tables
 
     store = ResultStore(out)
@@ -264,6 +264,7 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
         tex_notes = "".join(f"\\par\\noindent{{\\footnotesize {_tex_escape(n)}}}\n" for n in notes)
         atomic_write_text(folder / f"{name}.tex", _latex(t, caption) + tex_notes)
     write_side_tables(folder, df, methods)  # per_defect_image_auroc, operating_point (.md, .csv)
+    write_rank_stability(folder, df, metrics or DEFAULT_METRICS, methods)  # P(first) over resampled draws
     summaries = pd.concat([summary(df, m).assign(metric=m) for m in METRICS if m in df.columns and df[m].notna().any()])
     summaries["complete"] = [comp.label_complete(lab, k, None if cat == MEAN_ROW else cat)
                              for lab, k, cat in zip(summaries["label"], summaries["k"], summaries["category"])]

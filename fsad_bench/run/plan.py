@@ -238,8 +238,9 @@ def plan(suite: Suite) -> Plan:
     sampler = SupportSampler(suite.seed, suite.support_lists)
     for c in evaluated:  # fail now, not after hours: every split readable, every k possible
         split = dataset.split(c)
-        for k in suite.k:
-            sampler.support(split, k, 0)
+        for k in suite.k:  # a fixed list: every run's entry and file hashes too
+            for run in range(suite.runs if sampler.lists is not None else 1):
+                sampler.support(split, k, run)
     aggregated = any(cls.protocol == "aggregated" for cls in adapters.values())
     verify_readable(dataset, None if aggregated else evaluated)  # aggregated fits read every category
     train_ds = None
