@@ -216,6 +216,66 @@ def profile(fn, device: torch.device, top: int = 8) -> str:
     return ", ".join(f"{e.key} {100 * getattr(e, key) / total:.0f} %" for e in ev)
 
 
+# ----------------------------------------------------------------------------------------
+# Adaptation seconds (paper: RTX 3090) and the projected paper_mvtec suite
+# ----------------------------------------------------------------------------------------
+#: RegAD paper (Huang et al., ECCV 2022), adaptation seconds per cell on an RTX 3090
+PAPER_ADAPT_SECONDS = {"regad": 4.47, "diffnet+": 357.75, "tdg+": 1559.76}
+#: MVTec AD (train, test) images per category (the dataset's published split)
+MVTEC = {"bottle": (209, 83), "cable": (224, 150), "capsule": (219, 132), "carpet": (280, 117), "grid": (264, 78),
+         "hazelnut": (391, 110), "leather": (245, 124), "metal_nut": (220, 115), "pill": (267, 167),
+         "screw": (320, 160), "tile": (230, 117), "toothbrush": (60, 42), "transistor": (213, 100),
+         "wood": (247, 79), "zipper": (240, 151)}
+
+
+def adaptation_seconds(method: str, preset: str, size: int, k: int, device: torch.device, fraction: float):
+    """(measured seconds, projected seconds of the full adaptation, note): ``adapt`` of ``k`` random shots;
+    iterative adaptations (DiffNet+ ``finetune_epochs``, TDG+ ``adapt_niter``) run ``fraction`` of their
+    iterations (at least 1) and are scaled up linearly (their cost per iteration is constant)."""
+    cls = registry.get(method)
+    key = {"diffnet+": "finetune_epochs", "tdg+": "adapt_niter"}.get(method)
+    full = cls.presets[preset][key] if key else 1
+    run = max(1, round(full * fraction)) if key else 1
+    opts = {key: run} if key else {}
+    a = cls(AdapterConfig(device=str(device), weights="none", preset=preset, image_size=size, options=opts))
+    support = _images(k, a.input_size or size, 2, device)
+    sync(device)
+    t0 = time.perf_counter()
+    a.adapt(support)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return seconds, seconds * full / run, (f"{run} of {full} {key}" if key else "complete")
+
+
+def project_suite(rows: list[dict], adapt: dict[str, float], k: int, runs: int = 10, ks=(2, 4, 8)) -> dict[str, float]:
+    """Projected seconds of ``paper_mvtec`` (15 categories x ``ks`` x ``runs`` cells per method) from the
+    measured per-piece costs: per (method, held-out category) the aggregated fit (RegAD: 50 epochs of
+    training steps over the other categories' images; DiffNet+: 192 epochs of flow steps, view features
+    not included; TDG+: 1000 pre-training iterations per scale, at the adaptation's batch), per cell the
+    adaptation (measured at ``k``) and every test image of the category."""
+    out = {}
+    for m in ("regad", "diffnet+", "tdg+"):
+        mine = {r["what"].split(" (")[0]: r for r in rows if r["method"] == m}
+        if not mine or m not in adapt:
+            continue
+        cls = registry.get(m)
+        hp = cls.presets[rows[0]["preset"]]
+        total = 0.0
+        for held, (_, n_test) in MVTEC.items():
+            others = [n for c, (n, _) in MVTEC.items() if c != held]
+            if m == "regad":
+                fit = hp["epochs"] * sum(math.ceil(n / hp["batch_size"]) for n in others) * mine["training step"]["seconds"]
+            elif m == "diffnet+":
+                steps = math.ceil(sum(others) / hp["batch_size"])
+                fit = hp["meta_epochs"] * hp["sub_epochs"] * steps * mine["flow step"]["seconds"]
+            else:
+                fit = hp["pretrain_niter"] * sum(r["seconds"] for w, r in mine.items() if w.startswith("iteration"))
+            cells = len(ks) * runs
+            total += fit + cells * (adapt[m] + n_test * mine["test image"]["seconds"])
+        out[m] = total
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", help="comma-separated presets (cpu, paper)")
@@ -227,6 +287,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each row")
+    ap.add_argument("--adaptation", action="store_true",
+                    help="also time regad / diffnet+ / tdg+ adaptations beside the paper's RTX 3090 seconds, and "
+                         "project the paper_mvtec suite's wall time")
+    ap.add_argument("--adapt-fraction", type=float, default=0.05,
+                    help="share of DiffNet+ / TDG+ adaptation iterations actually run (then scaled up)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -249,6 +314,19 @@ def main(argv=None) -> list[dict]:
                       f"{r['bytes'] / 1e6:.1f} | {1e3 * r['floor']:.2f} | {r['ratio']:.1f}x |", flush=True)
                 if args.profile:
                     print(f"|   profile | | {profile(r['fn'], device)} | | | | | |", flush=True)
+    if args.adaptation:
+        adapt = {}
+        print("\n| method | preset | adaptation s (measured) | projected full adaptation s | paper s (RTX 3090) |")
+        print("|---|---|---|---|---|")
+        for m in ("regad", "diffnet+", "tdg+"):
+            sec, full, note = adaptation_seconds(m, presets[0], args.size, args.k, device, args.adapt_fraction)
+            adapt[m] = full
+            print(f"| {m} | {presets[0]} | {sec:.2f} ({note}) | {full:.2f} | {PAPER_ADAPT_SECONDS[m]} |", flush=True)
+        proj = project_suite([r for r in rows if r["preset"] == presets[0]], adapt, args.k)
+        hours = sum(proj.values()) / 3600
+        print(f"projected paper_mvtec wall time ({presets[0]} preset, {args.size} px, this device): "
+              + ", ".join(f"{m} {v / 3600:.2f} h" for m, v in proj.items()) + f"; total {hours:.2f} h "
+              "(gaussian not included; DiffNet+ fit without its view-feature extraction)")
     first = [r for r in rows if r["preset"] == presets[0]]
     summary = []
     for m in methods:

@@ -219,3 +219,29 @@ def test_adapter_scores_equal_before():
         a.adapt(images)
         outs.append(a.predict(test))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# ----------------------------------------------------------------------------------------
+# The benchmark scripts
+# ----------------------------------------------------------------------------------------
+def test_counts_the_multiply_adds_and_traffic_of_a_product():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import trained
+
+    a, b = torch.randn(32, 16), torch.randn(16, 8)
+    flops, nbytes = trained.count(lambda: a @ b)
+    assert flops == 2 * 32 * 16 * 8 and nbytes == 4 * (32 * 16 + 16 * 8 + 32 * 8)
+
+
+@pytest.mark.slow
+def test_gpu_sh_runs_in_its_cpu_mode(tmp_path):
+    env = {**os.environ, "GPU_SH_DEVICE": "cpu", "GPU_SH_OUT": str(tmp_path), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "gpu.sh: done on cpu"
+    assert lines[-2].startswith("summary: regad ") and "tdg+" in lines[-2]
+    assert any(line.startswith("projected paper_mvtec wall time") for line in lines)
+    assert (tmp_path / "gpu_sh.txt").read_text().endswith("gpu.sh: done on cpu\n")
