@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import math
 import statistics
 import sys
@@ -178,9 +179,12 @@ def tdg_work(name: str, preset: str, size: int, k: int, n_test: int, device: tor
     amps = torch.full((k, len(model.sizes)), 0.1, device=device)
     T = len(model.transforms)
     work = []
+    once = "rec_all" in inspect.signature(trainer._train_scale).parameters  # computed once per scale since
     for n, s in enumerate(model.sizes):
-        def one(n=n):
-            trainer._train_scale(model, n, reals[n], ids, amps, 1, gen, hp["batch_size"], T)
+        extra = {"rec_all": model.reconstruct_prev(n, ids, amps)} if once else {}
+
+        def one(n=n, extra=extra):
+            trainer._train_scale(model, n, reals[n], ids, amps, 1, gen, hp["batch_size"], T, **extra)
         work.append((f"iteration at scale {n} ({s} px, {len(reals[n]) if hp['batch_size'] is None else min(k, hp['batch_size'])} images)", one, 1))
     test = _images(1, size, 3, device)
     work.append(("test image", lambda: a.predict(test), 1))
