@@ -4,6 +4,7 @@ generator chains and the scoring). Pure torch; training lives in :mod:`.training
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -111,9 +112,33 @@ def dihedral_transformations() -> list[Transformation]:
 TRANSFORMATION_SETS = {"official54": official_transformations, "dihedral8": dihedral_transformations}
 
 
+@functools.lru_cache(maxsize=64)
+def _gather_plan(transforms: tuple[Transformation, ...], size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source pixel ``(T, 1, 1, size²)`` and source channel ``(T, 1, 3, 1)`` of every output value of
+    :func:`apply_all` on a ``(B, 4, size, size)`` stack (RGB + grey): the geometric part of each
+    transformation applied once to an index image, grey transformations reading channel 3."""
+    pix = torch.arange(size * size, device=device).view(1, 1, size, size)
+    index = torch.stack([t.apply(pix) if not t.gray else Transformation(False, t.flip, t.tx, t.ty, t.rot).apply(pix)
+                         for t in transforms]).view(len(transforms), 1, 1, size * size)
+    chans = torch.tensor([[3, 3, 3] if t.gray else [0, 1, 2] for t in transforms], device=device)
+    return index, chans.view(len(transforms), 1, 3, 1)
+
+
 def apply_all(transforms: list[Transformation], x: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` -> ``(T * B, 3, H, W)``, transformation-major."""
-    return torch.cat([t.apply(x) for t in transforms])
+    """``(B, 3, H, W)`` -> ``(T * B, 3, H, W)``, transformation-major (square images).
+
+    Without a gradient: one gather from the image and its grey channel (the same values as
+    ``torch.cat([t.apply(x) for t in transforms])``, bit for bit). With one (the G step), the loop: the
+    gather's gradient sums the T branches in another order, and Adam turns that round-off into different
+    weights."""
+    b, _, h, w = x.shape
+    if h != w or not transforms or (x.requires_grad and torch.is_grad_enabled()):
+        return torch.cat([t.apply(x) for t in transforms])
+    index, chans = _gather_plan(tuple(transforms), h, str(x.device))
+    grey = (x * x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    src = torch.cat([x, grey], 1).flatten(2)  # (B, 4, H·W)
+    rows = torch.arange(b, device=x.device).view(1, b, 1, 1)
+    return src[rows, chans, index].view(len(transforms) * b, 3, h, w)
 
 
 # ----------------------------------------------------------------------------------------
@@ -272,6 +297,23 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 
+@functools.lru_cache(maxsize=64)
+def _inverse_plan(transforms: tuple[Transformation, ...], side: int, size: int, device: str) -> torch.Tensor:
+    """Source position ``(T, 1, side²)`` of every position of :meth:`Transformation.invert` on a
+    ``(side, side)`` map of an image of ``size`` px; -1 where the position has no source."""
+    pos = torch.arange(side * side, device=device).view(side, side)
+    return torch.stack([t.invert(pos, size=size, fill=-1) for t in transforms]).view(len(transforms), 1, side * side)
+
+
+def _invert_all(transforms: list[Transformation], maps: torch.Tensor, size: int) -> torch.Tensor:
+    """``maps`` ``(T, b, h, h)``, map ``i`` of transformation ``i`` -> each mapped back by
+    ``transforms[i].invert(size=size, fill=nan)``, ``(T, b, h, h)``, in one gather (bit-identical)."""
+    T, b, h, w = maps.shape
+    src = _inverse_plan(tuple(transforms), h, size, str(maps.device)).expand(T, b, h * w)
+    out = maps.flatten(2).gather(2, src.clamp_min(0))
+    return out.masked_fill(src < 0, float("nan")).view(T, b, h, w)
+
+
 class TDGHierarchy(nn.Module):
     """Per-scale patch generators and discriminators, coarsest scale first.
 
@@ -356,12 +398,11 @@ class TDGHierarchy(nn.Module):
             D = self.discriminators[n].eval()
             logits = D(apply_all(self.transforms, real))[:, :T]  # (T*b, T, h, w)
             probs = logits.softmax(1).view(T, b, T, *logits.shape[-2:])
-            correct = torch.stack([probs[t, :, t] for t in range(T)])  # (T, b, h, w)
+            correct = probs.diagonal(dim1=0, dim2=2).permute(3, 0, 1, 2).contiguous()  # (T, b, h, w)
             flat = correct.flatten(2).sort(dim=2).values
             k = max(1, int(flat.shape[2] * fraction))
             normality.append(flat[:, :, :k].mean(2).mean(0))
-            back = torch.stack([t.invert(1 - correct[i], size=real.shape[-1], fill=float("nan"))
-                                for i, t in enumerate(self.transforms)])
+            back = _invert_all(self.transforms, 1 - correct, real.shape[-1])
             m = back.nanmean(0)
             m = torch.where(torch.isnan(m), torch.nanmean(m), m)
             margin = (real.shape[-1] - m.shape[-1]) // 2

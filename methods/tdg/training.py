@@ -69,17 +69,26 @@ class HierarchyTrainer:
             if n > 0 and model.widths[n] == model.widths[n - 1] and not warm_start:
                 G.load_state_dict(model.generators[n - 1].state_dict())
                 D.load_state_dict(model.discriminators[n - 1].state_dict())
+            rec = model.reconstruct_prev(n, ids_all, amps)  # coarser scales are frozen: the same every iteration
             if n > 0:  # noise amplitude: noise_amp x mean |real - reconstruction| per image
-                rec = model.reconstruct_prev(n, ids_all, amps)
                 amps[:, n] = self.noise_amp * (reals[n] - rec).abs().flatten(1).mean(1)
-            self._train_scale(model, n, reals[n], ids_all, amps, niter, gen, batch_size, T)
+            self._train_scale(model, n, reals[n], ids_all, amps, niter, gen, batch_size, T, rec_all=rec)
         model.amps = amps
 
     def _train_scale(self, model: TDGHierarchy, n: int, real_all: torch.Tensor, ids_all: torch.Tensor,
-                     amps: torch.Tensor, niter: int, gen: torch.Generator, batch_size: int | None, T: int) -> None:
-        """``niter`` iterations of scale ``n`` on ``real_all`` ``(N, 3, s_n, s_n)`` in [-1, 1]."""
+                     amps: torch.Tensor, niter: int, gen: torch.Generator, batch_size: int | None, T: int,
+                     rec_all: torch.Tensor | None = None) -> None:
+        """``niter`` iterations of scale ``n`` on ``real_all`` ``(N, 3, s_n, s_n)`` in [-1, 1].
+
+        ``rec_all``: ``model.reconstruct_prev(n, ids_all, amps)`` ``(N, 3, s_n, s_n)`` if already computed
+        (the coarser generators are frozen in eval mode, so the reconstruction input is computed once per
+        scale instead of once per iteration; a batch takes its rows)."""
         G, D = model.generators[n], model.discriminators[n]
         dev = real_all.device
+        if rec_all is None:
+            rec_all = model.reconstruct_prev(n, ids_all, amps)
+        z_rec_all = model.z_rec[n].expand(len(real_all), 3, -1, -1)
+        noisy_rec_all = amps[:, n].view(-1, 1, 1, 1) * z_rec_all + rec_all
         G.train(), D.train()
         opt_d = torch.optim.Adam(D.parameters(), lr=self.lr_d, betas=(self.beta1, 0.999))
         opt_g = torch.optim.Adam(G.parameters(), lr=self.lr_g, betas=(self.beta1, 0.999))
@@ -87,7 +96,8 @@ class HierarchyTrainer:
         sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, [self.milestone_g], gamma=self.gamma)
         size = model.sizes[n]
         for it in range(niter):
-            if batch_size is None or batch_size >= len(real_all):
+            full = batch_size is None or batch_size >= len(real_all)
+            if full:
                 idx = torch.arange(len(real_all), device=dev)
             else:
                 idx = torch.randperm(len(real_all), generator=gen)[:batch_size].to(dev)
@@ -118,9 +128,7 @@ class HierarchyTrainer:
             # (2) G: make D recognise the transformations of the fakes + reconstruction
             for p in D.parameters():
                 p.requires_grad_(False)
-            rec_prev = model.reconstruct_prev(n, ids, amp)
-            z_rec = model.z_rec[n].expand(b, 3, -1, -1)
-            noisy_rec = amp[:, n].view(-1, 1, 1, 1) * z_rec + rec_prev
+            rec_prev, noisy_rec = (rec_all, noisy_rec_all) if full else (rec_all[idx], noisy_rec_all[idx])
             for _ in range(self.g_steps):
                 opt_g.zero_grad()
                 fake = G(noisy, prev, ids)
