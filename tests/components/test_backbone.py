@@ -184,7 +184,7 @@ def test_labels_show_arch_and_weights_kind(tmp_path):
     assert suite.options["diffnet"] == {"arch": "mobilenet_v2"}
 
 
-SHARED = Path(os.environ.get("FSAD_BENCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(os.environ.get("FSAD_BENCH_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 MNV2 = SHARED / "weights" / "mobilenet_v2_imagenet1k_dequantized_float_statedict.pth"
 BOTTLE = SHARED / "data" / "mvtec_ad" / "bottle"
 

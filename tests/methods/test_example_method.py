@@ -25,7 +25,7 @@ from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.records.store import ResultStore
 from fsad_bench.run.schedule import run_suite
 
-PACKAGE = Path(__file__).resolve().parents[1] / "examples" / "fsad-knn"
+PACKAGE = Path(__file__).resolve().parents[2] / "examples" / "fsad-knn"
 SOURCE = PACKAGE / "fsad_knn" / "knn.py"
 
 
