@@ -2,7 +2,8 @@
 
 Files: PNG, JPEG, BMP, TIFF (any case of the suffix). Images are returned as float tensors in
 [0, 1] of shape ``(3, S, S)`` (grayscale replicated; 16-bit scaled by 65535, not clipped; alpha
-dropped; bilinear antialiased resize); masks as ``(S, S)`` float tensors with values in {0, 1}
+dropped; resized with a named filter of :data:`RESIZE_FILTERS`, default bilinear; PIL's filters
+antialias when they shrink); masks as ``(S, S)`` float tensors with values in {0, 1}
 (nearest resize); a mask must have its image's size (FsadError naming both files otherwise).
 """
 
@@ -17,6 +18,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from fsad_bench.errors import FsadError
+
+#: Resize filters of :func:`load_image` (PIL's, through torchvision): ``"bilinear"`` (default) and
+#: ``"lanczos"`` (PIL's ``LANCZOS``, formerly ``Image.ANTIALIAS``: RegAD's official loader).
+RESIZE_FILTERS = {"bilinear": InterpolationMode.BILINEAR, "lanczos": InterpolationMode.LANCZOS}
 
 
 def _as_rgb(im: Image.Image) -> Image.Image:
@@ -60,12 +65,15 @@ def image_size_of(path: Path) -> tuple[int, int]:
         raise FsadError(f"cannot read image {path}: {err.__class__.__name__}: {err}") from None
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Read an RGB image resized to ``(3, size, size)`` in [0, 1]; FsadError if unreadable."""
+def load_image(path: Path, size: int, resize: str = "bilinear") -> torch.Tensor:
+    """Read an RGB image resized to ``(3, size, size)`` in [0, 1] with the filter ``resize`` (a key of
+    :data:`RESIZE_FILTERS`); FsadError if unreadable."""
+    if resize not in RESIZE_FILTERS:
+        raise FsadError(f"unknown resize filter {resize!r} (valid: {', '.join(RESIZE_FILTERS)})")
     try:
         with Image.open(path) as im:
             im = _as_rgb(im)
-            im = TF.resize(im, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            im = TF.resize(im, [size, size], interpolation=RESIZE_FILTERS[resize], antialias=True)
             return TF.to_tensor(im)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise FsadError(f"cannot read image {path}: {err.__class__.__name__}: {err}") from None
@@ -93,6 +101,6 @@ def load_mask(path: Path | None, size: int, image: Path | None = None) -> torch.
         raise FsadError(f"cannot read mask {path}: {err.__class__.__name__}: {err}") from None
 
 
-def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Stack of images ``(N, 3, size, size)``."""
-    return torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
+def load_images(paths: list[Path], size: int, resize: str = "bilinear") -> torch.Tensor:
+    """Stack of images ``(N, 3, size, size)`` (:func:`load_image` with the filter ``resize``)."""
+    return torch.stack([load_image(p, size, resize) for p in paths]) if paths else torch.zeros(0, 3, size, size)
