@@ -153,14 +153,14 @@ def _pil_nearest_index(size: int, degrees: float) -> torch.Tensor:
 
 
 def rotate_nearest_uint8(x: torch.Tensor, degrees: list[float]) -> torch.Tensor:
-    """DifferNet's rotation: ``(B, C, S, S)`` in [0, 1] quantised to 8 bits (``round(255 x) / 255``, the
-    PIL image the official loader rotates) and rotated by ``degrees`` (B values, counter-clockwise)
+    """DifferNet's rotation: ``(B, C, S, S)`` in [0, 1] quantised to 8 bits (``round(255 x) / 255`` in float32
+    as ``ToTensor`` gives it: the PIL image the official loader rotates) and rotated by ``degrees`` (B values, counter-clockwise)
     exactly as PIL's ``rotate(NEAREST)`` with black fill (torchvision ``RandomRotation`` on a PIL image).
     A gather: differentiable w.r.t. ``x`` (the quantisation passes gradients straight through)."""
     b, c, h, w = x.shape
     if h != w:
         raise ValueError(f"rotate_nearest_uint8 needs square images, got {h}x{w}")
-    q = x + (torch.round(x * 255) / 255 - x).detach()
+    q = x + ((torch.round(x * 255).float() / 255).to(x.dtype) - x).detach()  # ToTensor's float32 k / 255
     index = torch.stack([_pil_nearest_index(h, float(d)) for d in degrees]).to(x.device)
     inside = (index >= 0).to(x.dtype)[:, None]
     out = q.flatten(2).gather(2, index.clamp(min=0)[:, None].expand(b, c, -1)) * inside
