@@ -149,7 +149,7 @@ def _pil_nearest_index(size: int, degrees: float) -> torch.Tensor:
     ``size`` x ``size`` image: PIL rotates an image of pixel indices, so the mapping is PIL's own."""
     index = Image.fromarray(np.arange(size * size, dtype=np.int32).reshape(size, size), mode="I")
     out = index.rotate(float(degrees), resample=Image.NEAREST, fillcolor=-1)
-    return torch.from_numpy(np.asarray(out, dtype=np.int32).reshape(-1))
+    return torch.from_numpy(np.array(out, dtype=np.int32).reshape(-1))
 
 
 def rotate_nearest_uint8(x: torch.Tensor, degrees: list[float]) -> torch.Tensor:
