@@ -194,7 +194,7 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, a)
     hook.remove()
     table.add("multi-scale features", col, *diff(f_u, feats_o[0]))
     table.add("flow z", col, *diff(z_u, z_o))
-    table.add("flow log|det J|", col, *diff(jac_u, jac_o))
+    table.add("flow log-det", col, *diff(jac_u, jac_o))
     table.add("loss (batch mean)", col, *diff(nll_per_sample(z_u, jac_u).mean(), train_mod.get_loss(z_o, jac_o)))
 
     # -- official training step (+ its test pass over our per-image views), then compare ---------------
