@@ -12,7 +12,8 @@ Stages: loader (official ``Resize(224, ANTIALIAS)`` vs ours, LANCZOS and bilinea
 features (registered layer3 map, the three image-frame maps ``stn{i}_output``) and thetas, the
 SimSiam training loss, every parameter's gradient, the parameters and BatchNorm statistics after
 one SGD step (official ``train.train`` on one batch; ours ``train_registration`` on the same
-batch plan), the learning-rate schedule over 50 epochs, then the test pipeline (official
+batch plan), the learning-rate schedule over 50 epochs, the 22 support views (the official
+``utils.funcs`` transforms in ``test.py``'s order vs ours unshuffled), then the test pipeline (official
 ``train.test``; ours ``RegAD.adapt`` + ``RegAD.predict``): blurred maps, image scores (map max)
 and image AUROC.
 
@@ -30,6 +31,10 @@ Shims (around the official code, never inside it; active only while it runs):
 * ``train.CosLoss`` is wrapped to record its two values (the loss is not returned by ``train``);
 * float64 runs: ``torch.set_default_dtype(torch.float64)`` and the official loader's float32
   tensors cast to float64 before they reach the model;
+* diagnosis, on our side: one extra test row swaps ``fsad_bench.components.augment``'s grey view
+  (torchvision weights 0.2989, 0.587, 0.114) for kornia's (0.299, 0.587, 0.114, the official
+  ``grey_img``), and one more also fits the Gaussian in its primal (Cholesky) form, to show
+  where the test pipeline's differences come from;
 * ``stn_net(args, pretrained=False)`` with ``args`` a namespace (``stn_mode``): random init,
   no download; the data folder is built in a temporary directory named without "test" (the
   official test loader finds masks by replacing "test" in the path).
@@ -52,8 +57,11 @@ import numpy as np
 import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from torchvision.transforms.v2 import functional as TF
 
 from fsad_bench.adapter import AdapterConfig
+from fsad_bench.components import augment
+from fsad_bench.components.position_gaussian import PositionGaussian
 from fsad_bench.data.images import load_image
 from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.methods.regad.adapter import RegAD
@@ -257,9 +265,28 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_
         ours_lrs.append(cosine_lr(1e-4, "epoch-cosine", e, epochs, 0, 0))
     table.add("lr schedule (50 epochs)", col, *diff(torch.tensor(ours_lrs), torch.tensor(o_lrs)))
 
+    # -- the support augmentation: the official functions in test.py's order vs ours (unshuffled) ------------
+    sup = train_imgs[:shot]
+    f = mods["funcs"]
+    with torch.no_grad(), official_shims(mods, dtype):
+        kinds = {"image": [sup],
+                 # the official angles (±π/4, ±3π/16, ±π/8, ±π/16) in our order (the set is what the Gaussian sees)
+                 "small rotations": [f.rot_img(sup, t) for t in augment.SMALL_ANGLES],
+                 "translations": [f.translation_img(sup, x, y) for x, y in ((0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2),
+                                  (0.2, -0.2), (0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))],
+                 "flip": [f.hflip_img(sup)], "grey": [f.grey_img(sup)], "rot90": [f.rot90_img(sup, r) for r in (1, 2, 3)]}
+    g_aug = torch.Generator().manual_seed(seed + 4)
+    shuffled = augment.augment_support(sup, generator=g_aug)
+    ours_views = torch.empty_like(shuffled)
+    ours_views[torch.randperm(len(shuffled), generator=torch.Generator().manual_seed(seed + 4))] = shuffled
+    at = 0
+    for kind, views in kinds.items():
+        o = torch.cat(views)
+        table.add(f"support views: {kind}", col, *diff(ours_views[at:at + len(o)], o))
+        at += len(o)
+
     # -- the test pipeline (same trained weights on both sides) -------------------------------------
     sync_weights()
-    sup = train_imgs[:shot]
     with torch.no_grad(), official_shims(mods, dtype), contextlib.redirect_stdout(io.StringIO()):
         torch.manual_seed(seed + 3)
         o_maps, *_ = train_mod.test([o_stn, o_enc, o_pred], 0, [sup], test_loader)
@@ -271,6 +298,19 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_
     table.add("test: image scores (map max)", col, *diff(scores, o_scores))
     auc_o, auc = roc_auc_score(labels, o_scores.numpy()), roc_auc_score(labels, scores.numpy())
     table.add("test: image AUROC", col, abs(auc - auc_o), abs(auc - auc_o) / max(abs(auc_o), 1e-300))
+    # ours with the official grey weights (kornia 0.299, 0.587, 0.114; torchvision's are 0.2989, 0.587, 0.114)
+    augment.TF = types.SimpleNamespace(horizontal_flip=TF.horizontal_flip, rgb_to_grayscale=lambda x, num_output_channels=3: (
+        0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x))
+    try:
+        a.adapt(sup)
+        table.add("test: maps, ours with kornia's grey weights", col, *diff(a.predict(test_imgs)[1], o_maps))
+        # and the Gaussian in its primal form (Cholesky of the C x C covariance; the default for N < C is the
+        # Woodbury form |x-μ|² - |W(x-μ)|², exact in algebra but cancelling digits near the support's span)
+        a.gaussian = PositionGaussian(eps=0.01, form="primal")
+        a.adapt(sup)
+        table.add("test: maps, + primal-form Gaussian", col, *diff(a.predict(test_imgs)[1], o_maps))
+    finally:
+        augment.TF = TF
     torch.set_default_dtype(torch.float32)
 
 
