@@ -39,8 +39,8 @@ Shims (around the official code, never inside it; active only while it runs):
   no download; the data folder is built in a temporary directory named without "test" (the
   official test loader finds masks by replacing "test" in the path).
 
-Needs kornia (``utils/funcs.py`` imports it; it is in the project's environment) and about a minute
-per dtype on one CPU core.
+Needs kornia (``utils/funcs.py`` imports it; it is in the project's environment) and ~25 minutes
+per dtype on a busy 2-core machine (the official per-position loop dominates).
 """
 
 from __future__ import annotations
