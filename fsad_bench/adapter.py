@@ -19,7 +19,8 @@ Life of an adapter in a benchmark cell (see :mod:`fsad_bench.run`)::
 
 A trained state is cached by the run layer through :meth:`state_dict` / :meth:`load_state_dict`
 (default: the ``nn.Module`` attributes of the adapter), keyed by (method, dataset,
-held-out category, preset, seed, config).
+held-out category, preset, seed, config), and by k when :meth:`Adapter.per_shot_fit` says the fit
+depends on it (the run layer then fits once per k and sets :attr:`Adapter.fit_shot` before ``fit``).
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class Adapter(ABC):
         self.weights_tag = "n/a"
         #: Name of the category being evaluated; the run layer sets it before ``adapt`` (text priors use it).
         self.category: str | None = None
+        #: k of the shared fit when :meth:`per_shot_fit` is true (the run layer sets it before ``fit``).
+        self.fit_shot: int | None = None
 
     # -- presets and options --------------------------------------------------------------
     @classmethod
@@ -245,7 +248,20 @@ class Adapter(ABC):
         for k, v in state.items():
             getattr(self, k).load_state_dict(v)
 
+    @classmethod
+    def per_shot_fit(cls, hparams: dict[str, Any]) -> bool:
+        """Whether a shared fit (aggregated / cross-dataset) with these resolved hyper-parameters depends
+        on k: the run layer then fits (and caches) once per (held-out category, train seed, k) instead of
+        once per (held-out category, train seed), with :attr:`fit_shot` = k. Default: False."""
+        return False
+
     # -- input resolution -------------------------------------------------------------
+    @property
+    def resize_filter(self) -> str:
+        """Filter with which the run layer resizes this adapter's images from the original files: a key of
+        :data:`fsad_bench.data.images.RESIZE_FILTERS` (default ``"bilinear"``, antialiased)."""
+        return "bilinear"
+
     @property
     def input_size(self) -> int | None:
         """Side (px) at which the run layer should load this adapter's images from the original

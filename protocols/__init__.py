@@ -39,20 +39,22 @@ if TYPE_CHECKING:  # loading a suite imports no torch (the CLI reports a bad sui
 
 
 def training_data(protocol: str, dataset: Dataset, target: str, support: torch.Tensor,
-                  image_size: int, image_cache: str | Path | None = None) -> TrainSet | None:
+                  image_size: int, image_cache: str | Path | None = None, resize: str = "bilinear") -> TrainSet | None:
     """The images a method of ``protocol`` may train on when ``target`` is evaluated.
 
     The held-out ``target``'s test images never appear; under ``aggregated`` none of its
     images do, under ``individual`` only its support images (``(K, 3, S, S)``); under
     ``cross-dataset`` ``dataset`` is the suite's training dataset (all of it, with labels).
     ``image_size`` is the adapter's input size; ``image_cache``: folder of the decoded-image
-    cache (:mod:`fsad_bench.data.image_cache`), None = decode the originals on every access.
+    cache (:mod:`fsad_bench.data.image_cache`), None = decode the originals on every access;
+    ``resize``: the adapter's resize filter (:attr:`~fsad_bench.adapter.Adapter.resize_filter`).
     """
     from fsad_bench.adapter import PROTOCOLS
     from fsad_bench.data.image_cache import CachedImageFiles
     from fsad_bench.data.torch_datasets import ImageFiles, LabelledImages, TensorImages
 
-    files = ImageFiles if image_cache is None else partial(CachedImageFiles, cache=image_cache)
+    files = partial(ImageFiles, resize=resize) if image_cache is None else partial(CachedImageFiles, cache=image_cache,
+                                                                                    resize=resize)
     if protocol == "aggregated":
         others = [c for c in dataset.categories if c != target]
         if not others:
@@ -67,7 +69,7 @@ def training_data(protocol: str, dataset: Dataset, target: str, support: torch.T
         for c in dataset.categories:
             split = dataset.split(c)
             out[c] = LabelledImages(list(split.train) + [s.path for s in split.test],
-                                    [0] * len(split.train) + [s.label for s in split.test], image_size)
+                                    [0] * len(split.train) + [s.label for s in split.test], image_size, resize)
             if image_cache is not None:
                 out[c].images = files(out[c].images.paths, image_size)
         return out

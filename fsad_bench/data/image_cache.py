@@ -7,7 +7,8 @@ costs ~50 ms for a 900 px MVTec PNG, reading its cached copy ~0.5 ms; a cell re-
 category's whole test set, so the decoded, resized image is kept under
 ``<cache>/images/<size>/`` as one ``.npy`` file per (file, size): ``(3, S, S)`` uint8 when the
 loader's output is exactly ``k / 255`` (PIL images always are), else float32 — either way
-the tensor read back equals :func:`fsad_bench.data.images.load_image`'s bit for bit. Disk use:
+the tensor read back equals :func:`fsad_bench.data.images.load_image`'s bit for bit (each resize filter,
+:attr:`fsad_bench.adapter.Adapter.resize_filter`, has its own entries). Disk use:
 3·S² bytes per image (150 KB at 224 px, 600 KB at 448 px).
 
 The key (:func:`cache_key`) is everything that produced an entry's pixels:
@@ -17,7 +18,7 @@ The key (:func:`cache_key`) is everything that produced an entry's pixels:
   and numpy versions — editing the decoder never serves pixels it no longer produces;
 * the original's identity: resolved path, size, mtime, inode and ctime (``touch -r`` restores an
   mtime, not the ctime; a ``chmod`` or a rename costs a re-decode, never a wrong pixel);
-* the output size ``S``;
+* the output size ``S`` and the resize filter;
 * with :attr:`ImageCache.check` ``"sample"`` (what ``fsad-bench run --force`` uses) also the
   file's size and first and last 64 KiB (:func:`fsad_bench.identity.sampled_sha256`: two reads,
   ~0.05 ms per file; exact for PNG, whose checksums sit at the end), with ``"full"``
@@ -78,12 +79,14 @@ def decoder_fingerprint() -> str:
     return hashlib.sha256(f"{module_fingerprint(*DECODER_MODULES)}|{versions}".encode()).hexdigest()
 
 
-def cache_key(path: Path, size: int, check: str = "stat") -> str:
+def cache_key(path: Path, size: int, check: str = "stat", resize: str = "bilinear") -> str:
     """The cache key of ``path`` decoded at ``size`` (see the module doc); OSError if ``path`` cannot
     be read. Every input of the decoded pixels is one field here: a new one (e.g. a resize filter)
     is one more entry of ``fields``."""
     st = path.stat()
     fields = [decoder_fingerprint(), path.resolve(), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, size]
+    if resize != "bilinear":  # bilinear entries keep the keys they had before filters were named
+        fields.append(f"resize={resize}")
     if check == "sample":
         fields.append(sampled_sha256(path))
     elif check == "full":
@@ -95,18 +98,19 @@ def _as_cache(cache: str | Path | ImageCache) -> ImageCache:
     return cache if isinstance(cache, ImageCache) else ImageCache(Path(cache))
 
 
-def load_cached_image(path: str | Path, size: int, cache: str | Path | ImageCache | None) -> torch.Tensor:
-    """:func:`~fsad_bench.data.images.load_image` ``(3, size, size)`` in [0, 1], through the disk cache
+def load_cached_image(path: str | Path, size: int, cache: str | Path | ImageCache | None,
+                      resize: str = "bilinear") -> torch.Tensor:
+    """:func:`~fsad_bench.data.images.load_image` ``(3, size, size)`` in [0, 1] (filter ``resize``), through the disk cache
     ``cache`` (a folder or an :class:`ImageCache`; None: decode the original). Errors of the original
     are FsadErrors as there."""
     path = Path(path)
     if cache is None:
-        return load_image(path, size)
+        return load_image(path, size, resize)
     cache = _as_cache(cache)
     try:
-        key = cache_key(path, size, cache.check)
+        key = cache_key(path, size, cache.check, resize)
     except OSError:
-        return load_image(path, size)  # raises the data layer's one-line error
+        return load_image(path, size, resize)  # raises the data layer's one-line error
     file = cache.folder / str(size) / key[:2] / f"{key}.npy"
     try:
         arr = np.load(file)
@@ -115,7 +119,7 @@ def load_cached_image(path: str | Path, size: int, cache: str | Path | ImageCach
     if arr is not None and arr.shape == (3, size, size):
         t = torch.from_numpy(arr)
         return t.float().div(255) if t.dtype == torch.uint8 else t
-    image = load_image(path, size)
+    image = load_image(path, size, resize)
     u8 = torch.round(image * 255).to(torch.uint8)
     store = u8 if torch.equal(u8.float().div(255), image) else image.float()
     try:
@@ -128,19 +132,21 @@ def load_cached_image(path: str | Path, size: int, cache: str | Path | ImageCach
     return image
 
 
-def load_cached_images(paths: list[Path], size: int, cache: str | Path | ImageCache | None) -> torch.Tensor:
+def load_cached_images(paths: list[Path], size: int, cache: str | Path | ImageCache | None,
+                       resize: str = "bilinear") -> torch.Tensor:
     """Stack ``(N, 3, size, size)`` of :func:`load_cached_image`."""
     if not paths:
         return torch.zeros(0, 3, size, size)
-    return torch.stack([load_cached_image(p, size, cache) for p in paths])
+    return torch.stack([load_cached_image(p, size, cache, resize) for p in paths])
 
 
 class CachedImageFiles(ImageFiles):
     """:class:`~fsad_bench.data.torch_datasets.ImageFiles` read through the disk cache (training loops)."""
 
-    def __init__(self, paths: list[Path], size: int, cache: str | Path | ImageCache | None = None):
-        super().__init__(paths, size)
+    def __init__(self, paths: list[Path], size: int, cache: str | Path | ImageCache | None = None,
+                 resize: str = "bilinear"):
+        super().__init__(paths, size, resize)
         self.cache = cache
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return load_cached_image(self.paths[i], self.size, self.cache)
+        return load_cached_image(self.paths[i], self.size, self.cache, self.resize)

@@ -2,7 +2,8 @@
 
 Files: PNG, JPEG, BMP, TIFF (any case of the suffix). Images are returned as float tensors in
 [0, 1] of shape ``(3, S, S)`` (grayscale replicated; 16-bit scaled by 65535, not clipped; alpha
-dropped; bilinear antialiased resize); masks as ``(S, S)`` float tensors with values in {0, 1}
+dropped; resized with a named filter of :data:`RESIZE_FILTERS`, default bilinear; PIL's filters
+antialias when they shrink); masks as ``(S, S)`` float tensors with values in {0, 1}
 (nearest resize); a mask must have its image's size (FsadError naming both files otherwise).
 
 Errors: any failure to read or decode a file (unknown format, truncated data, a mode that cannot
@@ -29,6 +30,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from fsad_bench.errors import FsadError
+
+#: Resize filters of :func:`load_image` (PIL's, through torchvision): ``"bilinear"`` (default) and
+#: ``"lanczos"`` (PIL's ``LANCZOS``, formerly ``Image.ANTIALIAS``: RegAD's official loader).
+RESIZE_FILTERS = {"bilinear": InterpolationMode.BILINEAR, "lanczos": InterpolationMode.LANCZOS}
 
 #: Largest image accepted, in pixels (width x height): Pillow's default ``Image.MAX_IMAGE_PIXELS``,
 #: written out so that a Pillow release changing its default does not change what fsad-bench accepts.
@@ -115,11 +120,14 @@ def image_size_of(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Read an RGB image resized to ``(3, size, size)`` in [0, 1]; FsadError if unreadable."""
+def load_image(path: Path, size: int, resize: str = "bilinear") -> torch.Tensor:
+    """Read an RGB image resized to ``(3, size, size)`` in [0, 1] with the filter ``resize`` (a key of
+    :data:`RESIZE_FILTERS`); FsadError if unreadable."""
+    if resize not in RESIZE_FILTERS:
+        raise FsadError(f"unknown resize filter {resize!r} (valid: {', '.join(RESIZE_FILTERS)})")
     with open_image(path) as im:
         rgb = _as_rgb(im)
-        rgb = TF.resize(rgb, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        rgb = TF.resize(rgb, [size, size], interpolation=RESIZE_FILTERS[resize], antialias=True)
         return TF.to_tensor(rgb)
 
 
@@ -142,6 +150,6 @@ def load_mask(path: Path | None, size: int, image: Path | None = None) -> torch.
         return (TF.to_tensor(m)[0] > 0.5).float()
 
 
-def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Stack of images ``(N, 3, size, size)``."""
-    return torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
+def load_images(paths: list[Path], size: int, resize: str = "bilinear") -> torch.Tensor:
+    """Stack of images ``(N, 3, size, size)`` (:func:`load_image` with the filter ``resize``)."""
+    return torch.stack([load_image(p, size, resize) for p in paths]) if paths else torch.zeros(0, 3, size, size)

@@ -13,17 +13,18 @@ from fsad_bench.data.images import load_image
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Lazy image list for training loops: ``ds[i]`` is ``(3, size, size)`` in [0, 1]."""
+    """Lazy image list for training loops: ``ds[i]`` is ``(3, size, size)`` in [0, 1] (resize filter ``resize``)."""
 
-    def __init__(self, paths: list[Path], size: int):
+    def __init__(self, paths: list[Path], size: int, resize: str = "bilinear"):
         self.paths = list(paths)
         self.size = size
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return load_image(self.paths[i], self.size)
+        return load_image(self.paths[i], self.size, self.resize)
 
 
 class TensorImages(torch.utils.data.Dataset):
@@ -44,10 +45,10 @@ class LabelledImages(torch.utils.data.Dataset):
     """Lazy labelled images (cross-dataset training): ``ds[i]`` is ``((3, size, size) in [0, 1], label)``,
     label 1 = anomalous; ``ds.labels`` lists every label without loading images."""
 
-    def __init__(self, paths: list[Path], labels: list[int], size: int):
+    def __init__(self, paths: list[Path], labels: list[int], size: int, resize: str = "bilinear"):
         if len(paths) != len(labels):
             raise ValueError("paths and labels differ in length")
-        self.images = ImageFiles(paths, size)
+        self.images = ImageFiles(paths, size, resize)
         self.labels = [int(v) for v in labels]
 
     def __len__(self) -> int:

@@ -4,7 +4,8 @@ metrics).
 
 Cells are grouped by (method, category): an ``aggregated`` method trains once per (held-out
 category, train seed) (or loads that training from the model cache, :mod:`fsad_bench.run.model_cache`)
-and the fit is reused by every k and run; an ``individual`` method trains on each cell's support set,
+and the fit is reused by every k and run (once per k too when the adapter's
+:meth:`~fsad_bench.adapter.Adapter.per_shot_fit` says so); an ``individual`` method trains on each cell's support set,
 with a seed that includes the train seed (:mod:`fsad_bench.run.seeds`); a ``training-free`` one never
 trains and runs train seed 0 only. Every finished cell becomes one record in the
 :class:`~fsad_bench.records.store.ResultStore`.
@@ -45,11 +46,11 @@ from fsad_bench.records.tracking import after_record
 from fsad_bench.run import operating_point as op
 from fsad_bench.run.devices import peak_memory_mb, reset_peak_memory, sync
 from fsad_bench.run.flags import cell_flags
-from fsad_bench.run.model_cache import fit_cached
+from fsad_bench.run.model_cache import fit_cached, per_shot_fit
 from fsad_bench.run.paths import image_cache_dir
 from fsad_bench.run.peak_memory import frozen_gc
 from fsad_bench.run.plan import Cell, open_dataset, open_train_dataset
-from fsad_bench.run.predict import input_size, load_masks, predict_stream
+from fsad_bench.run.predict import input_size, load_masks, predict_stream, resize_filter
 from fsad_bench.run.progress import writer as status_writer
 from fsad_bench.run.seeds import adapter_seed, cell_seed
 
@@ -90,10 +91,13 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
     if threads:
         torch.set_num_threads(threads)
     store = ResultStore(out)
-    cells = sorted((c for c in cells if not store.has(c.cell_id)), key=lambda c: c.train_seed)
+    cls = registry.get(method)
+    per_shot = cls.protocol != "individual" and per_shot_fit(cls, cls.resolve_hparams(suite.preset,
+                                                                                        suite.options.get(method, {})))
+    cells = sorted((c for c in cells if not store.has(c.cell_id)),
+                   key=lambda c: (c.train_seed, c.k) if per_shot else c.train_seed)
     if not cells:
         return 0
-    cls = registry.get(method)
     if dataset is None:
         dataset = open_dataset(suite)
     split = dataset.split(category)
@@ -111,27 +115,28 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
                                  image_size=suite.image_size, options=suite.options.get(method, {}),
                                  feature_cache=feature_cache))
 
-    shared, shared_seed, train_seconds = None, None, 0.0
+    shared, shared_key, train_seconds = None, None, 0.0
     for cell in cells:
-        if cls.protocol != "individual" and cell.train_seed != shared_seed:
+        fit_key = (cell.train_seed, cell.k if per_shot else None)  # a per-shot fit: one per k as well
+        if cls.protocol != "individual" and fit_key != shared_key:
             shared = None  # the previous train seed's model goes before the next one is built
             status.stage(method, category, cell, "load" if cls.protocol == "training-free" else "fit")
-            shared, shared_seed = make(adapter_seed(suite.seed, cell.train_seed)), cell.train_seed
+            shared, shared_key = make(adapter_seed(suite.seed, cell.train_seed)), fit_key
             if cls.protocol == "aggregated":
                 train_seconds = fit_cached(shared, suite, dataset, category, cell.config_hash, cell.train_seed,
-                                           images_cache)
+                                           images_cache, shot=cell.k)
             elif cls.protocol == "cross-dataset":
                 if train_dataset is None:
                     train_dataset = open_train_dataset(suite)
                 train_seconds = fit_cached(shared, suite, train_dataset, "", cell.config_hash, cell.train_seed,
-                                           images_cache)
+                                           images_cache, shot=cell.k)
         support_paths = sampler.support(split, cell.k, cell.run)
         seed = cell_seed(suite.seed, method, category, cell.k, cell.run, cell.train_seed)
         reset_peak_memory(device)
         if shared is None:  # individual: the training on the support set is part of adaptation
             adapter = make(seed)
             size = input_size(adapter, suite)
-            support = load_cached_images(support_paths, size, images_cache)
+            support = load_cached_images(support_paths, size, images_cache, resize_filter(adapter))
             train = training_data("individual", dataset, category, support, size)
             status.stage(method, category, cell, "fit")
             sync(device)
@@ -142,7 +147,7 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
         else:
             adapter = shared
             size = input_size(adapter, suite)
-            support = load_cached_images(support_paths, size, images_cache)
+            support = load_cached_images(support_paths, size, images_cache, resize_filter(adapter))
             t0 = time.perf_counter()
         status.stage(method, category, cell, "adapt")
         torch.manual_seed(seed)

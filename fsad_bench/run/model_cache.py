@@ -1,5 +1,6 @@
 """Trained models of aggregated and cross-dataset methods: fitted once per (held-out category, train
-seed) and cached on disk under a key of everything that changes the fit (:func:`model_cache_path`),
+seed) — and k, for an adapter whose fit depends on it (:meth:`~fsad_bench.adapter.Adapter.per_shot_fit`) —
+and cached on disk under a key of everything that changes the fit (:func:`model_cache_path`),
 loaded instead of refitted when present (:func:`fit_cached`), deleted for ``--force``
 (:func:`forget_models`).
 
@@ -24,22 +25,31 @@ from fsad_bench.identity import digest_path, digest_problem, discard_corrupt, wr
 from fsad_bench.protocols import Suite, training_data
 from fsad_bench.run.paths import cache_dir, image_cache_dir
 from fsad_bench.run.plan import Plan, groups_of
-from fsad_bench.run.predict import input_size
+from fsad_bench.run.predict import input_size, resize_filter
 from fsad_bench.run.seeds import fit_seed
 
 
 def model_cache_path(method: str, protocol: str, preset: str, suite: Suite, train_ds: Dataset,
-                     held_out: str, chash: str, train_seed: int = 0) -> Path:
-    """Where the fit of ``method`` for ``held_out`` and ``train_seed`` is cached. ``chash`` (the
-    cell's config hash) covers hyper-parameters, code, weights, data identity, image size and seed,
-    and the fit seed enters the key, so a cached model is reused only for the configuration and
-    training seed that trained it."""
+                     held_out: str, chash: str, train_seed: int = 0, shot: int | None = None) -> Path:
+    """Where the fit of ``method`` for ``held_out`` and ``train_seed`` (and ``shot`` = k for a per-shot
+    fit; None: one fit for every k) is cached. ``chash`` (the cell's config hash) covers hyper-parameters,
+    code, weights, data identity, image size and seed, and the fit seed enters the key, so a cached model
+    is reused only for the configuration, training seed and k that trained it."""
     seed = fit_seed(suite, method, train_ds, held_out, train_seed)
-    key = hashlib.sha256(f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}|fit{seed}"
-                         .encode()).hexdigest()[:16]
+    raw = f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}|fit{seed}"
+    raw += "" if shot is None else f"|k{shot}"
+    key = hashlib.sha256(raw.encode()).hexdigest()[:16]
     folder = train_ds.name if protocol == "aggregated" else f"cross-{train_ds.name}"
+    per_k = "" if shot is None else f"-k{shot}"
     return (cache_dir() / "models" / method / folder
-            / f"{held_out or 'all'}-{preset}-s{suite.seed}-t{train_seed}-{key}.pt")
+            / f"{held_out or 'all'}-{preset}-s{suite.seed}-t{train_seed}{per_k}-{key}.pt")
+
+
+def per_shot_fit(adapter, hparams: dict) -> bool:
+    """Whether ``adapter`` (class or instance) fits once per k with these hyper-parameters
+    (:meth:`~fsad_bench.adapter.Adapter.per_shot_fit`; False for adapters without it)."""
+    check = getattr(adapter, "per_shot_fit", None)
+    return bool(check(hparams)) if check is not None else False
 
 
 def _load_model(path: Path, device) -> dict | None:
@@ -55,16 +65,20 @@ def _load_model(path: Path, device) -> dict | None:
 
 
 def fit_cached(adapter, suite: Suite, train_ds: Dataset, held_out: str, chash: str,
-               train_seed: int = 0, image_cache: ImageCache | None = None) -> float:
+               train_seed: int = 0, image_cache: ImageCache | None = None, shot: int | None = None) -> float:
     """Fit ``adapter`` (or load the fit from the model cache); returns training seconds.
 
     ``aggregated``: trains on every category of ``train_ds`` but ``held_out``;
     ``cross-dataset``: on all of ``train_ds`` (another dataset), ``held_out`` is "".
-    Torch is seeded with :func:`fit_seed`; the cache key is :func:`model_cache_path`.
-    Training images are loaded at the adapter's :func:`input_size` through ``image_cache``
-    (default: the decoded-image cache of :func:`~fsad_bench.run.paths.image_cache_dir`)."""
+    ``shot``: k of the cells the fit serves; used (key and ``adapter.fit_shot``) only when the adapter's
+    :meth:`~fsad_bench.adapter.Adapter.per_shot_fit` is true. Torch is seeded with :func:`fit_seed`
+    (the same for every k); the cache key is :func:`model_cache_path`. Training images are loaded at the
+    adapter's :func:`input_size` with its :func:`resize_filter` through ``image_cache`` (default: the
+    decoded-image cache of :func:`~fsad_bench.run.paths.image_cache_dir`)."""
+    shot = shot if per_shot_fit(adapter, getattr(adapter, "hparams", {})) else None
+    adapter.fit_shot = shot
     path = model_cache_path(adapter.name, adapter.protocol, adapter.preset_name, suite, train_ds, held_out, chash,
-                            train_seed)
+                            train_seed, shot)
     if path.is_file():
         blob = _load_model(path, adapter.device)
         if blob is not None:
@@ -72,7 +86,7 @@ def fit_cached(adapter, suite: Suite, train_ds: Dataset, held_out: str, chash: s
             return float(blob["train_seconds"])
     torch.manual_seed(fit_seed(suite, adapter.name, train_ds, held_out, train_seed) % 2**63)
     train = training_data(adapter.protocol, train_ds, held_out, torch.empty(0), input_size(adapter, suite),
-                          image_cache or ImageCache(image_cache_dir()))
+                          image_cache or ImageCache(image_cache_dir()), resize_filter(adapter))
     t0 = time.perf_counter()
     adapter.fit(train)
     seconds = time.perf_counter() - t0
@@ -93,8 +107,10 @@ def forget_models(planned: Plan) -> None:
             continue
         train_ds = planned.dataset if cls.protocol == "aggregated" else planned.train_dataset
         held_out = c if cls.protocol == "aggregated" else ""
+        per_shot = per_shot_fit(cls, cls.resolve_hparams(suite.preset, suite.options.get(m, {})))
         for t in sorted({cell.train_seed for cell in group}):
-            path = model_cache_path(m, cls.protocol, cls.resolve_preset(suite.preset), suite, train_ds, held_out,
-                                    group[0].config_hash, t)
-            path.unlink(missing_ok=True)
-            digest_path(path).unlink(missing_ok=True)
+            for shot in sorted({cell.k for cell in group}) if per_shot else [None]:
+                path = model_cache_path(m, cls.protocol, cls.resolve_preset(suite.preset), suite, train_ds, held_out,
+                                        group[0].config_hash, t, shot)
+                path.unlink(missing_ok=True)
+                digest_path(path).unlink(missing_ok=True)

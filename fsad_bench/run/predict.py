@@ -40,6 +40,11 @@ def input_size(adapter, suite: Suite) -> int:
     return int(getattr(adapter, "input_size", None) or suite.image_size)
 
 
+def resize_filter(adapter) -> str:
+    """The filter ``adapter``'s images are resized with (:attr:`~fsad_bench.adapter.Adapter.resize_filter`)."""
+    return str(getattr(adapter, "resize_filter", None) or "bilinear")
+
+
 def _feature_caches(adapter) -> list[CachedBackbone]:
     """The adapter's frozen-backbone feature caches (attributes that are :class:`CachedBackbone`)."""
     return [v for v in vars(adapter).values() if isinstance(v, CachedBackbone)]
@@ -84,7 +89,8 @@ def _to_size(maps: torch.Tensor, size: int) -> torch.Tensor:
 def predict_stream(adapter, paths: list[Path], size: int, out_size: int, device: str,
                    image_cache: str | Path | None = None, batch: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Predict the test images at ``paths``, loaded from disk ``batch`` at a time at ``size`` px.
+    """Predict the test images at ``paths``, loaded from disk ``batch`` at a time at ``size`` px
+    (with the adapter's :func:`resize_filter`).
 
     Memory holds one batch (``batch``, default :data:`PREDICT_BATCH`) of images and the outputs the metrics need: scores ``(N,)`` and
     maps ``(N, out_size, out_size)`` float32 (maps of another size are resized bilinearly).
@@ -98,11 +104,12 @@ def predict_stream(adapter, paths: list[Path], size: int, out_size: int, device:
       cells of the same (method, category) cached (equal to cold up to noise without a cache).
     """
     n, batch = len(paths), batch or PREDICT_BATCH
+    resize = resize_filter(adapter)
     scores = np.empty(n, dtype=np.float32)
     maps = np.empty((n, out_size, out_size), dtype=np.float32)
     cold = None
     if _feature_caches(adapter) and n:  # an extra cold pass over the first batch (outputs discarded)
-        first = load_cached_images(paths[:batch], size, image_cache)
+        first = load_cached_images(paths[:batch], size, image_cache, resize)
         rng = torch.get_rng_state()
         with _cold_caches(adapter):
             sync(device)
@@ -114,7 +121,7 @@ def predict_stream(adapter, paths: list[Path], size: int, out_size: int, device:
         del first
     seconds = 0.0
     for i in range(0, n, batch):
-        images = load_cached_images(paths[i : i + batch], size, image_cache)
+        images = load_cached_images(paths[i : i + batch], size, image_cache, resize)
         sync(device)
         t0 = time.perf_counter()
         s, m = _predict_batch(adapter, images, out_size)

@@ -8,21 +8,28 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from FrEIA.framework import SequenceINN
 from torch.utils.data import ConcatDataset, Dataset
 
-from fsad_bench.adapter import Adapter, Interval, ListOf, TrainSet
+from fsad_bench.adapter import Adapter, Interval, ListOf, OneOf, TrainSet
 from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.errors import FsadError
 from fsad_bench.methods.diffnet.torch_model import (ALEXNET_MIN_SIZE, AlexNetMultiScale, DifferNetViews, build_flow,
-                                                    score_views)
+                                                    official_grad_maps, score_views, view_scores)
 from fsad_bench.methods.diffnet.training import train_flow
 
 _POSITIVE = Interval(float, 0, None, closed="neither")
 _JITTER = Interval(float, 0, 1)
+#: View and map options of the official code (``paper``); the ``cpu`` preset keeps the cheaper
+#: alternatives (bilinear differentiable rotation, views shared by every image, one pass for scores
+#: and maps); a ``paper`` run with another value is labelled ``key=value``.
+OFFICIAL_VIEWS = {"rotate_filter": "nearest", "test_views": "per-image", "grad_map": "official"}
+CHEAP_VIEWS = {"rotate_filter": "bilinear", "test_views": "shared", "grad_map": "summed"}
 
 
 class DiffNet(Adapter):
@@ -38,13 +45,13 @@ class DiffNet(Adapter):
                   "weight_decay": 1e-5, "meta_epochs": 24, "sub_epochs": 8, "batch_size": 24,
                   "n_transforms": 4, "n_transforms_test": 64, "rotation": 180.0, "brightness": 0.0,
                   "contrast": 0.0, "saturation": 0.0, "feature_pool": 0, "grad_sigma": 3.0,
-                  "view_chunk": 64},
+                  "view_chunk": 64, **OFFICIAL_VIEWS},
         "cpu": {"arch": "alexnet", "img_size": 128, "n_scales": 2, "n_coupling_blocks": 4, "fc_internal": 256,
                 "clamp_alpha": 3.0, "dropout": 0.0, "lr": 1e-3, "betas": (0.8, 0.8), "eps": 1e-4,
                 "weight_decay": 1e-5, "meta_epochs": 4, "sub_epochs": 8, "batch_size": 24,
                 "n_transforms": 4, "n_transforms_test": 8, "rotation": 180.0, "brightness": 0.0,
                 "contrast": 0.0, "saturation": 0.0, "feature_pool": 16, "grad_sigma": 3.0,
-                "view_chunk": 64},
+                "view_chunk": 64, **CHEAP_VIEWS},
     }
     option_constraints = {
         "arch": [str],
@@ -70,6 +77,13 @@ class DiffNet(Adapter):
         "feature_pool": [Interval(int, 0)],
         "grad_sigma": [Interval(float, 0, None)],
         "view_chunk": [Interval(int, 1)],
+        # "nearest": PIL nearest on the 8-bit image (official, train and test views); "bilinear": grid_sample
+        "rotate_filter": [OneOf("nearest", "bilinear")],
+        # test views: "per-image" random angles (official) or "shared" by every image
+        "test_views": [OneOf("per-image", "shared")],
+        # "official": gradient of the mean loss w.r.t. the normalised fixed-angle views, rotated back (scipy
+        # cubic spline), blurred (scipy, reflect); "summed": gradient of the summed NLL w.r.t. the image
+        "grad_map": [OneOf("official", "summed")],
     }
 
     def __init__(self, config=None):
@@ -85,7 +99,7 @@ class DiffNet(Adapter):
         self.weights_tag = self.extractor.weights_tag
         self.flow = self.new_flow()
         self.views = DifferNetViews(hp["img_size"], hp["rotation"], hp["brightness"], hp["contrast"],
-                                    hp["saturation"])
+                                    hp["saturation"], hp["rotate_filter"])
         self._trained = False
 
     @property
@@ -134,19 +148,45 @@ class DiffNet(Adapter):
     def scoring_flow(self) -> SequenceINN:
         return self.flow
 
+    def test_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``n_transforms_test`` random views of the scores: ``test_views = "shared"``: angles ``(T,)`` and
+        factors ``(T, 3)`` drawn once from ``seed`` for every image; ``"per-image"`` (official: each image its
+        own random transforms): ``(N, T)`` and ``(N, T, 3)``, image i's from a generator seeded by (``seed``,
+        the image's pixels), so a score depends neither on the batch nor on the order of the images."""
+        n_views = self.hparams["n_transforms_test"]
+        if self.hparams["test_views"] == "shared":
+            return self.views.sample(n_views, self._generator(2))
+        draws = []
+        for image in images:
+            digest = hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).digest()
+            seed = (self.config.seed * 1000 + 2) ^ int.from_bytes(digest[:7], "little")
+            draws.append(self.views.sample(n_views, torch.Generator().manual_seed(seed)))
+        return torch.stack([a for a, _ in draws]), torch.stack([f for _, f in draws])
+
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores ``(N,)`` = mean z² over ``n_transforms_test`` views; maps ``(N, S, S)`` = squared
-        mean |∂NLL/∂image| over channels and views, Gaussian-smoothed (DifferNet's gradient maps)."""
+        """Scores ``(N,)`` = mean z² over ``n_transforms_test`` random views (:meth:`test_views`); maps
+        ``(N, S, S)``: ``grad_map = "official"``: :func:`~fsad_bench.methods.diffnet.torch_model.official_grad_maps`
+        (T fixed rotations, a second pass); ``"summed"``: squared mean |∂ΣNLL/∂image| over channels and the
+        score views, each Gaussian-smoothed (one pass)."""
         hp = self.hparams
         flow = self.scoring_flow.eval()
         n_views = hp["n_transforms_test"]
-        angles, factors = self.views.sample(n_views, self._generator(2))  # same views for every image
-        sigma = hp["grad_sigma"] * images.shape[-1] / hp["img_size"]
+        angles, factors = self.test_views(images)
+        shared = angles.dim() == 1
+        size = images.shape[-1]
+        sigma = hp["grad_sigma"] * size / hp["img_size"]
         per_chunk = max(1, hp["view_chunk"] // n_views)
         scores, maps = [], []
         for i in range(0, len(images), per_chunk):
-            s, m = score_views(flow, self.extractor, self.views, images[i : i + per_chunk].to(self.device),
-                               angles, factors, sigma)
+            x = images[i : i + per_chunk].to(self.device)
+            a, f = (angles, factors) if shared else (angles[i : i + per_chunk], factors[i : i + per_chunk])
+            if hp["grad_map"] == "summed":
+                s, m = score_views(flow, self.extractor, self.views, x, a, f, sigma)
+            else:
+                s = view_scores(flow, self.extractor, self.views, x, a, f)
+                m = official_grad_maps(flow, self.extractor, self.views, x, n_views, hp["grad_sigma"])
+                if m.shape[-1] != size:  # maps at the view size (img_size) -> the given images' size
+                    m = F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
             scores.append(s.cpu())
             maps.append(m.cpu())
         return torch.cat(scores), torch.cat(maps)

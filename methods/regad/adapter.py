@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fsad_bench.adapter import Adapter, Interval, OneOf, TrainSet
+from fsad_bench.errors import FsadError
 from fsad_bench.components.affine import N_PARAMS, affine_warp, compose_affine, invert_affine
 from fsad_bench.components.augment import augment_support
 from fsad_bench.components.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
@@ -32,21 +33,25 @@ class RegAD(Adapter):
     paper = "Huang et al., Registration based Few-Shot Anomaly Detection, ECCV 2022"
     bookkeeping_options = frozenset({"infer_batch"})
     labelled_options = frozenset(OFFICIAL_TEST)
-    _common = {"arch": "resnet18", "stn_mode": "rotation_scale", "train_shot": 2, "momentum": 0.9,
+    _common = {"arch": "resnet18", "stn_mode": "rotation_scale", "train_shot": "k", "momentum": 0.9,
                "imagenet_norm": False, **OFFICIAL_TEST, "eps": 0.01, "sigma": 4.0, "infer_batch": 32}
     presets = {
-        # official train.py: SGD(0.9), lr 1e-4, 50 epochs, 32 queries/step, per-epoch cosine, shot 2
+        # official train.py: SGD(0.9), lr 1e-4, 50 epochs, 32 queries/step, per-epoch cosine; one model per
+        # shot (`--shot k`: k supports per query); images resized with PIL's ANTIALIAS (= LANCZOS)
         "paper": {**_common, "epochs": 50, "batch_size": 32, "lr": 1e-4, "lr_schedule": "epoch-cosine",
-                  "max_queries_per_category": None},
+                  "max_queries_per_category": None, "resize": "lanczos"},
         # demo budget (128 px, 2 cores, ≤ ~30 s per aggregated fit): 3 epochs of ≤ 24 queries per
-        # category, 8 queries x 1 support per step, 10x the paper's lr (1e-2 hurt pixel AUROC), per-step cosine
+        # category, 8 queries x 1 support per step, one fit for every k, 10x the paper's lr (1e-2 hurt
+        # pixel AUROC), per-step cosine, bilinear resize
         "cpu": {**_common, "train_shot": 1, "epochs": 3, "batch_size": 8, "lr": 1e-3, "lr_schedule": "step-cosine",
-                "max_queries_per_category": 24},
+                "max_queries_per_category": 24, "resize": "bilinear"},
     }
     option_constraints = {
         "arch": [str],
         "stn_mode": [OneOf(*N_PARAMS)],
-        "train_shot": [Interval(int, 1)],
+        # "k": one fit per shot with k supports per query (official); an integer: one fit shared by every k
+        "train_shot": [OneOf("k"), Interval(int, 1)],
+        "resize": [OneOf("lanczos", "bilinear")],
         "momentum": [Interval(float, 0, 1, closed="left")],
         "imagenet_norm": [bool],
         "feature_frame": [OneOf("image", "registered")],
@@ -76,13 +81,34 @@ class RegAD(Adapter):
         #: mean SimSiam loss of each epoch of the last fit (diagnostics)
         self.loss_history: list[float] = []
 
+    @classmethod
+    def per_shot_fit(cls, hparams) -> bool:
+        """``train_shot = "k"`` (``paper``): one fit per k, as the official ``train.py --shot k``."""
+        return hparams.get("train_shot") == "k"
+
+    @property
+    def resize_filter(self) -> str:
+        """``paper``: ``"lanczos"`` (official ``Resize(224, Image.ANTIALIAS)``); ``cpu``: ``"bilinear"``."""
+        return str(self.hparams.get("resize", "bilinear"))
+
+    def train_shot(self, train: TrainSet) -> int:
+        """Supports per training query: ``train_shot``, or for ``"k"`` the run layer's :attr:`fit_shot`."""
+        shot = self.hparams["train_shot"]
+        if shot != "k":
+            return int(shot)
+        if self.fit_shot is None:
+            raise FsadError(f"{self.name}: train_shot = 'k' trains one model per shot, but fit() was not told "
+                            f"k (set adapter.fit_shot, as the run layer does, or set train_shot to an integer)")
+        return int(self.fit_shot)
+
     # -- training -------------------------------------------------------------------------
     def fit(self, train: TrainSet) -> None:
-        """SimSiam registration training on ``train`` (category -> images ``(3, S, S)``)."""
+        """SimSiam registration training on ``train`` (category -> images ``(3, S, S)``) with
+        :meth:`train_shot` supports per query."""
         hp = self.hparams
         self.loss_history = train_registration(
             self.model, self.encoder, self.predictor, train, epochs=hp["epochs"], batch_size=hp["batch_size"],
-            shot=hp["train_shot"], lr=hp["lr"], momentum=hp["momentum"], lr_schedule=hp["lr_schedule"],
+            shot=self.train_shot(train), lr=hp["lr"], momentum=hp["momentum"], lr_schedule=hp["lr_schedule"],
             max_queries=hp["max_queries_per_category"], generator=torch.Generator().manual_seed(self.config.seed),
             device=self.device)
 
@@ -150,7 +176,8 @@ class RegADL(RegAD):
 
     ``paper``: RegAD's official training hyper-parameters applied to the support set (the
     official repository has no RegAD-L script); pairs are formed among the k support images,
-    with k = 1 the support view is a randomly rotated / shifted copy of the query.
+    with k = 1 the support view is a randomly rotated / shifted copy of the query;
+    ``train_shot = "k"``: k supports per query (the fit is per cell anyway).
     """
 
     name = "regad-l"
@@ -160,3 +187,9 @@ class RegADL(RegAD):
         # ≤ ~5 s fit + adapt at 128 px (k ≤ 4): 4 steps, each query with 1 support
         "cpu": {**RegAD.presets["cpu"], "epochs": 4, "max_queries_per_category": None},
     }
+
+    def train_shot(self, train: TrainSet) -> int:
+        """``"k"``: the number of support images trained on (the individual protocol's k)."""
+        if self.hparams["train_shot"] == "k" and self.fit_shot is None:
+            return max(1, sum(len(ds) for ds in train.values()))
+        return super().train_shot(train)

@@ -62,7 +62,8 @@ class ImageCache:
         for i in indices:
             img = self.cache.get((category, i))
             if img is None:
-                img = torch.as_tensor(self.train[category][i]).float()
+                img = torch.as_tensor(self.train[category][i])
+                img = img if img.is_floating_point() else img.float()  # float64 stays float64 (parity runs)
                 if self.used + img.nbytes <= self.budget:
                     self.cache[(category, i)] = img
                     self.used += img.nbytes

@@ -63,7 +63,7 @@ def test_decoder_edit_is_not_served_old_pixels(synth_root, spies, tmp_path, monk
     run_suite(_suite(synth_root), tmp_path / "a")  # warms the image cache with the old decoder
     original_load, original_source = image_cache.load_image, identity._source
     images_py = Path(images.__file__).resolve()
-    monkeypatch.setattr(image_cache, "load_image", lambda p, s: original_load(p, s) ** 2)  # the "new decoder"
+    monkeypatch.setattr(image_cache, "load_image", lambda p, s, r="bilinear": original_load(p, s, r) ** 2)  # the "new decoder"
     monkeypatch.setattr(identity, "_source",
                         lambda p: original_source(p) + (b"\n# gamma 2\n" if Path(p).resolve() == images_py else b""))
     for f in (identity.code_fingerprint, identity.module_fingerprint, decoder_fingerprint):
