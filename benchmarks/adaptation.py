@@ -39,14 +39,15 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from before import PositionGaussian as BeforeGaussian, features_before  # noqa: E402
+from before import PositionGaussian as BeforeGaussian  # noqa: E402
+from before import features_before
 from common import PeakMemory, describe_device, pick_device, timed  # noqa: E402
 
 from fsad_bench.adapter import AdapterConfig  # noqa: E402
 from fsad_bench.components.affine import affine_warp  # noqa: E402
 from fsad_bench.components.augment import N_VIEWS, augment_support  # noqa: E402
-from fsad_bench.components.position_gaussian import PositionGaussian  # noqa: E402
 from fsad_bench.components.maps import ScratchBuffer, smooth_maps  # noqa: E402
+from fsad_bench.components.position_gaussian import PositionGaussian  # noqa: E402
 
 
 def official_loop(train: torch.Tensor, test: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
@@ -88,11 +89,14 @@ def main() -> None:
     torch.manual_seed(0)
     n, c, g = args.k * N_VIEWS, 448, args.size // 4
     rows: list[tuple[str, ...]] = []
-    ratios: dict[str, tuple[float, float, float, float]] = {}   # name -> (before wall, after wall, before cpu, after cpu)
+    ratios: dict[
+        str, tuple[float, float, float, float]
+    ] = {}  # name -> (before wall, after wall, before cpu, after cpu)
 
     def row(what, before, after, note=""):
-        rows.append((what, f"{before[0]:.3f} s ({before[1]:.3f})" if before else "",
-                     f"{after[0]:.3f} s ({after[1]:.3f})", note))
+        rows.append(
+            (what, f"{before[0]:.3f} s ({before[1]:.3f})" if before else "", f"{after[0]:.3f} s ({after[1]:.3f})", note)
+        )
 
     # 1. official per-position loop vs batched (before / after), same random features
     train = (torch.randn(n, c, g, g) * torch.rand(1, c, 1, 1) * 2 + torch.randn(1, c, g, g)).to(dev)
@@ -102,12 +106,28 @@ def main() -> None:
     row(f"batched fit + score of {args.test} test images", before, after, f"N={n}, C={c}, {g}x{g}")
     if not args.skip_loop:
         loop = timed(lambda: official_loop(train, test), dev)
-        ratios["speed-up over the official loop"] = (loop[0] / before[0], loop[0] / after[0],
-                                                     loop[1] / before[1], loop[1] / after[1])
-        rows.append(("official per-position loop", f"{loop[0]:.2f} s ({loop[1]:.2f})", "",
-                     "torch.cov + linalg.inv per position"))
-        rows.append(("largest score difference vs the loop (max rel)", f"{max_rel(before[2], loop[2]):.1e}",
-                     f"{max_rel(after[2], loop[2]):.1e}", "float32 round-off"))
+        ratios["speed-up over the official loop"] = (
+            loop[0] / before[0],
+            loop[0] / after[0],
+            loop[1] / before[1],
+            loop[1] / after[1],
+        )
+        rows.append(
+            (
+                "official per-position loop",
+                f"{loop[0]:.2f} s ({loop[1]:.2f})",
+                "",
+                "torch.cov + linalg.inv per position",
+            )
+        )
+        rows.append(
+            (
+                "largest score difference vs the loop (max rel)",
+                f"{max_rel(before[2], loop[2]):.1e}",
+                f"{max_rel(after[2], loop[2]):.1e}",
+                "float32 round-off",
+            )
+        )
     del train, test
 
     # 2. floor: backbone forward of the augmented support set vs the whole adaptation
@@ -117,8 +137,7 @@ def main() -> None:
     # compute the same model, so their distances must agree to float32 round-off (the paper preset
     # of `gaussian` uses nearest repetition, which the old path did not have)
     same_recipe = {"upsample": "bilinear"}
-    adapter = GaussianAdapter(AdapterConfig(weights="none", image_size=args.size, device=str(dev),
-                                            options=same_recipe))
+    adapter = GaussianAdapter(AdapterConfig(weights="none", image_size=args.size, device=str(dev), options=same_recipe))
     support = torch.rand(args.k, 3, args.size, args.size, device=dev)
     augmented = augment_support(support, torch.Generator().manual_seed(0))
 
@@ -137,13 +156,29 @@ def main() -> None:
     a_before = a_before[:2]  # drop the model before measuring the next one
     with PeakMemory(dev) as mem_after:
         a_after = timed(lambda: adapter.adapt(support), dev)
-    rows.append(("backbone forward, augmented support (floor)", f"{floor[0]:.3f} s ({floor[1]:.3f})", "",
-                 f"{len(augmented)} images"))
+    rows.append(
+        (
+            "backbone forward, augmented support (floor)",
+            f"{floor[0]:.3f} s ({floor[1]:.3f})",
+            "",
+            f"{len(augmented)} images",
+        )
+    )
     row("adaptation (augment + forward + layout + fit)", a_before, a_after)
-    ratios["adaptation / floor"] = (a_before[0] / floor[0], a_after[0] / floor[0],
-                                    a_before[1] / floor[1], a_after[1] / floor[1])
-    rows.append(("peak memory of adaptation above start", f"{mem_before.mb:.0f} MiB", f"{mem_after.mb:.0f} MiB",
-                 "RSS high-water mark" if dev.type == "cpu" else "max_memory_allocated"))
+    ratios["adaptation / floor"] = (
+        a_before[0] / floor[0],
+        a_after[0] / floor[0],
+        a_before[1] / floor[1],
+        a_after[1] / floor[1],
+    )
+    rows.append(
+        (
+            "peak memory of adaptation above start",
+            f"{mem_before.mb:.0f} MiB",
+            f"{mem_after.mb:.0f} MiB",
+            "RSS high-water mark" if dev.type == "cpu" else "max_memory_allocated",
+        )
+    )
     old_model = adapt_before()
 
     # 3. scoring overhead per test image (one batch of --test images, as the engine predicts them)
@@ -176,33 +211,72 @@ def main() -> None:
         s_after = timed(score_after, dev, args.repeat)
     s_near = timed(lambda: score_after("nearest"), dev, args.repeat)  # the paper presets' layout
     per = lambda t: tuple(x / len(images) for x in t[:2])  # noqa: E731
-    rows.append(("backbone forward per test image", "", f"{1000 * fwd[0] / len(images):.2f} ms "
-                 f"({1000 * fwd[1] / len(images):.2f})", f"batch of {args.test}"))
-    rows.append(("layout + Mahalanobis + inverse warp + smoothing per image",
-                 f"{1000 * per(s_before)[0]:.2f} ms ({1000 * per(s_before)[1]:.2f})",
-                 f"{1000 * per(s_after)[0]:.2f} ms ({1000 * per(s_after)[1]:.2f})",
-                 f"distances max rel diff {max_rel(s_after[2][1], s_before[2][1]):.1e}"))
-    rows.append(("peak memory of scoring one batch above start", f"{smem_before.mb:.0f} MiB",
-                 f"{smem_after.mb:.0f} MiB", f"{args.test} images, features already computed"))
-    rows.append(("  the same with nearest layer2/3 repetition (paper presets)", "",
-                 f"{1000 * per(s_near)[0]:.2f} ms ({1000 * per(s_near)[1]:.2f})", "no old counterpart"))
-    ratios["scoring / forward"] = (s_before[0] / fwd[0], s_after[0] / fwd[0], s_before[1] / fwd[1],
-                                   s_after[1] / fwd[1])
-    ratios["scoring / forward, nearest (paper presets)"] = (float("nan"), s_near[0] / fwd[0], float("nan"),
-                                                             s_near[1] / fwd[1])
+    rows.append(
+        (
+            "backbone forward per test image",
+            "",
+            f"{1000 * fwd[0] / len(images):.2f} ms ({1000 * fwd[1] / len(images):.2f})",
+            f"batch of {args.test}",
+        )
+    )
+    rows.append(
+        (
+            "layout + Mahalanobis + inverse warp + smoothing per image",
+            f"{1000 * per(s_before)[0]:.2f} ms ({1000 * per(s_before)[1]:.2f})",
+            f"{1000 * per(s_after)[0]:.2f} ms ({1000 * per(s_after)[1]:.2f})",
+            f"distances max rel diff {max_rel(s_after[2][1], s_before[2][1]):.1e}",
+        )
+    )
+    rows.append(
+        (
+            "peak memory of scoring one batch above start",
+            f"{smem_before.mb:.0f} MiB",
+            f"{smem_after.mb:.0f} MiB",
+            f"{args.test} images, features already computed",
+        )
+    )
+    rows.append(
+        (
+            "  the same with nearest layer2/3 repetition (paper presets)",
+            "",
+            f"{1000 * per(s_near)[0]:.2f} ms ({1000 * per(s_near)[1]:.2f})",
+            "no old counterpart",
+        )
+    )
+    ratios["scoring / forward"] = (s_before[0] / fwd[0], s_after[0] / fwd[0], s_before[1] / fwd[1], s_after[1] / fwd[1])
+    ratios["scoring / forward, nearest (paper presets)"] = (
+        float("nan"),
+        s_near[0] / fwd[0],
+        float("nan"),
+        s_near[1] / fwd[1],
+    )
 
     # 4. cold vs warm inference of the adapter (new adapter: empty feature cache)
     fresh = GaussianAdapter(AdapterConfig(weights="none", image_size=args.size, device=str(dev), options=same_recipe))
     fresh.adapt(support)
     cold = timed(lambda: fresh.predict(images), dev)
     warm = timed(lambda: fresh.predict(images), dev, args.repeat)
-    rows.append(("predict per image, cold (new images)", "", f"{1000 * cold[0] / len(images):.2f} ms "
-                 f"({1000 * cold[1] / len(images):.2f})", "backbone + layout + score + smoothing"))
-    rows.append(("predict per image, warm (cached features)", "", f"{1000 * warm[0] / len(images):.2f} ms "
-                 f"({1000 * warm[1] / len(images):.2f})", "same images again"))
+    rows.append(
+        (
+            "predict per image, cold (new images)",
+            "",
+            f"{1000 * cold[0] / len(images):.2f} ms ({1000 * cold[1] / len(images):.2f})",
+            "backbone + layout + score + smoothing",
+        )
+    )
+    rows.append(
+        (
+            "predict per image, warm (cached features)",
+            "",
+            f"{1000 * warm[0] / len(images):.2f} ms ({1000 * warm[1] / len(images):.2f})",
+            "same images again",
+        )
+    )
 
-    t = Table(title=f"adaptation benchmark (k={args.k}, {args.size}px, {describe_device(dev)}); "
-                    "wall seconds (process CPU seconds)")
+    t = Table(
+        title=f"adaptation benchmark (k={args.k}, {args.size}px, {describe_device(dev)}); "
+        "wall seconds (process CPU seconds)"
+    )
     for col in ("what", "before", "after", "note"):
         t.add_column(col)
     for r in rows:
@@ -217,8 +291,11 @@ def main() -> None:
         pct = name.startswith("scoring / forward")
         fmt = (lambda v: "n/a" if v != v else f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.2f}x")
         parts.append(f"{name} {fmt(bw)} -> {fmt(aw)} (cpu time {fmt(bc)} -> {fmt(ac)})")
-    print(f"summary [{dev.type}]: " + "; ".join(parts) +
-          f"; adaptation peak {mem_before.mb:.0f} -> {mem_after.mb:.0f} MiB")
+    print(
+        f"summary [{dev.type}]: "
+        + "; ".join(parts)
+        + f"; adaptation peak {mem_before.mb:.0f} -> {mem_after.mb:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def main() -> None:
 
     from fsad_bench.components.augment import augment_support
     from fsad_bench.components.backbone import ResNetFeatures
-    from fsad_bench.components.position_gaussian import PositionGaussian
     from fsad_bench.components.maps import concat_pyramid
+    from fsad_bench.components.position_gaussian import PositionGaussian
 
     dev = pick_device(args.device)
     torch.manual_seed(0)
@@ -64,10 +64,21 @@ def main() -> None:
         return torch.cat([concat_pyramid(backbone(x[i : i + 32])).contiguous() for i in range(0, len(x), 32)])
 
     test = embed(images)
-    t = Table(title=f"anomalib {anomalib.__version__} PaDiM Gaussian vs ours, same features "
-                    f"({args.size}px, 448 channels, {describe_device(dev)}, {backbone.weights_tag})")
-    for col in ("k", "N", "fit anomalib", "fit ours", "score anomalib", "score ours", "peak anomalib",
-                "peak ours", "max rel diff"):
+    t = Table(
+        title=f"anomalib {anomalib.__version__} PaDiM Gaussian vs ours, same features "
+        f"({args.size}px, 448 channels, {describe_device(dev)}, {backbone.weights_tag})"
+    )
+    for col in (
+        "k",
+        "N",
+        "fit anomalib",
+        "fit ours",
+        "score anomalib",
+        "score ours",
+        "peak anomalib",
+        "peak ours",
+        "max rel diff",
+    ):
         t.add_column(col, justify="right")
     summary = []
     for k in (int(v) for v in args.k.split(",")):
@@ -77,8 +88,7 @@ def main() -> None:
             with PeakMemory(dev) as mem_a:
                 mvg = MultiVariateGaussian().to(dev)
                 fit_a = timed(lambda: mvg.fit(train), dev)
-                score_a = timed(lambda: AnomalyMapGenerator.compute_distance(test, [mvg.mean, mvg.inv_covariance]),
-                                dev)
+                score_a = timed(lambda: AnomalyMapGenerator.compute_distance(test, [mvg.mean, mvg.inv_covariance]), dev)
             dist_a = score_a[2][:, 0]
             del mvg
             fit_a = fit_a[:2]
@@ -88,10 +98,21 @@ def main() -> None:
                 score_o = timed(lambda: ours.mahalanobis(test), dev)
         rel = ((score_o[2] - dist_a).abs() / dist_a.abs().clamp_min(1e-6)).max().item()
         ms = lambda s: f"{1000 * s[0] / args.test:.1f} ms"  # noqa: E731
-        t.add_row(str(k), str(len(train)), f"{fit_a[0]:.2f} s", f"{fit_o[0]:.2f} s", ms(score_a), ms(score_o),
-                  f"{mem_a.mb:.0f} MiB", f"{mem_o.mb:.0f} MiB", f"{rel:.1e}")
-        summary.append(f"k={k}: fit {fit_a[0]:.1f} s vs {fit_o[0]:.2f} s, score {ms(score_a)} vs {ms(score_o)}/image, "
-                       f"peak {mem_a.mb:.0f} vs {mem_o.mb:.0f} MiB")
+        t.add_row(
+            str(k),
+            str(len(train)),
+            f"{fit_a[0]:.2f} s",
+            f"{fit_o[0]:.2f} s",
+            ms(score_a),
+            ms(score_o),
+            f"{mem_a.mb:.0f} MiB",
+            f"{mem_o.mb:.0f} MiB",
+            f"{rel:.1e}",
+        )
+        summary.append(
+            f"k={k}: fit {fit_a[0]:.1f} s vs {fit_o[0]:.2f} s, score {ms(score_a)} vs {ms(score_o)}/image, "
+            f"peak {mem_a.mb:.0f} vs {mem_o.mb:.0f} MiB"
+        )
         del ours, train
     Console(width=140).print(t)
     print(f"summary [{dev.type}] anomalib vs ours: " + "; ".join(summary))

@@ -4,6 +4,7 @@
 batched products per call) and the feature path as the adapters had it (``concat_pyramid``
 per batch, ``torch.cat``, permute + contiguous copies in ``fit``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,13 +21,13 @@ class PositionGaussian:
         if form not in ("auto", "primal", "dual"):
             raise ValueError(f"form must be auto, primal or dual, got {form!r}")
         self.eps, self.form, self.chunk = eps, form, chunk
-        self.mean: torch.Tensor | None = None       # (P, C)
-        self.inv_chol: torch.Tensor | None = None   # primal: (P, C, C); dual: (P, N, N) — lower-triangular L⁻¹
-        self.samples: torch.Tensor | None = None    # dual only: centred samples (P, N, C)
+        self.mean: torch.Tensor | None = None  # (P, C)
+        self.inv_chol: torch.Tensor | None = None  # primal: (P, C, C); dual: (P, N, N) — lower-triangular L⁻¹
+        self.samples: torch.Tensor | None = None  # dual only: centred samples (P, N, C)
         self.shape: tuple[int, int] | None = None
         self.used_form = ""
 
-    def fit(self, features: torch.Tensor) -> "PositionGaussian":
+    def fit(self, features: torch.Tensor) -> PositionGaussian:
         """Fit from ``features`` ``(N, C, H, W)``, N >= 2."""
         n, c, h, w = features.shape
         if n < 2:
@@ -34,9 +35,9 @@ class PositionGaussian:
         # (N, P, C) with channels contiguous (no copy for channels-last input): each position's
         # (N, C) sample matrix is then a BLAS-friendly strided view, and chunks copy out in whole rows.
         x = features.permute(0, 2, 3, 1).reshape(n, h * w, c).contiguous()
-        self.mean = x.mean(dim=0)                 # (P, C)
+        self.mean = x.mean(dim=0)  # (P, C)
         x -= self.mean
-        x = x.permute(1, 0, 2)                    # (P, N, C) view of the centred samples
+        x = x.permute(1, 0, 2)  # (P, N, C) view of the centred samples
         dual = self.form == "dual" or (self.form == "auto" and n < c)
         self.used_form = "dual" if dual else "primal"
         size = n if dual else c
@@ -50,8 +51,9 @@ class PositionGaussian:
                 gram = torch.baddbmm(eye.expand(len(xc), n, n), xc, xc.transpose(1, 2), beta=self.eps * (n - 1))
             else:
                 xc = x[s : s + self.chunk].contiguous()
-                gram = torch.baddbmm(eye.expand(len(xc), c, c), xc.transpose(1, 2), xc,
-                                     beta=self.eps, alpha=1.0 / (n - 1))
+                gram = torch.baddbmm(
+                    eye.expand(len(xc), c, c), xc.transpose(1, 2), xc, beta=self.eps, alpha=1.0 / (n - 1)
+                )
             chol = torch.linalg.cholesky(gram)
             self.inv_chol[s : s + self.chunk] = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
         self.shape = (h, w)
@@ -70,7 +72,7 @@ class PositionGaussian:
             z = torch.bmm(torch.bmm(d, self.samples.transpose(1, 2)), self.inv_chol.transpose(1, 2))  # (P, B, N)
             sq = (d.square().sum(dim=2) - z.square().sum(dim=2)).clamp_min(0) / self.eps
         else:
-            sq = torch.bmm(d, self.inv_chol.transpose(1, 2)).square().sum(dim=2)                     # (P, B)
+            sq = torch.bmm(d, self.inv_chol.transpose(1, 2)).square().sum(dim=2)  # (P, B)
         return sq.sqrt().T.reshape(b, h, w)
 
 
@@ -80,5 +82,6 @@ def features_before(backbone, images: torch.Tensor, batch_size: int = 32) -> tor
     from fsad_bench.components.maps import concat_pyramid
 
     with torch.no_grad():
-        return torch.cat([concat_pyramid(backbone(images[i : i + batch_size]))
-                          for i in range(0, len(images), batch_size)])
+        return torch.cat(
+            [concat_pyramid(backbone(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        )

@@ -40,8 +40,10 @@ def main() -> None:
 
     dev = pick_device(args.device)
     support = torch.rand(args.k, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    t = Table(title=f"gaussian adapter memory (k={args.k}, {args.size}px, {describe_device(dev)}, "
-                    f"feature cache bound {args.cache_mb:.0f} MiB)")
+    t = Table(
+        title=f"gaussian adapter memory (k={args.k}, {args.size}px, {describe_device(dev)}, "
+        f"feature cache bound {args.cache_mb:.0f} MiB)"
+    )
     for col in ("test images", "adapt peak", "scoring peak", "cache MiB / bound", "cache hits / misses"):
         t.add_column(col, justify="right")
     peaks = []
@@ -56,14 +58,21 @@ def main() -> None:
                 adapter.predict(torch.rand(min(BATCH, n - i), 3, args.size, args.size, generator=g).to(dev))
         c = adapter.cached
         assert c.bytes <= c.max_bytes
-        t.add_row(str(n), f"{mem_adapt.mb:.0f} MiB", f"{mem_score.mb:.0f} MiB",
-                  f"{c.bytes / 2**20:.0f} / {c.max_bytes / 2**20:.0f}", f"{c.hits} / {c.misses}")
+        t.add_row(
+            str(n),
+            f"{mem_adapt.mb:.0f} MiB",
+            f"{mem_score.mb:.0f} MiB",
+            f"{c.bytes / 2**20:.0f} / {c.max_bytes / 2**20:.0f}",
+            f"{c.hits} / {c.misses}",
+        )
         peaks.append((n, mem_score.mb, c.bytes / 2**20))
         del adapter
     Console(width=120).print(t)
-    print(f"summary [{dev.type}]: scoring peak above start " +
-          ", ".join(f"{p:.0f} MiB at {n} test images (cache {b:.0f} MiB)" for n, p, b in peaks) +
-          f"; cache bound {args.cache_mb:.0f} MiB respected")
+    print(
+        f"summary [{dev.type}]: scoring peak above start "
+        + ", ".join(f"{p:.0f} MiB at {n} test images (cache {b:.0f} MiB)" for n, p, b in peaks)
+        + f"; cache bound {args.cache_mb:.0f} MiB respected"
+    )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from fsad_bench import registry
 from fsad_bench.adapter import AdapterConfig
 from fsad_bench.components.backbone import IMAGENET_MEAN, IMAGENET_STD, build_torchvision
+from fsad_bench.components.maps import smooth_maps
+from fsad_bench.components.position_gaussian import PositionGaussian
 from fsad_bench.data.images import load_images, load_mask
 from fsad_bench.data.roots import open_data_root
-from fsad_bench.components.position_gaussian import PositionGaussian
-from fsad_bench.components.maps import smooth_maps
-from fsad_bench.metrics import evaluate
 from fsad_bench.data.sampler import SupportSampler
+from fsad_bench.metrics import evaluate
 
 TAPS = ["features.3", "features.6", "features.13"]
 
@@ -68,8 +68,11 @@ def main() -> None:
     for k in [int(v) for v in a.k.split(",")]:
         for run in range(a.runs):
             support = load_images(sampler.support(split, k, run), a.size)
-            ad = registry.get("anomalib:Padim")(AdapterConfig(weights=a.weights, image_size=a.size,
-                                                              options={"arch": "mobilenet_v2", "n_features": "all"}))
+            ad = registry.get("anomalib:Padim")(
+                AdapterConfig(
+                    weights=a.weights, image_size=a.size, options={"arch": "mobilenet_v2", "n_features": "all"}
+                )
+            )
             t0 = time.perf_counter()
             ad.adapt(support)
             sa, ma = ad.predict(test_images)
@@ -80,13 +83,26 @@ def main() -> None:
                 mo = smooth_maps(g.mahalanobis(test_feats), a.size, 4.0)
             so = mo.flatten(1).amax(1)
             t_ours = time.perf_counter() - t0
-            row = {"k": k, "run": run, "anomalib_s": t_anomalib, **{f"anomalib_{m}": v for m, v in
-                   evaluate(test_labels, sa.numpy(), test_masks.numpy(), ma.numpy()).items()}}
-            row.update({"ours_s": t_ours,
-                            "max_map_diff_rel": float((ma - mo).abs().max() / (mo.max() - mo.min())),
-                            "max_score_diff_rel": float(((sa - so).abs() / so.abs()).max()),
-                            **{f"ours_{m}": v for m, v in
-                               evaluate(test_labels, so.numpy(), test_masks.numpy(), mo.numpy()).items()}})
+            row = {
+                "k": k,
+                "run": run,
+                "anomalib_s": t_anomalib,
+                **{
+                    f"anomalib_{m}": v
+                    for m, v in evaluate(test_labels, sa.numpy(), test_masks.numpy(), ma.numpy()).items()
+                },
+            }
+            row.update(
+                {
+                    "ours_s": t_ours,
+                    "max_map_diff_rel": float((ma - mo).abs().max() / (mo.max() - mo.min())),
+                    "max_score_diff_rel": float(((sa - so).abs() / so.abs()).max()),
+                    **{
+                        f"ours_{m}": v
+                        for m, v in evaluate(test_labels, so.numpy(), test_masks.numpy(), mo.numpy()).items()
+                    },
+                }
+            )
             rows.append(row)
             print({k2: (round(v, 7) if isinstance(v, float) else v) for k2, v in row.items()}, flush=True)
     df = pd.DataFrame(rows)

@@ -68,8 +68,10 @@ def main() -> None:
         torch = re.search(r"^import time:.*\|\s+torch$", one(args, importtime=True)[2], re.MULTILINE) is not None
         med = statistics.median(times)
         worst = max(worst, med)
-        print(f"| `fsad-bench {' '.join(args)}` ({name}) | {med:.2f} | {min(times):.2f}–{max(times):.2f} | "
-              f"{runs[0][1]} | {'yes' if torch else 'no'} |")
+        print(
+            f"| `fsad-bench {' '.join(args)}` ({name}) | {med:.2f} | {min(times):.2f}–{max(times):.2f} | "
+            f"{runs[0][1]} | {'yes' if torch else 'no'} |"
+        )
     print(f"slowest median: {worst:.2f} s (target < 1 s on an idle core)")
 
 

@@ -34,14 +34,24 @@ def main() -> None:
     env = {**os.environ, "FSAD_BENCH_CACHE": str(work / "cache")}
     base = [sys.executable, "-m", "fsad_bench.cli", "run", "--suite", args.suite, *extra]
     # warm-up: generate the synthetic data (not timed)
-    subprocess.run(base + ["--out", str(work / "warm"), "--runs", "1", "--k", "1", "--methods", "random"],
-                   env=env, cwd=work, check=True, capture_output=True)
+    subprocess.run(
+        base + ["--out", str(work / "warm"), "--runs", "1", "--k", "1", "--methods", "random"],
+        env=env,
+        cwd=work,
+        check=True,
+        capture_output=True,
+    )
     times = {}
     for jobs in (1, 2):
         shutil.rmtree(work / "cache" / "models", ignore_errors=True)  # both runs train from scratch
         t0 = time.perf_counter()
-        subprocess.run(base + ["--out", str(work / f"jobs{jobs}"), "--jobs", str(jobs)], env=env, cwd=work,
-                       check=True, capture_output=True)
+        subprocess.run(
+            base + ["--out", str(work / f"jobs{jobs}"), "--jobs", str(jobs)],
+            env=env,
+            cwd=work,
+            check=True,
+            capture_output=True,
+        )
         times[jobs] = time.perf_counter() - t0
     t = Table(title=f"suite {args.suite} wall time ({os.cpu_count()} cores)")
     t.add_column("jobs")
@@ -50,8 +60,10 @@ def main() -> None:
         t.add_row(str(jobs), f"{sec:.1f}")
     Console(width=100).print(t)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"summary: {args.suite} --jobs 1 {times[1]:.1f} s, --jobs 2 {times[2]:.1f} s, "
-          f"speed-up {times[1] / times[2]:.2f}x")
+    print(
+        f"summary: {args.suite} --jobs 1 {times[1]:.1f} s, --jobs 2 {times[2]:.1f} s, "
+        f"speed-up {times[1] / times[2]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -135,14 +135,28 @@ def regad_work(name: str, preset: str, size: int, k: int, n_test: int, device: t
     train = {"c": TensorImages(_images(bs + shot, size, 1, torch.device("cpu")))}
 
     def step():  # exactly one step: one category, max_queries = batch_size
-        train_registration(a.model, a.encoder, a.predictor, train, epochs=1, batch_size=bs, shot=shot, lr=hp["lr"],
-                           momentum=hp["momentum"], lr_schedule=hp["lr_schedule"], max_queries=bs,
-                           generator=torch.Generator().manual_seed(0), device=device)
+        train_registration(
+            a.model,
+            a.encoder,
+            a.predictor,
+            train,
+            epochs=1,
+            batch_size=bs,
+            shot=shot,
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            lr_schedule=hp["lr_schedule"],
+            max_queries=bs,
+            generator=torch.Generator().manual_seed(0),
+            device=device,
+        )
 
     support, test = _images(k, size, 2, device), _images(n_test, size, 3, device)
-    return [(f"training step ({bs} queries x {shot} shots)", step, 1),
-            (f"adaptation (k = {k}, 22 views each)", lambda: a.adapt(support), 1),
-            (f"test image (batch of {n_test})", lambda: a.predict(test), n_test)]
+    return [
+        (f"training step ({bs} queries x {shot} shots)", step, 1),
+        (f"adaptation (k = {k}, 22 views each)", lambda: a.adapt(support), 1),
+        (f"test image (batch of {n_test})", lambda: a.predict(test), n_test),
+    ]
 
 
 def diffnet_work(name: str, preset: str, size: int, k: int, n_test: int, device: torch.device) -> list[tuple]:
@@ -154,8 +168,13 @@ def diffnet_work(name: str, preset: str, size: int, k: int, n_test: int, device:
     rows = hp["batch_size"] * hp["n_transforms"]
     feats = torch.randn(rows, a.extractor.n_feat, generator=torch.Generator().manual_seed(1)).to(device)
     flow = copy.deepcopy(a.flow).train()
-    opt = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=hp["lr"], betas=tuple(hp["betas"]),
-                           eps=hp["eps"], weight_decay=hp["weight_decay"])
+    opt = torch.optim.Adam(
+        [p for p in flow.parameters() if p.requires_grad],
+        lr=hp["lr"],
+        betas=tuple(hp["betas"]),
+        eps=hp["eps"],
+        weight_decay=hp["weight_decay"],
+    )
 
     def step():
         opt.zero_grad()
@@ -163,8 +182,10 @@ def diffnet_work(name: str, preset: str, size: int, k: int, n_test: int, device:
         opt.step()
 
     test = _images(1, s, 3, device)
-    return [(f"flow step ({rows} feature rows)", step, 1),
-            (f"test image ({hp['n_transforms_test']} views, {s} px)", lambda: a.predict(test), 1)]
+    return [
+        (f"flow step ({rows} feature rows)", step, 1),
+        (f"test image ({hp['n_transforms_test']} views, {s} px)", lambda: a.predict(test), 1),
+    ]
 
 
 def tdg_work(name: str, preset: str, size: int, k: int, n_test: int, device: torch.device) -> list[tuple]:
@@ -185,14 +206,27 @@ def tdg_work(name: str, preset: str, size: int, k: int, n_test: int, device: tor
 
         def one(n=n, extra=extra):
             trainer._train_scale(model, n, reals[n], ids, amps, 1, gen, hp["batch_size"], T, **extra)
-        work.append((f"iteration at scale {n} ({s} px, {len(reals[n]) if hp['batch_size'] is None else min(k, hp['batch_size'])} images)", one, 1))
+
+        work.append(
+            (
+                f"iteration at scale {n} ({s} px, {len(reals[n]) if hp['batch_size'] is None else min(k, hp['batch_size'])} images)",
+                one,
+                1,
+            )
+        )
     test = _images(1, size, 3, device)
     work.append(("test image", lambda: a.predict(test), 1))
     return work
 
 
-WORK = {"regad": regad_work, "regad-l": regad_work, "diffnet": diffnet_work, "diffnet+": diffnet_work,
-        "tdg": tdg_work, "tdg+": tdg_work}
+WORK = {
+    "regad": regad_work,
+    "regad-l": regad_work,
+    "diffnet": diffnet_work,
+    "diffnet+": diffnet_work,
+    "tdg": tdg_work,
+    "tdg+": tdg_work,
+}
 
 
 def measure(method: str, preset: str, args, peak: dict, device: torch.device) -> list[dict]:
@@ -202,13 +236,25 @@ def measure(method: str, preset: str, args, peak: dict, device: torch.device) ->
         flops, nbytes = count(fn)
         flops, nbytes = flops / per, nbytes / per
         floor = max(flops / peak["flops"], nbytes / peak["bandwidth"])
-        rows.append({"method": method, "preset": preset, "what": label, "seconds": seconds, "flops": flops,
-                     "bytes": nbytes, "floor": floor, "ratio": seconds / floor if floor else math.inf, "fn": fn})
+        rows.append(
+            {
+                "method": method,
+                "preset": preset,
+                "what": label,
+                "seconds": seconds,
+                "flops": flops,
+                "bytes": nbytes,
+                "floor": floor,
+                "ratio": seconds / floor if floor else math.inf,
+                "fn": fn,
+            }
+        )
     return rows
 
 
 def profile(fn, device: torch.device, top: int = 8) -> str:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=acts) as p:
@@ -226,10 +272,23 @@ def profile(fn, device: torch.device, top: int = 8) -> str:
 #: RegAD paper (Huang et al., ECCV 2022), adaptation seconds per cell on an RTX 3090
 PAPER_ADAPT_SECONDS = {"regad": 4.47, "diffnet+": 357.75, "tdg+": 1559.76}
 #: MVTec AD (train, test) images per category (the dataset's published split)
-MVTEC = {"bottle": (209, 83), "cable": (224, 150), "capsule": (219, 132), "carpet": (280, 117), "grid": (264, 78),
-         "hazelnut": (391, 110), "leather": (245, 124), "metal_nut": (220, 115), "pill": (267, 167),
-         "screw": (320, 160), "tile": (230, 117), "toothbrush": (60, 42), "transistor": (213, 100),
-         "wood": (247, 79), "zipper": (240, 151)}
+MVTEC = {
+    "bottle": (209, 83),
+    "cable": (224, 150),
+    "capsule": (219, 132),
+    "carpet": (280, 117),
+    "grid": (264, 78),
+    "hazelnut": (391, 110),
+    "leather": (245, 124),
+    "metal_nut": (220, 115),
+    "pill": (267, 167),
+    "screw": (320, 160),
+    "tile": (230, 117),
+    "toothbrush": (60, 42),
+    "transistor": (213, 100),
+    "wood": (247, 79),
+    "zipper": (240, 151),
+}
 
 
 def adaptation_seconds(method: str, preset: str, size: int, k: int, device: torch.device, fraction: float):
@@ -268,7 +327,11 @@ def project_suite(rows: list[dict], adapt: dict[str, float], k: int, runs: int =
         for held, (_, n_test) in MVTEC.items():
             others = [n for c, (n, _) in MVTEC.items() if c != held]
             if m == "regad":
-                fit = hp["epochs"] * sum(math.ceil(n / hp["batch_size"]) for n in others) * mine["training step"]["seconds"]
+                fit = (
+                    hp["epochs"]
+                    * sum(math.ceil(n / hp["batch_size"]) for n in others)
+                    * mine["training step"]["seconds"]
+                )
             elif m == "diffnet+":
                 steps = math.ceil(sum(others) / hp["batch_size"])
                 fit = hp["meta_epochs"] * hp["sub_epochs"] * steps * mine["flow step"]["seconds"]
@@ -291,11 +354,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each row")
-    ap.add_argument("--adaptation", action="store_true",
-                    help="also time regad / diffnet+ / tdg+ adaptations beside the paper's RTX 3090 seconds, and "
-                         "project the paper_mvtec suite's wall time")
-    ap.add_argument("--adapt-fraction", type=float, default=0.05,
-                    help="share of DiffNet+ / TDG+ adaptation iterations actually run (then scaled up)")
+    ap.add_argument(
+        "--adaptation",
+        action="store_true",
+        help="also time regad / diffnet+ / tdg+ adaptations beside the paper's RTX 3090 seconds, and "
+        "project the paper_mvtec suite's wall time",
+    )
+    ap.add_argument(
+        "--adapt-fraction",
+        type=float,
+        default=0.05,
+        help="share of DiffNet+ / TDG+ adaptation iterations actually run (then scaled up)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -303,8 +373,10 @@ def main(argv=None) -> list[dict]:
     torch.manual_seed(0)
     peak = measure_peak(device)
     print(f"# {describe_device(device)}; torch {torch.__version__}; float32")
-    print(f"# peak: matmul {peak['matmul'] / 1e9:.1f} GFLOP/s, 3x3 conv {peak['conv'] / 1e9:.1f} GFLOP/s, "
-          f"copy {peak['bandwidth'] / 1e9:.1f} GB/s (read + write)")
+    print(
+        f"# peak: matmul {peak['matmul'] / 1e9:.1f} GFLOP/s, 3x3 conv {peak['conv'] / 1e9:.1f} GFLOP/s, "
+        f"copy {peak['bandwidth'] / 1e9:.1f} GB/s (read + write)"
+    )
     presets = args.preset.split(",")
     methods = [m for m in args.methods.split(",") if m]
     rows = []
@@ -314,8 +386,11 @@ def main(argv=None) -> list[dict]:
         for m in methods:
             for r in measure(m, preset, args, peak, device):
                 rows.append(r)
-                print(f"| {m} | {preset} | {r['what']} | {1e3 * r['seconds']:.1f} | {r['flops'] / 1e9:.3f} | "
-                      f"{r['bytes'] / 1e6:.1f} | {1e3 * r['floor']:.2f} | {r['ratio']:.1f}x |", flush=True)
+                print(
+                    f"| {m} | {preset} | {r['what']} | {1e3 * r['seconds']:.1f} | {r['flops'] / 1e9:.3f} | "
+                    f"{r['bytes'] / 1e6:.1f} | {1e3 * r['floor']:.2f} | {r['ratio']:.1f}x |",
+                    flush=True,
+                )
                 if args.profile:
                     print(f"|   profile | | {profile(r['fn'], device)} | | | | | |", flush=True)
     if args.adaptation:
@@ -328,9 +403,12 @@ def main(argv=None) -> list[dict]:
             print(f"| {m} | {presets[0]} | {sec:.2f} ({note}) | {full:.2f} | {PAPER_ADAPT_SECONDS[m]} |", flush=True)
         proj = project_suite([r for r in rows if r["preset"] == presets[0]], adapt, args.k)
         hours = sum(proj.values()) / 3600
-        print(f"projected paper_mvtec wall time ({presets[0]} preset, {args.size} px, this device): "
-              + ", ".join(f"{m} {v / 3600:.2f} h" for m, v in proj.items()) + f"; total {hours:.2f} h "
-              "(gaussian not included; DiffNet+ fit without its view-feature extraction)")
+        print(
+            f"projected paper_mvtec wall time ({presets[0]} preset, {args.size} px, this device): "
+            + ", ".join(f"{m} {v / 3600:.2f} h" for m, v in proj.items())
+            + f"; total {hours:.2f} h "
+            "(gaussian not included; DiffNet+ fit without its view-feature extraction)"
+        )
     first = [r for r in rows if r["preset"] == presets[0]]
     summary = []
     for m in methods:

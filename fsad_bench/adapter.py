@@ -60,7 +60,10 @@ class Interval:
     def __str__(self) -> str:
         what = "an integer" if self.kind is int else "a number"
         if self.low is not None and self.high is not None:
-            left, right = ("[" if self.closed in ("both", "left") else "("), ("]" if self.closed in ("both", "right") else ")")
+            left, right = (
+                ("[" if self.closed in ("both", "left") else "("),
+                ("]" if self.closed in ("both", "right") else ")"),
+            )
             return f"{what} in {left}{self.low}, {self.high}{right}"
         if self.low is not None:
             return f"{what} {'>=' if self.closed in ('both', 'left') else '>'} {self.low}"
@@ -89,8 +92,11 @@ class ListOf:
         self.item, self.min_len = item, min_len
 
     def accepts(self, value: Any) -> bool:
-        return (isinstance(value, (list, tuple)) and len(value) >= self.min_len
-                and all(accepts(self.item, v) for v in value))
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) >= self.min_len
+            and all(accepts(self.item, v) for v in value)
+        )
 
     def __str__(self) -> str:
         return f"a list of {describe(self.item)} (at least {self.min_len})"
@@ -113,7 +119,8 @@ def describe(constraint: Any) -> str:
         return "None"
     if isinstance(constraint, type):
         return {bool: "true or false", str: "a string", int: "an integer", float: "a number"}.get(
-            constraint, constraint.__name__)
+            constraint, constraint.__name__
+        )
     return str(constraint)
 
 
@@ -211,24 +218,29 @@ class Adapter(ABC):
         types = cls.option_types()
         for key, value in options.items():
             if key not in types and key not in cls.option_constraints:
-                raise FsadError(f"{source}: unknown option {key!r} for method {cls.name!r} "
-                                f"(valid: {', '.join(sorted(types)) or 'none'})")
+                raise FsadError(
+                    f"{source}: unknown option {key!r} for method {cls.name!r} "
+                    f"(valid: {', '.join(sorted(types)) or 'none'})"
+                )
             declared = cls.option_constraints.get(key)
             if declared is not None:
                 if not any(accepts(c, value) for c in declared):
-                    raise FsadError(f"{source}: option {key!r} of method {cls.name!r} must be "
-                                    f"{' or '.join(map(describe, declared))}, got {value!r}")
+                    raise FsadError(
+                        f"{source}: option {key!r} of method {cls.name!r} must be "
+                        f"{' or '.join(map(describe, declared))}, got {value!r}"
+                    )
                 continue
             allowed = types[key]
-            ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float))
-                     for t in allowed)
+            ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float)) for t in allowed)
             if not ok:
                 names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
-                raise FsadError(f"{source}: option {key!r} of method {cls.name!r} must be {names}, "
-                                f"got {value!r} ({type(value).__name__})")
+                raise FsadError(
+                    f"{source}: option {key!r} of method {cls.name!r} must be {names}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
 
     # -- the three stages -------------------------------------------------------------
-    def fit(self, train: TrainSet) -> None:
+    def fit(self, train: TrainSet) -> None:  # noqa: B027  (optional: training-free methods keep the default)
         """Train on ``train`` (see module docstring). Default: nothing to train."""
 
     @abstractmethod
@@ -285,8 +297,11 @@ class Adapter(ABC):
         :attr:`labelled_options`: no row of a changed configuration can carry the preset's label."""
         preset = self.presets[self.preset_name]
         skip = {"arch"} | self.bookkeeping_options | self.labelled_options
-        return [f"{k}={v}" for k, v in self.hparams.items()
-                if k not in skip and (k not in preset or _as_list(preset[k]) != _as_list(v))]
+        return [
+            f"{k}={v}"
+            for k, v in self.hparams.items()
+            if k not in skip and (k not in preset or _as_list(preset[k]) != _as_list(v))
+        ]
 
     @property
     def label(self) -> str:
@@ -312,9 +327,15 @@ class Adapter(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Everything that changes the numbers (goes into the config hash)."""
-        return {"method": self.name, "protocol": self.protocol, "preset": self.preset_name,
-                "hparams": self.hparams, "weights": self.config.weights,
-                "image_size": self.config.image_size, "seed": self.config.seed}
+        return {
+            "method": self.name,
+            "protocol": self.protocol,
+            "preset": self.preset_name,
+            "hparams": self.hparams,
+            "weights": self.config.weights,
+            "image_size": self.config.image_size,
+            "seed": self.config.seed,
+        }
 
 
 def _as_list(value: Any) -> Any:

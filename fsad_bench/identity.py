@@ -43,8 +43,7 @@ from pathlib import Path
 HASH_CACHE_FILE = "file_hashes.json"
 
 #: Run modules that compute numbers; hashed into every method's fingerprint with what they import.
-NUMBER_MODULES = ("fsad_bench.run.cell", "fsad_bench.run.model_cache", "fsad_bench.run.predict",
-                  "fsad_bench.run.seeds")
+NUMBER_MODULES = ("fsad_bench.run.cell", "fsad_bench.run.model_cache", "fsad_bench.run.predict", "fsad_bench.run.seeds")
 
 #: Modules (a package: with every module under it) that change no score, map or metric: never hashed,
 #: and their imports not followed (the number modules import some of them, e.g. the record store).
@@ -53,7 +52,7 @@ NOT_NUMBERS = {
     "fsad_bench.run.schedule": "order and place of the groups (local processes, Dask)",
     "fsad_bench.run.workers": "local worker processes that die with the run",
     "fsad_bench.run.plan": "cells and config hashes (a config_hash change changes cell ids by itself), "
-                           "validation, opening the datasets (their content is in config_hash)",
+    "validation, opening the datasets (their content is in config_hash)",
     "fsad_bench.run.paths": "where the cache folders are",
     "fsad_bench.run.devices": "choosing the device, CUDA sync before a clock read, peak memory",
     "fsad_bench.run.peak_memory": "peak RSS measurement and the frozen garbage collector",
@@ -64,9 +63,9 @@ NOT_NUMBERS = {
     "fsad_bench.registry": "names -> adapter classes (each class's own code is hashed)",
     "fsad_bench.errors": "the one-line user error",
     "fsad_bench.data.support_lists": "the SHA-256 check of a support list's files (refuses, never changes which "
-                                     "files are used: the list's text is in config_hash), writing lists",
+    "files are used: the list's text is in config_hash), writing lists",
     "fsad_bench.identity": "content identities and checked cache files: what an input is, never a number "
-                           "(a change in how config_hash identifies inputs changes cell ids by itself)",
+    "(a change in how config_hash identifies inputs changes cell ids by itself)",
 }
 
 
@@ -242,8 +241,7 @@ def digest_problem(path: Path) -> str | None:
 
 def discard_corrupt(path: Path, what: str, why: str, action: str) -> None:
     """One warning line naming ``path`` and why it is unusable; the file and its sidecar deleted."""
-    warnings.warn_explicit(f"{what} {path} is unusable ({why}): deleted, {action}", CorruptFileWarning,
-                           "fsad-bench", 0)
+    warnings.warn_explicit(f"{what} {path} is unusable ({why}): deleted, {action}", CorruptFileWarning, "fsad-bench", 0)
     for p in (path, digest_path(path)):
         try:
             p.unlink(missing_ok=True)
@@ -329,8 +327,9 @@ def _source(path: Path) -> bytes:
 
 def _hashed_modules(module: str, file: str) -> dict[str, str]:
     """Module name -> sha256 of its source, for every module :func:`code_fingerprint` hashes."""
-    return _walk_sources([(module, Path(file)), *((n, None) for n in NUMBER_MODULES)],
-                         {module.split(".")[0], "fsad_bench"})
+    return _walk_sources(
+        [(module, Path(file)), *((n, None) for n in NUMBER_MODULES)], {module.split(".")[0], "fsad_bench"}
+    )
 
 
 def _walk_sources(todo: list[tuple[str, Path | None]], roots: set[str]) -> dict[str, str]:
@@ -351,18 +350,21 @@ def _walk_sources(todo: list[tuple[str, Path | None]], roots: set[str]) -> dict[
             tree = ast.parse(source)
         except SyntaxError:
             continue
-        todo += [(n, None) for n in _imports(name, path, tree, roots)
-                 if n.split(".")[0] in roots and n not in seen and counts_for_numbers(n)]
+        todo += [
+            (n, None)
+            for n in _imports(name, path, tree, roots)
+            if n.split(".")[0] in roots and n not in seen and counts_for_numbers(n)
+        ]
     return {n: h for n, h in seen.items() if h}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_fingerprint(module: str, file: str) -> str:
     files = sorted(_hashed_modules(module, file).items())
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_fingerprint(*modules: str) -> str:
     """Hash of the source of ``modules`` and of every module they import from ``fsad_bench``,
     transitively (found without importing them; remembered per process: ``cache_clear()`` after

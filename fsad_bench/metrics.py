@@ -115,12 +115,24 @@ def pixel_f1max(masks: np.ndarray, maps: np.ndarray) -> float:
 
 
 #: Every metric :func:`evaluate` knows, in table order (values in [0, 1]).
-METRICS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "image_aupr", "image_f1max",
-                            "pixel_aupr", "pixel_f1max")
+METRICS: tuple[str, ...] = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "image_aupr",
+    "image_f1max",
+    "pixel_aupr",
+    "pixel_f1max",
+)
 
 
-def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
-             metrics: list[str] | tuple[str, ...] | None = None) -> dict[str, float]:
+def evaluate(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray,
+    maps: np.ndarray,
+    metrics: list[str] | tuple[str, ...] | None = None,
+) -> dict[str, float]:
     """The metrics of one cell: labels / scores ``(N,)``, masks / maps ``(N, H, W)`` ->
     ``{name: value in [0, 1]}`` for ``metrics`` (default: all of :data:`METRICS`). Pixel
     metrics are NaN when the masks hold no defect pixel. The image and pixel precision-recall
@@ -212,8 +224,12 @@ def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> di
     tp, fp = int(np.sum(called & y)), int(np.sum(called & ~y))
     fn = int(np.sum(~called & y))
     n_good = int(np.sum(~y))
-    return {"fpr": fp / n_good if n_good else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
-            "precision": tp / (tp + fp) if tp + fp else 1.0, "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+    return {
+        "fpr": fp / n_good if n_good else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+    }
 
 
 def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defects: list[str]) -> dict[str, float]:

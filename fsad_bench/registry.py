@@ -52,25 +52,40 @@ _REGAD = "Huang et al., Registration based Few-Shot Anomaly Detection, ECCV 2022
 #: The built-in and prefixed classes' attributes, without importing them (a test keeps them equal).
 INFO: dict[str, MethodInfo] = {
     "random": MethodInfo("training-free", ("cpu",), "chance level"),
-    "gaussian": MethodInfo("training-free", ("cpu", "paper", "padim"),
-                           "PaDiM (Defard et al., ICPR 2020); RegAD's Table 5 row A (Huang et al., ECCV 2022)"),
-    "inctrl": MethodInfo("cross-dataset", ("paper", "cpu"),
-                         "InCTRL (Zhu & Pang, CVPR 2024): generalist AD via in-context residual learning"),
+    "gaussian": MethodInfo(
+        "training-free",
+        ("cpu", "paper", "padim"),
+        "PaDiM (Defard et al., ICPR 2020); RegAD's Table 5 row A (Huang et al., ECCV 2022)",
+    ),
+    "inctrl": MethodInfo(
+        "cross-dataset",
+        ("paper", "cpu"),
+        "InCTRL (Zhu & Pang, CVPR 2024): generalist AD via in-context residual learning",
+    ),
     "diffnet": MethodInfo("individual", ("paper", "cpu"), "DifferNet (Rudolph et al., WACV 2021)"),
-    "diffnet+": MethodInfo("aggregated", ("paper", "cpu"), "DiffNet+ baseline of RegAD (Huang et al., ECCV 2022), "
-                           "after DifferNet (Rudolph et al., WACV 2021)"),
-    "tdg": MethodInfo("individual", ("paper", "cpu"), "Sheynin, Benaim, Wolf: A Hierarchical "
-                      "Transformation-Discriminating Generative Model for FSAD (ICCV 2021)"),
-    "tdg+": MethodInfo("aggregated", ("paper", "cpu"),
-                       "TDG with aggregated training, as compared in RegAD (Huang et al., ECCV 2022)"),
+    "diffnet+": MethodInfo(
+        "aggregated",
+        ("paper", "cpu"),
+        "DiffNet+ baseline of RegAD (Huang et al., ECCV 2022), after DifferNet (Rudolph et al., WACV 2021)",
+    ),
+    "tdg": MethodInfo(
+        "individual",
+        ("paper", "cpu"),
+        "Sheynin, Benaim, Wolf: A Hierarchical Transformation-Discriminating Generative Model for FSAD (ICCV 2021)",
+    ),
+    "tdg+": MethodInfo(
+        "aggregated", ("paper", "cpu"), "TDG with aggregated training, as compared in RegAD (Huang et al., ECCV 2022)"
+    ),
     "regad": MethodInfo("aggregated", ("paper", "cpu"), _REGAD),
     "regad-l": MethodInfo("individual", ("paper", "cpu"), _REGAD),
     "patchcore": MethodInfo("training-free", ("cpu", "paper"), "PatchCore (Roth et al., CVPR 2022)"),
     "anomalib:Padim": MethodInfo("training-free", ("cpu",), "anomalib PadimModel — PaDiM (Defard et al., ICPR 2020)"),
-    "anomalib:Patchcore": MethodInfo("training-free", ("cpu",),
-                                     "anomalib PatchcoreModel — PatchCore (Roth et al., CVPR 2022)"),
-    "anomalib:WinClip": MethodInfo("training-free", ("cpu",),
-                                   "anomalib WinClipModel — WinCLIP+ (Jeong et al., CVPR 2023)"),
+    "anomalib:Patchcore": MethodInfo(
+        "training-free", ("cpu",), "anomalib PatchcoreModel — PatchCore (Roth et al., CVPR 2022)"
+    ),
+    "anomalib:WinClip": MethodInfo(
+        "training-free", ("cpu",), "anomalib WinClipModel — WinCLIP+ (Jeong et al., CVPR 2023)"
+    ),
 }
 
 
@@ -144,7 +159,7 @@ def get(name: str) -> type[Adapter]:
         return _REGISTERED[name]
     for prefix, module in PREFIXES.items():
         if name.startswith(prefix):
-            return import_module(module).get(name[len(prefix):])
+            return import_module(module).get(name[len(prefix) :])
     targets = _targets()
     if name not in targets:
         raise FsadError(f"unknown method {name!r} (registered: {', '.join(available())})")
@@ -188,8 +203,10 @@ def variant_name(base: str, options: dict[str, Any]) -> str:
     name = base + VARIANT_MARK + ",".join(f"{k}={_value_text(v)}" for k, v in options.items())
     back = split_variant(name)[1]
     if back != options or any(type(back[k]) is not type(v) for k, v in options.items()):
-        raise FsadError(f"variant of {base!r}: the values {options!r} cannot be written in a method name "
-                        f"(numbers, true/false, strings and lists of them can)")
+        raise FsadError(
+            f"variant of {base!r}: the values {options!r} cannot be written in a method name "
+            f"(numbers, true/false, strings and lists of them can)"
+        )
     return name
 
 
@@ -204,7 +221,7 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     pos = 0
     while pos < len(text):
         key = _KEY.match(text, pos)
-        if key is None or text[key.end():key.end() + 1] != "=":
+        if key is None or text[key.end() : key.end() + 1] != "=":
             raise FsadError(f"malformed method variant {name!r} (expected {base}@option=value[,option=value...])")
         pos = key.end() + 1
         try:
@@ -278,7 +295,7 @@ def variant_class(base: type[Adapter], options: dict[str, Any], base_method: str
 
         @property
         def label(self) -> str:
-            return base_method + super().label[len(name):]
+            return base_method + super().label[len(name) :]
 
     Variant.name, Variant.base_method = name, base_method
     Variant.__name__ = Variant.__qualname__ = f"{base.__name__}Variant"

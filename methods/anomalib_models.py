@@ -48,10 +48,16 @@ PREFIX = "anomalib:"
 MIN_VERSION = (2, 7)
 #: Default taps (torchvision node names) per model and architecture.
 DEFAULT_TAPS: dict[str, dict[str, list[str]]] = {
-    "Padim": {"resnet18": ["layer1", "layer2", "layer3"], "wide_resnet50_2": ["layer1", "layer2", "layer3"],
-              "mobilenet_v2": ["features.3", "features.6", "features.13"]},
-    "Patchcore": {"resnet18": ["layer2", "layer3"], "wide_resnet50_2": ["layer2", "layer3"],
-                  "mobilenet_v2": ["features.6", "features.13"]},
+    "Padim": {
+        "resnet18": ["layer1", "layer2", "layer3"],
+        "wide_resnet50_2": ["layer1", "layer2", "layer3"],
+        "mobilenet_v2": ["features.3", "features.6", "features.13"],
+    },
+    "Patchcore": {
+        "resnet18": ["layer2", "layer3"],
+        "wide_resnet50_2": ["layer2", "layer3"],
+        "mobilenet_v2": ["features.6", "features.13"],
+    },
 }
 PADIM_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}  # anomalib's _N_FEATURES_DEFAULTS
 WINCLIP_WEIGHTS = ("ViT-B-16-plus-240", "laion400m_e31")
@@ -82,8 +88,10 @@ def _taps(model: str, arch: str, taps: list[str] | None) -> list[str]:
     if taps:
         return list(taps)
     if arch not in DEFAULT_TAPS[model]:
-        raise FsadError(f"anomalib:{model}: no default taps for arch {arch!r}; pass the taps option "
-                        f"(torchvision node names, e.g. layer2)")
+        raise FsadError(
+            f"anomalib:{model}: no default taps for arch {arch!r}; pass the taps option "
+            f"(torchvision node names, e.g. layer2)"
+        )
     return DEFAULT_TAPS[model][arch]
 
 
@@ -165,8 +173,10 @@ class AnomalibPadim(_AnomalibAdapter):
     @torch.no_grad()
     def adapt(self, support: torch.Tensor) -> None:
         if len(support) < 2:  # anomalib's covariance divides by N - 1: NaN maps at k = 1
-            raise FsadError(f"anomalib:Padim needs k >= 2 support images (PadimModel's covariance of "
-                            f"{len(support)} image is undefined); run it with --k 2,4,...")
+            raise FsadError(
+                f"anomalib:Padim needs k >= 2 support images (PadimModel's covariance of "
+                f"{len(support)} image is undefined); run it with --k 2,4,..."
+            )
         self.model.train()
         self.model.memory_bank = []
         bs = self.hparams["batch_size"]
@@ -182,8 +192,9 @@ class AnomalibPatchcore(_AnomalibAdapter):
     name = "anomalib:Patchcore"
     model_name = "Patchcore"
     paper = "anomalib PatchcoreModel — PatchCore (Roth et al., CVPR 2022)"
-    presets = {"cpu": {"arch": "wide_resnet50_2", "taps": None, "coreset_ratio": 0.1, "num_neighbors": 9,
-                       "batch_size": 16}}
+    presets = {
+        "cpu": {"arch": "wide_resnet50_2", "taps": None, "coreset_ratio": 0.1, "num_neighbors": 9, "batch_size": 16}
+    }
     option_constraints = {
         "arch": [str],
         "taps": [None, ListOf(str)],
@@ -197,8 +208,9 @@ class AnomalibPatchcore(_AnomalibAdapter):
 
         taps = _taps("Patchcore", self.hparams["arch"], self.hparams["taps"])
         self.hparams["taps"] = taps
-        return PatchcoreModel(layers=taps, backbone=self.backbone(), pre_trained=False,
-                              num_neighbors=int(self.hparams["num_neighbors"]))
+        return PatchcoreModel(
+            layers=taps, backbone=self.backbone(), pre_trained=False, num_neighbors=int(self.hparams["num_neighbors"])
+        )
 
     @torch.no_grad()
     def adapt(self, support: torch.Tensor) -> None:
@@ -255,8 +267,10 @@ class AnomalibWinClip(_AnomalibAdapter):
     def build(self) -> nn.Module:
         import_open_clip("anomalib:WinClip", install="pip install open-clip-torch")
         if winclip_weights_cached() is None:
-            raise FsadError("anomalib:WinClip: OpenCLIP weights ViT-B-16-plus-240 / laion400m_e31 are not cached "
-                            "(Hugging Face hub timm/vit_base_patch16_plus_clip_240.laion400m_e31); nothing is downloaded")
+            raise FsadError(
+                "anomalib:WinClip: OpenCLIP weights ViT-B-16-plus-240 / laion400m_e31 are not cached "
+                "(Hugging Face hub timm/vit_base_patch16_plus_clip_240.laion400m_e31); nothing is downloaded"
+            )
         from anomalib.models.image.winclip.torch_model import WinClipModel
 
         self.weights_tag = "clip:" + "/".join(WINCLIP_WEIGHTS)
@@ -270,7 +284,10 @@ class AnomalibWinClip(_AnomalibAdapter):
 
 
 MODELS: dict[str, type[_AnomalibAdapter]] = {
-    "Padim": AnomalibPadim, "Patchcore": AnomalibPatchcore, "WinClip": AnomalibWinClip}
+    "Padim": AnomalibPadim,
+    "Patchcore": AnomalibPatchcore,
+    "WinClip": AnomalibWinClip,
+}
 
 
 def names() -> list[str]:
@@ -281,8 +298,9 @@ def names() -> list[str]:
 def get(model: str) -> type[Adapter]:
     """Adapter class for ``anomalib:<model>``; FsadError for unknown models or a missing anomalib."""
     if model not in MODELS:
-        raise FsadError(f"unknown anomalib model {model!r} (wrapped: {', '.join(PREFIX + m for m in MODELS)}; "
-                        f"anomalib models that need training on defects or many images are not wrapped)")
+        raise FsadError(
+            f"unknown anomalib model {model!r} (wrapped: {', '.join(PREFIX + m for m in MODELS)}; "
+            f"anomalib models that need training on defects or many images are not wrapped)"
+        )
     _require_anomalib()
     return MODELS[model]
-

@@ -46,12 +46,22 @@ from fsad_bench.adapter import Adapter, Interval, OneOf
 from fsad_bench.components.augment import augment_support
 from fsad_bench.components.backbone import FeatureExtractor, state_hash
 from fsad_bench.components.feature_cache import CachedBackbone
-from fsad_bench.components.position_gaussian import PositionGaussian
 from fsad_bench.components.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
+from fsad_bench.components.position_gaussian import PositionGaussian
 from fsad_bench.errors import FsadError
 
-_REGAD_A = {"arch": "resnet18", "eps": 0.01, "normalize": False, "augment": True, "upsample": "nearest",
-            "blur_border": "symmetric", "n_features": None, "channel_seed": None, "sigma": 4.0, "batch_size": 32}
+_REGAD_A = {
+    "arch": "resnet18",
+    "eps": 0.01,
+    "normalize": False,
+    "augment": True,
+    "upsample": "nearest",
+    "blur_border": "symmetric",
+    "n_features": None,
+    "channel_seed": None,
+    "sigma": 4.0,
+    "batch_size": 32,
+}
 #: Options that change the pipeline (labelled when they differ from the preset).
 PIPELINE_OPTIONS = ("normalize", "augment", "upsample", "blur_border", "eps", "sigma")
 
@@ -70,10 +80,16 @@ class GaussianAdapter(Adapter):
         "padim": {**_REGAD_A, "normalize": True, "augment": False, "blur_border": "reflect"},
     }
     option_constraints = {
-        "arch": [str], "eps": [Interval(float, 0, None, closed="neither")], "normalize": [bool], "augment": [bool],
-        "upsample": [OneOf("nearest", "bilinear")], "blur_border": [OneOf("symmetric", "reflect")],
-        "n_features": [None, Interval(int, 1)], "channel_seed": [None, Interval(int, 0)],
-        "sigma": [Interval(float, 0, None, closed="neither")], "batch_size": [Interval(int, 1)],
+        "arch": [str],
+        "eps": [Interval(float, 0, None, closed="neither")],
+        "normalize": [bool],
+        "augment": [bool],
+        "upsample": [OneOf("nearest", "bilinear")],
+        "blur_border": [OneOf("symmetric", "reflect")],
+        "n_features": [None, Interval(int, 1)],
+        "channel_seed": [None, Interval(int, 0)],
+        "sigma": [Interval(float, 0, None, closed="neither")],
+        "batch_size": [Interval(int, 1)],
     }
 
     def __init__(self, config=None):
@@ -84,8 +100,9 @@ class GaussianAdapter(Adapter):
         # frozen backbone: test images are shared by every k and run of a category -> cache them
         # (support views differ from cell to cell: not cached); raw and normalised input differ
         norm = "imnorm" if hp["normalize"] else "raw"
-        self.cached = CachedBackbone(self.backbone, f"{hp['arch']}-{norm}-{state_hash(self.backbone)}",
-                                     disk=self.config.feature_cache)
+        self.cached = CachedBackbone(
+            self.backbone, f"{hp['arch']}-{norm}-{state_hash(self.backbone)}", disk=self.config.feature_cache
+        )
         self.gaussian = PositionGaussian(eps=hp["eps"])
         self.scratch = ScratchBuffer()  # reused test-sample block (score_pyramid bands; the subset path)
         #: channel subset ``(n_features,)`` or None (all channels)
@@ -93,8 +110,10 @@ class GaussianAdapter(Adapter):
         if hp["n_features"] is not None:
             total = sum(self.backbone.channels)
             if hp["n_features"] > total:  # the channel count is known only once the backbone is built
-                raise FsadError(f"option 'n_features' of method 'gaussian' must be at most {total} "
-                                f"(the channels of {hp['arch']}'s taps), got {hp['n_features']}")
+                raise FsadError(
+                    f"option 'n_features' of method 'gaussian' must be at most {total} "
+                    f"(the channels of {hp['arch']}'s taps), got {hp['n_features']}"
+                )
             seed = self.config.seed if hp["channel_seed"] is None else hp["channel_seed"]
             g = torch.Generator().manual_seed(seed)
             self.channel_index = torch.randperm(total, generator=g)[: hp["n_features"]]
@@ -105,8 +124,10 @@ class GaussianAdapter(Adapter):
         ``cache``: through the feature cache (test images, shared by every k and run of a category)."""
         bs = self.hparams["batch_size"]
         backbone = self.cached if cache else self.backbone
-        out = [concat_pyramid(backbone(images[i : i + bs].to(self.device)), self.hparams["upsample"])
-               for i in range(0, len(images), bs)]
+        out = [
+            concat_pyramid(backbone(images[i : i + bs].to(self.device)), self.hparams["upsample"])
+            for i in range(0, len(images), bs)
+        ]
         feats = torch.cat(out)
         if self.channel_index is not None:
             feats = feats.index_select(1, self.channel_index.to(feats.device))
@@ -127,8 +148,11 @@ class GaussianAdapter(Adapter):
                 grid = tuple(maps[0].shape[-2:])
                 shape = (grid[0] * grid[1], len(images), sum(m.shape[1] for m in maps))
                 # test batches: one reused block (consumed by the scoring); support: kept by the fit
-                buf = (self.scratch.get(shape, maps[0].dtype, maps[0].device) if cache
-                       else torch.empty(shape, dtype=maps[0].dtype, device=maps[0].device))
+                buf = (
+                    self.scratch.get(shape, maps[0].dtype, maps[0].device)
+                    if cache
+                    else torch.empty(shape, dtype=maps[0].dtype, device=maps[0].device)
+                )
             pyramid_samples(maps, mode, out=buf, offset=i)
         if self.channel_index is not None:  # the random channel subset (PaDiM's d): one gather
             buf = buf.index_select(2, self.channel_index.to(buf.device))
@@ -144,9 +168,14 @@ class GaussianAdapter(Adapter):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channel_index is None:  # layout fused into the scoring, band by band (no (P, B, C) buffer)
             bs = self.hparams["batch_size"]
-            dist = torch.cat([self.gaussian.score_pyramid(self.cached(images[i : i + bs].to(self.device)),
-                                                          self.hparams["upsample"], self.scratch)
-                              for i in range(0, len(images), bs)])
+            dist = torch.cat(
+                [
+                    self.gaussian.score_pyramid(
+                        self.cached(images[i : i + bs].to(self.device)), self.hparams["upsample"], self.scratch
+                    )
+                    for i in range(0, len(images), bs)
+                ]
+            )
         else:
             dist = self.gaussian.score_samples(self.samples(images, cache=True)[0])
         maps = smooth_maps(dist, images.shape[-1], self.hparams["sigma"], self.hparams["blur_border"]).cpu()

@@ -65,13 +65,17 @@ def build_backbone(arch: str, weights: str, taps: list[str] | None = None) -> Fe
     in torch's default memory layout (channels-last convolutions differ in the last bits)."""
     if taps is None:
         if arch not in PATCHCORE_TAPS:
-            raise FsadError(f"patchcore: no default taps for arch {arch!r}; pass the taps option "
-                            f"(known: {', '.join(PATCHCORE_TAPS)})")
+            raise FsadError(
+                f"patchcore: no default taps for arch {arch!r}; pass the taps option "
+                f"(known: {', '.join(PATCHCORE_TAPS)})"
+            )
         taps = PATCHCORE_TAPS[arch]
     return FeatureExtractor(arch, weights, taps, channels_last=False)
 
 
-def greedy_coreset(features: torch.Tensor, n: int, dim: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
+def greedy_coreset(
+    features: torch.Tensor, n: int, dim: int = 128, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Indices of ``n`` rows of ``features`` ``(M, C)`` chosen by k-center greedy (each step adds
     the row farthest from the chosen set), on a Gaussian random projection to ``dim``
     dimensions; the start row is drawn with ``generator``. Returns a LongTensor ``(n,)``."""
@@ -91,7 +95,9 @@ def greedy_coreset(features: torch.Tensor, n: int, dim: int = 128, generator: to
     return chosen
 
 
-def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest rows of ``bank`` ``(M, C)`` for ``queries`` ``(Q, C)``: distances and
     indices ``(Q, k)``, ascending. Chunked over queries (``chunk × M`` floats at a time).
     Both sides are centred on the bank's mean first (distances are unchanged, the
@@ -113,19 +119,20 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 
     return torch.cat(dists), torch.cat(idxs)
 
 
-def reweighted_score(patch_scores: torch.Tensor, nn_index: torch.Tensor, embedding: torch.Tensor,
-                     bank: torch.Tensor, b: int) -> torch.Tensor:
+def reweighted_score(
+    patch_scores: torch.Tensor, nn_index: torch.Tensor, embedding: torch.Tensor, bank: torch.Tensor, b: int
+) -> torch.Tensor:
     """Paper Eq. 7 per image: ``patch_scores`` / ``nn_index`` ``(B, P)``, ``embedding``
     ``(B, P, C)`` -> image scores ``(B,)``; ``b = 1``: the maximum patch score."""
     if b <= 1:
         return patch_scores.amax(1)
     rows = torch.arange(len(patch_scores))
-    star = patch_scores.argmax(1)                      # m^test,*
-    s_star = patch_scores[rows, star]                  # s*
-    m_test = embedding[rows, star]                     # (B, C)
-    m_hat = bank[nn_index[rows, star]]                 # m^* (B, C)
-    _, support = nearest(m_hat, bank, k=min(b, len(bank)))   # N_b(m^*), m^* itself first
-    d = (m_test[:, None, :] - bank[support]).norm(dim=2)      # (B, b)
+    star = patch_scores.argmax(1)  # m^test,*
+    s_star = patch_scores[rows, star]  # s*
+    m_test = embedding[rows, star]  # (B, C)
+    m_hat = bank[nn_index[rows, star]]  # m^* (B, C)
+    _, support = nearest(m_hat, bank, k=min(b, len(bank)))  # N_b(m^*), m^* itself first
+    d = (m_test[:, None, :] - bank[support]).norm(dim=2)  # (B, b)
     weight = 1 - torch.softmax(d, dim=1)[:, 0]
     return weight * s_star
 
@@ -138,9 +145,20 @@ class PatchCore(Adapter):
     paper = "PatchCore (Roth et al., CVPR 2022)"
     bookkeeping_options = frozenset({"batch_size", "chunk"})
     presets = {
-        "cpu": {"arch": "wide_resnet50_2", "taps": None, "patch_size": 3, "coreset_ratio": 1.0, "coreset_dim": 128,
-                "num_neighbors": 9, "augment": False, "upsample": "bilinear", "sigma": 4.0, "knn": "torch",
-                "batch_size": 16, "chunk": 4096},
+        "cpu": {
+            "arch": "wide_resnet50_2",
+            "taps": None,
+            "patch_size": 3,
+            "coreset_ratio": 1.0,
+            "coreset_dim": 128,
+            "num_neighbors": 9,
+            "augment": False,
+            "upsample": "bilinear",
+            "sigma": 4.0,
+            "knn": "torch",
+            "batch_size": 16,
+            "chunk": 4096,
+        },
     }
     presets["paper"] = dict(presets["cpu"])
     option_constraints = {
@@ -163,8 +181,11 @@ class PatchCore(Adapter):
         h = self.hparams
         self.backbone = build_backbone(h["arch"], self.config.weights, h["taps"]).to(self.device)
         self.weights_tag = self.backbone.weights_tag
-        self.cached = CachedBackbone(self.backbone, f"patchcore-{h['arch']}-{'+'.join(self.backbone.taps)}-"
-                                     f"{state_hash(self.backbone)}", disk=self.config.feature_cache)
+        self.cached = CachedBackbone(
+            self.backbone,
+            f"patchcore-{h['arch']}-{'+'.join(self.backbone.taps)}-{state_hash(self.backbone)}",
+            disk=self.config.feature_cache,
+        )
         self.pool = nn.AvgPool2d(h["patch_size"], 1, h["patch_size"] // 2)
         self.bank: torch.Tensor | None = None
         self._faiss = None
@@ -218,8 +239,12 @@ class PatchCore(Adapter):
         scores = reweighted_score(patch, idx[:, 0].reshape(b, h * w), flat, self.bank, self.hparams["num_neighbors"])
         size = images.shape[-1]
         mode = self.hparams["upsample"]
-        up = F.interpolate(patch.reshape(b, 1, h, w), size=(size, size), mode=mode,
-                           **({"align_corners": False} if mode == "bilinear" else {}))
+        up = F.interpolate(
+            patch.reshape(b, 1, h, w),
+            size=(size, size),
+            mode=mode,
+            **({"align_corners": False} if mode == "bilinear" else {}),
+        )
         maps = gaussian_blur(up, self.hparams["sigma"])[:, 0] if self.hparams["sigma"] > 0 else up[:, 0]
         return scores.cpu(), maps.cpu()
 

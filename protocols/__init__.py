@@ -22,12 +22,13 @@ on the same support sets and with the method's training seeds; see ``calibrate_c
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import tomllib
 
 from fsad_bench.errors import FsadError
 
@@ -38,8 +39,15 @@ if TYPE_CHECKING:  # loading a suite imports no torch (the CLI reports a bad sui
     from fsad_bench.data.dataset import Dataset
 
 
-def training_data(protocol: str, dataset: Dataset, target: str, support: torch.Tensor,
-                  image_size: int, image_cache: str | Path | None = None, resize: str = "bilinear") -> TrainSet | None:
+def training_data(
+    protocol: str,
+    dataset: Dataset,
+    target: str,
+    support: torch.Tensor,
+    image_size: int,
+    image_cache: str | Path | None = None,
+    resize: str = "bilinear",
+) -> TrainSet | None:
     """The images a method of ``protocol`` may train on when ``target`` is evaluated.
 
     The held-out ``target``'s test images never appear; under ``aggregated`` none of its
@@ -53,8 +61,11 @@ def training_data(protocol: str, dataset: Dataset, target: str, support: torch.T
     from fsad_bench.data.image_cache import CachedImageFiles
     from fsad_bench.data.torch_datasets import ImageFiles, LabelledImages, TensorImages
 
-    files = partial(ImageFiles, resize=resize) if image_cache is None else partial(CachedImageFiles, cache=image_cache,
-                                                                                    resize=resize)
+    files = (
+        partial(ImageFiles, resize=resize)
+        if image_cache is None
+        else partial(CachedImageFiles, cache=image_cache, resize=resize)
+    )
     if protocol == "aggregated":
         others = [c for c in dataset.categories if c != target]
         if not others:
@@ -68,18 +79,45 @@ def training_data(protocol: str, dataset: Dataset, target: str, support: torch.T
         out = {}
         for c in dataset.categories:
             split = dataset.split(c)
-            out[c] = LabelledImages(list(split.train) + [s.path for s in split.test],
-                                    [0] * len(split.train) + [s.label for s in split.test], image_size, resize)
+            out[c] = LabelledImages(
+                list(split.train) + [s.path for s in split.test],
+                [0] * len(split.train) + [s.label for s in split.test],
+                image_size,
+                resize,
+            )
             if image_cache is not None:
                 out[c].images = files(out[c].images.paths, image_size)
         return out
     raise FsadError(f"protocol {protocol!r} is not run by the run layer (known: {', '.join(PROTOCOLS)})")
 
 
-SUITE_KEYS = {"name", "description", "dataset", "data_root", "categories", "methods", "k", "runs", "seed",
-              "image_size", "weights", "preset", "train_seeds", "options", "synthetic", "support_lists",
-              "train_dataset", "train_data_root", "train_categories", "train_synthetic", "arch", "layout", "folder",
-              "operating_point", "sweep"}
+SUITE_KEYS = {
+    "name",
+    "description",
+    "dataset",
+    "data_root",
+    "categories",
+    "methods",
+    "k",
+    "runs",
+    "seed",
+    "image_size",
+    "weights",
+    "preset",
+    "train_seeds",
+    "options",
+    "synthetic",
+    "support_lists",
+    "train_dataset",
+    "train_data_root",
+    "train_categories",
+    "train_synthetic",
+    "arch",
+    "layout",
+    "folder",
+    "operating_point",
+    "sweep",
+}
 
 
 @dataclass
@@ -152,7 +190,9 @@ def load_suite(name_or_path: str) -> Suite:
     else:
         res = resources.files(__name__) / f"{name_or_path}.toml"
         if not res.is_file():
-            raise FsadError(f"unknown suite {name_or_path!r} (built-in: {', '.join(builtin_suites())}; or a .toml path)")
+            raise FsadError(
+                f"unknown suite {name_or_path!r} (built-in: {', '.join(builtin_suites())}; or a .toml path)"
+            )
         text, source = res.read_text(), f"{name_or_path}.toml"
     try:
         raw = tomllib.loads(text)
@@ -167,13 +207,16 @@ def load_suite(name_or_path: str) -> Suite:
     raw = check_types(raw, f"suite {source}")
     bad = sorted(set(raw.get("options", {})) - set(raw["methods"]))
     if bad:
-        raise FsadError(f"suite {source}: [options.{bad[0]}] names no method of this suite "
-                        f"(methods: {', '.join(raw['methods'])})")
+        raise FsadError(
+            f"suite {source}: [options.{bad[0]}] names no method of this suite (methods: {', '.join(raw['methods'])})"
+        )
     seeds = raw.get("train_seeds")
     bad = sorted(set(seeds) - set(raw["methods"]) - {"default"}) if isinstance(seeds, dict) else []
     if bad:
-        raise FsadError(f"suite {source}: train_seeds names {bad[0]!r}, which is not a method of this suite "
-                        f"(methods: {', '.join(raw['methods'])}; or 'default')")
+        raise FsadError(
+            f"suite {source}: train_seeds names {bad[0]!r}, which is not a method of this suite "
+            f"(methods: {', '.join(raw['methods'])}; or 'default')"
+        )
     check_sweep(raw.get("sweep", {}), raw.get("options", {}), f"suite {source}", raw["methods"])
     suite = Suite(**raw)
     validate_numbers(suite, f"suite {source}")
@@ -202,13 +245,33 @@ def apply_arch(suite: Suite, override: bool = False) -> None:
 #: list of them, kept as given), "int-table" (name -> int), "int-or-int-table", "table" (any table),
 #: "options" (method -> table of option values), "sweep" (method -> table of option -> list of values). A list key also takes a single value (``k = 2``
 #: is ``k = [2]``, ``categories = "washer"`` is ``["washer"]``); repeated list entries are dropped.
-SUITE_TYPES = {"name": "str", "description": "str", "dataset": "str", "data_root": "str-or-str-list",
-               "categories": "str-list", "methods": "str-list", "k": "int-list", "runs": "int", "seed": "int",
-               "image_size": "int", "weights": "str", "preset": "str", "options": "options",
-               "synthetic": "int-table", "support_lists": "str", "train_dataset": "str",
-               "train_data_root": "str", "train_categories": "str-list", "train_synthetic": "int-table",
-               "train_seeds": "int-or-int-table", "arch": "str", "layout": "str", "folder": "table",
-               "operating_point": "bool", "sweep": "sweep"}
+SUITE_TYPES = {
+    "name": "str",
+    "description": "str",
+    "dataset": "str",
+    "data_root": "str-or-str-list",
+    "categories": "str-list",
+    "methods": "str-list",
+    "k": "int-list",
+    "runs": "int",
+    "seed": "int",
+    "image_size": "int",
+    "weights": "str",
+    "preset": "str",
+    "options": "options",
+    "synthetic": "int-table",
+    "support_lists": "str",
+    "train_dataset": "str",
+    "train_data_root": "str",
+    "train_categories": "str-list",
+    "train_synthetic": "int-table",
+    "train_seeds": "int-or-int-table",
+    "arch": "str",
+    "layout": "str",
+    "folder": "table",
+    "operating_point": "bool",
+    "sweep": "sweep",
+}
 
 
 def _is_int(v: Any) -> bool:
@@ -222,7 +285,7 @@ def check_types(raw: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in raw.items():
         kind = SUITE_TYPES.get(key)
 
-        def fail(expected: str) -> None:
+        def fail(expected: str, key: str = key, value: Any = value) -> None:
             raise FsadError(f"{source}: key {key!r} must be {expected}, got {value!r} ({type(value).__name__})")
 
         if kind == "str" and not isinstance(value, str):
@@ -238,7 +301,9 @@ def check_types(raw: dict[str, Any], source: str) -> dict[str, Any]:
                 fail("a list of strings" if kind == "str-list" else "a list of integers")
             out[key] = list(dict.fromkeys(items))
         elif kind == "str-or-str-list":
-            if not (isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
+            if not (
+                isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+            ):
                 fail("a string or a non-empty list of strings")
         elif kind == "table" and not isinstance(value, dict):
             fail("a table")
@@ -247,7 +312,7 @@ def check_types(raw: dict[str, Any], source: str) -> dict[str, Any]:
                 fail("a table of integers")
         elif kind == "int-or-int-table":
             if not (_is_int(value) or (isinstance(value, dict) and all(_is_int(v) for v in value.values()))):
-                fail("an integer or a table of integers ({ default = 3, \"tdg+\" = 5 })")
+                fail('an integer or a table of integers ({ default = 3, "tdg+" = 5 })')
         elif kind == "options":
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 fail("a table of per-method tables ([options.<method>] name = value)")
@@ -263,7 +328,9 @@ def check_sweep(sweep: dict[str, Any], options: dict[str, Any], source: str, met
     ``methods``, every swept method one of them. Option names and value types are checked against
     the adapter when the suite is planned (:func:`fsad_bench.run.plan.expand_sweeps`)."""
     if not isinstance(sweep, dict) or not all(isinstance(t, dict) for t in sweep.values()):
-        raise FsadError(f"{source}: sweep must be a table of per-method tables ([sweep.<method>] option = [value, ...])")
+        raise FsadError(
+            f"{source}: sweep must be a table of per-method tables ([sweep.<method>] option = [value, ...])"
+        )
     for m, table in sweep.items():
         if methods is not None and m not in methods:
             raise FsadError(f"{source}: [sweep.{m}] names no method of this suite (methods: {', '.join(methods)})")
@@ -273,8 +340,9 @@ def check_sweep(sweep: dict[str, Any], options: dict[str, Any], source: str, met
             if not isinstance(values, list) or not values:
                 raise FsadError(f"{source}: [sweep.{m}] {key} must be a non-empty list of values, got {values!r}")
             if key in (options.get(m) or {}):
-                raise FsadError(f"{source}: option {key!r} of {m!r} is both swept ([sweep.{m}]) and fixed "
-                                f"([options.{m}]); keep one")
+                raise FsadError(
+                    f"{source}: option {key!r} of {m!r} is both swept ([sweep.{m}]) and fixed ([options.{m}]); keep one"
+                )
 
 
 def validate_numbers(suite: Suite, source: str = "suite") -> None:
@@ -291,7 +359,9 @@ def validate_numbers(suite: Suite, source: str = "suite") -> None:
     seeds = suite.train_seeds if isinstance(suite.train_seeds, dict) else {"default": suite.train_seeds}
     for name, n in seeds.items():
         if not _is_int(n) or n < 1:
-            raise FsadError(f"{source}: train_seeds must be an integer >= 1, got {n!r}"
-                            + (f" for {name!r}" if isinstance(suite.train_seeds, dict) else ""))
+            raise FsadError(
+                f"{source}: train_seeds must be an integer >= 1, got {n!r}"
+                + (f" for {name!r}" if isinstance(suite.train_seeds, dict) else "")
+            )
     if suite.image_size < 32:
         raise FsadError(f"{source}: image_size must be >= 32, got {suite.image_size}")

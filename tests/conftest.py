@@ -11,10 +11,10 @@ import torch
 
 from fsad_bench import registry
 from fsad_bench.adapter import Adapter
-from fsad_bench.protocols import Suite
 from fsad_bench.data.dataset import CategorySplit
 from fsad_bench.data.images import load_images, load_mask
 from fsad_bench.data.synthetic import generate
+from fsad_bench.protocols import Suite
 
 SIZE = 64
 
@@ -28,8 +28,15 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """Three synthetic categories at 64 px: 12 train, 6 good + 8 defective test images each."""
-    return generate(tmp_path_factory.mktemp("synth") / "data", categories=3, seed=0, n_train=12,
-                    n_test_good=6, n_test_per_defect=2, size=SIZE)
+    return generate(
+        tmp_path_factory.mktemp("synth") / "data",
+        categories=3,
+        seed=0,
+        n_train=12,
+        n_test_good=6,
+        n_test_per_defect=2,
+        size=SIZE,
+    )
 
 
 @dataclass
@@ -63,8 +70,17 @@ def load_test_set():
 @pytest.fixture
 def make_suite(synth_root):
     def make(**overrides) -> Suite:
-        kw = dict(name="t", dataset="synthetic", data_root=str(synth_root), methods=["random"], k=[1, 2],
-                  runs=2, image_size=SIZE, weights="none", seed=0)
+        kw = dict(
+            name="t",
+            dataset="synthetic",
+            data_root=str(synth_root),
+            methods=["random"],
+            k=[1, 2],
+            runs=2,
+            image_size=SIZE,
+            weights="none",
+            seed=0,
+        )
         kw.update(overrides)
         return Suite(**kw)
 

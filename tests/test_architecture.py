@@ -12,8 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: installed package name -> folder in the checkout
-PACKAGE_DIRS = {"fsad_bench.methods": ROOT / "methods", "fsad_bench.protocols": ROOT / "protocols",
-                "fsad_bench": ROOT / "fsad_bench"}
+PACKAGE_DIRS = {
+    "fsad_bench.methods": ROOT / "methods",
+    "fsad_bench.protocols": ROOT / "protocols",
+    "fsad_bench": ROOT / "fsad_bench",
+}
 
 
 def read_layers() -> list[tuple[str, list[str]]]:
@@ -92,8 +95,9 @@ def test_every_module_has_a_layer(module):
 def test_layers_only_look_down(module):
     mine = layer_of(module)
     up = sorted(m for m in imports_of(module) if (layer_of(m) or 0) > (mine or 0))
-    assert not up, (f"{module} (layer {LAYERS[mine][0]!r}) imports higher layers: "
-                    + ", ".join(f"{m} ({LAYERS[layer_of(m)][0]})" for m in up))
+    assert not up, f"{module} (layer {LAYERS[mine][0]!r}) imports higher layers: " + ", ".join(
+        f"{m} ({LAYERS[layer_of(m)][0]})" for m in up
+    )
 
 
 def _method_of(module: str) -> str | None:
@@ -125,7 +129,7 @@ def test_no_import_circles():
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycle = stack[stack.index(n):] + [n]
+                cycle = stack[stack.index(n) :] + [n]
                 pytest.fail("import circle: " + " -> ".join(cycle))
             if n not in state:
                 visit(n)
@@ -157,7 +161,7 @@ def test_every_module_is_named_in_the_files_section():
     ``__init__.py`` is its docstring, named by the layer's heading)."""
     text = (ROOT / "docs" / "architecture.md").read_text().split("<!-- files:", 1)[1]
     missing = []
-    for module, path in sorted(MODULES.items()):
+    for _, path in sorted(MODULES.items()):
         rel = path.relative_to(ROOT).as_posix()
         folder = path.parent.relative_to(ROOT).as_posix() + "/"
         if path.name == "__init__.py" and rel.startswith("fsad_bench/") and rel.count("/") == 2:

@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from fsad_bench.methods.tdg.adapter import TDG
-from fsad_bench.methods.tdg.torch_model import (TDGHierarchy, apply_all, dihedral_transformations,
-                                               official_transformations)
-from fsad_bench.methods.tdg.training import HierarchyTrainer, patch_ce
 
 from fsad_bench.adapter import AdapterConfig
+from fsad_bench.methods.tdg.adapter import TDG
+from fsad_bench.methods.tdg.torch_model import (
+    TDGHierarchy,
+    apply_all,
+    dihedral_transformations,
+    official_transformations,
+)
+from fsad_bench.methods.tdg.training import HierarchyTrainer, patch_ce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +34,16 @@ def apply_all_before(transforms, x):
 
 
 class TrainerBefore(HierarchyTrainer):
-    def train(self, model: TDGHierarchy, images: torch.Tensor, niter: int, gen: torch.Generator,
-              batch_size: int | None = None, warm_start: bool = False, index_scale: float = 1.0) -> None:
+    def train(
+        self,
+        model: TDGHierarchy,
+        images: torch.Tensor,
+        niter: int,
+        gen: torch.Generator,
+        batch_size: int | None = None,
+        warm_start: bool = False,
+        index_scale: float = 1.0,
+    ) -> None:
         """Train every scale of ``model``, coarse to fine, ``niter`` iterations each, on ``images``
         ``(N, 3, S, S)`` in [0, 1]; every random draw comes from ``gen``.
 
@@ -61,8 +73,18 @@ class TrainerBefore(HierarchyTrainer):
             self._train_scale(model, n, reals[n], ids_all, amps, niter, gen, batch_size, T)
         model.amps = amps
 
-    def _train_scale(self, model: TDGHierarchy, n: int, real_all: torch.Tensor, ids_all: torch.Tensor,
-                     amps: torch.Tensor, niter: int, gen: torch.Generator, batch_size: int | None, T: int) -> None:
+    def _train_scale(
+        self,
+        model: TDGHierarchy,
+        n: int,
+        real_all: torch.Tensor,
+        ids_all: torch.Tensor,
+        amps: torch.Tensor,
+        niter: int,
+        gen: torch.Generator,
+        batch_size: int | None,
+        T: int,
+    ) -> None:
         """``niter`` iterations of scale ``n`` on ``real_all`` ``(N, 3, s_n, s_n)`` in [-1, 1]."""
         G, D = model.generators[n], model.discriminators[n]
         dev = real_all.device
@@ -147,8 +169,12 @@ class HierarchyBefore(TDGHierarchy):
             flat = correct.flatten(2).sort(dim=2).values
             k = max(1, int(flat.shape[2] * fraction))
             normality.append(flat[:, :, :k].mean(2).mean(0))
-            back = torch.stack([t.invert(1 - correct[i], size=real.shape[-1], fill=float("nan"))
-                                for i, t in enumerate(self.transforms)])
+            back = torch.stack(
+                [
+                    t.invert(1 - correct[i], size=real.shape[-1], fill=float("nan"))
+                    for i, t in enumerate(self.transforms)
+                ]
+            )
             m = back.nanmean(0)
             m = torch.where(torch.isnan(m), torch.nanmean(m), m)
             margin = (real.shape[-1] - m.shape[-1]) // 2
@@ -188,9 +214,20 @@ def test_batched_scoring_equals_the_loop(transforms):
 def _train(trainer_cls, batch_size, niter=2, n_img=3, transforms_per_step=None, sample_every=0):
     torch.manual_seed(0)
     model = TDGHierarchy([16, 20, 24], dihedral_transformations()[:4], 8, 8)
-    trainer = trainer_cls(lr_g=5e-4, lr_d=5e-4, beta1=0.5, gamma=0.1, milestone_d=500, milestone_g=1000,
-                          d_steps=2, g_steps=2, alpha=10.0, noise_amp=0.1, transforms_per_step=transforms_per_step,
-                          sample_every=sample_every)
+    trainer = trainer_cls(
+        lr_g=5e-4,
+        lr_d=5e-4,
+        beta1=0.5,
+        gamma=0.1,
+        milestone_d=500,
+        milestone_g=1000,
+        d_steps=2,
+        g_steps=2,
+        alpha=10.0,
+        noise_amp=0.1,
+        transforms_per_step=transforms_per_step,
+        sample_every=sample_every,
+    )
     images = torch.rand(n_img, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     trainer.train(model, images, niter, torch.Generator().manual_seed(2), batch_size=batch_size)
     return model
@@ -235,10 +272,16 @@ def test_counts_the_multiply_adds_and_traffic_of_a_product():
 
 @pytest.mark.slow
 def test_gpu_sh_runs_in_its_cpu_mode(tmp_path):
-    env = {**os.environ, "GPU_SH_DEVICE": "cpu", "GPU_SH_OUT": str(tmp_path), "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True,
-                         timeout=300)
+    env = {
+        **os.environ,
+        "GPU_SH_DEVICE": "cpu",
+        "GPU_SH_OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    out = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert lines[-1] == "gpu.sh: done on cpu"

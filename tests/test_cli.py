@@ -35,12 +35,15 @@ def test_run_table_methods_datasets(synth_root, tmp_path, capsys):
     assert "written" in _ok(["compare", str(out), "--a", "gaussian", "--b", "random"], capsys)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--methods", "nosuch"], "unknown method 'nosuch'"),
-    (["--k", "99"], "k=99 is larger than the 12 normal training images"),
-    (["--k", "two"], "--k must be comma-separated integers"),
-    (["--runs", "0"], "runs must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--methods", "nosuch"], "unknown method 'nosuch'"),
+        (["--k", "99"], "k=99 is larger than the 12 normal training images"),
+        (["--k", "two"], "--k must be comma-separated integers"),
+        (["--runs", "0"], "runs must be >= 1"),
+    ],
+)
 def test_run_bad_arguments(args, message, synth_root, tmp_path, capsys):
     out = tmp_path / "r"
     code, _, err = _run(BASE + ["--data-root", str(synth_root), "--out", str(out)] + args, capsys)
@@ -62,8 +65,7 @@ def test_corrupt_image_keeps_finished_cells(synth_root, tmp_path, capsys):
     out = tmp_path / "r"
     _ok(BASE + ["--data-root", str(root), "--methods", "random", "--out", str(out)], capsys)
     (root / "washer" / "test" / "good" / "002.png").write_bytes(b"\x89PNG garbage")
-    code, _, err = _run(BASE + ["--data-root", str(root), "--methods", "random", "--k", "2", "--out", str(out)],
-                        capsys)
+    code, _, err = _run(BASE + ["--data-root", str(root), "--methods", "random", "--k", "2", "--out", str(out)], capsys)
     assert code == 2 and "cannot read image" in err and "washer/test/good/002.png" in err
     assert len(list((out / "cells").glob("*.json"))) >= 3  # the k=1 cells survive
     assert not list((out / "cells").glob("*.tmp"))

@@ -42,8 +42,18 @@ CACHED = ("aggregated", "cross-dataset")
 #: on one core (1 epoch / a few iterations, small networks, 64 px input). Methods not listed
 #: (third-party entry points) run their ``cpu`` preset unchanged.
 REGAD = {"epochs": 1, "batch_size": 4, "max_queries_per_category": 4, "infer_batch": 8}
-DIFFNET = {"img_size": 64, "n_scales": 1, "n_coupling_blocks": 2, "fc_internal": 32, "meta_epochs": 1,
-           "sub_epochs": 1, "n_transforms": 2, "n_transforms_test": 2, "feature_pool": 4, "batch_size": 8}
+DIFFNET = {
+    "img_size": 64,
+    "n_scales": 1,
+    "n_coupling_blocks": 2,
+    "fc_internal": 32,
+    "meta_epochs": 1,
+    "sub_epochs": 1,
+    "n_transforms": 2,
+    "n_transforms_test": 2,
+    "feature_pool": 4,
+    "batch_size": 8,
+}
 TDG = {"niter": 2, "transforms_per_step": 2}
 TINY: dict[str, dict] = {
     "random": {},
@@ -60,8 +70,11 @@ TINY: dict[str, dict] = {
 }
 
 #: Optional packages a method needs (import names), by name or by "prefix:".
-NEEDS: dict[str, tuple[str, ...]] = {"inctrl": ("open_clip",), "anomalib:": ("anomalib",),
-                                     "anomalib:WinClip": ("anomalib", "open_clip")}
+NEEDS: dict[str, tuple[str, ...]] = {
+    "inctrl": ("open_clip",),
+    "anomalib:": ("anomalib",),
+    "anomalib:WinClip": ("anomalib", "open_clip"),
+}
 #: Shown (and skipped) when the anomalib extra is absent, so a run says what it did not check.
 ANOMALIB_PLACEHOLDER = "anomalib:*"
 
@@ -173,7 +186,8 @@ def test_presets_satisfy_the_declared_options(name):
         for key, constraints in cls.option_constraints.items():
             if key in values:
                 assert any(accepts(c, values[key]) for c in constraints), (
-                    f"preset {preset!r}: {key}={values[key]!r} is not {' or '.join(map(describe, constraints))}")
+                    f"preset {preset!r}: {key}={values[key]!r} is not {' or '.join(map(describe, constraints))}"
+                )
     cls.check_options(TINY.get(name, {}), "tiny test settings")
     with pytest.raises(FsadError, match="unknown option 'no_such_option'"):
         cls.check_options({"no_such_option": 1})

@@ -21,8 +21,8 @@ def test_aupro_single_region_by_hand():
     # PRO/FPR points: (0, .5) (0.5, .5) (0.5, 1) (1, 1).
     masks = np.array([[[1, 1], [0, 0]]])
     maps = np.array([[[0.9, 0.4], [0.5, 0.1]]])
-    assert aupro(masks, maps, max_fpr=0.3) == pytest.approx(0.5)        # 0.3 * 0.5 / 0.3
-    assert aupro(masks, maps, max_fpr=1.0) == pytest.approx(0.75)       # .5 * .5 + .5 * 1
+    assert aupro(masks, maps, max_fpr=0.3) == pytest.approx(0.5)  # 0.3 * 0.5 / 0.3
+    assert aupro(masks, maps, max_fpr=1.0) == pytest.approx(0.75)  # .5 * .5 + .5 * 1
     assert aupro(masks, maps, max_fpr=0.75) == pytest.approx(0.5 / 0.75)
 
 
@@ -57,7 +57,7 @@ def test_aupr_f1max_by_hand():
     # thresholds: >=0.8: P=1, R=.5, F1=2/3; >=0.4: P=.5, R=.5; >=0.35: P=2/3, R=1, F1=.8; >=0.1: P=.5, R=1
     labels, scores = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
     assert image_f1max(labels, scores) == pytest.approx(0.8)
-    assert image_aupr(labels, scores) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)   # Σ ΔR · P
+    assert image_aupr(labels, scores) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)  # Σ ΔR · P
     masks = np.array([[[0, 0], [1, 1]]])
     maps = np.array([[[0.1, 0.4], [0.35, 0.8]]])
     assert pixel_f1max(masks, maps) == pytest.approx(0.8)

@@ -15,8 +15,10 @@ def test_builtin_methods_are_registered():
 
 
 def test_third_party_adapter_through_entry_point(monkeypatch):
-    eps = [EntryPoint("thirdparty", "fsad_bench.methods.random_scorer:RandomScorer", registry.ENTRY_POINT_GROUP),
-           EntryPoint("broken", "fsad_bench.errors:FsadError", registry.ENTRY_POINT_GROUP)]
+    eps = [
+        EntryPoint("thirdparty", "fsad_bench.methods.random_scorer:RandomScorer", registry.ENTRY_POINT_GROUP),
+        EntryPoint("broken", "fsad_bench.errors:FsadError", registry.ENTRY_POINT_GROUP),
+    ]
     monkeypatch.setattr(registry, "entry_points", lambda group: [e for e in eps if e.group == group])
     assert "thirdparty" in registry.available()
     assert registry.get("thirdparty") is RandomScorer
@@ -41,8 +43,14 @@ def test_suite_option_overrides_are_labelled():
     assert base == "diffnet+ [cpu, alexnet, random-init]"
     assert longer == "diffnet+ [cpu, alexnet, random-init, finetune_epochs=192]"
     assert diffnet_plus(AdapterConfig(weights="none", options={"view_chunk": 8})).label == base
-    assert gaussian(AdapterConfig(weights="none", options={"batch_size": 4})).label == "gaussian [paper, resnet18, random-init]"
-    assert (gaussian(AdapterConfig(weights="none", options={"upsample": "bilinear", "channel_seed": 3})).label
-            == "gaussian [paper, resnet18, random-init, upsample=bilinear, channel_seed=3]")
+    assert (
+        gaussian(AdapterConfig(weights="none", options={"batch_size": 4})).label
+        == "gaussian [paper, resnet18, random-init]"
+    )
+    assert (
+        gaussian(AdapterConfig(weights="none", options={"upsample": "bilinear", "channel_seed": 3})).label
+        == "gaussian [paper, resnet18, random-init, upsample=bilinear, channel_seed=3]"
+    )
     assert patchcore(AdapterConfig(weights="none", options={"coreset_ratio": 0.5, "chunk": 64})).label == (
-        "patchcore [paper, wide_resnet50_2, random-init, coreset_ratio=0.5]")
+        "patchcore [paper, wide_resnet50_2, random-init, coreset_ratio=0.5]"
+    )

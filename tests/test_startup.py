@@ -18,7 +18,7 @@ def _imported(code: str) -> list[str]:
     assert res.returncode == 0, res.stderr
     line = res.stdout.strip().splitlines()[-1]
     assert line.startswith("imported:"), res.stdout
-    return [m for m in line[len("imported:"):].split(",") if m]
+    return [m for m in line[len("imported:") :].split(",") if m]
 
 
 def test_cli_and_registry_import_no_torch():
@@ -28,7 +28,7 @@ def test_cli_and_registry_import_no_torch():
 def test_methods_help_and_a_missing_data_root_answer_without_torch(tmp_path):
     code = f"""
 from fsad_bench.cli import main
-for args in (["methods"], ["--help"], ["run", "--suite", "quick", "--data-root", {str(tmp_path / 'missing')!r}]):
+for args in (["methods"], ["--help"], ["run", "--suite", "quick", "--data-root", {str(tmp_path / "missing")!r}]):
     try:
         main(args)
     except SystemExit as e:

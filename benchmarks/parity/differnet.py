@@ -102,10 +102,12 @@ def import_official(root: str, cfg: dict) -> dict:
     for k, v in cfg.items():
         setattr(c, k, v)
     import model as model_mod  # noqa: PLC0415
+
     model_mod.alexnet = lambda pretrained=True, **kw: torchvision.models.alexnet(weights=None)
     import localization  # noqa: PLC0415
     import train as train_mod  # noqa: PLC0415
     import utils  # noqa: PLC0415
+
     return {"c": c, "model": model_mod, "train": train_mod, "loc": localization, "utils": utils}
 
 
@@ -124,8 +126,8 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, a)
     ours = torch.stack([load_image(p, size) for p in train_paths + test_paths])
     table.add("loader: Resize + ToTensor", col, *diff(ours, torch.stack([TF.to_tensor(im) for im in official_imgs])))
     ours = ours.to(dtype)
-    train_imgs, test_imgs = ours[: len(train_paths)], ours[len(train_paths):]
-    pil_train, pil_test = official_imgs[: len(train_paths)], official_imgs[len(train_paths):]
+    train_imgs, test_imgs = ours[: len(train_paths)], ours[len(train_paths) :]
+    pil_train, pil_test = official_imgs[: len(train_paths)], official_imgs[len(train_paths) :]
 
     def official_views(pil: Image.Image, degrees: list[float]) -> torch.Tensor:
         """The official transforms with these rotations: ``(T, 3, S, S)`` normalised."""
@@ -134,13 +136,25 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, a)
     # -- identical weights -------------------------------------------------------------------------
     torch.manual_seed(a.seed)
     o_model = mods["model"].DifferNet().to(dtype)
-    opts = {"img_size": size, "n_scales": c.n_scales, "n_coupling_blocks": c.n_coupling_blocks,
-            "fc_internal": c.fc_internal, "n_transforms": t_train, "n_transforms_test": t_test,
-            "batch_size": len(train_paths), "meta_epochs": 1, "sub_epochs": 1, "view_chunk": t_test}
+    opts = {
+        "img_size": size,
+        "n_scales": c.n_scales,
+        "n_coupling_blocks": c.n_coupling_blocks,
+        "fc_internal": c.fc_internal,
+        "n_transforms": t_train,
+        "n_transforms_test": t_test,
+        "batch_size": len(train_paths),
+        "meta_epochs": 1,
+        "sub_epochs": 1,
+        "view_chunk": t_test,
+    }
     d = DiffNet(AdapterConfig(weights="none", preset="paper", image_size=size, seed=a.seed, options=opts))
     d.extractor, d.flow = d.extractor.to(dtype), d.flow.to(dtype)
-    ext_state = {k.replace(ALEXNET_KEYS[0][0], ALEXNET_KEYS[0][1]): v for k, v in o_model.state_dict().items()
-                 if k.startswith(ALEXNET_KEYS[0][0])}
+    ext_state = {
+        k.replace(ALEXNET_KEYS[0][0], ALEXNET_KEYS[0][1]): v
+        for k, v in o_model.state_dict().items()
+        if k.startswith(ALEXNET_KEYS[0][0])
+    }
     d.extractor.load_state_dict(ext_state)
     flow_state = {}
     for k, v in o_model.state_dict().items():
@@ -178,8 +192,9 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, a)
     d.views.sample, d.views.apply = sample, apply
     degrees = [math.degrees(float(x)) for x in drawn[0]]
     batch = d.extractor.normalise(our_views[0]).detach()  # what the official model is fed (identical inputs)
-    o_batch = torch.cat([official_views(pil_train[i], degrees[j * t_train:(j + 1) * t_train])
-                         for j, i in enumerate(order)])
+    o_batch = torch.cat(
+        [official_views(pil_train[i], degrees[j * t_train : (j + 1) * t_train]) for j, i in enumerate(order)]
+    )
     table.add("training views: ours vs official transforms", col, *diff(batch, o_batch))
 
     # -- features, z, log-det, loss (before the step) ------------------------------------------------
@@ -205,8 +220,11 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, a)
             v = d.extractor.normalise(d.views.apply(img[None].repeat_interleave(t_test, dim=0), ang, fac))
         test_batches.append((v[None], torch.tensor([y])))
         o_test.append(official_views(pil, [math.degrees(float(x)) for x in ang]))
-    table.add("test views: ours vs official transforms", col,
-              *diff(torch.cat([v[0] for v, _ in test_batches]), torch.cat(o_test)))
+    table.add(
+        "test views: ours vs official transforms",
+        col,
+        *diff(torch.cat([v[0] for v, _ in test_batches]), torch.cat(o_test)),
+    )
     losses, aucs = [], []
     get_loss, auc = train_mod.get_loss, train_mod.roc_auc_score
     train_mod.get_loss = lambda z, j: losses.append(get_loss(z, j)) or losses[-1]
@@ -247,12 +265,16 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, a)
     fixed, o_fixed = [], []
     for img, pil in zip(test_imgs, pil_test):
         with torch.no_grad():
-            v = d.extractor.normalise(d.views.rotated(img[None].repeat_interleave(t_test, dim=0),
-                                                      fixed_degrees(t_test)))
+            v = d.extractor.normalise(
+                d.views.rotated(img[None].repeat_interleave(t_test, dim=0), fixed_degrees(t_test))
+            )
         fixed.append((v[None], torch.tensor([1])))  # label 1: the official exports maps of anomalies only
         o_fixed.append(official_views(pil, fixed_degrees(t_test)))
-    table.add("map views: ours vs official fixed rotations", col,
-              *diff(torch.cat([v[0] for v, _ in fixed]), torch.cat(o_fixed)))
+    table.add(
+        "map views: ours vs official fixed rotations",
+        col,
+        *diff(torch.cat([v[0] for v, _ in fixed]), torch.cat(o_fixed)),
+    )
     optimizer = torch.optim.Adam(trained.nf.parameters(), lr=c.lr_init)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -292,16 +314,38 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    cfg = {"device": "cpu", "img_size": (a.img_size, a.img_size), "img_dims": [3, a.img_size, a.img_size],
-           "n_scales": a.n_scales, "n_coupling_blocks": a.n_coupling_blocks, "fc_internal": a.fc_internal,
-           "n_feat": 256 * a.n_scales, "n_transforms": 4, "n_transforms_test": a.n_transforms_test,
-           "batch_size": a.n_train, "batch_size_test": 1, "meta_epochs": 1, "sub_epochs": 1, "verbose": False,
-           "hide_tqdm_bar": True, "save_model": False, "grad_map_viz": False, "modelname": "parity"}
+    cfg = {
+        "device": "cpu",
+        "img_size": (a.img_size, a.img_size),
+        "img_dims": [3, a.img_size, a.img_size],
+        "n_scales": a.n_scales,
+        "n_coupling_blocks": a.n_coupling_blocks,
+        "fc_internal": a.fc_internal,
+        "n_feat": 256 * a.n_scales,
+        "n_transforms": 4,
+        "n_transforms_test": a.n_transforms_test,
+        "batch_size": a.n_train,
+        "batch_size_test": 1,
+        "meta_epochs": 1,
+        "sub_epochs": 1,
+        "verbose": False,
+        "hide_tqdm_bar": True,
+        "save_model": False,
+        "grad_map_viz": False,
+        "modelname": "parity",
+    }
     mods = import_official(a.official, cfg)
     table = Table()
     with tempfile.TemporaryDirectory(prefix="differnet_parity_") as tmp:
-        folder = make_folder(Path(tmp), "bottle", n_train=a.n_train, n_good=a.n_test // 2,
-                             n_bad=a.n_test - a.n_test // 2, size=300, seed=a.seed)
+        folder = make_folder(
+            Path(tmp),
+            "bottle",
+            n_train=a.n_train,
+            n_good=a.n_test // 2,
+            n_bad=a.n_test - a.n_test // 2,
+            size=300,
+            seed=a.seed,
+        )
         for name in a.dtypes.split(","):
             run(mods, folder, getattr(torch, name), table, name, a)
     print(table.render())

@@ -46,12 +46,12 @@ import sys
 import types
 
 import torch
-from fsad_bench.methods.inctrl.adapter import InCTRL
-from fsad_bench.methods.inctrl.torch_model import InCTRLHead, patch_residuals
 from torch.overrides import TorchFunctionMode
 
 from fsad_bench.adapter import AdapterConfig
 from fsad_bench.components.clip import CLIP_MEAN, CLIP_STD, FrozenCLIP
+from fsad_bench.methods.inctrl.adapter import InCTRL
+from fsad_bench.methods.inctrl.torch_model import InCTRLHead, patch_residuals
 
 #: ViT-B-16-plus-240's shape (what the official head hard-codes) with narrow blocks
 PARITY_CLIP = {
@@ -60,13 +60,19 @@ PARITY_CLIP = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 #: official InCTRL head key prefix -> ours (``bn1`` of ``TransformerBasicHead`` is never used)
-HEAD_KEY_MAP = [("adapter.fc.", "adapter."),
-                ("diff_head_ref.projection1.", "image_head.0."), ("diff_head_ref.bn2.", "image_head.2."),
-                ("diff_head_ref.projection2.", "image_head.3."), ("diff_head_ref.bn3.", "image_head.5."),
-                ("diff_head_ref.projection3.", "image_head.6."),
-                ("diff_head.projection1.", "holistic_head.0."), ("diff_head.bn2.", "holistic_head.2."),
-                ("diff_head.projection2.", "holistic_head.3."), ("diff_head.bn3.", "holistic_head.5."),
-                ("diff_head.projection3.", "holistic_head.6.")]
+HEAD_KEY_MAP = [
+    ("adapter.fc.", "adapter."),
+    ("diff_head_ref.projection1.", "image_head.0."),
+    ("diff_head_ref.bn2.", "image_head.2."),
+    ("diff_head_ref.projection2.", "image_head.3."),
+    ("diff_head_ref.bn3.", "image_head.5."),
+    ("diff_head_ref.projection3.", "image_head.6."),
+    ("diff_head.projection1.", "holistic_head.0."),
+    ("diff_head.bn2.", "holistic_head.2."),
+    ("diff_head.projection2.", "holistic_head.3."),
+    ("diff_head.bn3.", "holistic_head.5."),
+    ("diff_head.projection3.", "holistic_head.6."),
+]
 LAYERS = [6, 8, 10]  # ours, 0-based = the official out_layers [7, 9, 11] counted from 1
 
 
@@ -147,8 +153,9 @@ def run(official, dtype: torch.dtype, k: int, n_queries: int, seed: int, categor
                 m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
                 m.weight.normal_(1, 0.1), m.bias.normal_(0, 0.1)
     off.eval()
-    ours = InCTRL(AdapterConfig(preset="paper", weights="none", image_size=240,
-                                options={"clip_model": "tiny", "layers": LAYERS}))
+    ours = InCTRL(
+        AdapterConfig(preset="paper", weights="none", image_size=240, options={"clip_model": "tiny", "layers": LAYERS})
+    )
     ours.clip = FrozenCLIP("tiny", "none", "", LAYERS, model_cfg=cfg)
     ours.head = InCTRLHead(ours.clip.embed_dim, ours.clip.num_patches)
     state = {k_: v for k_, v in off.state_dict().items() if not k_.startswith(("adapter.", "diff_head"))}
@@ -158,7 +165,7 @@ def run(official, dtype: torch.dtype, k: int, n_queries: int, seed: int, categor
     for key, value in off.state_dict().items():
         for a, b in HEAD_KEY_MAP:
             if key.startswith(a):
-                head[b + key[len(a):]] = value
+                head[b + key[len(a) :]] = value
     ours.head.load_state_dict(head)
     ours.clip.to(dtype), ours.head.to(dtype).eval()
     ours.category = category
@@ -166,8 +173,10 @@ def run(official, dtype: torch.dtype, k: int, n_queries: int, seed: int, categor
     g = torch.Generator().manual_seed(seed + 1)
     support = torch.rand(k, 3, 240, 240, generator=g, dtype=dtype)
     queries = torch.rand(n_queries, 3, 240, 240, generator=g, dtype=dtype)
-    norm = lambda x: (x - torch.tensor(CLIP_MEAN, dtype=dtype).view(1, 3, 1, 1)) / torch.tensor(
-        CLIP_STD, dtype=dtype).view(1, 3, 1, 1)
+    norm = lambda x: (
+        (x - torch.tensor(CLIP_MEAN, dtype=dtype).view(1, 3, 1, 1))
+        / torch.tensor(CLIP_STD, dtype=dtype).view(1, 3, 1, 1)
+    )
     tokenizer = official.tokenize
     rows = []
     with cuda_shim(), torch.no_grad():
@@ -190,8 +199,9 @@ def run(official, dtype: torch.dtype, k: int, n_queries: int, seed: int, categor
         q_cls, q_patches = ours.encode(queries)
         text_ours = ours._text_scores(q_cls, [category] * n_queries)
         residual_ours = patch_residuals(q_patches, ours._prompt_patches).mean(dim=1)
-        _, image_ours = ours._score_batch((q_cls, q_patches, ours._prompt_cls, ours._prompt_patches,
-                                           [category] * n_queries))
+        _, image_ours = ours._score_batch(
+            (q_cls, q_patches, ours._prompt_cls, ours._prompt_patches, [category] * n_queries)
+        )
     rows.append(("text score (zero-shot prior)", *diff(torch.cat(text_off), text_ours)))
     rows.append(("residual map (B, 225), layer mean", *diff(torch.cat(residual_off), residual_ours)))
     rows.append(("image-residual score", *diff(torch.cat(image_off), image_ours)))

@@ -74,10 +74,19 @@ from common import Table, diff, make_folder  # noqa: E402
 #: official state-dict prefix -> ours (STN-ResNet, Siamese encoder, predictor); bn3 of the official
 #: encoder is never used in its forward and has no counterpart
 KEY_MAP = {
-    "stn": [("conv1.", "blocks.0.0."), ("bn1.", "blocks.0.1."), ("layer1.", "blocks.0.4."), ("layer2.", "blocks.1."),
-            ("layer3.", "blocks.2."), ("stn1.conv.", "stns.0.localisation."), ("stn1.fc.", "stns.0.regressor."),
-            ("stn2.conv.", "stns.1.localisation."), ("stn2.fc.", "stns.1.regressor."),
-            ("stn3.conv.", "stns.2.localisation."), ("stn3.fc.", "stns.2.regressor.")],
+    "stn": [
+        ("conv1.", "blocks.0.0."),
+        ("bn1.", "blocks.0.1."),
+        ("layer1.", "blocks.0.4."),
+        ("layer2.", "blocks.1."),
+        ("layer3.", "blocks.2."),
+        ("stn1.conv.", "stns.0.localisation."),
+        ("stn1.fc.", "stns.0.regressor."),
+        ("stn2.conv.", "stns.1.localisation."),
+        ("stn2.fc.", "stns.1.regressor."),
+        ("stn3.conv.", "stns.2.localisation."),
+        ("stn3.fc.", "stns.2.regressor."),
+    ],
     "enc": [("conv1.", "0."), ("bn1.", "1."), ("conv2.", "3."), ("bn2.", "4."), ("conv3.", "6.")],
     "pred": [("conv1.", "0."), ("bn1.", "1."), ("conv2.", "3.")],
 }
@@ -87,7 +96,7 @@ UNMAPPED = {"enc": ("bn3.",)}
 def map_key(kind: str, key: str) -> str | None:
     for a, b in KEY_MAP[kind]:
         if key.startswith(a):
-            return b + key[len(a):]
+            return b + key[len(a) :]
     if any(key.startswith(p) for p in UNMAPPED.get(kind, ())):
         return None
     raise KeyError(f"{kind}: official key {key} has no counterpart")
@@ -130,8 +139,10 @@ def official_shims(mods: dict, dtype: torch.dtype):
     saved = {name: mods[name].torch for name in ("stn", "funcs")}
     torch.Tensor.cuda = lambda self, *a, **k: self
     mods["stn"].torch = TorchShim(zeros=zeros)
-    mods["funcs"].torch = TorchShim(device=lambda *a, **k: torch.device("cpu"),
-                                    **({"FloatTensor": torch.DoubleTensor} if dtype == torch.float64 else {}))
+    mods["funcs"].torch = TorchShim(
+        device=lambda *a, **k: torch.device("cpu"),
+        **({"FloatTensor": torch.DoubleTensor} if dtype == torch.float64 else {}),
+    )
     try:
         yield
     finally:
@@ -155,11 +166,13 @@ def import_official(root: str) -> dict:
     import models.stn as stn  # noqa: PLC0415
     import train as train_mod  # noqa: PLC0415
     import utils.funcs as funcs  # noqa: PLC0415
+
     return {"stn": stn, "siamese": siamese, "train": train_mod, "funcs": funcs, "mvtec": mvtec}
 
 
-def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_test: int, shot: int,
-        seed: int) -> None:
+def run(
+    mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_test: int, shot: int, seed: int
+) -> None:
     torch.set_default_dtype(dtype)
     stn_mod, train_mod, mvtec = mods["stn"], mods["train"], mods["mvtec"]
     # -- inputs: the official loader ---------------------------------------------------------
@@ -199,9 +212,10 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_
 
     # -- features and thetas (eval mode) ----------------------------------------------------------
     thetas: dict[str, torch.Tensor] = {}
-    hooks = [getattr(o_stn, f"stn{i}").register_forward_hook(
-        lambda m, i, out, n=n: thetas.__setitem__(n, out[1].detach())) for n, i in
-        (("1", 1), ("2", 2), ("3", 3))]
+    hooks = [
+        getattr(o_stn, f"stn{i}").register_forward_hook(lambda m, i, out, n=n: thetas.__setitem__(n, out[1].detach()))
+        for n, i in (("1", 1), ("2", 2), ("3", 3))
+    ]
     o_stn.eval()
     a.model.eval()
     x = torch.cat([train_imgs[:2], test_imgs[:2]])
@@ -232,10 +246,21 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_
     finally:
         train_mod.CosLoss = cos_loss
     o_loss = recorded[0] / 2 + recorded[1] / 2
-    history = train_registration(a.model, a.encoder, a.predictor, {"c": TensorImages(train_imgs)}, epochs=1,
-                                 batch_size=n, shot=shot, lr=lr, momentum=0.9, lr_schedule="step-cosine",
-                                 max_queries=None, generator=torch.Generator().manual_seed(seed + 2),
-                                 device=torch.device("cpu"))
+    history = train_registration(
+        a.model,
+        a.encoder,
+        a.predictor,
+        {"c": TensorImages(train_imgs)},
+        epochs=1,
+        batch_size=n,
+        shot=shot,
+        lr=lr,
+        momentum=0.9,
+        lr_schedule="step-cosine",
+        max_queries=None,
+        generator=torch.Generator().manual_seed(seed + 2),
+        device=torch.device("cpu"),
+    )
     table.add("SimSiam loss", col, *diff(torch.tensor(history[0]), o_loss.detach()))
     for kind, official, ours in (("stn", o_stn, a.model), ("enc", o_enc, a.encoder), ("pred", o_pred, a.predictor)):
         mine = dict(ours.named_parameters())
@@ -252,8 +277,11 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_
         table.add(f"gradients ({kind})", col, float(gmax), float(gmax / torch.stack(theirs_g).max()))
         table.add(f"parameters after 1 SGD step ({kind})", col, float(pmax), float(pmax / torch.stack(theirs_p).max()))
         bufs = dict(ours.named_buffers())
-        b_d = [(bufs[map_key(kind, k)].to(v.dtype) - v).abs().max() for k, v in official.named_buffers()
-               if map_key(kind, k) is not None and v.is_floating_point()]
+        b_d = [
+            (bufs[map_key(kind, k)].to(v.dtype) - v).abs().max()
+            for k, v in official.named_buffers()
+            if map_key(kind, k) is not None and v.is_floating_point()
+        ]
         if b_d:
             table.add(f"BN running stats after the step ({kind})", col, float(torch.stack(b_d).max()), float("nan"))
     epochs = 50
@@ -269,12 +297,27 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_
     sup = train_imgs[:shot]
     f = mods["funcs"]
     with torch.no_grad(), official_shims(mods, dtype):
-        kinds = {"image": [sup],
-                 # the official angles (±π/4, ±3π/16, ±π/8, ±π/16) in our order (the set is what the Gaussian sees)
-                 "small rotations": [f.rot_img(sup, t) for t in augment.SMALL_ANGLES],
-                 "translations": [f.translation_img(sup, x, y) for x, y in ((0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2),
-                                  (0.2, -0.2), (0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))],
-                 "flip": [f.hflip_img(sup)], "grey": [f.grey_img(sup)], "rot90": [f.rot90_img(sup, r) for r in (1, 2, 3)]}
+        kinds = {
+            "image": [sup],
+            # the official angles (±π/4, ±3π/16, ±π/8, ±π/16) in our order (the set is what the Gaussian sees)
+            "small rotations": [f.rot_img(sup, t) for t in augment.SMALL_ANGLES],
+            "translations": [
+                f.translation_img(sup, x, y)
+                for x, y in (
+                    (0.2, 0.2),
+                    (-0.2, 0.2),
+                    (-0.2, -0.2),
+                    (0.2, -0.2),
+                    (0.1, 0.1),
+                    (-0.1, 0.1),
+                    (-0.1, -0.1),
+                    (0.1, -0.1),
+                )
+            ],
+            "flip": [f.hflip_img(sup)],
+            "grey": [f.grey_img(sup)],
+            "rot90": [f.rot90_img(sup, r) for r in (1, 2, 3)],
+        }
     g_aug = torch.Generator().manual_seed(seed + 4)
     shuffled = augment.augment_support(sup, generator=g_aug)
     ours_views = torch.empty_like(shuffled)
@@ -282,7 +325,7 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_
     at = 0
     for kind, views in kinds.items():
         o = torch.cat(views)
-        table.add(f"support views: {kind}", col, *diff(ours_views[at:at + len(o)], o))
+        table.add(f"support views: {kind}", col, *diff(ours_views[at : at + len(o)], o))
         at += len(o)
 
     # -- the test pipeline (same trained weights on both sides) -------------------------------------
@@ -299,8 +342,12 @@ def run(mods: dict, folder: Path, dtype: torch.dtype, table: Table, col: str, n_
     auc_o, auc = roc_auc_score(labels, o_scores.numpy()), roc_auc_score(labels, scores.numpy())
     table.add("test: image AUROC", col, abs(auc - auc_o), abs(auc - auc_o) / max(abs(auc_o), 1e-300))
     # ours with the official grey weights (kornia 0.299, 0.587, 0.114; torchvision's are 0.2989, 0.587, 0.114)
-    augment.TF = types.SimpleNamespace(horizontal_flip=TF.horizontal_flip, rgb_to_grayscale=lambda x, num_output_channels=3: (
-        0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x))
+    augment.TF = types.SimpleNamespace(
+        horizontal_flip=TF.horizontal_flip,
+        rgb_to_grayscale=lambda x, num_output_channels=3: (
+            0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        ).expand_as(x),
+    )
     try:
         a.adapt(sup)
         table.add("test: maps, ours with kornia's grey weights", col, *diff(a.predict(test_imgs)[1], o_maps))
@@ -325,8 +372,9 @@ def main() -> None:
     mods = import_official(a.official)
     table = Table()
     with tempfile.TemporaryDirectory(prefix="regad_parity_") as tmp:
-        folder = make_folder(Path(tmp), "bottle", n_train=6, n_good=a.n_test // 2, n_bad=a.n_test - a.n_test // 2,
-                             size=300, seed=a.seed)
+        folder = make_folder(
+            Path(tmp), "bottle", n_train=6, n_good=a.n_test // 2, n_bad=a.n_test - a.n_test // 2, size=300, seed=a.seed
+        )
         for name in a.dtypes.split(","):
             run(mods, folder, getattr(torch, name), table, name, a.n_test, a.shot, a.seed)
     print(table.render())

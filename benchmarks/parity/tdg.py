@@ -59,6 +59,7 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from fsad_bench.methods.tdg import training as our_training
 from fsad_bench.methods.tdg.adapter import SAMPLE_EVERY
 from fsad_bench.methods.tdg.torch_model import (
@@ -70,16 +71,28 @@ from fsad_bench.methods.tdg.training import HierarchyTrainer
 
 #: official ``WDiscriminatorMulti`` / ``GeneratorConcatSkip2CleanAdd`` key -> ours (prefix rewrite)
 KEY_MAP = {
-    "D": [("head.conv.", "features.0.0."), ("head.norm.", "features.0.1."),
-          ("body.block1.conv.", "features.1.0."), ("body.block1.norm.", "features.1.1."),
-          ("body.block2.conv.", "features.2.0."), ("body.block2.norm.", "features.2.1."),
-          ("body.block3.conv.", "features.3.0."), ("body.block3.norm.", "features.3.1."),
-          ("tail.", "classifier.")],
-    "G": [("head.conv.", "features.0.0."), ("head.norm.", "features.0.1."),
-          ("body.block1.conv.", "features.1.0."), ("body.block1.norm.", "features.1.1."),
-          ("body.block2.conv.", "features.2.0."), ("body.block2.norm.", "features.2.1."),
-          ("body.block3.conv.", "features.3.0."), ("body.block3.norm.", "features.3.1."),
-          ("tail.0.", "to_rgb.0.")],
+    "D": [
+        ("head.conv.", "features.0.0."),
+        ("head.norm.", "features.0.1."),
+        ("body.block1.conv.", "features.1.0."),
+        ("body.block1.norm.", "features.1.1."),
+        ("body.block2.conv.", "features.2.0."),
+        ("body.block2.norm.", "features.2.1."),
+        ("body.block3.conv.", "features.3.0."),
+        ("body.block3.norm.", "features.3.1."),
+        ("tail.", "classifier."),
+    ],
+    "G": [
+        ("head.conv.", "features.0.0."),
+        ("head.norm.", "features.0.1."),
+        ("body.block1.conv.", "features.1.0."),
+        ("body.block1.norm.", "features.1.1."),
+        ("body.block2.conv.", "features.2.0."),
+        ("body.block2.norm.", "features.2.1."),
+        ("body.block3.conv.", "features.3.0."),
+        ("body.block3.norm.", "features.3.1."),
+        ("tail.0.", "to_rgb.0."),
+    ],
 }
 
 
@@ -88,7 +101,7 @@ def to_official(ours: dict, kind: str) -> dict:
     for key, value in ours.items():
         for off, our in KEY_MAP[kind]:
             if key.startswith(our):
-                out[off + key[len(our):]] = value.clone()
+                out[off + key[len(our) :]] = value.clone()
                 break
         else:
             raise KeyError(f"no official key for {kind} {key}")
@@ -114,8 +127,9 @@ def install_kornia_shim() -> None:
 
     def apply_rotation(x, params, flags):
         angle = params["degrees"].to(x.device, x.dtype).reshape(-1).expand(len(x))
-        return kornia.geometry.transform.rotate(x, angle, mode=modes[int(flags["interpolation"].item())],
-                                                align_corners=bool(flags["align_corners"]))
+        return kornia.geometry.transform.rotate(
+            x, angle, mode=modes[int(flags["interpolation"].item())], align_corners=bool(flags["align_corners"])
+        )
 
     mod.apply_hflip, mod.apply_rotation = apply_hflip, apply_rotation
     sys.modules["kornia.augmentation.functional"] = mod
@@ -147,8 +161,9 @@ def import_official(path: str):
     from FewShot_models import functions, models
     from FewShot_models.augments_transform_color import apply_transform
 
-    return types.SimpleNamespace(config=config_few_shot, functions=functions, models=models, tp=tp, dde=dde,
-                                 apply_transform=apply_transform)
+    return types.SimpleNamespace(
+        config=config_few_shot, functions=functions, models=models, tp=tp, dde=dde, apply_transform=apply_transform
+    )
 
 
 def make_opt(off, size: int, k: int, transforms) -> argparse.Namespace:
@@ -207,7 +222,9 @@ def run(off, dtype: torch.dtype, size: int, k: int, seed: int) -> list[tuple[str
             with torch.no_grad():
                 pad = ours.generators[n].margin
                 x_off = off.tp.pad_image_id(F.pad(noisy, [pad] * 4), range(k))
-                rows.append((f"G_{n} forward ({s} px)", *diff(G_off(x_off, F.pad(prev, [pad] * 4)), G(noisy, prev, ids))))
+                rows.append(
+                    (f"G_{n} forward ({s} px)", *diff(G_off(x_off, F.pad(prev, [pad] * 4)), G(noisy, prev, ids)))
+                )
                 xt = torch.cat([t.apply(noisy) for t in transforms])
                 rows.append((f"D_{n} forward ({s} px)", *diff(D_off(xt), D(xt))))
 
@@ -221,9 +238,19 @@ def run(off, dtype: torch.dtype, size: int, k: int, seed: int) -> list[tuple[str
 
 def train_iteration(off, opt, ours, nets_off, images, g, dtype):
     k, s = len(images), ours.sizes[0]
-    trainer = HierarchyTrainer(lr_g=opt.lr_g, lr_d=opt.lr_d, beta1=opt.beta1, gamma=opt.gamma, milestone_d=500,
-                               milestone_g=1000, d_steps=opt.Dsteps, g_steps=opt.Gsteps, alpha=opt.alpha,
-                               noise_amp=opt.noise_amp, sample_every=SAMPLE_EVERY)
+    trainer = HierarchyTrainer(
+        lr_g=opt.lr_g,
+        lr_d=opt.lr_d,
+        beta1=opt.beta1,
+        gamma=opt.gamma,
+        milestone_d=500,
+        milestone_g=1000,
+        d_steps=opt.Dsteps,
+        g_steps=opt.Gsteps,
+        alpha=opt.alpha,
+        noise_amp=opt.noise_amp,
+        sample_every=SAMPLE_EVERY,
+    )
     real = torch.rand(k, 3, s, s, generator=g, dtype=dtype) * 2 - 1
     z_opt = torch.randn(1, 1, s, s, generator=g, dtype=dtype)
     noise = torch.randn(k, 1, s, s, generator=g, dtype=dtype)
@@ -231,13 +258,17 @@ def train_iteration(off, opt, ours, nets_off, images, g, dtype):
     D_off.train(), G_off.train()
     # official side
     lost_off: list[tuple[str, float]] = []
-    saved = {n: getattr(off.tp, n) for n in ("get_err_D_real_and_backward", "get_err_D_fake_and_backward",
-                                             "get_err_G_fake_and_backward")}
+    saved = {
+        n: getattr(off.tp, n)
+        for n in ("get_err_D_real_and_backward", "get_err_D_fake_and_backward", "get_err_G_fake_and_backward")
+    }
+
     def recorder(name, fn):
         def wrapped(*args, **kwargs):
             loss = fn(*args, **kwargs)
             lost_off.append((name, loss.item()))
             return loss
+
         return wrapped
 
     for name, fn in saved.items():
@@ -261,8 +292,23 @@ def train_iteration(off, opt, ours, nets_off, images, g, dtype):
             sd = torch.optim.lr_scheduler.MultiStepLR(opt_d, [500], gamma=opt.gamma)
             sg = torch.optim.lr_scheduler.MultiStepLR(opt_g, [1000], gamma=opt.gamma)
             opt.niter = 1
-            off.tp.train_single_scale(D_off, G_off, reals, [], {i: [] for i in range(k)}, 0,
-                                      {i: [] for i in range(k)}, opt, range(k), z_pad, opt_d, opt_g, sd, sg, False)
+            off.tp.train_single_scale(
+                D_off,
+                G_off,
+                reals,
+                [],
+                {i: [] for i in range(k)},
+                0,
+                {i: [] for i in range(k)},
+                opt,
+                range(k),
+                z_pad,
+                opt_d,
+                opt_g,
+                sd,
+                sg,
+                False,
+            )
         finally:
             os.chdir(cwd)
             off.functions.generate_noise = saved_noise
@@ -271,6 +317,7 @@ def train_iteration(off, opt, ours, nets_off, images, g, dtype):
     # our side
     lost_ours: list[float] = []
     real_ce = our_training.patch_ce
+
     def record_ce(logits, labels):
         loss = real_ce(logits, labels)
         lost_ours.append(loss.item())
@@ -282,8 +329,9 @@ def train_iteration(off, opt, ours, nets_off, images, g, dtype):
     try:
         ours.z_rec = [z_opt.expand(1, 3, s, s)]
         amps = torch.ones(k, len(ours.sizes))
-        trainer._train_scale(ours, 0, real, torch.arange(k, dtype=torch.float32), amps, 1, torch.Generator(), None,
-                             len(ours.transforms))
+        trainer._train_scale(
+            ours, 0, real, torch.arange(k, dtype=torch.float32), amps, 1, torch.Generator(), None, len(ours.transforms)
+        )
     finally:
         our_training.patch_ce = real_ce
         TDGHierarchy.noise = saved_noise_ours
@@ -294,7 +342,7 @@ def train_iteration(off, opt, ours, nets_off, images, g, dtype):
     d_fake = [v for n, v in lost_off if n == "get_err_D_fake_and_backward"]
     g_adv = [v for n, v in lost_off if n == "get_err_G_fake_and_backward"]
     nd = opt.Dsteps
-    ours_real, ours_fake, ours_g = lost_ours[0:2 * nd:2], lost_ours[1:2 * nd:2], lost_ours[2 * nd:]
+    ours_real, ours_fake, ours_g = lost_ours[0 : 2 * nd : 2], lost_ours[1 : 2 * nd : 2], lost_ours[2 * nd :]
     assert len(names_off) == len(lost_ours), (names_off, lost_ours)
     for j in range(nd):
         rows.append((f"loss D real, step {j}", *diff(torch.tensor(d_real[j]), torch.tensor(ours_real[j]))))
@@ -342,13 +390,14 @@ def test_scores(off, opt, ours, images, g, dtype):
             np.save(f"TrainedModels/{name}/transformations.npy", opt.list_transformations)
             for n, D in enumerate(ours.discriminators):
                 os.makedirs(f"TrainedModels/{name}/scale_factor=0.750000,alpha={int(opt.alpha)}/{n}")
-                torch.save(to_official(D.state_dict(), "D"),
-                           f"TrainedModels/{name}/scale_factor=0.750000,alpha={int(opt.alpha)}/{n}/netD.pth")
+                torch.save(
+                    to_official(D.state_dict(), "D"),
+                    f"TrainedModels/{name}/scale_factor=0.750000,alpha={int(opt.alpha)}/{n}/netD.pth",
+                )
             off.dde.defect_detection(opt.input_name, n_test, opt)
         finally:
             os.chdir(cwd)
-            (off.dde.roc_auc_score, off.dde.imresize, off.functions.imresize,
-             off.functions.creat_reals_pyramid) = saved
+            (off.dde.roc_auc_score, off.dde.imresize, off.functions.imresize, off.functions.creat_reals_pyramid) = saved
     official = torch.tensor(recorded[0])  # per image: sum over T of the mean lowest fraction, mean over scales
     T = len(ours.transforms)
     rows = []
@@ -356,8 +405,9 @@ def test_scores(off, opt, ours, images, g, dtype):
     sizes_off = [r.shape[-1] for r in pyramids[0]]
     rows.append((f"pyramid sides official {sizes_off} vs ours {ours.sizes}", float(sizes_off != ours.sizes), 0.0))
     if sizes_off == ours.sizes:
-        worst = max((diff(a, b) for p_off, p_ours in zip(pyramids, ours_pyr) for a, b in zip(p_off, p_ours)),
-                    key=lambda d: d[0])
+        worst = max(
+            (diff(a, b) for p_off, p_ours in zip(pyramids, ours_pyr) for a, b in zip(p_off, p_ours)), key=lambda d: d[0]
+        )
         rows.append(("pyramid: official imresize (8-bit) vs ours (bicubic)", *worst))
     # scores on the official pyramid
     scores = []

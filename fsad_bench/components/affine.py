@@ -13,14 +13,30 @@ import torch
 import torch.nn.functional as F
 
 #: Parameters predicted by a spatial transformer for each transformation family (RegAD's official N_PARAMS).
-N_PARAMS = {"affine": 6, "translation": 2, "rotation": 1, "scale": 2, "shear": 2, "rotation_scale": 3,
-            "translation_scale": 4, "rotation_translation": 3, "rotation_translation_scale": 5}
+N_PARAMS = {
+    "affine": 6,
+    "translation": 2,
+    "rotation": 1,
+    "scale": 2,
+    "shear": 2,
+    "rotation_scale": 3,
+    "translation_scale": 4,
+    "rotation_translation": 3,
+    "rotation_translation_scale": 5,
+}
 
 #: Parameters giving the identity transform in each family (RegAD's official initialisation).
-IDENTITY_PARAMS = {"affine": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), "translation": (0.0, 0.0), "rotation": (0.0,),
-                   "scale": (1.0, 1.0), "shear": (0.0, 0.0), "rotation_scale": (0.0, 1.0, 1.0),
-                   "translation_scale": (0.0, 0.0, 1.0, 1.0), "rotation_translation": (0.0, 0.0, 0.0),
-                   "rotation_translation_scale": (0.0, 0.0, 0.0, 1.0, 1.0)}
+IDENTITY_PARAMS = {
+    "affine": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    "translation": (0.0, 0.0),
+    "rotation": (0.0,),
+    "scale": (1.0, 1.0),
+    "shear": (0.0, 0.0),
+    "rotation_scale": (0.0, 1.0, 1.0),
+    "translation_scale": (0.0, 0.0, 1.0, 1.0),
+    "rotation_translation": (0.0, 0.0, 0.0),
+    "rotation_translation_scale": (0.0, 0.0, 0.0, 1.0, 1.0),
+}
 
 
 def affine_warp(x: torch.Tensor, theta: torch.Tensor, padding_mode: str = "reflection") -> torch.Tensor:
@@ -93,8 +109,9 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return affine_warp(x, theta.to(x), padding_mode="zeros")
 
 
-def random_small_affine(n: int, generator: torch.Generator, angle: float = math.pi / 8,
-                        shift: float = 0.2) -> torch.Tensor:
+def random_small_affine(
+    n: int, generator: torch.Generator, angle: float = math.pi / 8, shift: float = 0.2
+) -> torch.Tensor:
     """``n`` random rotations in [-angle, angle] (radians) and shifts in [-shift, shift] (normalised
     units, 0.2 = 10 % of the side), ``(n, 2, 3)``."""
     a = (torch.rand(n, generator=generator) * 2 - 1) * angle

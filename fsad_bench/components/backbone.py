@@ -35,9 +35,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: PaDiM/RegAD blocks layer1..3; MobileNetV2: the last block at strides 4, 8, 16 (24 + 32 + 96
 #: channels); AlexNet: DifferNet's ``features`` output (256 channels, stride 32).
 TAPS: dict[str, list[str]] = {
-    **{a: ["layer1", "layer2", "layer3"] for a in (
-        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
-        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")},
+    **{
+        a: ["layer1", "layer2", "layer3"]
+        for a in (
+            "resnet18",
+            "resnet34",
+            "resnet50",
+            "resnet101",
+            "resnet152",
+            "wide_resnet50_2",
+            "wide_resnet101_2",
+            "resnext50_32x4d",
+            "resnext101_32x8d",
+            "resnext101_64x4d",
+        )
+    },
     "mobilenet_v2": ["features.3", "features.6", "features.13"],
     "mobilenet_v3_large": ["features.3", "features.6", "features.12"],
     "mobilenet_v3_small": ["features.1", "features.3", "features.8"],
@@ -60,19 +72,23 @@ def _checkpoint_path(arch: str) -> tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / fname, w.url
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_random_init(arch: str, path: str) -> None:
-    warnings.warn(f"ImageNet weights for {arch} neither cached ({path}) nor downloadable; "
-                  f"using random init (labelled random-init)", stacklevel=3)
+    warnings.warn(
+        f"ImageNet weights for {arch} neither cached ({path}) nor downloadable; "
+        f"using random init (labelled random-init)",
+        stacklevel=3,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _download(url: str, folder: str) -> str | None:
     """Download ``url`` into ``folder`` (torch hub, hash-checked); the error's class name when
     that fails. Tried once per process and URL."""
     try:
-        torch.hub.load_state_dict_from_url(url, model_dir=folder, progress=False, check_hash=True,
-                                           map_location="cpu", weights_only=True)
+        torch.hub.load_state_dict_from_url(
+            url, model_dir=folder, progress=False, check_hash=True, map_location="cpu", weights_only=True
+        )
     except Exception as err:  # offline, proxy, disk, hash: all mean "not available"
         return err.__class__.__name__
     return None
@@ -85,8 +101,10 @@ def check_weights_argument(weights: str, arch: str | None = None) -> Path | None
         return None
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FsadError(f"weights file {path} does not exist (expected imagenet, auto, none or a torchvision "
-                        f"{arch + ' ' if arch else ''}state dict .pth)")
+        raise FsadError(
+            f"weights file {path} does not exist (expected imagenet, auto, none or a torchvision "
+            f"{arch + ' ' if arch else ''}state dict .pth)"
+        )
     return path
 
 
@@ -113,8 +131,10 @@ def load_state_dict(arch: str, weights: str) -> tuple[dict | None, str]:
         try:
             return torch.load(path, map_location="cpu", weights_only=True), "imagenet"
         except Exception as err:
-            raise FsadError(f"cannot read cached weights {path}: {err.__class__.__name__}: {err} "
-                            f"(delete the file to download it again)") from None
+            raise FsadError(
+                f"cannot read cached weights {path}: {err.__class__.__name__}: {err} "
+                f"(delete the file to download it again)"
+            ) from None
     path = check_weights_argument(weights, arch)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -144,8 +164,10 @@ def build_torchvision(arch: str, weights: str) -> tuple[nn.Module, str]:
             model.load_state_dict(state, strict=True)
         except RuntimeError:
             source = f"file {weights}" if tag.startswith("file:") else f"ImageNet weights ({tag})"
-            raise FsadError(f"weights {source} do not fit the architecture {arch}: {_mismatch(model, state)} "
-                            f"(choose the file's architecture with --arch)") from None
+            raise FsadError(
+                f"weights {source} do not fit the architecture {arch}: {_mismatch(model, state)} "
+                f"(choose the file's architecture with --arch)"
+            ) from None
     return model.eval(), tag
 
 
@@ -154,9 +176,14 @@ def _mismatch(model: nn.Module, state: dict) -> str:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
-    parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if v]
+    shapes = [
+        k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = [
+        f"{len(v)} {what} (e.g. {v[0]})"
+        for what, v in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if v
+    ]
     return ", ".join(parts) or "load_state_dict refused it"
 
 
@@ -190,8 +217,10 @@ def _sequential_path(model: nn.Module, taps: list[str], arch: str) -> list[tuple
                 wanted.discard(full)
             elif any(t.startswith(full + ".") for t in wanted):
                 if not isinstance(child, nn.Sequential):
-                    raise FsadError(f"tap inside {full} of {arch} ({type(child).__name__}) cannot be split "
-                                    f"into stages: tap {full} itself or a module of a Sequential")
+                    raise FsadError(
+                        f"tap inside {full} of {arch} ({type(child).__name__}) cannot be split "
+                        f"into stages: tap {full} itself or a module of a Sequential"
+                    )
                 if walk(full + ".", child, False):
                     return True
             else:
@@ -223,13 +252,21 @@ class FeatureExtractor(nn.Module):
     ``.weights_tag``: ``imagenet`` | ``random-init`` | ``file:<name>``; ``.arch``, ``.taps``.
     """
 
-    def __init__(self, arch: str = "resnet18", weights: str = "imagenet", taps: list[str] | None = None,
-                 normalize: bool = True, trainable: bool = False, channels_last: bool = True):
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        weights: str = "imagenet",
+        taps: list[str] | None = None,
+        normalize: bool = True,
+        trainable: bool = False,
+        channels_last: bool = True,
+    ):
         super().__init__()
         if taps is None:
             if arch not in TAPS:
-                raise FsadError(f"no default taps for {arch!r}: give taps (module names) or use one of "
-                                f"{', '.join(sorted(TAPS))}")
+                raise FsadError(
+                    f"no default taps for {arch!r}: give taps (module names) or use one of {', '.join(sorted(TAPS))}"
+                )
             taps = TAPS[arch]
         self.arch, self.taps = arch, list(taps)
         model, self.weights_tag = build_torchvision(arch, weights)
@@ -254,8 +291,10 @@ class FeatureExtractor(nn.Module):
             self.to(memory_format=torch.channels_last)
         self.eval()
         with torch.no_grad():  # channel counts; 64 px is enough for every listed family but AlexNet
-            shapes = [f.shape for f in self(torch.zeros(1, 3, 96 if arch == "alexnet" else 64,
-                                                        96 if arch == "alexnet" else 64))]
+            shapes = [
+                f.shape
+                for f in self(torch.zeros(1, 3, 96 if arch == "alexnet" else 64, 96 if arch == "alexnet" else 64))
+            ]
         bad = [t for t, s in zip(self.taps, shapes) if len(s) != 4]
         if bad:
             raise FsadError(f"tap {bad[0]} of {arch} is not a (B, C, H, W) feature map")

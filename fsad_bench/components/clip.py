@@ -36,17 +36,38 @@ TINY_CLIP = {
 }
 
 # Prompt ensembles of the text prior (WinCLIP's state × template lists).
-NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw",
-                 "{} without defect", "{} without damage")
+NORMAL_STATES = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
 ANOMALY_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
 TEMPLATES = (
-    "a cropped photo of the {}.", "a cropped photo of a {}.", "a close-up photo of a {}.",
-    "a close-up photo of the {}.", "a bright photo of a {}.", "a bright photo of the {}.",
-    "a dark photo of a {}.", "a dark photo of the {}.", "a jpeg corrupted photo of a {}.",
-    "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.", "a blurry photo of a {}.",
-    "a photo of the {}.", "a photo of a {}.", "a photo of a small {}.", "a photo of the small {}.",
-    "a photo of a large {}.", "a photo of the large {}.", "a photo of a {} for visual inspection.",
-    "a photo of the {} for visual inspection.", "a photo of a {} for anomaly detection.",
+    "a cropped photo of the {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of a {}.",
+    "a dark photo of the {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for anomaly detection.",
     "a photo of the {} for anomaly detection.",
 )
 
@@ -54,8 +75,9 @@ TEMPLATES = (
 PRETRAINED_WEIGHTS = ("auto", "clip", "imagenet", "pretrained")
 
 
-def import_open_clip(needed_by: str = "CLIP",
-                     install: str = "pip install 'fsad-bench[inctrl]' (or: pip install open-clip-torch)"):
+def import_open_clip(
+    needed_by: str = "CLIP", install: str = "pip install 'fsad-bench[inctrl]' (or: pip install open-clip-torch)"
+):
     """The ``open_clip`` module (imported lazily; sets ``HF_HUB_OFFLINE=1`` unless set, so it never
     reaches the network); FsadError naming ``needed_by`` and ``install`` when it is not installed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,8 +119,9 @@ class FrozenCLIP(nn.Module):
     final norm. ``.weights_tag``: ``random-init``, the pretrained tag, or ``file:<name>``.
     """
 
-    def __init__(self, model_name: str, weights: str, pretrained_tag: str, layers: list[int],
-                 model_cfg: dict | None = None):
+    def __init__(
+        self, model_name: str, weights: str, pretrained_tag: str, layers: list[int], model_cfg: dict | None = None
+    ):
         super().__init__()
         open_clip = import_open_clip()
         self.model_name = model_name
@@ -121,13 +144,17 @@ class FrozenCLIP(nn.Module):
                 try:
                     open_clip.load_checkpoint(self.model, str(path))
                 except Exception as err:
-                    raise FsadError(f"cannot load CLIP weights {path} into {model_name}: "
-                                    f"{err.__class__.__name__}: {str(err).splitlines()[0]}") from None
+                    raise FsadError(
+                        f"cannot load CLIP weights {path} into {model_name}: "
+                        f"{err.__class__.__name__}: {str(err).splitlines()[0]}"
+                    ) from None
                 self.weights_tag = pretrained_tag if weights in PRETRAINED_WEIGHTS else f"file:{path.name}"
         self.model.eval().requires_grad_(False)
         vis = self.model.visual
         self.image_size = vis.image_size[0] if isinstance(vis.image_size, (tuple, list)) else vis.image_size
-        self.grid = self.image_size // (vis.patch_size[0] if isinstance(vis.patch_size, (tuple, list)) else vis.patch_size)
+        self.grid = self.image_size // (
+            vis.patch_size[0] if isinstance(vis.patch_size, (tuple, list)) else vis.patch_size
+        )
         n_blocks = len(vis.transformer.resblocks)
         if any(not 0 <= i < n_blocks for i in layers):
             raise FsadError(f"CLIP layers {layers} out of range for {model_name} ({n_blocks} blocks, 0-based)")
@@ -155,10 +182,10 @@ class FrozenCLIP(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.to(self.mean.device, self.mean.dtype)  # float32 unless the module was cast
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                              align_corners=False, antialias=True).clamp(0, 1)
-        out = self.model.visual.forward_intermediates((x - self.mean) / self.std, indices=self.layers,
-                                                      output_fmt="NLC")
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
+            ).clamp(0, 1)
+        out = self.model.visual.forward_intermediates((x - self.mean) / self.std, indices=self.layers, output_fmt="NLC")
         return out["image_features"], torch.stack(out["image_intermediates"], dim=1)
 
     @torch.no_grad()
@@ -229,8 +256,10 @@ def resolve_clip_weights(model_name: str, tag: str, weights: str) -> Path | None
         if p.is_file():
             return p
     if weights == "auto":
-        warnings.warn(f"CLIP weights {model_name}/{tag} not cached; using random init")
+        warnings.warn(f"CLIP weights {model_name}/{tag} not cached; using random init", stacklevel=2)
         return None
     where = str(candidates[0]) if candidates else f"an open_clip checkpoint for {model_name}"
-    raise FsadError(f"CLIP weights {model_name} ({tag}) not found offline: put the file at {where} "
-                    f"(or pass --weights PATH, or --weights none)")
+    raise FsadError(
+        f"CLIP weights {model_name} ({tag}) not found offline: put the file at {where} "
+        f"(or pass --weights PATH, or --weights none)"
+    )

@@ -112,8 +112,9 @@ class CachedBackbone:
 def _stack_channels_last(maps: list[torch.Tensor]) -> torch.Tensor:
     """Per-image ``(C, H, W)`` maps -> ``(N, C, H, W)`` in the backbone's channels-last format
     (``torch.stack`` gives NCHW, which made every later per-position copy a strided gather, 4x slower)."""
-    out = torch.empty((len(maps), *maps[0].shape), dtype=maps[0].dtype, device=maps[0].device,
-                      memory_format=torch.channels_last)
+    out = torch.empty(
+        (len(maps), *maps[0].shape), dtype=maps[0].dtype, device=maps[0].device, memory_format=torch.channels_last
+    )
     for i, m in enumerate(maps):
         out[i].copy_(m)
     return out

@@ -52,8 +52,13 @@ class ScratchBuffer:
         return flat[:numel].view(shape)
 
 
-def pyramid_samples(maps: list[torch.Tensor], mode: str = "bilinear", out: torch.Tensor | None = None,
-                    offset: int = 0, subtract: torch.Tensor | None = None) -> torch.Tensor:
+def pyramid_samples(
+    maps: list[torch.Tensor],
+    mode: str = "bilinear",
+    out: torch.Tensor | None = None,
+    offset: int = 0,
+    subtract: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`concat_pyramid` written straight into the layout the per-position Gaussian reads.
 
     ``maps``: feature maps ``(B, C_i, H_i, W_i)`` (any memory format; the first one's grid
@@ -72,20 +77,21 @@ def pyramid_samples(maps: list[torch.Tensor], mode: str = "bilinear", out: torch
     if out is None:
         out = torch.empty(h * w, b, total, dtype=maps[0].dtype, device=maps[0].device)
     if out.shape[0] != h * w or out.shape[2] != total or offset + b > out.shape[1]:
-        raise ValueError(f"buffer {tuple(out.shape)} cannot hold {b} samples at {offset} of a "
-                         f"{h}x{w} grid with {total} channels")
+        raise ValueError(
+            f"buffer {tuple(out.shape)} cannot hold {b} samples at {offset} of a {h}x{w} grid with {total} channels"
+        )
     if subtract is not None and tuple(subtract.shape) != (h * w, total):
         raise ValueError(f"subtract {tuple(subtract.shape)} does not match {h * w} positions x {total} channels")
-    view = out.view(h, w, out.shape[1], total)[:, :, offset : offset + b]   # (H1, W1, B, ΣC)
+    view = out.view(h, w, out.shape[1], total)[:, :, offset : offset + b]  # (H1, W1, B, ΣC)
     mean = subtract.view(h, w, 1, total) if subtract is not None else None
     c0 = 0
     for i, m in enumerate(maps):
         c1 = c0 + m.shape[1]
         hi, wi = m.shape[-2:]
-        src = m.permute(2, 3, 0, 1)                                          # (Hi, Wi, B, Ci) view
+        src = m.permute(2, 3, 0, 1)  # (Hi, Wi, B, Ci) view
         dst, mu = view[..., c0:c1], mean[..., c0:c1] if mean is not None else None
         if i and (hi, wi) != (h, w):
-            if mode == "nearest" and h % hi == 0 and w % wi == 0:            # block repetition
+            if mode == "nearest" and h % hi == 0 and w % wi == 0:  # block repetition
                 rh, rw = h // hi, w // wi
                 src = src[:, None, :, None].expand(hi, rh, wi, rw, b, c1 - c0)
                 dst = dst.view(hi, rh, wi, rw, b, c1 - c0)
@@ -157,13 +163,14 @@ def smoothing_matrix(n: int, size: int, sigma: float, border: str = "reflect") -
     """The linear operator of :func:`smooth_maps` along one axis, float64 ``(size, n)``: bilinear
     upsampling ``n -> size`` (``align_corners=False``) followed by the Gaussian blur with
     ``border`` padding. ``A @ M @ Aᵀ`` upsamples and blurs an ``(n, n)`` map ``M``."""
-    up = F.interpolate(torch.eye(n, dtype=torch.float64)[:, None], size=size, mode="linear",
-                       align_corners=False)[:, 0].T                                    # (size, n)
+    up = F.interpolate(torch.eye(n, dtype=torch.float64)[:, None], size=size, mode="linear", align_corners=False)[
+        :, 0
+    ].T  # (size, n)
     if sigma <= 0:
         return up
     k = gaussian_kernel1d(sigma).double()
     r = len(k) // 2
-    rows = torch.arange(size)[:, None] + torch.arange(-r, r + 1)[None, :]             # (size, taps)
+    rows = torch.arange(size)[:, None] + torch.arange(-r, r + 1)[None, :]  # (size, taps)
     blur = torch.zeros(size, size, dtype=torch.float64)
     blur.scatter_add_(1, _reflect_index(rows, size, border), k.expand(size, -1).contiguous())
     return blur @ up

@@ -72,20 +72,20 @@ class PositionGaussian:
         if form not in ("auto", "primal", "dual"):
             raise ValueError(f"form must be auto, primal or dual, got {form!r}")
         self.eps, self.form, self.chunk = eps, form, chunk
-        self.mean: torch.Tensor | None = None       # (P, C)
-        self.inv_chol: torch.Tensor | None = None   # primal only: (P, C, C) lower-triangular L⁻¹
-        self.folded: torch.Tensor | None = None     # dual only: (P, N, C) = L⁻¹ X (G = L Lᵀ)
+        self.mean: torch.Tensor | None = None  # (P, C)
+        self.inv_chol: torch.Tensor | None = None  # primal only: (P, C, C) lower-triangular L⁻¹
+        self.folded: torch.Tensor | None = None  # dual only: (P, N, C) = L⁻¹ X (G = L Lᵀ)
         self.shape: tuple[int, int] | None = None
         self.used_form = ""
 
     # -- fit -----------------------------------------------------------------------------
-    def fit(self, features: torch.Tensor) -> "PositionGaussian":
+    def fit(self, features: torch.Tensor) -> PositionGaussian:
         """Fit from ``features`` ``(N, C, H, W)``, N >= 2 (copied; the input is left as is)."""
         _, _, h, w = features.shape
         return self.fit_samples(position_major(features), (h, w))
 
     @torch.no_grad()
-    def fit_samples(self, x: torch.Tensor, shape: tuple[int, int]) -> "PositionGaussian":
+    def fit_samples(self, x: torch.Tensor, shape: tuple[int, int]) -> PositionGaussian:
         """Fit from position-major samples ``x`` ``(P, N, C)`` with ``P = shape[0] * shape[1]``.
 
         ``x`` is consumed: centred in place and, in the dual form, overwritten by ``L⁻¹ X``
@@ -103,7 +103,7 @@ class PositionGaussian:
         eye = torch.eye(size, dtype=x.dtype, device=x.device)
         self.inv_chol = None if dual else torch.empty(p, c, c, dtype=x.dtype, device=x.device)
         for s in range(0, p, self.chunk):
-            xc = x[s : s + self.chunk]                                   # (chunk, N, C), contiguous
+            xc = x[s : s + self.chunk]  # (chunk, N, C), contiguous
             torch.mean(xc, dim=1, out=self.mean[s : s + self.chunk])
             xc -= self.mean[s : s + self.chunk, None, :]
             if dual:
@@ -114,8 +114,9 @@ class PositionGaussian:
             else:
                 gram = torch.baddbmm(eye, xc.transpose(1, 2), xc, beta=self.eps, alpha=1.0 / (n - 1))
                 chol = self._cholesky(gram)
-                self.inv_chol[s : s + self.chunk] = torch.linalg.solve_triangular(chol, eye.expand_as(chol),
-                                                                                  upper=False)
+                self.inv_chol[s : s + self.chunk] = torch.linalg.solve_triangular(
+                    chol, eye.expand_as(chol), upper=False
+                )
         self.folded = x if dual else None
         self.shape = tuple(shape)
         return self
@@ -146,16 +147,19 @@ class PositionGaussian:
         self._check()
         p, b, c = x.shape
         if p != self.shape[0] * self.shape[1] or c != self.mean.shape[1]:
-            raise ValueError(f"test samples {tuple(x.shape)} do not match the fit ({p} positions, "
-                             f"{self.mean.shape[1]} channels expected)")
+            raise ValueError(
+                f"test samples {tuple(x.shape)} do not match the fit ({p} positions, "
+                f"{self.mean.shape[1]} channels expected)"
+            )
         x = x.contiguous()
         if not centred:
-            x -= self.mean[:, None, :]                                       # d = x - μ, in place
+            x -= self.mean[:, None, :]  # d = x - μ, in place
         return self._squared(x, 0).sqrt_().T.reshape(b, *self.shape)
 
     @torch.no_grad()
-    def score_pyramid(self, maps: list[torch.Tensor], mode: str = "bilinear",
-                      scratch: ScratchBuffer | None = None) -> torch.Tensor:
+    def score_pyramid(
+        self, maps: list[torch.Tensor], mode: str = "bilinear", scratch: ScratchBuffer | None = None
+    ) -> torch.Tensor:
         """Distances of a test batch's feature pyramid ``maps`` ``[(B, C_i, H_i, W_i)]`` -> ``(B, H, W)``.
 
         The numbers of ``score_samples(pyramid_samples(maps, mode, subtract=mean), centred=True)``
@@ -172,9 +176,9 @@ class PositionGaussian:
             hi, wi = m.shape[-2:]
             if (hi, wi) != (h, w):
                 if mode == "nearest" and h % hi == 0 and w % wi == 0:
-                    step = math.lcm(step, h // hi)                           # sliced as it is
+                    step = math.lcm(step, h // hi)  # sliced as it is
                 else:
-                    m = upsample(m, (h, w), mode)                            # what pyramid_samples writes
+                    m = upsample(m, (h, w), mode)  # what pyramid_samples writes
             sliceable.append(m)
         rows = step * max(1, round(self.band_positions / (w * step)))
         scratch = scratch or ScratchBuffer()
@@ -193,7 +197,7 @@ class PositionGaussian:
         ``start … start + p`` (consumes nothing; ``x`` is read once per product)."""
         end = start + x.shape[0]
         if self.used_form == "dual":
-            z = torch.bmm(x, self.folded[start:end].transpose(1, 2))       # (p, B, N) = d Wᵀ
+            z = torch.bmm(x, self.folded[start:end].transpose(1, 2))  # (p, B, N) = d Wᵀ
             return (torch.linalg.vector_norm(x, dim=2).square_() - z.square_().sum(dim=2)).clamp_min_(0) / self.eps
         return torch.bmm(x, self.inv_chol[start:end].transpose(1, 2)).square_().sum(dim=2)
 

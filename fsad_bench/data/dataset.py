@@ -23,8 +23,9 @@ def images_in(folder: Path) -> list[Path]:
     """Image files of ``folder`` (suffixes in ``IMAGE_SUFFIXES``, hidden files skipped), sorted; [] without it."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,10 @@ def select_categories(found: list[str], categories: list[str] | None, root: Path
     if categories:
         missing = [c for c in categories if c not in found]
         if missing:
-            raise FsadError(f"category {missing[0]!r} not found in {root} (expected {expected.format(c=missing[0])}; "
-                            f"found: {', '.join(found) or 'none'})")
+            raise FsadError(
+                f"category {missing[0]!r} not found in {root} (expected {expected.format(c=missing[0])}; "
+                f"found: {', '.join(found) or 'none'})"
+            )
         return list(categories)
     if not found:
         raise FsadError(f"no category in {root}: expected {expected.format(c='<category>')}")

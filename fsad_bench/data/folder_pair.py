@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from fsad_bench.data.dataset import (
-    CategorySplit, Dataset, TestSample, check_split, existing_root, find_mask, images_in, mask_index, select_categories,
+    CategorySplit,
+    Dataset,
+    TestSample,
+    check_split,
+    existing_root,
+    find_mask,
+    images_in,
+    mask_index,
+    select_categories,
 )
 from fsad_bench.errors import FsadError
 
@@ -31,7 +39,7 @@ class FolderPairSpec:
     category: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict | None, source: str = "folder") -> "FolderPairSpec":
+    def from_dict(cls, d: dict | None, source: str = "folder") -> FolderPairSpec:
         d = dict(d or {})
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
@@ -49,8 +57,13 @@ class FolderPairDataset(Dataset):
     Category name: ``spec.category`` or the root folder's name.
     """
 
-    def __init__(self, root: str | Path, name: str | None = None, categories: list[str] | None = None,
-                 spec: FolderPairSpec | dict | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        name: str | None = None,
+        categories: list[str] | None = None,
+        spec: FolderPairSpec | dict | None = None,
+    ):
         self.root = existing_root(root, "a folder with normal and abnormal image sub-folders")
         self.spec = spec if isinstance(spec, FolderPairSpec) else FolderPairSpec.from_dict(spec)
         self.name = name or self.root.name
@@ -74,8 +87,9 @@ class FolderPairDataset(Dataset):
             train = normal
         else:
             if not 0 < s.normal_split_ratio < 1:
-                raise FsadError(f"folder dataset {self.root}: normal_split_ratio must be in (0, 1), "
-                                f"got {s.normal_split_ratio}")
+                raise FsadError(
+                    f"folder dataset {self.root}: normal_split_ratio must be in (0, 1), got {s.normal_split_ratio}"
+                )
             n_test = max(1, round(s.normal_split_ratio * len(normal))) if len(normal) > 1 else 0
             pick = set(np.random.default_rng(s.seed).choice(len(normal), size=n_test, replace=False).tolist())
             test_good = [p for i, p in enumerate(normal) if i in pick]

@@ -44,9 +44,11 @@ from fsad_bench.errors import FsadError
 from fsad_bench.identity import content_sha256, module_fingerprint, sampled_sha256
 
 #: :attr:`ImageCache.check` values -> what identifies an original's content besides its metadata.
-CHECKS = {"stat": "path, size, mtime, inode, ctime (no read)",
-          "sample": "also the size and first and last 64 KiB (--force)",
-          "full": "also the sha256 of the whole file (--verify-data)"}
+CHECKS = {
+    "stat": "path, size, mtime, inode, ctime (no read)",
+    "sample": "also the size and first and last 64 KiB (--force)",
+    "full": "also the sha256 of the whole file (--verify-data)",
+}
 
 #: Modules whose source decides the decoded pixels (with what they import from fsad_bench).
 DECODER_MODULES = ("fsad_bench.data.images", "fsad_bench.data.image_cache")
@@ -66,7 +68,7 @@ class ImageCache:
         object.__setattr__(self, "folder", Path(self.folder))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def decoder_fingerprint() -> str:
     """Hash of the decoding code: the source of :data:`DECODER_MODULES` and of what they import from
     ``fsad_bench`` (:func:`fsad_bench.identity.module_fingerprint`), and the versions of the libraries
@@ -74,8 +76,9 @@ def decoder_fingerprint() -> str:
     import PIL
     import torchvision
 
-    versions = f"PIL={PIL.__version__}|torchvision={torchvision.__version__}|torch={torch.__version__}|" \
-               f"numpy={np.__version__}"
+    versions = (
+        f"PIL={PIL.__version__}|torchvision={torchvision.__version__}|torch={torch.__version__}|numpy={np.__version__}"
+    )
     return hashlib.sha256(f"{module_fingerprint(*DECODER_MODULES)}|{versions}".encode()).hexdigest()
 
 
@@ -98,8 +101,9 @@ def _as_cache(cache: str | Path | ImageCache) -> ImageCache:
     return cache if isinstance(cache, ImageCache) else ImageCache(Path(cache))
 
 
-def load_cached_image(path: str | Path, size: int, cache: str | Path | ImageCache | None,
-                      resize: str = "bilinear") -> torch.Tensor:
+def load_cached_image(
+    path: str | Path, size: int, cache: str | Path | ImageCache | None, resize: str = "bilinear"
+) -> torch.Tensor:
     """:func:`~fsad_bench.data.images.load_image` ``(3, size, size)`` in [0, 1] (filter ``resize``), through the disk cache
     ``cache`` (a folder or an :class:`ImageCache`; None: decode the original). Errors of the original
     are FsadErrors as there."""
@@ -132,8 +136,9 @@ def load_cached_image(path: str | Path, size: int, cache: str | Path | ImageCach
     return image
 
 
-def load_cached_images(paths: list[Path], size: int, cache: str | Path | ImageCache | None,
-                       resize: str = "bilinear") -> torch.Tensor:
+def load_cached_images(
+    paths: list[Path], size: int, cache: str | Path | ImageCache | None, resize: str = "bilinear"
+) -> torch.Tensor:
     """Stack ``(N, 3, size, size)`` of :func:`load_cached_image`."""
     if not paths:
         return torch.zeros(0, 3, size, size)
@@ -143,8 +148,9 @@ def load_cached_images(paths: list[Path], size: int, cache: str | Path | ImageCa
 class CachedImageFiles(ImageFiles):
     """:class:`~fsad_bench.data.torch_datasets.ImageFiles` read through the disk cache (training loops)."""
 
-    def __init__(self, paths: list[Path], size: int, cache: str | Path | ImageCache | None = None,
-                 resize: str = "bilinear"):
+    def __init__(
+        self, paths: list[Path], size: int, cache: str | Path | ImageCache | None = None, resize: str = "bilinear"
+    ):
         super().__init__(paths, size, resize)
         self.cache = cache
 

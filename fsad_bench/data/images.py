@@ -46,8 +46,10 @@ EXPECTED = f"a PNG, JPEG, BMP or TIFF image of at most {MAX_PIXELS} pixels that 
 def check_pixels(path: Path, size: tuple[int, int], what: str = "image") -> None:
     """FsadError naming ``path`` when ``size`` ``(width, height)`` exceeds :data:`MAX_PIXELS`."""
     if size[0] * size[1] > MAX_PIXELS:
-        raise FsadError(f"cannot read {what} {path}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, larger than "
-                        f"{MAX_PIXELS} pixels (fsad_bench.data.images.MAX_PIXELS, Pillow's default limit)")
+        raise FsadError(
+            f"cannot read {what} {path}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, larger than "
+            f"{MAX_PIXELS} pixels (fsad_bench.data.images.MAX_PIXELS, Pillow's default limit)"
+        )
 
 
 def decode_error(path: Path, err: BaseException, what: str = "image", im: Image.Image | None = None) -> FsadError:
@@ -58,8 +60,10 @@ def decode_error(path: Path, err: BaseException, what: str = "image", im: Image.
     if isinstance(err, Image.DecompressionBombError):  # Pillow's message names its own (doubled) limit
         found = re.search(r"\((\d+) pixels\)", str(err))
         pixels = f"{found.group(1)} pixels" if found else "an image"
-        return FsadError(f"cannot read {what} {path}: {pixels}, larger than {MAX_PIXELS} pixels "
-                         f"(fsad_bench.data.images.MAX_PIXELS, Pillow's default limit)")
+        return FsadError(
+            f"cannot read {what} {path}: {pixels}, larger than {MAX_PIXELS} pixels "
+            f"(fsad_bench.data.images.MAX_PIXELS, Pillow's default limit)"
+        )
     header = f" (mode {im.mode}, {im.size[0]}x{im.size[1]})" if im is not None else ""
     return FsadError(f"cannot read {what} {path}{header}: {err.__class__.__name__}: {err} (expected {EXPECTED})")
 
@@ -133,8 +137,10 @@ def load_image(path: Path, size: int, resize: str = "bilinear") -> torch.Tensor:
 
 def mask_size_error(mask: Path, msize: tuple[int, int], image: Path, isize: tuple[int, int]) -> FsadError:
     """The one-line error for a mask whose size differs from its image's."""
-    return FsadError(f"mask {mask} is {msize[0]}x{msize[1]} but its image {image} is {isize[0]}x{isize[1]} "
-                     f"(a mask must have its image's size)")
+    return FsadError(
+        f"mask {mask} is {msize[0]}x{msize[1]} but its image {image} is {isize[0]}x{isize[1]} "
+        f"(a mask must have its image's size)"
+    )
 
 
 def load_mask(path: Path | None, size: int, image: Path | None = None) -> torch.Tensor:

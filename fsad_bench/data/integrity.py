@@ -14,8 +14,10 @@ from fsad_bench.data.images import mask_size_error, open_image
 from fsad_bench.errors import FsadError
 
 #: Formats whose end is checked from the file's tail: (bytes read from the end, end marker, reason).
-_TAIL_MARKERS = {"PNG": (12, b"IEND", "no IEND chunk at the end (truncated PNG)"),
-                 "JPEG": (1024, b"\xff\xd9", "no end-of-image marker (truncated JPEG)")}
+_TAIL_MARKERS = {
+    "PNG": (12, b"IEND", "no IEND chunk at the end (truncated PNG)"),
+    "JPEG": (1024, b"\xff\xd9", "no end-of-image marker (truncated JPEG)"),
+}
 
 
 def _truncation(path: Path, im: Image.Image, nbytes: int) -> str | None:
@@ -48,8 +50,9 @@ def check_file(path: Path, what: str = "image") -> tuple[int, int]:
     return size
 
 
-def verify_readable(data: Dataset | CategorySplit | Iterable[CategorySplit],
-                    categories: list[str] | None = None) -> int:
+def verify_readable(
+    data: Dataset | CategorySplit | Iterable[CategorySplit], categories: list[str] | None = None
+) -> int:
     """Open the header of every image and mask of ``data`` (a dataset, a split or several), check
     each is complete and each mask has its image's size; returns the number of files checked.
 

@@ -16,7 +16,15 @@ import warnings
 from pathlib import Path
 
 from fsad_bench.data.dataset import (
-    CategorySplit, DataWarning, Dataset, TestSample, check_split, existing_root, find_mask, images_in, mask_index,
+    CategorySplit,
+    Dataset,
+    DataWarning,
+    TestSample,
+    check_split,
+    existing_root,
+    find_mask,
+    images_in,
+    mask_index,
     select_categories,
 )
 from fsad_bench.errors import FsadError
@@ -47,8 +55,9 @@ class MVTecDataset(Dataset):
         skipped = [p.name for p in subdirs if p.name not in found]
         self.categories: list[str] = select_categories(found, categories, self.root, f"{self.root}/{{c}}/train/good")
         if skipped and not categories:
-            warnings.warn(f"{self.root}: skipping folder(s) without train/good: {', '.join(skipped)}",
-                          DataWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.root}: skipping folder(s) without train/good: {', '.join(skipped)}", DataWarning, stacklevel=2
+            )
         self._splits: dict[str, CategorySplit] = {}
 
     def split(self, category: str) -> CategorySplit:

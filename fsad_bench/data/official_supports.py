@@ -57,10 +57,16 @@ class OfficialFormat:
 
 
 FORMATS = {
-    "regad": OfficialFormat("regad", 224, False, "RegAD: RGB, Lanczos resize of the shorter side to {size}, "
-                                                 "ToTensor (no normalisation)"),
-    "inctrl": OfficialFormat("inctrl", 240, True, "InCTRL: bicubic resize of the shorter side to {size}, "
-                                                  "centre crop {size}x{size}, RGB, ToTensor, CLIP Normalize"),
+    "regad": OfficialFormat(
+        "regad", 224, False, "RegAD: RGB, Lanczos resize of the shorter side to {size}, ToTensor (no normalisation)"
+    ),
+    "inctrl": OfficialFormat(
+        "inctrl",
+        240,
+        True,
+        "InCTRL: bicubic resize of the shorter side to {size}, "
+        "centre crop {size}x{size}, RGB, ToTensor, CLIP Normalize",
+    ),
 }
 
 #: Default largest accepted distance (mean absolute difference, 8-bit grey levels).
@@ -140,8 +146,10 @@ def _load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike: the file is not what the format stores
-        raise FsadError(f"cannot read {path} as a torch file of tensors: {err.__class__.__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        raise FsadError(
+            f"cannot read {path} as a torch file of tensors: {err.__class__.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
 
 
 def _shape(x) -> str:
@@ -159,8 +167,13 @@ def _image_batch(x, size: int) -> torch.Tensor | None:
     if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
         shapes = {tuple(t.shape) for t in x}
         x = torch.stack(list(x)) if len(shapes) == 1 else None
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or min(x.shape[2:]) != size \
-            or not x.is_floating_point():
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.ndim != 4
+        or x.shape[1] != 3
+        or min(x.shape[2:]) != size
+        or not x.is_floating_point()
+    ):
         return None
     return x.float()
 
@@ -172,9 +185,14 @@ def read_regad(path: Path, size: int = 224) -> list[StoredSet]:
         raise FsadError(f"{path}: a RegAD support file is named <k>_<n>.pt (e.g. support_set/bottle/2_10.pt)")
     k, n = int(m.group(1)), int(m.group(2))
     obj = _load(path)
-    expect = f"{n} draws of (k={k}, 3, {size}, {size}) images: a list of (k, 3, S, S) tensors or a (n, k, 3, S, S) tensor"
-    draws = list(obj) if isinstance(obj, (list, tuple)) else (list(obj.unbind(0)) if isinstance(obj, torch.Tensor)
-                                                               and obj.ndim == 5 else None)
+    expect = (
+        f"{n} draws of (k={k}, 3, {size}, {size}) images: a list of (k, 3, S, S) tensors or a (n, k, 3, S, S) tensor"
+    )
+    draws = (
+        list(obj)
+        if isinstance(obj, (list, tuple))
+        else (list(obj.unbind(0)) if isinstance(obj, torch.Tensor) and obj.ndim == 5 else None)
+    )
     batches = [_image_batch(d, size) for d in draws] if draws else None
     if not batches or any(b is None or b.shape[0] != k for b in batches):
         raise FsadError(f"{path}: expected {expect}, found {_shape(obj)}")
@@ -187,8 +205,10 @@ def read_inctrl(path: Path, size: int = 240) -> list[StoredSet]:
     """The one draw of an InCTRL ``[<k>/]<category>.pt`` file (see the module docstring)."""
     obj = _load(path)
     k = int(path.parent.name) if path.parent.name.isdigit() else None
-    expect = (f"{k if k else 'k'} CLIP-normalised (3, {size}, {size}) images: a list of (3, S, S) tensors "
-              f"or a (k, 3, S, S) tensor")
+    expect = (
+        f"{k if k else 'k'} CLIP-normalised (3, {size}, {size}) images: a list of (3, S, S) tensors "
+        f"or a (k, 3, S, S) tensor"
+    )
     b = _image_batch(obj, size)
     if b is None or (k is not None and b.shape[0] != k) or b.shape[2] != b.shape[3]:
         raise FsadError(f"{path}: expected {expect}, found {_shape(obj)}")
@@ -214,12 +234,14 @@ def read_stored(source: Path, fmt: str, size: int | None = None) -> list[StoredS
     return sets
 
 
-def _candidates(dataset: Dataset, category: str, fmt: str, size: int,
-                cache: dict[str, tuple[list[Path], list[torch.Tensor]]]) -> tuple[list[Path], list[torch.Tensor]]:
+def _candidates(
+    dataset: Dataset, category: str, fmt: str, size: int, cache: dict[str, tuple[list[Path], list[torch.Tensor]]]
+) -> tuple[list[Path], list[torch.Tensor]]:
     if category not in cache:
         if category not in dataset.categories:
-            raise FsadError(f"support file category {category!r} is not in {dataset.root} "
-                            f"(have: {', '.join(dataset.categories)})")
+            raise FsadError(
+                f"support file category {category!r} is not in {dataset.root} (have: {', '.join(dataset.categories)})"
+            )
         files = list(dataset.split(category).train)
         cache[category] = (files, [PIXELS[fmt](p, size) for p in files])
     return cache[category]
@@ -230,8 +252,9 @@ def _where(s: StoredSet, i: int) -> str:
     return f"{s.source}{draw} image {i}"
 
 
-def match_sets(sets: list[StoredSet], dataset: Dataset, fmt: str, size: int | None = None,
-               max_distance: float = MAX_DISTANCE) -> list[Match]:
+def match_sets(
+    sets: list[StoredSet], dataset: Dataset, fmt: str, size: int | None = None, max_distance: float = MAX_DISTANCE
+) -> list[Match]:
     """Each stored image's file among its category's normal training images (``dataset.split(c).train``).
 
     Accepted when the nearest file lies within ``max_distance`` grey levels and it is the only one there;
@@ -244,19 +267,30 @@ def match_sets(sets: list[StoredSet], dataset: Dataset, fmt: str, size: int | No
         files, pixels = _candidates(dataset, s.category, fmt, size, cache)
         m = Match(s)
         for i, img in enumerate(s.images):
-            d = torch.tensor([(c.float().div(255) - img).abs().mean().item() * 255 if c.shape == img.shape
-                              else float("inf") for c in pixels])
+            d = torch.tensor(
+                [
+                    (c.float().div(255) - img).abs().mean().item() * 255 if c.shape == img.shape else float("inf")
+                    for c in pixels
+                ]
+            )
             order = torch.argsort(d)
             best = int(order[0])
             second = float(d[order[1]]) if len(d) > 1 else float("inf")
             if not float(d[best]) <= max_distance:
-                near = f"nearest {files[best].name} at {float(d[best]):.2f}" if torch.isfinite(d[best]) else \
-                    f"no file of shape {tuple(img.shape)} after preprocessing"
-                raise FsadError(f"{_where(s, i)}: no normal training image of {s.category} within {max_distance} "
-                                f"grey levels ({near}); another dataset copy, category or --format?")
+                near = (
+                    f"nearest {files[best].name} at {float(d[best]):.2f}"
+                    if torch.isfinite(d[best])
+                    else f"no file of shape {tuple(img.shape)} after preprocessing"
+                )
+                raise FsadError(
+                    f"{_where(s, i)}: no normal training image of {s.category} within {max_distance} "
+                    f"grey levels ({near}); another dataset copy, category or --format?"
+                )
             if second <= max_distance:
-                raise FsadError(f"{_where(s, i)}: ambiguous, {files[best].name} ({float(d[best]):.2f}) and "
-                                f"{files[int(order[1])].name} ({second:.2f}) both lie within {max_distance} grey levels")
+                raise FsadError(
+                    f"{_where(s, i)}: ambiguous, {files[best].name} ({float(d[best]):.2f}) and "
+                    f"{files[int(order[1])].name} ({second:.2f}) both lie within {max_distance} grey levels"
+                )
             m.names.append(files[best].name)
             m.distances.append(float(d[best]))
             m.runner_up.append(second)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from fsad_bench.data.dataset import CategorySplit, DataWarning, Dataset, existing_root
+from fsad_bench.data.dataset import CategorySplit, Dataset, DataWarning, existing_root
 from fsad_bench.data.folder_pair import FolderPairDataset, FolderPairSpec
 from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.data.visa import VISA_SPLIT, VisaDataset
@@ -28,13 +28,38 @@ LAYOUTS = ("auto", "mvtec", "visa", "folder")
 #: Categories of the public datasets, as their archives name them.
 KNOWN_DATASETS: dict[str, list[str]] = {
     "mvtec": [
-        "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-        "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+        "bottle",
+        "cable",
+        "capsule",
+        "carpet",
+        "grid",
+        "hazelnut",
+        "leather",
+        "metal_nut",
+        "pill",
+        "screw",
+        "tile",
+        "toothbrush",
+        "transistor",
+        "wood",
+        "zipper",
     ],
     "mpdd": ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"],
     "btad": ["01", "02", "03"],
-    "visa": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
-             "pcb3", "pcb4", "pipe_fryum"],
+    "visa": [
+        "candle",
+        "capsules",
+        "cashew",
+        "chewinggum",
+        "fryum",
+        "macaroni1",
+        "macaroni2",
+        "pcb1",
+        "pcb2",
+        "pcb3",
+        "pcb4",
+        "pipe_fryum",
+    ],
     "synthetic": [],  # whatever `fsad-bench synth` wrote
 }
 
@@ -51,8 +76,10 @@ class PooledDataset(Dataset):
         for ds in parts:
             for c in ds.categories:
                 if c in self._owner:
-                    raise FsadError(f"category {c!r} is in both {self._owner[c].root} and {ds.root}: pooled roots "
-                                    f"need distinct category names (rename one folder)")
+                    raise FsadError(
+                        f"category {c!r} is in both {self._owner[c].root} and {ds.root}: pooled roots "
+                        f"need distinct category names (rename one folder)"
+                    )
                 self._owner[c] = ds
         self.categories = [c for ds in parts for c in ds.categories]
 
@@ -65,8 +92,10 @@ class PooledDataset(Dataset):
 
     def split(self, category: str) -> CategorySplit:
         if category not in self._owner:
-            raise FsadError(f"unknown category {category!r} in {', '.join(map(str, self.roots))} "
-                            f"(have: {', '.join(self.categories)})")
+            raise FsadError(
+                f"unknown category {category!r} in {', '.join(map(str, self.roots))} "
+                f"(have: {', '.join(self.categories)})"
+            )
         split = self._owner[category].split(category)
         return CategorySplit(self.name, split.name, split.root, split.train, split.test)
 
@@ -76,8 +105,13 @@ def detect_layout(root: Path) -> str:
     return "visa" if (root / VISA_SPLIT).is_file() else "mvtec"
 
 
-def open_root(root: str | Path, name: str, categories: list[str] | None = None, layout: str = "auto",
-              folder: dict | FolderPairSpec | None = None) -> Dataset:
+def open_root(
+    root: str | Path,
+    name: str,
+    categories: list[str] | None = None,
+    layout: str = "auto",
+    folder: dict | FolderPairSpec | None = None,
+) -> Dataset:
     """One data root in ``layout`` (see the module docstring)."""
     if layout not in LAYOUTS:
         raise FsadError(f"unknown data layout {layout!r} (known: {', '.join(LAYOUTS)})")
@@ -90,9 +124,14 @@ def open_root(root: str | Path, name: str, categories: list[str] | None = None, 
     return MVTecDataset(path, name=name, categories=categories)
 
 
-def open_data_root(name: str, root: str | Path | list | tuple | None, categories: list[str] | None = None,
-                   missing_root: str = "--data-root DIR is needed", layout: str = "auto",
-                   folder: dict | FolderPairSpec | None = None) -> Dataset:
+def open_data_root(
+    name: str,
+    root: str | Path | list | tuple | None,
+    categories: list[str] | None = None,
+    missing_root: str = "--data-root DIR is needed",
+    layout: str = "auto",
+    folder: dict | FolderPairSpec | None = None,
+) -> Dataset:
     """The dataset ``name`` at ``root`` (one folder or a list pooled into one dataset) in ``layout``;
     FsadError starting with ``missing_root`` without a root (the caller generates the built-in
     ``synthetic`` dataset first and passes its folder).
@@ -100,8 +139,10 @@ def open_data_root(name: str, root: str | Path | list | tuple | None, categories
     With several roots, ``categories`` selects among the pooled categories."""
     roots = [r for r in root if r] if isinstance(root, (list, tuple)) else ([root] if root else [])
     if not roots:
-        raise FsadError(f"{missing_root}: the {name} folder in the MVTec AD layout "
-                        f"(<category>/train/good, test/, ground_truth/), a VisA folder or a list of them")
+        raise FsadError(
+            f"{missing_root}: the {name} folder in the MVTec AD layout "
+            f"(<category>/train/good, test/, ground_truth/), a VisA folder or a list of them"
+        )
     if len(roots) == 1:
         return open_root(roots[0], name, categories or None, layout, folder)
     with warnings.catch_warnings():
@@ -111,7 +152,9 @@ def open_data_root(name: str, root: str | Path | list | tuple | None, categories
     if categories:
         missing = [c for c in categories if c not in pooled.categories]
         if missing:
-            raise FsadError(f"category {missing[0]!r} not found in {', '.join(map(str, pooled.roots))} "
-                            f"(found: {', '.join(pooled.categories)})")
+            raise FsadError(
+                f"category {missing[0]!r} not found in {', '.join(map(str, pooled.roots))} "
+                f"(found: {', '.join(pooled.categories)})"
+            )
         pooled.categories = list(categories)
     return pooled

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from fsad_bench.data.dataset import CategorySplit
-from fsad_bench.errors import FsadError
 from fsad_bench.data.support_lists import check_hashes
+from fsad_bench.errors import FsadError
 from fsad_bench.seeding import stable_seed
 
 
@@ -29,9 +29,7 @@ def support_indices(dataset: str, category: str, k: int, run: int, n_available: 
     if k < 1:
         raise FsadError(f"k must be >= 1, got {k}")
     if k > n_available:
-        raise FsadError(
-            f"k={k} is larger than the {n_available} normal training images of {dataset}/{category}"
-        )
+        raise FsadError(f"k={k} is larger than the {n_available} normal training images of {dataset}/{category}")
     rng = np.random.default_rng(stable_seed("support", dataset, category, k, run, seed))
     return sorted(int(i) for i in rng.choice(n_available, size=k, replace=False))
 
@@ -50,8 +48,9 @@ class SupportSampler:
             except (OSError, json.JSONDecodeError) as err:
                 raise FsadError(f"cannot read support-set list {self.lists_path}: {err}") from None
             if not isinstance(self.lists, dict):
-                raise FsadError(f"support-set list {self.lists_path} must be a JSON object: category -> k -> run -> "
-                                f"file names")
+                raise FsadError(
+                    f"support-set list {self.lists_path} must be a JSON object: category -> k -> run -> file names"
+                )
 
     def support(self, split: CategorySplit, k: int, run: int) -> list[Path]:
         """Paths of the k support images of ``split`` for run ``run``."""

@@ -38,8 +38,13 @@ def is_category_key(key: str) -> bool:
     return not key.startswith("_")
 
 
-def check_hashes(lists: Mapping[str, Any], lists_path: Path | None, category: str, paths: Iterable[Path],
-                 verified: dict[Path, str] | None = None) -> None:
+def check_hashes(
+    lists: Mapping[str, Any],
+    lists_path: Path | None,
+    category: str,
+    paths: Iterable[Path],
+    verified: dict[Path, str] | None = None,
+) -> None:
     """FsadError (one line) when a file of ``paths`` has another SHA-256 than ``lists[HASHES][category]`` says.
 
     Files the table does not name are not checked; no table: nothing is checked. ``verified`` memoises the
@@ -66,12 +71,17 @@ def check_hashes(lists: Mapping[str, Any], lists_path: Path | None, category: st
         else:
             got = verified[p]
         if got != str(want).lower():
-            raise FsadError(f"support-set list {lists_path}: {category}/{p.name} has sha256 {got[:12]}… but the list "
-                            f"says {str(want)[:12]}… ({p} is another file than the one the list was made from)")
+            raise FsadError(
+                f"support-set list {lists_path}: {category}/{p.name} has sha256 {got[:12]}… but the list "
+                f"says {str(want)[:12]}… ({p} is another file than the one the list was made from)"
+            )
 
 
-def lists_json(supports: Mapping[str, Mapping[int, Mapping[int, list[str]]]],
-               train_files: Mapping[str, Mapping[str, Path]], source: Mapping[str, Any] | None = None) -> str:
+def lists_json(
+    supports: Mapping[str, Mapping[int, Mapping[int, list[str]]]],
+    train_files: Mapping[str, Mapping[str, Path]],
+    source: Mapping[str, Any] | None = None,
+) -> str:
     """The JSON text of a support list: ``supports[category][k][run]`` = file names, their SHA-256 computed
     from ``train_files[category][name]`` (the file on disk). Keys sorted numerically; FsadError when a named
     file is not among ``train_files``."""
@@ -80,12 +90,16 @@ def lists_json(supports: Mapping[str, Mapping[int, Mapping[int, list[str]]]],
     for cat in sorted(supports):
         out[cat] = {}
         for k in sorted(supports[cat], key=int):
-            out[cat][str(k)] = {str(r): list(names) for r, names in sorted(supports[cat][k].items(), key=lambda x: int(x[0]))}
+            out[cat][str(k)] = {
+                str(r): list(names) for r, names in sorted(supports[cat][k].items(), key=lambda x: int(x[0]))
+            }
             for names in supports[cat][k].values():
                 for n in names:
                     if n not in train_files.get(cat, {}):
-                        raise FsadError(f"{cat}/{n} is not a normal training image of the data root "
-                                        f"(have {len(train_files.get(cat, {}))} in {cat})")
+                        raise FsadError(
+                            f"{cat}/{n} is not a normal training image of the data root "
+                            f"(have {len(train_files.get(cat, {}))} in {cat})"
+                        )
                     if n not in hashes.setdefault(cat, {}):
                         hashes[cat][n] = content_sha256(train_files[cat][n])
     out[HASHES] = {c: dict(sorted(h.items())) for c, h in sorted(hashes.items())}
@@ -110,8 +124,10 @@ def lists_from_records(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[i
             raise FsadError(f"record of {who} has no 'support' file names (written by an older fsad-bench?)")
         names = [str(n) for n in names]
         if key in seen and seen[key][0] != names:
-            raise FsadError(f"records disagree on the support set of {key[0]} k={key[1]} run {key[2]}: "
-                            f"{seen[key][1]} used {seen[key][0]}, {who.split()[0]} used {names}")
+            raise FsadError(
+                f"records disagree on the support set of {key[0]} k={key[1]} run {key[2]}: "
+                f"{seen[key][1]} used {seen[key][0]}, {who.split()[0]} used {names}"
+            )
         seen.setdefault(key, (names, who.split()[0]))
         out.setdefault(key[0], {}).setdefault(key[1], {})[key[2]] = names
     return out

@@ -109,7 +109,9 @@ def _segment_distance(x, y, x0, y0, x1, y1):
     return np.hypot(x - (x0 + t * dx), y - (y0 + t * dy))
 
 
-def _defect(kind: str, img: np.ndarray, fg: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _defect(
+    kind: str, img: np.ndarray, fg: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply one defect; returns (image, mask) with mask = the pixels the defect covers."""
     n = img.shape[0]
     x, y = _grid(n)
@@ -172,8 +174,12 @@ def render(category: str, seed: int, split: str, index: int, defect: str | None 
         img, mask = _defect(defect, img, fg, rng)
     img = np.clip(img * rng.uniform(0.95, 1.05) + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
     if size != NATIVE:
-        img = np.asarray(Image.fromarray((img * 255).round().astype(np.uint8)).resize((size, size), Image.BOX),
-                         dtype=np.float32) / 255
+        img = (
+            np.asarray(
+                Image.fromarray((img * 255).round().astype(np.uint8)).resize((size, size), Image.BOX), dtype=np.float32
+            )
+            / 255
+        )
         # a pixel of the small mask is defective when the defect covers any of its area
         cover = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX)
         mask = np.asarray(cover) > 0

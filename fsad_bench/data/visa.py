@@ -22,28 +22,37 @@ class VisaDataset(Dataset):
     name in results: ``anomaly``.
     """
 
-    def __init__(self, root: str | Path, name: str | None = None, categories: list[str] | None = None,
-                 csv_path: str | Path | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        name: str | None = None,
+        categories: list[str] | None = None,
+        csv_path: str | Path | None = None,
+    ):
         self.root = existing_root(root, f"a VisA folder with {VISA_SPLIT}")
         self.name = name or self.root.name
         self.csv_path = Path(csv_path).expanduser() if csv_path else self.root / VISA_SPLIT
         if not self.csv_path.is_file():
-            raise FsadError(f"VisA split file {self.csv_path} does not exist (expected columns "
-                            f"object,split,label,image,mask)")
+            raise FsadError(
+                f"VisA split file {self.csv_path} does not exist (expected columns object,split,label,image,mask)"
+            )
         self._rows: dict[str, list[dict[str, str]]] = {}
         try:
             with self.csv_path.open(newline="") as f:
                 reader = csv.DictReader(f)
                 need = {"object", "split", "label", "image", "mask"}
                 if not need <= set(reader.fieldnames or []):
-                    raise FsadError(f"{self.csv_path}: expected columns object,split,label,image,mask, "
-                                    f"got {','.join(reader.fieldnames or [])}")
+                    raise FsadError(
+                        f"{self.csv_path}: expected columns object,split,label,image,mask, "
+                        f"got {','.join(reader.fieldnames or [])}"
+                    )
                 for row in reader:
                     self._rows.setdefault(row["object"].strip(), []).append(row)
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             raise FsadError(f"cannot read VisA split file {self.csv_path}: {err}") from None
-        self.categories = select_categories(sorted(self._rows), categories, self.root,
-                                            f"rows with object {{c}} in {self.csv_path}")
+        self.categories = select_categories(
+            sorted(self._rows), categories, self.root, f"rows with object {{c}} in {self.csv_path}"
+        )
         self._splits: dict[str, CategorySplit] = {}
 
     def _path(self, rel: str, line: str) -> Path:
@@ -74,7 +83,8 @@ class VisaDataset(Dataset):
             else:
                 mask = self._path(row["mask"], what) if (row.get("mask") or "").strip() else None
                 test.append(TestSample(image, 1, "anomaly", mask))
-        split = check_split(CategorySplit(self.name, category, self.root / category, sorted(train), test),
-                            self.csv_path)
+        split = check_split(
+            CategorySplit(self.name, category, self.root / category, sorted(train), test), self.csv_path
+        )
         self._splits[category] = split
         return split

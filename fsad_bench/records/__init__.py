@@ -1,2 +1,1 @@
-"""Records: one JSON file per cell (atomic, resumable), example maps, the optional MLflow sink.
-"""
+"""Records: one JSON file per cell (atomic, resumable), example maps, the optional MLflow sink."""

@@ -107,8 +107,16 @@ IMAGE_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m.startswith("image
 #: gives NaN; the store writes null, and reads a record written before with NaN for all of them as null).
 PIXEL_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m not in IMAGE_METRICS)
 #: Fields of every record and their types (``train_seed``, when present, is an integer too).
-REQUIRED: dict[str, type] = {"cell_id": str, "method": str, "label": str, "dataset": str, "category": str, "k": int,
-                             "run": int, "config_hash": str}
+REQUIRED: dict[str, type] = {
+    "cell_id": str,
+    "method": str,
+    "label": str,
+    "dataset": str,
+    "category": str,
+    "k": int,
+    "run": int,
+    "config_hash": str,
+}
 _SLOT = re.compile(r"^(?P<name>.+)-k(?P<k>\d+)-r(?P<run>\d+)(?:-t(?P<t>\d+))?-[^-]+$")
 
 
@@ -118,8 +126,9 @@ def _is_int(v: Any) -> bool:
 
 def _undefined_as_null(data: Any) -> Any:
     """A record whose pixel metrics are all NaN or null (masks without a defect pixel) with them all null."""
-    if isinstance(data, dict) and all(m in data and (data[m] is None or (isinstance(data[m], float) and math.isnan(data[m])))
-                                      for m in PIXEL_METRICS):
+    if isinstance(data, dict) and all(
+        m in data and (data[m] is None or (isinstance(data[m], float) and math.isnan(data[m]))) for m in PIXEL_METRICS
+    ):
         return dict(data, **{m: None for m in PIXEL_METRICS})
     return data
 
@@ -250,8 +259,10 @@ class ResultStore:
         except FsadError:
             previous = None  # a corrupt suite.json: rewritten
         if previous is not None and previous.get("name") is not None and previous.get("name") != suite.get("name"):
-            raise FsadError(f"{self.root} holds suite {previous['name']!r}, not {suite.get('name')!r}; use another "
-                            f"--out, or delete {self.root} first")
+            raise FsadError(
+                f"{self.root} holds suite {previous['name']!r}, not {suite.get('name')!r}; use another "
+                f"--out, or delete {self.root} first"
+            )
         if cell_ids is None:
             data = suite
         else:
@@ -325,13 +336,17 @@ class ResultStore:
         if n := self.foreign():
             total = sum(n.values())
             per = ", ".join(f"{m}: {c}" for m, c in sorted(n.items()))
-            lines.append(f"{total} record{'s' if total > 1 else ''} of another configuration ignored ({per}); "
-                         f"`fsad-bench prune {self.root}` removes them")
+            lines.append(
+                f"{total} record{'s' if total > 1 else ''} of another configuration ignored ({per}); "
+                f"`fsad-bench prune {self.root}` removes them"
+            )
         kept = self.kept_ids() & self.done_ids()
         if kept:
             per = ", ".join(f"{m}: {c}" for m, c in sorted(Counter(self._scan()[0][c]["method"] for c in kept).items()))
-            lines.append(f"{len(kept)} record{'s' if len(kept) > 1 else ''} of earlier runs into this folder kept but "
-                         f"not tabulated ({per}); a run of their methods shows them again without recomputing")
+            lines.append(
+                f"{len(kept)} record{'s' if len(kept) > 1 else ''} of earlier runs into this folder kept but "
+                f"not tabulated ({per}); a run of their methods shows them again without recomputing"
+            )
         return "\n".join(lines) or None
 
     def invalid_note(self) -> str | None:
@@ -340,9 +355,11 @@ class ResultStore:
         if not bad:
             return None
         (first, why), more = next(iter(bad.items())), len(bad) - 1
-        return (f"{len(bad)} invalid record{'s' if len(bad) > 1 else ''} skipped ({first.name}: {why}"
-                f"{f'; {more} more' if more else ''}); `fsad-bench run` recomputes the suite's cells, "
-                f"`fsad-bench prune {self.root}` deletes the files")
+        return (
+            f"{len(bad)} invalid record{'s' if len(bad) > 1 else ''} skipped ({first.name}: {why}"
+            f"{f'; {more} more' if more else ''}); `fsad-bench run` recomputes the suite's cells, "
+            f"`fsad-bench prune {self.root}` deletes the files"
+        )
 
     def remove(self, cell_ids: set[str]) -> int:
         """Delete the records (and example maps) of ``cell_ids``; returns how many records went."""
@@ -416,8 +433,10 @@ class ResultStore:
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise FsadError(f"cannot lock {path}: {err.strerror or err}") from None
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                raise FsadError(f"results folder {self.root} is in use by another fsad-bench run (pid {holder}); "
-                                f"wait for it to finish or use another --out") from None
+                raise FsadError(
+                    f"results folder {self.root} is in use by another fsad-bench run (pid {holder}); "
+                    f"wait for it to finish or use another --out"
+                ) from None
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -472,8 +491,15 @@ def pick_examples(labels: np.ndarray | None, n: int, n_total: int, groups: list[
     return np.array(sorted(take[:n]), dtype=int)
 
 
-def save_example_maps(path: str | Path, maps: Any, images: Any, masks: Any, paths: list[Any],
-                      labels: Any | None = None, n: int = EXAMPLE_MAPS) -> Path:
+def save_example_maps(
+    path: str | Path,
+    maps: Any,
+    images: Any,
+    masks: Any,
+    paths: list[Any],
+    labels: Any | None = None,
+    n: int = EXAMPLE_MAPS,
+) -> Path:
     """Keep a few test images' anomaly maps of one cell for :func:`plot_map_grids`.
 
     maps ``(N, S, S)`` float (higher = more anomalous), images ``(N, 3, S, S)`` in [0, 1] — or a
@@ -486,13 +512,20 @@ def save_example_maps(path: str | Path, maps: Any, images: Any, masks: Any, path
     contrast (float16 flushed such maps to zero) —, ``images`` (n, S, S, 3) uint8, ``masks``
     (n, S, S) uint8, ``image_paths`` (n,) str, ``index`` (n,) int (positions in the test set)."""
     maps, masks = _to_numpy(maps), _to_numpy(masks)
-    idx = pick_examples(None if labels is None else _to_numpy(labels), n, len(maps),
-                        groups=[Path(str(p)).parent.name for p in paths])
+    idx = pick_examples(
+        None if labels is None else _to_numpy(labels), n, len(maps), groups=[Path(str(p)).parent.name for p in paths]
+    )
     chosen = _to_numpy(images(idx) if callable(images) else _to_numpy(images)[idx])
     rgb = np.clip(np.round(255 * chosen.transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8)
     path = Path(path)
-    atomic_savez(path, maps=maps[idx].astype(np.float32), images=rgb, masks=(masks[idx] > 0.5).astype(np.uint8),
-                 image_paths=np.array([str(paths[i]) for i in idx]), index=idx)
+    atomic_savez(
+        path,
+        maps=maps[idx].astype(np.float32),
+        images=rgb,
+        masks=(masks[idx] > 0.5).astype(np.uint8),
+        image_paths=np.array([str(paths[i]) for i in idx]),
+        index=idx,
+    )
     return path
 
 

@@ -33,8 +33,25 @@ from fsad_bench.errors import FsadError
 
 ENV = "FSAD_BENCH_MLFLOW"
 #: Record fields logged as params / metrics (anything else numeric in the record is ignored).
-PARAM_FIELDS = ("method", "label", "protocol", "dataset", "category", "k", "run", "preset", "weights", "seed",
-                "train_seed", "image_size", "device", "config_hash", "n_support", "n_test", "train_dataset")
+PARAM_FIELDS = (
+    "method",
+    "label",
+    "protocol",
+    "dataset",
+    "category",
+    "k",
+    "run",
+    "preset",
+    "weights",
+    "seed",
+    "train_seed",
+    "image_size",
+    "device",
+    "config_hash",
+    "n_support",
+    "n_test",
+    "train_dataset",
+)
 COST_FIELDS = ("adapt_seconds", "train_seconds", "infer_seconds_per_image", "peak_memory_mb")
 
 
@@ -97,8 +114,11 @@ def log_record(record: dict[str, Any], out: str | Path, uri: str) -> str:
         from mlflow.entities import Metric, Param
 
         ts = int(1000 * __import__("time").time())
-        client.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in metrics_of(record).items()],
-                         params=[Param(k, v) for k, v in params_of(record).items()])
+        client.log_batch(
+            rid,
+            metrics=[Metric(k, v, ts, 0) for k, v in metrics_of(record).items()],
+            params=[Param(k, v) for k, v in params_of(record).items()],
+        )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "record.json"
             path.write_text(json.dumps(record, indent=1, sort_keys=True))

@@ -1,2 +1,1 @@
-"""Reporting: paper-style tables, paired significance, published numbers, costs, plots, export.
-"""
+"""Reporting: paper-style tables, paired significance, published numbers, costs, plots, export."""

@@ -51,9 +51,11 @@ class Coverage:
     def note(self) -> str:
         """``regad k=2: 1/4 categories, 1/3 seeds, 2/12 cells`` (axes without a gap left out; cells always)."""
         where = f"{self.method} k={self.k}" + (f" {self.category}" if self.category else "")
-        parts = [f"{p}/{n} {what}" for (p, n), what in ((self.categories, "categories"), (self.runs, "runs"),
-                                                        (self.seeds, "seeds")) if p < n and not
-                 (what == "categories" and self.category)]
+        parts = [
+            f"{p}/{n} {what}"
+            for (p, n), what in ((self.categories, "categories"), (self.runs, "runs"), (self.seeds, "seeds"))
+            if p < n and not (what == "categories" and self.category)
+        ]
         return f"{where}: {', '.join(parts + [f'{self.cells[0]}/{self.cells[1]} cells'])}"
 
 
@@ -68,7 +70,9 @@ class Completeness:
     methods_of: dict[str, str] = field(default_factory=dict)
 
     def complete(self, method: str, k: int, category: str | None = None) -> bool:
-        cov = self.groups.get((method, int(k))) if category is None else self.per_category.get((method, int(k), category))
+        cov = (
+            self.groups.get((method, int(k))) if category is None else self.per_category.get((method, int(k), category))
+        )
         return cov is None or cov.complete
 
     def label_complete(self, label: str, k: int, category: str | None = None) -> bool:
@@ -83,8 +87,10 @@ class Completeness:
         bad = [c for c in self.incomplete() if methods is None or c.method in methods]
         if not bad:
             return []
-        return [f"{MARK} incomplete, not an aggregate over the suite's planned cells (`fsad-bench run` finishes them; "
-                f"--complete-only hides them): " + "; ".join(c.note() for c in bad)]
+        return [
+            f"{MARK} incomplete, not an aggregate over the suite's planned cells (`fsad-bench run` finishes them; "
+            f"--complete-only hides them): " + "; ".join(c.note() for c in bad)
+        ]
 
     def complete_rows(self, df: pd.DataFrame) -> pd.Series:
         """Per record row of ``df`` (``method``, ``k``): whether its (method, k) is complete."""
@@ -106,11 +112,19 @@ def planned_cells(suite: dict[str, Any], categories: set[str] = frozenset()) -> 
         if m is None:
             continue
         name = m["name"]
-        pair = by_name.get(name) or next(((meth, name[len(p):]) for p, meth in prefixes if name.startswith(p)), None)
+        pair = by_name.get(name) or next(((meth, name[len(p) :]) for p, meth in prefixes if name.startswith(p)), None)
         if pair is None:
             continue
-        rows.append({"cell_id": cid, "method": pair[0], "category": pair[1], "k": int(m["k"]), "run": int(m["run"]),
-                     "train_seed": int(m["t"] or 0)})
+        rows.append(
+            {
+                "cell_id": cid,
+                "method": pair[0],
+                "category": pair[1],
+                "k": int(m["k"]),
+                "run": int(m["run"]),
+                "train_seed": int(m["t"] or 0),
+            }
+        )
     return pd.DataFrame(rows, columns=["cell_id", "method", "category", "k", "run", "train_seed"])
 
 
@@ -118,8 +132,9 @@ def _coverage(method: str, k: int, category: str | None, plan: pd.DataFrame, hav
     def count(col: str) -> tuple[int, int]:
         return int(have[col].nunique()), int(plan[col].nunique())
 
-    return Coverage(method, int(k), category, count("category"), count("run"), count("train_seed"),
-                    (len(have), len(plan)))
+    return Coverage(
+        method, int(k), category, count("category"), count("run"), count("train_seed"), (len(have), len(plan))
+    )
 
 
 def completeness(store: ResultStore | str, records: list[dict[str, Any]] | None = None) -> Completeness:
@@ -127,8 +142,7 @@ def completeness(store: ResultStore | str, records: list[dict[str, Any]] | None 
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     suite = store.load_suite() or {}
     records = store.current_records() if records is None else records
-    out = Completeness(planned=bool(suite.get("cell_ids")),
-                       methods_of={r["label"]: r["method"] for r in records})
+    out = Completeness(planned=bool(suite.get("cell_ids")), methods_of={r["label"]: r["method"] for r in records})
     if not out.planned:
         return out
     plan = planned_cells(suite, {r["category"] for r in records})
@@ -184,8 +198,9 @@ def mark_table(table: pd.DataFrame, comp: Completeness, mean_rows: tuple[str, ..
     return out
 
 
-def complete_column(table: pd.DataFrame, comp: Completeness, label_col: str | None = None,
-                    k_col: str | None = "k") -> pd.DataFrame:
+def complete_column(
+    table: pd.DataFrame, comp: Completeness, label_col: str | None = None, k_col: str | None = "k"
+) -> pd.DataFrame:
     """A long table (one row per label, or per (label, k)) with a ``complete`` column: its (method, k) —
     every k of the label when ``k_col`` is None — has every planned cell. ``label_col`` None: the index."""
     out = table.copy()

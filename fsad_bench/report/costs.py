@@ -32,12 +32,17 @@ def cost_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFra
     inference ms/image cold and warm (see the module docstring) and peak memory (MiB)."""
     df = _warm(df)
     g = df.groupby(["label", "k"])
-    out = pd.DataFrame({
-        "adapt_s": g["adapt_seconds"].mean(), "adapt_s_std": g["adapt_seconds"].std(ddof=1).fillna(0),
-        "train_s": g["train_seconds"].mean(), "infer_ms_per_image": 1000 * g["infer_seconds_per_image"].mean(),
-        "infer_warm_ms_per_image": 1000 * g["infer_warm_seconds_per_image"].mean(),
-        "peak_memory_mib": g["peak_memory_mb"].max(), "cells": g.size(),
-    }).reset_index()
+    out = pd.DataFrame(
+        {
+            "adapt_s": g["adapt_seconds"].mean(),
+            "adapt_s_std": g["adapt_seconds"].std(ddof=1).fillna(0),
+            "train_s": g["train_seconds"].mean(),
+            "infer_ms_per_image": 1000 * g["infer_seconds_per_image"].mean(),
+            "infer_warm_ms_per_image": 1000 * g["infer_warm_seconds_per_image"].mean(),
+            "peak_memory_mib": g["peak_memory_mb"].max(),
+            "cells": g.size(),
+        }
+    ).reset_index()
     order = {lab: i for i, lab in enumerate(method_order(df, methods))}
     out[["k", "cells"]] = out[["k", "cells"]].astype(int)
     out = out.sort_values(["label", "k"], key=lambda c: c.map(order) if c.name == "label" else c)
@@ -84,15 +89,17 @@ def cost_ratio_table(df: pd.DataFrame, methods: list[str] | None = None, referen
     df = _warm(df)
     ref = cost_reference(df, methods, reference)
     g = df.groupby("label")
-    out = pd.DataFrame({
-        "name": g["method"].first(),
-        "adapt_s": g["adapt_seconds"].mean(),
-        "infer_ms_per_image": 1000 * g["infer_seconds_per_image"].mean(),
-        "infer_warm_ms_per_image": 1000 * g["infer_warm_seconds_per_image"].mean(),
-        "train_min": g["train_seconds"].mean() / 60,
-        "peak_memory_mib": g["peak_memory_mb"].max(),
-        "cells": g.size(),
-    })
+    out = pd.DataFrame(
+        {
+            "name": g["method"].first(),
+            "adapt_s": g["adapt_seconds"].mean(),
+            "infer_ms_per_image": 1000 * g["infer_seconds_per_image"].mean(),
+            "infer_warm_ms_per_image": 1000 * g["infer_warm_seconds_per_image"].mean(),
+            "train_min": g["train_seconds"].mean() / 60,
+            "peak_memory_mib": g["peak_memory_mb"].max(),
+            "cells": g.size(),
+        }
+    )
     ref_adapt = out.loc[ref, "adapt_s"] if ref is not None else np.nan
     ref_infer = out.loc[ref, "infer_ms_per_image"] if ref is not None else np.nan
     tag = (ref or "reference").split(" [")[0]

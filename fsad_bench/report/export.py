@@ -35,9 +35,15 @@ from fsad_bench.report.completeness import completeness
 
 FORMATS = ("csv", "anomalib")
 #: fsad-bench metric -> anomalib benchmark column.
-ANOMALIB_METRICS = {"image_auroc": "image_AUROC", "image_aupr": "image_AUPR", "image_f1max": "image_F1Max",
-                    "pixel_auroc": "pixel_AUROC", "pixel_aupr": "pixel_AUPR", "pixel_f1max": "pixel_F1Max",
-                    "aupro": "pixel_AUPRO"}
+ANOMALIB_METRICS = {
+    "image_auroc": "image_AUROC",
+    "image_aupr": "image_AUPR",
+    "image_f1max": "image_F1Max",
+    "pixel_auroc": "pixel_AUROC",
+    "pixel_aupr": "pixel_AUPR",
+    "pixel_f1max": "pixel_F1Max",
+    "aupro": "pixel_AUPRO",
+}
 _DROP = ("scores", "labels")
 
 
@@ -72,21 +78,37 @@ def anomalib_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
         fit = float(r.get("train_seconds") or 0.0) + float(r.get("adapt_seconds") or 0.0)
         test = float(r.get("infer_seconds_per_image") or 0.0) * int(r.get("n_test") or 0)
         row: dict[str, Any] = {
-            "model": r.get("label", r["method"]), "category": r["category"],
-            "accelerator": r.get("device", ""), "job_duration": fit + test, "fit_duration": fit,
+            "model": r.get("label", r["method"]),
+            "category": r["category"],
+            "accelerator": r.get("device", ""),
+            "job_duration": fit + test,
+            "fit_duration": fit,
             "test_duration": test,
         }
         row.update({col: r.get(m, float("nan")) for m, col in ANOMALIB_METRICS.items()})
-        row.update({"seed": r.get("seed"), "model.class_path": r["method"], "data.class_path": r.get("dataset"),
-                    "data.init_args.category": r["category"], "k_shot": r.get("k"), "run": r.get("run"),
-                    "preset": r.get("preset"), "weights": r.get("weights"), "image_size": r.get("image_size"),
-                    "config_hash": r.get("config_hash"), "cell_id": r.get("cell_id")})
+        row.update(
+            {
+                "seed": r.get("seed"),
+                "model.class_path": r["method"],
+                "data.class_path": r.get("dataset"),
+                "data.init_args.category": r["category"],
+                "k_shot": r.get("k"),
+                "run": r.get("run"),
+                "preset": r.get("preset"),
+                "weights": r.get("weights"),
+                "image_size": r.get("image_size"),
+                "config_hash": r.get("config_hash"),
+                "cell_id": r.get("cell_id"),
+            }
+        )
         for key in ("current", "complete"):
             if key in r:
                 row[key] = r[key]
         rows.append(row)
     df = pd.DataFrame(rows)
-    return df.sort_values(["model", "category", "k_shot", "run"], kind="stable").reset_index(drop=True) if len(df) else df
+    return (
+        df.sort_values(["model", "category", "k_shot", "run"], kind="stable").reset_index(drop=True) if len(df) else df
+    )
 
 
 def export(results_dir: str | Path, out: str | Path, fmt: str = "csv", everything: bool = False) -> pd.DataFrame:
@@ -109,8 +131,10 @@ def export(results_dir: str | Path, out: str | Path, fmt: str = "csv", everythin
         raise FsadError(f"{results_dir} holds no finished cells")
     comp = completeness(store)
     current = store.current_ids()
-    records = [dict(r, complete=(current is None or r["cell_id"] in current) and comp.complete(r["method"], r["k"]))
-               for r in records]
+    records = [
+        dict(r, complete=(current is None or r["cell_id"] in current) and comp.complete(r["method"], r["k"]))
+        for r in records
+    ]
     df = flat_rows(records) if fmt == "csv" else anomalib_rows(records)
     atomic_write_text(Path(out), df.to_csv(index=False))
     return df

@@ -23,10 +23,15 @@ from fsad_bench.run.flags import IMAGE_FLAGS, MAP_FLAGS
 MARK = "†"
 FLAGGED_COLUMN = ("flagged", "")
 #: One phrase per flag, for the tables' column and notes.
-FLAG_TEXT = {"nonfinite_scores": "non-finite scores", "nonfinite_maps": "non-finite maps",
-             "constant_scores": "constant scores", "auroc_half_from_ties": "AUROC 0.5 from ties",
-             "chance": "not better than chance (permutation test)", "constant_maps": "constant maps",
-             "identical_maps": "maps identical across images (a fixed spatial prior)"}
+FLAG_TEXT = {
+    "nonfinite_scores": "non-finite scores",
+    "nonfinite_maps": "non-finite maps",
+    "constant_scores": "constant scores",
+    "auroc_half_from_ties": "AUROC 0.5 from ties",
+    "chance": "not better than chance (permutation test)",
+    "constant_maps": "constant maps",
+    "identical_maps": "maps identical across images (a fixed spatial prior)",
+}
 
 
 #: Flags a method carries by design (method name -> flag names): not marked, not counted by ``--strict``.
@@ -49,8 +54,10 @@ def _column(df: pd.DataFrame) -> pd.Series:
     """Each record's flags (those its method carries by design, :data:`EXPECTED`, left out), None when unknown."""
     if "flags" not in df.columns:
         return pd.Series([None] * len(df), index=df.index, dtype=object)
-    out = [None if (f := flags_of(v)) is None else [n for n in f if n not in EXPECTED.get(m, set())]
-           for v, m in zip(df["flags"], df["method"])]
+    out = [
+        None if (f := flags_of(v)) is None else [n for n in f if n not in EXPECTED.get(m, set())]
+        for v, m in zip(df["flags"], df["method"])
+    ]
     return pd.Series(out, index=df.index, dtype=object)
 
 
@@ -89,12 +96,14 @@ def mark_flags(table: pd.DataFrame, df: pd.DataFrame, metric: str) -> pd.DataFra
         if names and col in table.columns and r["category"] in table.index:
             per_cell.setdefault((r["category"], col), set()).update(names)
     if unchecked := n_unchecked(df):
-        table.attrs["notes"].append(f"{unchecked} record{'s' if unchecked > 1 else ''} without flags (written "
-                                    f"before flags existed): not checked for degenerate scores")
+        table.attrs["notes"].append(
+            f"{unchecked} record{'s' if unchecked > 1 else ''} without flags (written "
+            f"before flags existed): not checked for degenerate scores"
+        )
     if not per_cell:
         return table
     column = pd.Series("", index=table.index, dtype=object)
-    for (cat, col), names in per_cell.items():
+    for cat, col in per_cell:
         table.loc[cat, col] = f"{table.loc[cat, col]} {MARK}"
         cols.setdefault(cat, []).append(col)
     for cat, marked in cols.items():
@@ -109,8 +118,10 @@ def mark_flags(table: pd.DataFrame, df: pd.DataFrame, metric: str) -> pd.DataFra
         column[STD_ROW] = ""
     table[FLAGGED_COLUMN if isinstance(table.columns, pd.MultiIndex) else FLAGGED_COLUMN[0]] = column
     every = set().union(*per_cell.values())
-    table.attrs["notes"].append(f"{MARK} a record of the cell is flagged ({_describe(every)}; "
-                                "docs/flags-and-operating-point.md); Mean cells marked when they average one")
+    table.attrs["notes"].append(
+        f"{MARK} a record of the cell is flagged ({_describe(every)}; "
+        "docs/flags-and-operating-point.md); Mean cells marked when they average one"
+    )
     return table
 
 

@@ -45,6 +45,7 @@ TEMPLATE = "report.html.j2"
 # tables
 # ---------------------------------------------------------------------------------------
 
+
 def _fmt(v: Any) -> str:
     if isinstance(v, (float, np.floating)):
         return "–" if not np.isfinite(v) else f"{v:.4g}"
@@ -63,21 +64,26 @@ def table_html(t: pd.DataFrame, table_id: str) -> str:
         names = [None] * (t.columns.nlevels - 1) + [t.index.name]
         t.columns = t.columns.set_names(names if t.columns.nlevels > 1 else names[0])
         t.index.name = None
-    text = t.to_html(escape=True, na_rep="–", border=0, classes="tab", table_id=table_id,
-                     float_format=lambda v: _fmt(v))
+    text = t.to_html(
+        escape=True, na_rep="–", border=0, classes="tab", table_id=table_id, float_format=lambda v: _fmt(v)
+    )
     rows = r"(?:" + re.escape(MEAN_ROW) + r"[^<]*|" + re.escape(html_escape(STD_ROW)) + r")"
     return re.sub(r"<tr>(\s*<th>" + rows + r"</th>)", r'<tr class="mean">\1', text)
 
 
 def _table_title(name: str, dataset: str | None) -> str:
-    rest = name[len(dataset) + 1:] if dataset else name
+    rest = name[len(dataset) + 1 :] if dataset else name
     metric = max((m for m in METRICS if rest == m or rest.startswith(m + "_")), key=len, default=None)
     if metric is None:
         return {"cost": "Cost per method and k", "cost_ratio": "Cost per method, relative to the reference"}.get(
-            name, name)
-    suffix = rest[len(metric):]
-    what = {"": "per category", "_std_components": "std and its components (support draws, training seeds)",
-            "_vs_paper": "measured − published (Δ)"}.get(suffix, suffix.lstrip("_").replace("_", " "))
+            name, name
+        )
+    suffix = rest[len(metric) :]
+    what = {
+        "": "per category",
+        "_std_components": "std and its components (support draws, training seeds)",
+        "_vs_paper": "measured − published (Δ)",
+    }.get(suffix, suffix.lstrip("_").replace("_", " "))
     return f"{METRICS[metric]} — {what}"
 
 
@@ -89,6 +95,7 @@ def _dataset_of(name: str, datasets: list[str]) -> str | None:
 # ---------------------------------------------------------------------------------------
 # significance
 # ---------------------------------------------------------------------------------------
+
 
 def significance_rows(df: pd.DataFrame, reference: str, metric: str = "image_auroc") -> tuple[pd.DataFrame, list[str]]:
     """Every label against ``reference`` per dataset and k
@@ -114,14 +121,23 @@ def significance_rows(df: pd.DataFrame, reference: str, metric: str = "image_aur
     t["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "–" for lo, hi in zip(t["ci_low"], t["ci_high"])]
     t["W/T/L"] = [f"{w}/{ti}/{lo}" for w, ti, lo in zip(t["wins"], t["ties"], t["losses"])]
     shown = t[["dataset", "a", "k", "n_pairs", "mean_a", "mean_b", "mean_diff", "95% CI", "W/T/L", "p_value"]]
-    shown = shown.rename(columns={"a": "method", "mean_a": "mean (method)", "mean_b": "mean (reference)",
-                                  "mean_diff": "mean Δ (points)", "n_pairs": "pairs", "p_value": "Wilcoxon p"})
+    shown = shown.rename(
+        columns={
+            "a": "method",
+            "mean_a": "mean (method)",
+            "mean_b": "mean (reference)",
+            "mean_diff": "mean Δ (points)",
+            "n_pairs": "pairs",
+            "p_value": "Wilcoxon p",
+        }
+    )
     return shown.set_index(["dataset", "method", "k"]), skipped
 
 
 # ---------------------------------------------------------------------------------------
 # provenance
 # ---------------------------------------------------------------------------------------
+
 
 def equivalent_command(suite: dict[str, Any], out: Path) -> str:
     """A ``fsad-bench run`` command line that runs the suite of ``suite.json`` again into ``out``
@@ -164,8 +180,9 @@ def _machine() -> dict[str, str]:
     gpus = []
     for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):  # no torch import (seconds)
         try:
-            gpus += [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                     if line.startswith("Model:")]
+            gpus += [
+                line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("Model:")
+            ]
         except OSError:
             pass
     if not gpus and "torch" in sys.modules:  # another platform, torch already loaded
@@ -175,8 +192,12 @@ def _machine() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - a broken CUDA setup only loses this line
             gpus = ["unknown"]
     gpu = ", ".join(gpus) or "none visible"
-    return {"host CPU": f"{cpu} ({os.cpu_count()} logical cores)", "host GPU": gpu,
-            "platform": platform.platform(), "python": platform.python_version()}
+    return {
+        "host CPU": f"{cpu} ({os.cpu_count()} logical cores)",
+        "host GPU": gpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def _weights_files(suite: dict[str, Any]) -> list[tuple[str, str]]:
@@ -206,8 +227,11 @@ def _weights_files(suite: dict[str, Any]) -> list[tuple[str, str]]:
 def _distinct(values: list[Any]) -> str:
     seen: dict[str, int] = {}
     for v in values:
-        text = "not recorded" if v is None or (isinstance(v, float) and np.isnan(v)) else (
-            json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v))
+        text = (
+            "not recorded"
+            if v is None or (isinstance(v, float) and np.isnan(v))
+            else (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v))
+        )
         seen[text] = seen.get(text, 0) + 1
     return "; ".join(t if len(seen) == 1 else f"{t} ({n} cells)" for t, n in seen.items())
 
@@ -223,8 +247,9 @@ def _hparams(values: list[Any]) -> str:
     return "\n".join(f"{n} cells:\n{text}" for text, n in seen.items())
 
 
-def provenance(store: ResultStore, df: pd.DataFrame, suite: dict[str, Any], command: str | None,
-               methods: list[str] | None) -> dict[str, Any]:
+def provenance(
+    store: ResultStore, df: pd.DataFrame, suite: dict[str, Any], command: str | None, methods: list[str] | None
+) -> dict[str, Any]:
     """What ran where: the run command (as recorded, else the equivalent one), the report command,
     per label (method, protocol, preset, weights tag, devices, config hashes, cells, hyper-parameters),
     the package versions of the records, the weights files and the machine building the report."""
@@ -235,16 +260,19 @@ def provenance(store: ResultStore, df: pd.DataFrame, suite: dict[str, Any], comm
     for lab in method_order(df, methods):
         g = df[df["label"] == lab]
         hashes = sorted(set(g["config_hash"].astype(str))) if "config_hash" in g.columns else []
-        per_label.append({
-            "label": lab, "method": g["method"].iloc[0],
-            "protocol": _distinct(list(g["protocol"])) if "protocol" in g.columns else "not recorded",
-            "preset": _distinct(list(g["preset"])) if "preset" in g.columns else "not recorded",
-            "weights": _distinct(list(g["weights"])) if "weights" in g.columns else "not recorded",
-            "device": _distinct(list(g["device"])) if "device" in g.columns else "not recorded",
-            "config_hashes": ", ".join(hashes[:6]) + (f", … ({len(hashes)} in all)" if len(hashes) > 6 else ""),
-            "cells": len(g),
-            "hparams": _hparams(list(g["hparams"])) if "hparams" in g.columns else "not recorded",
-        })
+        per_label.append(
+            {
+                "label": lab,
+                "method": g["method"].iloc[0],
+                "protocol": _distinct(list(g["protocol"])) if "protocol" in g.columns else "not recorded",
+                "preset": _distinct(list(g["preset"])) if "preset" in g.columns else "not recorded",
+                "weights": _distinct(list(g["weights"])) if "weights" in g.columns else "not recorded",
+                "device": _distinct(list(g["device"])) if "device" in g.columns else "not recorded",
+                "config_hashes": ", ".join(hashes[:6]) + (f", … ({len(hashes)} in all)" if len(hashes) > 6 else ""),
+                "cells": len(g),
+                "hparams": _hparams(list(g["hparams"])) if "hparams" in g.columns else "not recorded",
+            }
+        )
     versions = []
     if "versions" in df.columns:
         counts: dict[str, int] = {}
@@ -253,8 +281,9 @@ def provenance(store: ResultStore, df: pd.DataFrame, suite: dict[str, Any], comm
             counts[key] = counts.get(key, 0) + 1
         for key, n in counts.items():
             v = json.loads(key)
-            versions.append({"versions": ", ".join(f"{k} {x}" for k, x in sorted(v.items())) if v else "not recorded",
-                             "cells": n})
+            versions.append(
+                {"versions": ", ".join(f"{k} {x}" for k, x in sorted(v.items())) if v else "not recorded", "cells": n}
+            )
     finished = sorted(str(x) for x in df["finished_at"].dropna()) if "finished_at" in df.columns else []
     settings = {k: v for k, v in suite.items() if k not in ("cell_ids", "kept_ids")}
     from fsad_bench import __version__
@@ -265,10 +294,12 @@ def provenance(store: ResultStore, df: pd.DataFrame, suite: dict[str, Any], comm
         "report_command": command or shlex.join(["fsad-bench", "report", str(out)]),
         "results_dir": str(out.resolve()),
         "finished": f"{finished[0]} … {finished[-1]}" if finished else "not recorded",
-        "per_label": per_label, "versions": versions,
+        "per_label": per_label,
+        "versions": versions,
         "weights_setting": str(suite.get("weights", "not recorded")),
         "weights_files": _weights_files(suite),
-        "machine": _machine(), "fsad_bench": __version__,
+        "machine": _machine(),
+        "fsad_bench": __version__,
         "suite_json": json.dumps(settings, indent=1, sort_keys=True, default=str),
     }
 
@@ -307,12 +338,12 @@ def _figure(path: Path, caption: str) -> dict[str, Any]:
 
     with Image.open(path) as im:
         wide = im.width > 1.8 * im.height  # e.g. ROC panels in a row: the page's full width
-    return {"src": _png_data_uri(path), "alt": caption, "caption": caption, "file": f"plots/{path.name}",
-            "wide": wide}
+    return {"src": _png_data_uri(path), "alt": caption, "caption": caption, "file": f"plots/{path.name}", "wide": wide}
 
 
-def build_report(out: str | Path, methods: list[str] | None = None, reference_method: str | None = None,
-                 command: str | None = None) -> Path:
+def build_report(
+    out: str | Path, methods: list[str] | None = None, reference_method: str | None = None, command: str | None = None
+) -> Path:
     """Write ``<out>/report.html`` (and, on the way, ``tables/`` and ``plots/``); returns its path.
 
     ``reference_method``: the label (or method name) every other label is tested against, and whose
@@ -347,10 +378,18 @@ def build_report(out: str | Path, methods: list[str] | None = None, reference_me
     sections = []
     for ds in datasets:
         sub = df[df["dataset"] == ds]
-        ts = [{"id": f"table-{name}", "name": name, "title": _table_title(name, ds),
-               "html": Markup(table_html(t, f"table-{name}")), "notes": t.attrs.get("notes", []),
-               "collapsed": name.endswith("_std_components")}  # a detail: folded, the accuracy tables first
-              for name, t in tables.items() if _dataset_of(name, datasets) == ds]
+        ts = [
+            {
+                "id": f"table-{name}",
+                "name": name,
+                "title": _table_title(name, ds),
+                "html": Markup(table_html(t, f"table-{name}")),
+                "notes": t.attrs.get("notes", []),
+                "collapsed": name.endswith("_std_components"),
+            }  # a detail: folded, the accuracy tables first
+            for name, t in tables.items()
+            if _dataset_of(name, datasets) == ds
+        ]
         ts.sort(key=lambda t: t["collapsed"])
         figs = []
         for metric in METRIC_NAMES:
@@ -358,37 +397,72 @@ def build_report(out: str | Path, methods: list[str] | None = None, reference_me
                 p = by_name.get(f"{_safe(ds)}_{metric}_{suffix}.png")
                 if p is not None:
                     figs.append(_figure(p, f"{METRIC_NAMES[metric]} {what}"))
-        for name, caption in ((f"{_safe(ds)}_image_auroc_vs_adapt_cost.png", "Image AUROC vs adaptation cost"),
-                              (f"{_safe(ds)}_roc.png", "Image-level ROC curves")):
+        for name, caption in (
+            (f"{_safe(ds)}_image_auroc_vs_adapt_cost.png", "Image AUROC vs adaptation cost"),
+            (f"{_safe(ds)}_roc.png", "Image-level ROC curves"),
+        ):
             if name in by_name:
                 figs.append(_figure(by_name[name], caption))
-        maps = [_figure(by_name[f"{_safe(ds)}_{_safe(c)}_maps.png"], f"{c}: example anomaly maps")
-                for c in sorted(sub["category"].unique()) if f"{_safe(ds)}_{_safe(c)}_maps.png" in by_name]
-        sections.append({"dataset": ds, "id": f"ds-{_safe(ds)}", "tables": ts, "figures": figs, "maps": maps,
-                         "n_cells": len(sub), "categories": sorted(sub["category"].unique()),
-                         "labels": list(dict.fromkeys(sub["label"]))})
+        maps = [
+            _figure(by_name[f"{_safe(ds)}_{_safe(c)}_maps.png"], f"{c}: example anomaly maps")
+            for c in sorted(sub["category"].unique())
+            if f"{_safe(ds)}_{_safe(c)}_maps.png" in by_name
+        ]
+        sections.append(
+            {
+                "dataset": ds,
+                "id": f"ds-{_safe(ds)}",
+                "tables": ts,
+                "figures": figs,
+                "maps": maps,
+                "n_cells": len(sub),
+                "categories": sorted(sub["category"].unique()),
+                "labels": list(dict.fromkeys(sub["label"])),
+            }
+        )
     shown = {t["name"] for s in sections for t in s["tables"]}
-    cost = [{"id": f"table-{name}", "name": name, "title": _table_title(name, None),
-             "html": Markup(table_html(t, f"table-{name}")), "notes": t.attrs.get("notes", []), "collapsed": False}
-            for name, t in tables.items() if name not in shown]
+    cost = [
+        {
+            "id": f"table-{name}",
+            "name": name,
+            "title": _table_title(name, None),
+            "html": Markup(table_html(t, f"table-{name}")),
+            "notes": t.attrs.get("notes", []),
+            "collapsed": False,
+        }
+        for name, t in tables.items()
+        if name not in shown
+    ]
     placed = {f["file"].split("/", 1)[1] for s in sections for f in s["figures"] + s["maps"]}
     other_figures = [_figure(p, p.stem) for p in figures if p.name not in placed]
 
     significance = None
     if reference is not None:
         sig, skipped = significance_rows(df, reference)
-        significance = {"reference": reference, "note": significance_note(reference), "skipped": skipped,
-                        "html": Markup(table_html(sig, "table-significance")) if not sig.empty else None}
+        significance = {
+            "reference": reference,
+            "note": significance_note(reference),
+            "skipped": skipped,
+            "html": Markup(table_html(sig, "table-significance")) if not sig.empty else None,
+        }
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     template = env.from_string(resources.files("fsad_bench.report").joinpath(TEMPLATE).read_text(encoding="utf-8"))
     notes = [n for n in (store.invalid_note(), store.foreign_note()) if n]
     page = template.render(
-        title=f"fsad-bench report — {suite.get('name') or out.name}", suite=suite, out=str(out),
-        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes, sections=sections,
-        cost=cost, other_figures=other_figures, significance=significance,
-        prov=provenance(store, df, suite, command, methods), n_cells=len(df),
-        spread=_spread(df))
+        title=f"fsad-bench report — {suite.get('name') or out.name}",
+        suite=suite,
+        out=str(out),
+        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        notes=notes,
+        sections=sections,
+        cost=cost,
+        other_figures=other_figures,
+        significance=significance,
+        prov=provenance(store, df, suite, command, methods),
+        n_cells=len(df),
+        spread=_spread(df),
+    )
     path = out / REPORT_NAME
     atomic_write_text(path, page)
     return path

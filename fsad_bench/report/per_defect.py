@@ -34,10 +34,19 @@ def per_defect_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.D
     """Rows (dataset when several, category, defect), columns ``(f"k={k}", label)``, ``mean ± std`` in %."""
     if "per_defect_auroc" not in df.columns:
         return pd.DataFrame()
-    rows = [{"dataset": r["dataset"], "category": r["category"], "defect": d, "k": r["k"], "label": r["label"],
-             "value": 100 * float(v)}
-            for _, r in df.iterrows() if isinstance(r["per_defect_auroc"], dict)
-            for d, v in r["per_defect_auroc"].items()]
+    rows = [
+        {
+            "dataset": r["dataset"],
+            "category": r["category"],
+            "defect": d,
+            "k": r["k"],
+            "label": r["label"],
+            "value": 100 * float(v),
+        }
+        for _, r in df.iterrows()
+        if isinstance(r["per_defect_auroc"], dict)
+        for d, v in r["per_defect_auroc"].items()
+    ]
     if not rows:
         return pd.DataFrame()
     long = pd.DataFrame(rows)
@@ -45,13 +54,20 @@ def per_defect_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.D
     labels = [lab for lab in method_order(df, methods) if lab in set(long["label"])]
     cols = [(f"k={k}", lab) for k in sorted(long["k"].unique()) for lab in labels]
     cells = long.groupby(keys + ["k", "label"])["value"].apply(_cell_text)
-    table = pd.DataFrame("–", index=pd.MultiIndex.from_tuples(sorted({i[: len(keys)] for i in cells.index}),
-                                                              names=keys),
-                         columns=pd.MultiIndex.from_tuples(cols, names=["k", "method"]), dtype=object)
+    table = pd.DataFrame(
+        "–",
+        index=pd.MultiIndex.from_tuples(sorted({i[: len(keys)] for i in cells.index}), names=keys),
+        columns=pd.MultiIndex.from_tuples(cols, names=["k", "method"]),
+        dtype=object,
+    )
     for idx, text in cells.items():
         table.loc[idx[: len(keys)], (f"k={idx[-2]}", idx[-1])] = text
-    table.attrs["notes"] = [("image AUROC (%) of each defect type's images against every normal image; "
-                             "± : sample std over the cell's (train seed, run) records")]
+    table.attrs["notes"] = [
+        (
+            "image AUROC (%) of each defect type's images against every normal image; "
+            "± : sample std over the cell's (train seed, run) records"
+        )
+    ]
     return table
 
 
@@ -60,19 +76,44 @@ def operating_point_table(df: pd.DataFrame, methods: list[str] | None = None) ->
     scoring, records ``n``, and the means (%) of ``fpr``, ``recall``, ``f1``, ``f1max`` at the support threshold."""
     if "operating_point" not in df.columns:
         return pd.DataFrame()
-    rows = [{"dataset": r["dataset"], "k": r["k"], "label": r["label"], "category": r["category"],
-             "rule": op.get("rule"), "scoring": op.get("scoring"), **{f: 100 * float(op[f]) for f in OP_FIELDS}}
-            for _, r in df.iterrows() if isinstance(op := r["operating_point"], dict) and all(f in op for f in OP_FIELDS)]
+    rows = [
+        {
+            "dataset": r["dataset"],
+            "k": r["k"],
+            "label": r["label"],
+            "category": r["category"],
+            "rule": op.get("rule"),
+            "scoring": op.get("scoring"),
+            **{f: 100 * float(op[f]) for f in OP_FIELDS},
+        }
+        for _, r in df.iterrows()
+        if isinstance(op := r["operating_point"], dict) and all(f in op for f in OP_FIELDS)
+    ]
     if not rows:
         return pd.DataFrame()
     long = pd.DataFrame(rows)
     order = {lab: i for i, lab in enumerate(method_order(df, methods))}
     keys = ["dataset", "k", "label"]
-    per_cat = long.groupby(keys + ["category"]).agg(
-        rule=("rule", "first"), scoring=("scoring", lambda s: "/".join(sorted(set(s)))), n=("f1", "size"),
-        **{f: (f, "mean") for f in OP_FIELDS}).reset_index()
-    mean = per_cat.groupby(keys).agg(rule=("rule", "first"), scoring=("scoring", lambda s: "/".join(sorted(set(s)))),
-                                     n=("n", "sum"), **{f: (f, "mean") for f in OP_FIELDS}).reset_index()
+    per_cat = (
+        long.groupby(keys + ["category"])
+        .agg(
+            rule=("rule", "first"),
+            scoring=("scoring", lambda s: "/".join(sorted(set(s)))),
+            n=("f1", "size"),
+            **{f: (f, "mean") for f in OP_FIELDS},
+        )
+        .reset_index()
+    )
+    mean = (
+        per_cat.groupby(keys)
+        .agg(
+            rule=("rule", "first"),
+            scoring=("scoring", lambda s: "/".join(sorted(set(s)))),
+            n=("n", "sum"),
+            **{f: (f, "mean") for f in OP_FIELDS},
+        )
+        .reset_index()
+    )
     mean["category"] = MEAN_ROW
     out = pd.concat([per_cat, mean], ignore_index=True)
     out["_m"] = out["label"].map(order).fillna(len(order))
@@ -80,9 +121,13 @@ def operating_point_table(df: pd.DataFrame, methods: list[str] | None = None) ->
     out = out.sort_values(["dataset", "k", "_m", "label", "_mean", "category"]).drop(columns=["_m", "_mean"])
     out = out.rename(columns={"label": "method"}).set_index(["dataset", "k", "method", "category"])
     out[list(OP_FIELDS)] = out[list(OP_FIELDS)].astype(float).round(1)
-    out.attrs["notes"] = [("threshold from the support images alone (rule max: the highest leave-one-out support "
-                           "score; k=1: the support image scored by the model adapted on it); fpr, recall, f1: test "
-                           "set at that threshold, f1max: the best threshold (oracle), means in %")]
+    out.attrs["notes"] = [
+        (
+            "threshold from the support images alone (rule max: the highest leave-one-out support "
+            "score; k=1: the support image scored by the model adapted on it); fpr, recall, f1: test "
+            "set at that threshold, f1max: the best threshold (oracle), means in %"
+        )
+    ]
     return out
 
 
@@ -90,18 +135,19 @@ def write_side_tables(folder: str | Path, df: pd.DataFrame, methods: list[str] |
     """Write ``per_defect_image_auroc`` and ``operating_point`` (``.md`` and ``.csv``) into ``folder``
     when records hold their fields; returns the names written."""
     written = []
-    for name, table in (("per_defect_image_auroc", per_defect_table(df, methods)),
-                        ("operating_point", operating_point_table(df, methods))):
+    for name, table in (
+        ("per_defect_image_auroc", per_defect_table(df, methods)),
+        ("operating_point", operating_point_table(df, methods)),
+    ):
         if table.empty:
             continue
         flat = table.copy()
         if isinstance(flat.columns, pd.MultiIndex):
             flat.columns = [" ".join(c) for c in flat.columns]
         notes = "".join(f"\n{n}\n" for n in table.attrs.get("notes", []))
-        atomic_write_text(Path(folder) / f"{name}.md", flat.reset_index().to_markdown(index=False, floatfmt=".1f")
-                          + "\n" + notes)
+        atomic_write_text(
+            Path(folder) / f"{name}.md", flat.reset_index().to_markdown(index=False, floatfmt=".1f") + "\n" + notes
+        )
         atomic_write_text(Path(folder) / f"{name}.csv", flat.to_csv())
         written.append(name)
     return written
-
-

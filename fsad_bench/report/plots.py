@@ -49,6 +49,7 @@ DPI = 110
 # helpers
 # ---------------------------------------------------------------------------------------
 
+
 def _save(fig: Figure, path: Path) -> Path:
     """Render ``fig`` to PNG and write it atomically, mode :data:`~fsad_bench.records.store.FILE_MODE`
     (like the tables and records)."""
@@ -115,8 +116,15 @@ def wrap_titles(labels: list[str], width: int = 24, max_lines: int = 3) -> tuple
 # accuracy plots
 # ---------------------------------------------------------------------------------------
 
-def plot_metric_vs_k(df: pd.DataFrame, dataset: str, metric: str, path: Path,
-                     methods: list[str] | None = None, incomplete: set[tuple[str, int]] | None = None) -> Path | None:
+
+def plot_metric_vs_k(
+    df: pd.DataFrame,
+    dataset: str,
+    metric: str,
+    path: Path,
+    methods: list[str] | None = None,
+    incomplete: set[tuple[str, int]] | None = None,
+) -> Path | None:
     """Macro-average ``metric`` against k per label: the tables' ``Mean`` row, mean ± std over
     (train seed, run) pairs (band). ``incomplete``: (label, k) points missing some planned cell
     (:mod:`fsad_bench.report.completeness`), drawn hollow and named in the legend, never as a mean
@@ -135,8 +143,15 @@ def plot_metric_vs_k(df: pd.DataFrame, dataset: str, metric: str, path: Path,
         part = pd.Series([(lab, int(k)) in (incomplete or set()) for k in a["k"]], index=a.index)
         name = lab + (f" (* incomplete at k={', '.join(map(str, a.loc[part, 'k']))})" if part.any() else "")
         ax.plot(a["k"], a["mean"], marker="o", color=colors[lab], label=name)
-        ax.plot(a.loc[part, "k"], a.loc[part, "mean"], linestyle="none", marker="o", markersize=9,
-                markerfacecolor="white", markeredgecolor=colors[lab])  # incomplete: hollow
+        ax.plot(
+            a.loc[part, "k"],
+            a.loc[part, "mean"],
+            linestyle="none",
+            marker="o",
+            markersize=9,
+            markerfacecolor="white",
+            markeredgecolor=colors[lab],
+        )  # incomplete: hollow
         ax.fill_between(a["k"], a["mean"] - a["std"], a["mean"] + a["std"], color=colors[lab], alpha=0.2)
     ks = sorted(agg["k"].unique())
     ax.set_xscale("log", base=2)
@@ -145,13 +160,15 @@ def plot_metric_vs_k(df: pd.DataFrame, dataset: str, metric: str, path: Path,
     ax.set_ylabel(METRIC_NAMES.get(metric, metric) + ", macro avg.")
     ax.set_title(f"{dataset}: {METRIC_NAMES.get(metric, metric)} vs k\n({_pm(d)})", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2 if len(labels) > 1 else 1,
-              frameon=False)
+    ax.legend(
+        fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2 if len(labels) > 1 else 1, frameon=False
+    )
     return _save(fig, path)
 
 
-def plot_category_bars(df: pd.DataFrame, dataset: str, metric: str, path: Path,
-                       methods: list[str] | None = None) -> Path | None:
+def plot_category_bars(
+    df: pd.DataFrame, dataset: str, metric: str, path: Path, methods: list[str] | None = None
+) -> Path | None:
     """Per-category grouped bars, one panel per k: the tables' cells (mean, error bar = std over
     (train seed, run) pairs). The legend sits above the panels (never over a bar) and the y range
     is fitted to the bars and their error bars."""
@@ -175,10 +192,23 @@ def plot_category_bars(df: pd.DataFrame, dataset: str, metric: str, path: Path,
     for ax, k in zip(axes, ks):
         for j, lab in enumerate(labels):
             a = s[(s["k"] == k) & (s["label"] == lab)].set_index("category").reindex(cats)
-            ax.bar(x + (j - (len(labels) - 1) / 2) * width, a["mean"], width, yerr=a["std"], capsize=2,
-                   color=colors[lab], label=lab, error_kw={"elinewidth": 0.8})
-        ax.set_xticks(x, cats, rotation=30 if max(map(len, cats)) > 6 else 0, ha="right" if max(map(len, cats)) > 6
-                      else "center", fontsize=7)
+            ax.bar(
+                x + (j - (len(labels) - 1) / 2) * width,
+                a["mean"],
+                width,
+                yerr=a["std"],
+                capsize=2,
+                color=colors[lab],
+                label=lab,
+                error_kw={"elinewidth": 0.8},
+            )
+        ax.set_xticks(
+            x,
+            cats,
+            rotation=30 if max(map(len, cats)) > 6 else 0,
+            ha="right" if max(map(len, cats)) > 6 else "center",
+            fontsize=7,
+        )
         ax.set_xlim(-0.5, len(cats) - 0.5)
         ax.set_ylabel(f"k={k}", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
@@ -192,8 +222,9 @@ def plot_category_bars(df: pd.DataFrame, dataset: str, metric: str, path: Path,
     return _save(fig, path)
 
 
-def plot_accuracy_vs_cost(df: pd.DataFrame, dataset: str, path: Path, methods: list[str] | None = None,
-                          metric: str = "image_auroc") -> Path | None:
+def plot_accuracy_vs_cost(
+    df: pd.DataFrame, dataset: str, path: Path, methods: list[str] | None = None, metric: str = "image_auroc"
+) -> Path | None:
     """Accuracy against adaptation cost, one point per (label, k): y = the tables' ``Mean`` row
     (macro average, ± std over (train seed, run) pairs), x = mean adaptation seconds per cell
     ± std over cells (the cost table's ``adapt_s``), log scale. Colour = label, marker = k;
@@ -203,8 +234,11 @@ def plot_accuracy_vs_cost(df: pd.DataFrame, dataset: str, path: Path, methods: l
         return None
     s = summary(d, metric)
     acc = s[s["category"] == MEAN_ROW][["label", "k", "mean", "std"]]
-    cost = cost_table(d, methods).reset_index().rename(columns={"method": "label"})[["label", "k", "adapt_s",
-                                                                                     "adapt_s_std"]]
+    cost = (
+        cost_table(d, methods)
+        .reset_index()
+        .rename(columns={"method": "label"})[["label", "k", "adapt_s", "adapt_s_std"]]
+    )
     pts = acc.merge(cost, on=["label", "k"]).dropna(subset=["adapt_s"])
     if pts.empty:
         return None
@@ -221,8 +255,17 @@ def plot_accuracy_vs_cost(df: pd.DataFrame, dataset: str, path: Path, methods: l
         ax.plot(p["x"], p["mean"], color=colors[lab], lw=0.8, alpha=0.6)
         for r in p.itertuples():
             lo = min(float(r.adapt_s_std), 0.9 * float(r.x))  # a log axis has no room below 0
-            ax.errorbar([r.x], [r.mean], yerr=[[r.std], [r.std]], xerr=[[lo], [float(r.adapt_s_std)]],
-                        fmt=markers[r.k], color=colors[lab], ms=6, capsize=2, elinewidth=0.8)
+            ax.errorbar(
+                [r.x],
+                [r.mean],
+                yerr=[[r.std], [r.std]],
+                xerr=[[lo], [float(r.adapt_s_std)]],
+                fmt=markers[r.k],
+                color=colors[lab],
+                ms=6,
+                capsize=2,
+                elinewidth=0.8,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("adaptation time per cell (s, mean ± std over cells; log scale)", fontsize=8)
     ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)}, macro avg.", fontsize=8)
@@ -234,19 +277,38 @@ def plot_accuracy_vs_cost(df: pd.DataFrame, dataset: str, path: Path, methods: l
 
     by_label = [Line2D([], [], color=colors[lab], marker="o", ls="-", lw=0.8, label=lab) for lab in labels]
     by_k = [Line2D([], [], color="black", marker=markers[k], ls="none", label=f"k={k}") for k in ks]
-    ax.legend(handles=by_k, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
-              title="k (support\nimages)", title_fontsize=7)
+    ax.legend(
+        handles=by_k,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+        title="k (support\nimages)",
+        title_fontsize=7,
+    )
     fig.tight_layout()
-    fig.legend(handles=by_label, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False,
-               ncol=2 if len(labels) > 1 else 1)  # below the axes: long labels never squeeze the plot
+    fig.legend(
+        handles=by_label,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        frameon=False,
+        ncol=2 if len(labels) > 1 else 1,
+    )  # below the axes: long labels never squeeze the plot
     if (pts["adapt_s"] < floor).any():
-        ax.text(0.0, -0.2, f"adaptation times below {floor:.1e} s drawn at {floor:.1e} s", fontsize=6,
-                transform=ax.transAxes)
+        ax.text(
+            0.0,
+            -0.2,
+            f"adaptation times below {floor:.1e} s drawn at {floor:.1e} s",
+            fontsize=6,
+            transform=ax.transAxes,
+        )
     return _save(fig, path)
 
 
-def plot_roc(df: pd.DataFrame, dataset: str, path: Path, methods: list[str] | None = None,
-             k: int | None = None, run: int = 0) -> Path | None:
+def plot_roc(
+    df: pd.DataFrame, dataset: str, path: Path, methods: list[str] | None = None, k: int | None = None, run: int = 0
+) -> Path | None:
     """Image-level ROC curves per category at ``k`` (default: the largest) and ``run``, from the
     records' per-image ``scores`` / ``labels``. None when no such record exists."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -254,8 +316,10 @@ def plot_roc(df: pd.DataFrame, dataset: str, path: Path, methods: list[str] | No
     if not set(RECORD_KEYS_FOR_ROC) <= set(df.columns):
         return None
     d = df[(df["dataset"] == dataset) & (df["run"] == run)]
-    d = d[d["scores"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)
-          & d["labels"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)]
+    d = d[
+        d["scores"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)
+        & d["labels"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)
+    ]
     if d.empty:
         return None
     d = d[d["k"] == (k if k is not None else d["k"].max())]
@@ -292,6 +356,7 @@ def plot_roc(df: pd.DataFrame, dataset: str, path: Path, methods: list[str] | No
 # anomaly-map examples
 # ---------------------------------------------------------------------------------------
 
+
 def load_example_maps(out: str | Path, df: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Every ``<out>/maps/*.npz`` joined with its record (by cell id): dicts with dataset,
     category, label, k, run and the arrays. Files without a record are ignored."""
@@ -308,13 +373,23 @@ def load_example_maps(out: str | Path, df: pd.DataFrame | None = None) -> list[d
         r = recs.loc[p.stem]
         with np.load(p, allow_pickle=False) as z:
             arrays = {key: z[key] for key in z.files}
-        found.append({"dataset": r["dataset"], "category": r["category"], "label": r["label"],
-                      "method": r["method"], "k": int(r["k"]), "run": int(r["run"]), **arrays})
+        found.append(
+            {
+                "dataset": r["dataset"],
+                "category": r["category"],
+                "label": r["label"],
+                "method": r["method"],
+                "k": int(r["k"]),
+                "run": int(r["run"]),
+                **arrays,
+            }
+        )
     return found
 
 
-def plot_map_grids(out: str | Path, plots: Path, df: pd.DataFrame | None = None,
-                   methods: list[str] | None = None) -> list[Path]:
+def plot_map_grids(
+    out: str | Path, plots: Path, df: pd.DataFrame | None = None, methods: list[str] | None = None
+) -> list[Path]:
     """One figure per (dataset, category): rows = example test images, columns = image,
     ground truth, then each label's map over the image (largest k saved, lowest run).
     Maps are min-max scaled per label over that category's examples, so a label's colours
@@ -331,8 +406,7 @@ def plot_map_grids(out: str | Path, plots: Path, df: pd.DataFrame | None = None,
         by_label = {lab: g[g["label"] == lab].iloc[0] for lab in labels}
         first = by_label[labels[0]]
         names = list(first["image_paths"])
-        rows = [i for i, name in enumerate(names)
-                if all(name in list(by_label[lab]["image_paths"]) for lab in labels)]
+        rows = [i for i, name in enumerate(names) if all(name in list(by_label[lab]["image_paths"]) for lab in labels)]
         if not rows:
             continue
         ncol = 2 + len(labels)
@@ -376,6 +450,7 @@ def plot_map_grids(out: str | Path, plots: Path, df: pd.DataFrame | None = None,
 # everything
 # ---------------------------------------------------------------------------------------
 
+
 def write_plots(out: str | Path, methods: list[str] | None = None) -> list[Path]:
     """Write every figure of the results folder ``out`` to ``<out>/plots/``; returns the paths.
     Figures whose inputs are absent (per-image scores, saved maps, a metric never computed)
@@ -394,16 +469,26 @@ def write_plots(out: str | Path, methods: list[str] | None = None) -> list[Path]
         for metric in METRIC_NAMES:
             if metric not in df.columns or not df.loc[df["dataset"] == ds, metric].notna().any():
                 continue
-            written.append(plot_metric_vs_k(df, ds, metric, plots / f"{_safe(ds)}_{metric}_vs_k.png", methods,
-                                            incomplete))
+            written.append(
+                plot_metric_vs_k(df, ds, metric, plots / f"{_safe(ds)}_{metric}_vs_k.png", methods, incomplete)
+            )
             written.append(plot_category_bars(df, ds, metric, plots / f"{_safe(ds)}_{metric}_categories.png", methods))
         if "image_auroc" in df.columns:
-            written.append(plot_accuracy_vs_cost(df, ds, plots / f"{_safe(ds)}_image_auroc_vs_adapt_cost.png",
-                                                 methods))
+            written.append(plot_accuracy_vs_cost(df, ds, plots / f"{_safe(ds)}_image_auroc_vs_adapt_cost.png", methods))
         written.append(plot_roc(df, ds, plots / f"{_safe(ds)}_roc.png", methods))
     written += plot_map_grids(out, plots, df, methods)
     return [p for p in written if p is not None]
 
 
-__all__ = ["RECORD_KEYS_FOR_ROC", "load_example_maps", "plot_accuracy_vs_cost", "plot_category_bars",
-           "plot_map_grids", "plot_metric_vs_k", "plot_roc", "spread_words", "wrap_titles", "write_plots"]
+__all__ = [
+    "RECORD_KEYS_FOR_ROC",
+    "load_example_maps",
+    "plot_accuracy_vs_cost",
+    "plot_category_bars",
+    "plot_map_grids",
+    "plot_metric_vs_k",
+    "plot_roc",
+    "spread_words",
+    "wrap_titles",
+    "write_plots",
+]

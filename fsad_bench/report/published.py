@@ -56,8 +56,15 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     ref = pd.read_csv(path, dtype={"dataset": str, "category": str, "method": str, "metric": str})
     if not explicit:  # the default: every shipped file
         extra = [REFERENCE_CSV.parent / name for name in EXTRA_REFERENCE_CSVS]
-        ref = pd.concat([ref] + [pd.read_csv(p, dtype={"dataset": str, "category": str, "method": str, "metric": str})
-                                 for p in extra if p.is_file()], ignore_index=True)
+        ref = pd.concat(
+            [ref]
+            + [
+                pd.read_csv(p, dtype={"dataset": str, "category": str, "method": str, "metric": str})
+                for p in extra
+                if p.is_file()
+            ],
+            ignore_index=True,
+        )
     missing = {"dataset", "category", "method", "k", "metric", "value"} - set(ref.columns)
     if missing:
         raise FsadError(f"{path}: missing columns {sorted(missing)}")
@@ -89,9 +96,14 @@ def caveat_notes(marks: dict[str, tuple[str, str]], methods: Iterable[str] | Non
     return [f"{mark} {text} ({', '.join(ms)})" for (mark, text), ms in by_mark.items()]
 
 
-def reference_rows(dataset: str, metric: str = "image_auroc", ks: Iterable[int] | None = None,
-                   methods: Iterable[str] | None = None, decimals: int = 1,
-                   reference: pd.DataFrame | None = None) -> pd.DataFrame:
+def reference_rows(
+    dataset: str,
+    metric: str = "image_auroc",
+    ks: Iterable[int] | None = None,
+    methods: Iterable[str] | None = None,
+    decimals: int = 1,
+    reference: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Published numbers shaped like :func:`fsad_bench.report.tables.paper_table`: index = categories
     + ``Mean`` + ``Std (categories)``, columns ``(f"k={k}", "<Method> (paper)")``, text cells.
 
@@ -114,8 +126,14 @@ def reference_rows(dataset: str, metric: str = "image_auroc", ks: Iterable[int] 
 
     cats = sorted(c for c in ref["category"].unique() if c != MEAN_ROW)
     cols = pd.MultiIndex.from_tuples(
-        [(f"k={k}", col(m)) for k in sorted(ref["k"].unique()) for m in dict.fromkeys(ref["method"])
-         if ((ref["k"] == k) & (ref["method"] == m)).any()], names=["k", "method"])
+        [
+            (f"k={k}", col(m))
+            for k in sorted(ref["k"].unique())
+            for m in dict.fromkeys(ref["method"])
+            if ((ref["k"] == k) & (ref["method"] == m)).any()
+        ],
+        names=["k", "method"],
+    )
     table = pd.DataFrame("–", index=cats + [MEAN_ROW, STD_ROW], columns=cols, dtype=object)
     for r in ref.itertuples():
         table.loc[r.category, (f"k={r.k}", col(r.method))] = fmt.format(r.value)
@@ -134,8 +152,14 @@ def _leading_number(text: object) -> float | None:
         return None
 
 
-def attach_reference(table: pd.DataFrame, dataset: str, metric: str = "image_auroc", decimals: int = 1,
-                     reference: pd.DataFrame | None = None, missing_ok: bool = True) -> pd.DataFrame:
+def attach_reference(
+    table: pd.DataFrame,
+    dataset: str,
+    metric: str = "image_auroc",
+    decimals: int = 1,
+    reference: pd.DataFrame | None = None,
+    missing_ok: bool = True,
+) -> pd.DataFrame:
     """A paper table with the published columns of the same k values inserted after each k's
     measured columns; rows are the union (measured categories first), so every category the
     reference has is compared side by side. Unchanged when the reference has nothing for this
@@ -173,10 +197,12 @@ def attach_reference(table: pd.DataFrame, dataset: str, metric: str = "image_aur
     if universe and len(common) < len(universe):
         n, big_n = len(common), len(universe)
         names = ", ".join(common) if n <= 5 else f"{', '.join(common[:5])}, …"
-        notes.append(f"{MEAN_ROW} of measured columns: over {n} of the reference's {big_n} {dataset} categories"
-                     f"{f' ({names})' if n else ''}; the published {MEAN_ROW} (paper) averages all {big_n}, so the "
-                     f"two {MEAN_ROW} rows are not comparable — compare per category"
-                     + (f" or in the row '{MEAN_ROW} ({n} of {big_n} paper categories)'" if n and ref_cats else ""))
+        notes.append(
+            f"{MEAN_ROW} of measured columns: over {n} of the reference's {big_n} {dataset} categories"
+            f"{f' ({names})' if n else ''}; the published {MEAN_ROW} (paper) averages all {big_n}, so the "
+            f"two {MEAN_ROW} rows are not comparable — compare per category"
+            + (f" or in the row '{MEAN_ROW} ({n} of {big_n} paper categories)'" if n and ref_cats else "")
+        )
         if n and ref_cats:
             label = f"{MEAN_ROW} ({n} of {big_n} paper categories)"
             fmt = f"{{:.{decimals}f}}"
@@ -193,8 +219,9 @@ def attach_reference(table: pd.DataFrame, dataset: str, metric: str = "image_aur
     return merged
 
 
-def paper_difference(df: pd.DataFrame, dataset: str, metric: str = "image_auroc",
-                     reference: pd.DataFrame | None = None) -> pd.DataFrame:
+def paper_difference(
+    df: pd.DataFrame, dataset: str, metric: str = "image_auroc", reference: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Measured − published, for labels whose method maps to a paper name (:data:`PAPER_NAMES`).
 
     One row per (label, k, category) present in both, plus a ``Mean`` row per (label, k):
@@ -209,13 +236,28 @@ def paper_difference(df: pd.DataFrame, dataset: str, metric: str = "image_auroc"
     marks = caveat_marks(ref)
     ref = ref[(ref["dataset"] == dataset) & (ref["metric"] == metric)]
     d = df[(df["dataset"] == dataset) & df["method"].isin(list(PAPER_NAMES))].dropna(subset=[metric])
-    columns = ["dataset", "label", "method", "paper_method", "k", "category", "measured", "paper", "diff",
-               "n_runs", "paper_basis", "caveat"]
+    columns = [
+        "dataset",
+        "label",
+        "method",
+        "paper_method",
+        "k",
+        "category",
+        "measured",
+        "paper",
+        "diff",
+        "n_runs",
+        "paper_basis",
+        "caveat",
+    ]
     if d.empty or ref.empty:
         return pd.DataFrame(columns=columns)
-    per_cat = (d.assign(value=100 * d[metric].astype(float))
-               .groupby(["label", "method", "k", "category"])["value"].agg(measured="mean", n_runs="count")
-               .reset_index())
+    per_cat = (
+        d.assign(value=100 * d[metric].astype(float))
+        .groupby(["label", "method", "k", "category"])["value"]
+        .agg(measured="mean", n_runs="count")
+        .reset_index()
+    )
     rows = []
     for (label, method, k), g in per_cat.groupby(["label", "method", "k"]):
         pm = PAPER_NAMES[method]
@@ -227,9 +269,22 @@ def paper_difference(df: pd.DataFrame, dataset: str, metric: str = "image_auroc"
         cats_ref = {c for c in published if c != MEAN_ROW}
         for row in g.itertuples():
             if row.category in published:
-                rows.append([dataset, label, method, pm, int(k), row.category, row.measured,
-                             published[row.category], row.measured - published[row.category], int(row.n_runs),
-                             "published", caveat])
+                rows.append(
+                    [
+                        dataset,
+                        label,
+                        method,
+                        pm,
+                        int(k),
+                        row.category,
+                        row.measured,
+                        published[row.category],
+                        row.measured - published[row.category],
+                        int(row.n_runs),
+                        "published",
+                        caveat,
+                    ]
+                )
         measured_mean = g["measured"].mean()
         measured_cats = set(g["category"])
         if cats_ref and measured_cats == cats_ref and MEAN_ROW in published:
@@ -242,11 +297,28 @@ def paper_difference(df: pd.DataFrame, dataset: str, metric: str = "image_auroc"
 
             big_n = len(KNOWN_DATASETS.get(dataset, []))
             paper = published[MEAN_ROW]
-            basis = ("published" if big_n and measured_cats == set(KNOWN_DATASETS[dataset]) else
-                     f"published Mean over {big_n or 'the paper’s'} categories, measured over {len(measured_cats)}"
-                     " (not comparable)")
+            basis = (
+                "published"
+                if big_n and measured_cats == set(KNOWN_DATASETS[dataset])
+                else f"published Mean over {big_n or 'the paper’s'} categories, measured over {len(measured_cats)}"
+                " (not comparable)"
+            )
         else:
             continue
-        rows.append([dataset, label, method, pm, int(k), MEAN_ROW, measured_mean, paper, measured_mean - paper,
-                     int(g["n_runs"].min()), basis, caveat])
+        rows.append(
+            [
+                dataset,
+                label,
+                method,
+                pm,
+                int(k),
+                MEAN_ROW,
+                measured_mean,
+                paper,
+                measured_mean - paper,
+                int(g["n_runs"].min()),
+                basis,
+                caveat,
+            ]
+        )
     return pd.DataFrame(rows, columns=columns)

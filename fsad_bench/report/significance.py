@@ -30,9 +30,9 @@ import pandas as pd
 from scipy import stats
 
 from fsad_bench.errors import FsadError
-from fsad_bench.report.published import MEAN_ROW
 from fsad_bench.records.store import atomic_write_text, with_train_seed
 from fsad_bench.report.costs import method_order
+from fsad_bench.report.published import MEAN_ROW
 
 KEYS = ["dataset", "category", "k", "run", "train_seed"]
 
@@ -79,8 +79,10 @@ def check_paired(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc") 
     keys = {}
     for lab in (la, lb):
         rows = d[d["label"] == lab]
-        keys[lab] = (set(map(tuple, rows[KEYS].itertuples(index=False))),
-                     "protocol" in rows and bool(len(rows)) and (rows["protocol"] == "training-free").all())
+        keys[lab] = (
+            set(map(tuple, rows[KEYS].itertuples(index=False))),
+            "protocol" in rows and bool(len(rows)) and (rows["protocol"] == "training-free").all(),
+        )
     (ka, free_a), (kb, free_b) = keys[la], keys[lb]
     if free_a or free_b:  # the other side's train seeds > 0 have no partner by design
         ka, kb = ({x for x in s if x[-1] == 0} for s in (ka, kb))
@@ -88,9 +90,11 @@ def check_paired(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc") 
     if only_a or only_b:
         lone, who = (only_a, la) if only_a else (only_b, lb)
         _, cat, k, run, seed = lone[0]
-        raise FsadError(f"{la!r} and {lb!r} are not paired: {len(only_a)} cells of {la!r} and {len(only_b)} of "
-                        f"{lb!r} have no partner (e.g. {who!r} {cat} k={k} run {run} train seed {seed}); finish "
-                        f"the run, or --allow-unpaired tests on the {len(ka & kb)} shared cells")
+        raise FsadError(
+            f"{la!r} and {lb!r} are not paired: {len(only_a)} cells of {la!r} and {len(only_b)} of "
+            f"{lb!r} have no partner (e.g. {who!r} {cat} k={k} run {run} train seed {seed}); finish "
+            f"the run, or --allow-unpaired tests on the {len(ka & kb)} shared cells"
+        )
 
 
 def wilcoxon_p(diffs: Iterable[float]) -> tuple[float, float]:
@@ -108,8 +112,9 @@ def wilcoxon_p(diffs: Iterable[float]) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def bootstrap_ci(diffs: Iterable[float], n_resamples: int = 10_000, confidence: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    diffs: Iterable[float], n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile-bootstrap CI of the mean of ``diffs`` (resampling the values with replacement).
 
     Draws ``rng.integers(0, n, (n_resamples, n))`` from ``numpy.random.default_rng(seed)`` —
@@ -130,18 +135,32 @@ def _summarise(pairs: pd.DataFrame, n_resamples: int, confidence: float, seed: i
     stat, p = wilcoxon_p(d)
     lo, hi = bootstrap_ci(d, n_resamples, confidence, seed)
     return {
-        "n_pairs": int(d.size), "mean_a": float(pairs["a"].mean()) if d.size else np.nan,
+        "n_pairs": int(d.size),
+        "mean_a": float(pairs["a"].mean()) if d.size else np.nan,
         "mean_b": float(pairs["b"].mean()) if d.size else np.nan,
-        "mean_diff": float(d.mean()) if d.size else np.nan, "median_diff": float(np.median(d)) if d.size else np.nan,
-        "ci_low": lo, "ci_high": hi,
-        "wins": int((d > tie_tol).sum()), "ties": int((np.abs(d) <= tie_tol).sum()), "losses": int((d < -tie_tol).sum()),
-        "wilcoxon_stat": stat, "p_value": p,
+        "mean_diff": float(d.mean()) if d.size else np.nan,
+        "median_diff": float(np.median(d)) if d.size else np.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+        "wins": int((d > tie_tol).sum()),
+        "ties": int((np.abs(d) <= tie_tol).sum()),
+        "losses": int((d < -tie_tol).sum()),
+        "wilcoxon_stat": stat,
+        "p_value": p,
     }
 
 
-def compare_methods(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc", n_resamples: int = 10_000,
-                    confidence: float = 0.95, seed: int = 0, tie_tol: float = 1e-9,
-                    allow_unpaired: bool = False) -> pd.DataFrame:
+def compare_methods(
+    df: pd.DataFrame,
+    a: str,
+    b: str,
+    metric: str = "image_auroc",
+    n_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    tie_tol: float = 1e-9,
+    allow_unpaired: bool = False,
+) -> pd.DataFrame:
     """Paired comparison of ``a`` against ``b`` (labels or method names), one row per dataset
     and k plus one row per dataset with ``k = "all"``.
 
@@ -161,13 +180,22 @@ def compare_methods(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc
     for ds, dsp in pairs.groupby("dataset", sort=True):
         groups = [(int(k), g) for k, g in dsp.groupby("k", sort=True)] + [("all", dsp)]
         for k, g in groups:
-            rows.append({"dataset": ds, "k": k, "a": la, "b": lb, "metric": metric,
-                         **_summarise(g, n_resamples, confidence, seed, tie_tol)})
+            rows.append(
+                {
+                    "dataset": ds,
+                    "k": k,
+                    "a": la,
+                    "b": lb,
+                    "metric": metric,
+                    **_summarise(g, n_resamples, confidence, seed, tie_tol),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def marker(p_value: float, mean_diff: float, levels: tuple[float, float] = (0.05, 0.01),
-           arrows: tuple[str, str] = ("↑", "↓")) -> str:
+def marker(
+    p_value: float, mean_diff: float, levels: tuple[float, float] = (0.05, 0.01), arrows: tuple[str, str] = ("↑", "↓")
+) -> str:
     """``"**↑"`` / ``"*↓"`` …: stars for ``p < levels[1]`` / ``p < levels[0]``, arrow for the sign
     of the mean difference (``arrows[0]`` = higher than the reference, e.g. ``("+", "-")`` for
     plain-ASCII LaTeX); ``""`` when not significant."""
@@ -176,9 +204,14 @@ def marker(p_value: float, mean_diff: float, levels: tuple[float, float] = (0.05
     return ("**" if p_value < levels[1] else "*") + (arrows[0] if mean_diff > 0 else arrows[1])
 
 
-def significance_markers(df: pd.DataFrame, reference: str, metric: str = "image_auroc",
-                         dataset: str | None = None, levels: tuple[float, float] = (0.05, 0.01),
-                         arrows: tuple[str, str] = ("↑", "↓")) -> dict[tuple[str, str], str]:
+def significance_markers(
+    df: pd.DataFrame,
+    reference: str,
+    metric: str = "image_auroc",
+    dataset: str | None = None,
+    levels: tuple[float, float] = (0.05, 0.01),
+    arrows: tuple[str, str] = ("↑", "↓"),
+) -> dict[tuple[str, str], str]:
     """Marker per paper-table column ``(f"k={k}", label)`` for every label other than the
     reference (label or method name), from the paired Wilcoxon test of that label against the
     reference on one dataset (``dataset`` or the only one). Columns with nothing to mark get
@@ -199,9 +232,15 @@ def significance_markers(df: pd.DataFrame, reference: str, metric: str = "image_
     return out
 
 
-def add_significance(table: pd.DataFrame, df: pd.DataFrame, reference: str, metric: str = "image_auroc",
-                     dataset: str | None = None, levels: tuple[float, float] = (0.05, 0.01),
-                     arrows: tuple[str, str] = ("↑", "↓")) -> pd.DataFrame:
+def add_significance(
+    table: pd.DataFrame,
+    df: pd.DataFrame,
+    reference: str,
+    metric: str = "image_auroc",
+    dataset: str | None = None,
+    levels: tuple[float, float] = (0.05, 0.01),
+    arrows: tuple[str, str] = ("↑", "↓"),
+) -> pd.DataFrame:
     """Copy of a :func:`fsad_bench.report.tables.paper_table` table whose ``Mean`` cells carry the
     markers of :func:`significance_markers` (e.g. ``"84.1 ± 0.3 **↑"``)."""
     out = table.copy()
@@ -215,8 +254,10 @@ def add_significance(table: pd.DataFrame, df: pd.DataFrame, reference: str, metr
 
 def significance_note(reference: str, levels: tuple[float, float] = (0.05, 0.01)) -> str:
     """Footnote for tables with markers."""
-    return (f"*: p < {levels[0]}, **: p < {levels[1]}, two-sided Wilcoxon signed-rank test over paired "
-            f"(category, run, train seed) cells against {reference}; ↑ higher, ↓ lower than {reference}.")
+    return (
+        f"*: p < {levels[0]}, **: p < {levels[1]}, two-sided Wilcoxon signed-rank test over paired "
+        f"(category, run, train seed) cells against {reference}; ↑ higher, ↓ lower than {reference}."
+    )
 
 
 # --- how stable is a ranking: new support draws and training seeds ------------------------------------------------
@@ -230,10 +271,19 @@ def _win_row(a: np.ndarray, b: np.ndarray, n_resamples: int, rng: np.random.Gene
     d = a - b
     n = d.size
     score = np.where(d > tie_tol, 1.0, np.where(d < -tie_tol, 0.0, 0.5))  # A beats B: 1, tie: 1/2
-    row = {"n_draws": int(n), "p_a_better": float(score.mean()), "p_a_better_low": np.nan,
-           "p_a_better_high": np.nan, "p_a_ahead": np.nan,
-           "a_min": float(a.min()), "a_max": float(a.max()), "b_min": float(b.min()), "b_max": float(b.max()),
-           "a_spread": float(a.max() - a.min()), "b_spread": float(b.max() - b.min())}
+    row = {
+        "n_draws": int(n),
+        "p_a_better": float(score.mean()),
+        "p_a_better_low": np.nan,
+        "p_a_better_high": np.nan,
+        "p_a_ahead": np.nan,
+        "a_min": float(a.min()),
+        "a_max": float(a.max()),
+        "b_min": float(b.min()),
+        "b_max": float(b.max()),
+        "a_spread": float(a.max() - a.min()),
+        "b_spread": float(b.max() - b.min()),
+    }
     if n >= 2:
         idx = rng.integers(0, n, (n_resamples, n))
         lo, hi = np.percentile(score[idx].mean(axis=1), [2.5, 97.5])
@@ -243,8 +293,16 @@ def _win_row(a: np.ndarray, b: np.ndarray, n_resamples: int, rng: np.random.Gene
     return row
 
 
-def win_probability(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc", n_resamples: int = 10_000,
-                    seed: int = 0, tie_tol: float = 1e-9, allow_unpaired: bool = False) -> pd.DataFrame:
+def win_probability(
+    df: pd.DataFrame,
+    a: str,
+    b: str,
+    metric: str = "image_auroc",
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    tie_tol: float = 1e-9,
+    allow_unpaired: bool = False,
+) -> pd.DataFrame:
     """How likely ``a`` beats ``b`` on a new support draw and training seed: one row per dataset, k and
     category, a ``Mean`` row per dataset and k (the per-draw mean over categories), and ``k = "all"`` Mean
     rows (a draw is then a (k, run, train seed)).
@@ -270,9 +328,23 @@ def win_probability(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc
             parts = [] if k == "all" else [(c, gc) for c, gc in g.groupby("category", sort=True)]
             per_draw = g.groupby(draw, sort=True)[["a", "b"]].mean()
             for cat, gc in parts + [(MEAN_ROW, per_draw)]:
-                rows.append({"dataset": ds, "k": k, "category": cat, "a": la, "b": lb, "metric": metric,
-                             **_win_row(gc["a"].to_numpy(float), gc["b"].to_numpy(float), n_resamples,
-                                        np.random.default_rng(seed), tie_tol)})
+                rows.append(
+                    {
+                        "dataset": ds,
+                        "k": k,
+                        "category": cat,
+                        "a": la,
+                        "b": lb,
+                        "metric": metric,
+                        **_win_row(
+                            gc["a"].to_numpy(float),
+                            gc["b"].to_numpy(float),
+                            n_resamples,
+                            np.random.default_rng(seed),
+                            tie_tol,
+                        ),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -281,16 +353,17 @@ def _draw_values(g: pd.DataFrame, metric: str) -> tuple[list[str], np.ndarray]:
     run at train seed 0 only (training-free) stands for itself at every train seed of the others."""
     seeds = sorted(g["train_seed"].unique())
     parts = []
-    for lab, gl in g.groupby("label", sort=False):
+    for _, gl in g.groupby("label", sort=False):
         if gl["train_seed"].nunique() == 1 and int(gl["train_seed"].iloc[0]) == 0 and len(seeds) > 1:
             gl = pd.concat([gl.assign(train_seed=s) for s in seeds])
         parts.append(gl)
-    wide = (pd.concat(parts).groupby(["label", *DRAW])[metric].mean().unstack(DRAW) * 100)  # mean over categories
+    wide = pd.concat(parts).groupby(["label", *DRAW])[metric].mean().unstack(DRAW) * 100  # mean over categories
     return list(wide.index), wide.to_numpy(float)
 
 
-def rank_stability(df: pd.DataFrame, metric: str = "image_auroc", n_resamples: int = 10_000,
-                   seed: int = 0) -> pd.DataFrame:
+def rank_stability(
+    df: pd.DataFrame, metric: str = "image_auroc", n_resamples: int = 10_000, seed: int = 0
+) -> pd.DataFrame:
     """Each label's probability of ranking first among the labels of a dataset and k when the (run, train
     seed) draws are resampled (bootstrap with replacement, as many as there are; ``default_rng(seed)`` per
     (dataset, k)).
@@ -317,10 +390,20 @@ def rank_stability(df: pd.DataFrame, metric: str = "image_auroc", n_resamples: i
         rank = np.empty(len(labels), int)
         rank[order] = np.arange(1, len(labels) + 1)
         for i, lab in enumerate(labels):
-            rows.append({"dataset": ds, "k": int(k), "label": lab, "metric": metric, "mean": float(observed[i]),
-                         "rank": int(rank[i]), "p_first": float(p_first[i]), "mean_rank": float(ranks[i].mean()),
-                         "n_draws": int(np.isfinite(v[i]).sum()), "n_categories": int(g.loc[g["label"] == lab,
-                                                                                             "category"].nunique())})
+            rows.append(
+                {
+                    "dataset": ds,
+                    "k": int(k),
+                    "label": lab,
+                    "metric": metric,
+                    "mean": float(observed[i]),
+                    "rank": int(rank[i]),
+                    "p_first": float(p_first[i]),
+                    "mean_rank": float(ranks[i].mean()),
+                    "n_draws": int(np.isfinite(v[i]).sum()),
+                    "n_categories": int(g.loc[g["label"] == lab, "category"].nunique()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -328,8 +411,9 @@ def with_ahead_column(table: pd.DataFrame, wins: pd.DataFrame) -> pd.DataFrame:
     """:func:`compare_methods`' table with the column ``p_a_ahead`` of the ``Mean`` rows of
     :func:`win_probability` (the probability that ``a`` stays ahead when the draws are redrawn)."""
     mean = wins[wins["category"] == MEAN_ROW][["dataset", "k", "p_a_ahead"]]
-    keyed = table.assign(_k=table["k"].astype(str)).merge(mean.assign(_k=mean["k"].astype(str)).drop(columns="k"),
-                                                          on=["dataset", "_k"], how="left")
+    keyed = table.assign(_k=table["k"].astype(str)).merge(
+        mean.assign(_k=mean["k"].astype(str)).drop(columns="k"), on=["dataset", "_k"], how="left"
+    )
     return keyed.drop(columns="_k")
 
 
@@ -341,20 +425,24 @@ def lottery_table(wins: pd.DataFrame) -> pd.DataFrame:
     def pct(v: float) -> str:
         return "–" if not np.isfinite(v) else f"{100 * v:.0f}%"
 
-    out = pd.DataFrame({
-        "draws": wins["n_draws"].to_numpy(),
-        "P(A better), 95% CI": [f"{pct(r.p_a_better)} [{pct(r.p_a_better_low)}, {pct(r.p_a_better_high)}]"
-                                for r in wins.itertuples()],
-        "P(A ahead)": [pct(v) for v in wins["p_a_ahead"]],
-        "A min–max": [f"{r.a_min:.1f}–{r.a_max:.1f} ({r.a_spread:.1f})" for r in wins.itertuples()],
-        "B min–max": [f"{r.b_min:.1f}–{r.b_max:.1f} ({r.b_spread:.1f})" for r in wins.itertuples()],
-    })
+    out = pd.DataFrame(
+        {
+            "draws": wins["n_draws"].to_numpy(),
+            "P(A better), 95% CI": [
+                f"{pct(r.p_a_better)} [{pct(r.p_a_better_low)}, {pct(r.p_a_better_high)}]" for r in wins.itertuples()
+            ],
+            "P(A ahead)": [pct(v) for v in wins["p_a_ahead"]],
+            "A min–max": [f"{r.a_min:.1f}–{r.a_max:.1f} ({r.a_spread:.1f})" for r in wins.itertuples()],
+            "B min–max": [f"{r.b_min:.1f}–{r.b_max:.1f} ({r.b_spread:.1f})" for r in wins.itertuples()],
+        }
+    )
     out.index = [(f"{r.dataset} " if several else "") + f"k={r.k} {r.category}" for r in wins.itertuples()]
     return out
 
 
-def rank_stability_table(df: pd.DataFrame, metrics: Iterable[str], labels: list[str] | None = None,
-                         n_resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+def rank_stability_table(
+    df: pd.DataFrame, metrics: Iterable[str], labels: list[str] | None = None, n_resamples: int = 10_000, seed: int = 0
+) -> pd.DataFrame:
     """:func:`rank_stability` of every metric of ``metrics`` present in ``df``, rows in ``labels`` order
     (the tables' method order) within each (dataset, metric, k); empty when no metric has a value."""
     parts = [rank_stability(df, m, n_resamples, seed) for m in metrics if m in df.columns and df[m].notna().any()]
@@ -365,23 +453,31 @@ def rank_stability_table(df: pd.DataFrame, metrics: Iterable[str], labels: list[
     order = {lab: i for i, lab in enumerate(labels or [])}
     t["_o"] = [order.get(lab, len(order)) for lab in t["label"]]
     t["_m"] = [list(dict.fromkeys(t["metric"])).index(m) for m in t["metric"]]  # metrics in the order given
-    return t.sort_values(["dataset", "_m", "k", "_o", "rank"], kind="stable").drop(columns=["_o", "_m"]).reset_index(drop=True)
+    return (
+        t.sort_values(["dataset", "_m", "k", "_o", "rank"], kind="stable")
+        .drop(columns=["_o", "_m"])
+        .reset_index(drop=True)
+    )
 
 
-RANK_NOTE = ("p_first: share of 10000 bootstrap resamples of the (run, train seed) draws (seed 0) in which the method "
-             "has the highest mean over categories and draws; mean_rank: its average rank there (1 = best). "
-             "A training-free method (train seed 0 only) counts at every train seed.")
+RANK_NOTE = (
+    "p_first: share of 10000 bootstrap resamples of the (run, train seed) draws (seed 0) in which the method "
+    "has the highest mean over categories and draws; mean_rank: its average rank there (1 = best). "
+    "A training-free method (train seed 0 only) counts at every train seed."
+)
 
 
-def write_rank_stability(folder: Path, df: pd.DataFrame, metrics: Iterable[str],
-                         methods: list[str] | None = None) -> pd.DataFrame:
+def write_rank_stability(
+    folder: Path, df: pd.DataFrame, metrics: Iterable[str], methods: list[str] | None = None
+) -> pd.DataFrame:
     """Write ``tables/rank_stability.md`` and ``.csv`` (:func:`rank_stability_table`, methods in the tables'
     order); nothing when there is nothing to rank. Returns the table."""
     t = rank_stability_table(df, metrics, method_order(df, methods) if len(df) else None)
     if t.empty:
         return t
     shown = t.assign(p_first=(100 * t["p_first"]).round(1)).rename(columns={"label": "method", "p_first": "p_first %"})
-    atomic_write_text(Path(folder) / "rank_stability.md",
-                      shown.to_markdown(index=False, floatfmt=".2f") + "\n\n" + RANK_NOTE + "\n")
+    atomic_write_text(
+        Path(folder) / "rank_stability.md", shown.to_markdown(index=False, floatfmt=".2f") + "\n\n" + RANK_NOTE + "\n"
+    )
     atomic_write_text(Path(folder) / "rank_stability.csv", t.to_csv(index=False))
     return t

@@ -16,8 +16,9 @@ from fsad_bench.report.plots import METRIC_NAMES, _colors, _save
 from fsad_bench.report.sweeps import PLOT_METRICS, _is_number, _safe, _suffix, setting_text, sweep_summary, sweeps
 
 
-def _axis(methods: list[str], key: str, variants: dict[str, dict[str, Any]]
-          ) -> tuple[dict[str, float], list[float], list[str], bool]:
+def _axis(
+    methods: list[str], key: str, variants: dict[str, dict[str, Any]]
+) -> tuple[dict[str, float], list[float], list[str], bool]:
     """x of each variant (its value of ``key``), the ticks and their labels, and whether the axis is
     logarithmic: numbers on a numeric axis, other values at evenly spaced positions."""
     values = list(dict.fromkeys(variants[m][key] for m in methods))
@@ -29,8 +30,14 @@ def _axis(methods: list[str], key: str, variants: dict[str, dict[str, Any]]
     return {m: pos[repr(variants[m][key])] for m in methods}, list(pos.values()), [str(v) for v in values], False
 
 
-def plot_sweep(d: pd.DataFrame, dataset: str, base: str, keys: tuple[str, ...], path: Path,
-               metrics: list[str] | tuple[str, ...] | None = None) -> Path | None:
+def plot_sweep(
+    d: pd.DataFrame,
+    dataset: str,
+    base: str,
+    keys: tuple[str, ...],
+    path: Path,
+    metrics: list[str] | tuple[str, ...] | None = None,
+) -> Path | None:
     """One sweep's figure (see the module docstring) from its records ``d`` (:func:`sweeps`): x is the
     last swept option; several options give one line per k and setting of the others (colour = k,
     marker and line style = the other options). None when no metric of ``metrics`` (default
@@ -47,11 +54,15 @@ def plot_sweep(d: pd.DataFrame, dataset: str, base: str, keys: tuple[str, ...], 
     if len(keys) == 2:  # the other option's value alone ("3"; the legend says "meta_epochs=3")
         others = {m: str(variants[m][keys[0]]) for m in methods}
     else:
-        others = {m: setting_text({k: v for k, v in variants[m].items() if k != keys[-1]}) if len(keys) > 1 else ""
-                  for m in methods}
+        others = {
+            m: setting_text({k: v for k, v in variants[m].items() if k != keys[-1]}) if len(keys) > 1 else ""
+            for m in methods
+        }
     series = list(dict.fromkeys(others[m] for m in methods))
-    style = {o: (("o", "s", "^", "D", "v", "P", "X", "*")[i % 8], ("-", "--", ":", "-.")[i % 4])
-             for i, o in enumerate(series)}
+    style = {
+        o: (("o", "s", "^", "D", "v", "P", "X", "*")[i % 8], ("-", "--", ":", "-.")[i % 4])
+        for i, o in enumerate(series)
+    }
     ks = sorted(cost["k"].unique())
     colors = _colors([f"k={k}" for k in ks])
 
@@ -60,8 +71,16 @@ def plot_sweep(d: pd.DataFrame, dataset: str, base: str, keys: tuple[str, ...], 
             for o in series:
                 a = s[(s["k"] == k) & (s["method"].map(others) == o)]
                 if not a.empty:
-                    ax.errorbar(a["method"].map(x), a[column], yerr=a[spread], marker=style[o][0], ls=style[o][1],
-                                capsize=3, ms=4, color=colors[f"k={k}"])
+                    ax.errorbar(
+                        a["method"].map(x),
+                        a[column],
+                        yerr=a[spread],
+                        marker=style[o][0],
+                        ls=style[o][1],
+                        capsize=3,
+                        ms=4,
+                        color=colors[f"k={k}"],
+                    )
 
     n = len(wanted) + 1
     fig = Figure(figsize=(3.6 * n, 3.4))
@@ -77,18 +96,34 @@ def plot_sweep(d: pd.DataFrame, dataset: str, base: str, keys: tuple[str, ...], 
         fit = cost.groupby("method", sort=False).agg(train_s=("train_s", "mean"), train_s_std=("train_s_std", "mean"))
         for o in series:
             a = fit[fit.index.map(others) == o]
-            ax.errorbar(a.index.map(x), a["train_s"], yerr=a["train_s_std"], marker=style[o][0], ls=style[o][1],
-                        capsize=3, ms=4, color="grey")
+            ax.errorbar(
+                a.index.map(x),
+                a["train_s"],
+                yerr=a["train_s_std"],
+                marker=style[o][0],
+                ls=style[o][1],
+                capsize=3,
+                ms=4,
+                color="grey",
+            )
     ax.set_ylabel("seconds", fontsize=8)
-    ax.set_title("adaptation" + (" and fit (grey)" if trained else "") + " seconds (mean ± std over cells)",
-                 fontsize=8)
+    ax.set_title("adaptation" + (" and fit (grey)" if trained else "") + " seconds (mean ± std over cells)", fontsize=8)
     positive = pd.concat([cost["adapt_s"], cost["train_s"] if trained else cost["adapt_s"]])
     if (positive > 0).all() and positive.max() >= 20 * positive.min():
         ax.set_yscale("log")
     handles = [Line2D([], [], color=colors[f"k={k}"], marker="o", label=f"k={k}") for k in ks]
     if len(series) > 1:
-        handles += [Line2D([], [], color="black", marker=style[o][0], ls=style[o][1],
-                           label=f"{keys[0]}={o}" if len(keys) == 2 else o) for o in series]
+        handles += [
+            Line2D(
+                [],
+                [],
+                color="black",
+                marker=style[o][0],
+                ls=style[o][1],
+                label=f"{keys[0]}={o}" if len(keys) == 2 else o,
+            )
+            for o in series
+        ]
     if trained:
         handles.append(Line2D([], [], color="grey", marker="o", label="fit (aggregated)"))
     for ax in axes:
@@ -105,8 +140,9 @@ def plot_sweep(d: pd.DataFrame, dataset: str, base: str, keys: tuple[str, ...], 
     return _save(fig, path)
 
 
-def write_sweep_plots(out: str | Path, metrics: list[str] | tuple[str, ...] | None = None,
-                      df: pd.DataFrame | None = None) -> list[Path]:
+def write_sweep_plots(
+    out: str | Path, metrics: list[str] | tuple[str, ...] | None = None, df: pd.DataFrame | None = None
+) -> list[Path]:
     """Every sweep of the results folder ``out`` drawn to ``<out>/plots/<dataset>_sweep_<method>.png``
     (``…_<options>`` when a method has sweeps over other options too); returns the paths (none
     without sweeps). ``df``: the records, when the caller has them (default: the current suite's)."""

@@ -32,8 +32,10 @@ from fsad_bench.registry import split_variant
 #: metrics drawn when none are asked for (those with a value in the records)
 PLOT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 #: how a metric is named in notes (the plots' axis titles without the unit)
-METRICS_TEXT = {m: {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}.get(m, m.replace("_", " "))
-                for m in METRICS}
+METRICS_TEXT = {
+    m: {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}.get(m, m.replace("_", " "))
+    for m in METRICS
+}
 
 
 def _is_number(v: Any) -> bool:
@@ -84,8 +86,10 @@ def sweeps(df: pd.DataFrame) -> dict[tuple[str, str, tuple[str, ...]], pd.DataFr
                 continue
             ranked = sorted(methods, key=lambda m: _order_key(tuple(variants[m][1].values())))
             d = sub[sub["method"].isin(methods)]
-            d = d.assign(setting=d["method"].map(lambda m: setting_text(variants[m][1])),
-                         order=d["method"].map({m: i for i, m in enumerate(ranked)}))
+            d = d.assign(
+                setting=d["method"].map(lambda m: setting_text(variants[m][1])),
+                order=d["method"].map({m: i for i, m in enumerate(ranked)}),
+            )
             out[(ds, base, keys)] = d
     return out
 
@@ -97,9 +101,17 @@ def sweep_summary(d: pd.DataFrame, metric: str) -> pd.DataFrame:
     ``train_s_std`` (seconds, over cells), ``n`` pairs; sorted by the swept value, then k."""
     d = with_train_seed(d)
     cols = ["setting", "order", "method", "k"]
-    cost = d.groupby(cols).agg(adapt_s=("adapt_seconds", "mean"), adapt_s_std=("adapt_seconds", "std"),
-                               train_s=("train_seconds", "mean"), train_s_std=("train_seconds", "std"),
-                               protocol=("protocol", "first")).reset_index()
+    cost = (
+        d.groupby(cols)
+        .agg(
+            adapt_s=("adapt_seconds", "mean"),
+            adapt_s_std=("adapt_seconds", "std"),
+            train_s=("train_seconds", "mean"),
+            train_s_std=("train_seconds", "std"),
+            protocol=("protocol", "first"),
+        )
+        .reset_index()
+    )
     v = d.dropna(subset=[metric]) if metric in d.columns else d.iloc[0:0]
     if v.empty:
         acc = pd.DataFrame(columns=cols + ["mean", "std", "n"])
@@ -114,8 +126,9 @@ def sweep_summary(d: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out.sort_values(["order", "k"]).reset_index(drop=True)
 
 
-def sweep_tables(df: pd.DataFrame, metrics: list[str] | tuple[str, ...] | None = None,
-                 decimals: int = 1) -> dict[str, pd.DataFrame]:
+def sweep_tables(
+    df: pd.DataFrame, metrics: list[str] | tuple[str, ...] | None = None, decimals: int = 1
+) -> dict[str, pd.DataFrame]:
     """``<dataset>_<metric>_sweep_<method>`` (``…_<options>`` when a method has sweeps over other
     options too) -> a table with one row per swept value (see the module docstring); nothing
     without sweeps. ``metrics``: default :data:`PLOT_METRICS`."""
@@ -129,8 +142,9 @@ def sweep_tables(df: pd.DataFrame, metrics: list[str] | tuple[str, ...] | None =
                 continue
             ks = sorted(s["k"].unique())
             rows = list(dict.fromkeys(s["setting"]))
-            t = pd.DataFrame(index=rows, columns=[f"k={k}" for k in ks] + [f"adapt_s k={k}" for k in ks] + ["train_s"],
-                             dtype=object)
+            t = pd.DataFrame(
+                index=rows, columns=[f"k={k}" for k in ks] + [f"adapt_s k={k}" for k in ks] + ["train_s"], dtype=object
+            )
             for r in s.itertuples():
                 if not pd.isna(r.mean):
                     t.loc[r.setting, f"k={r.k}"] = fmt.format(r.mean) + (f" ± {fmt.format(r.std)}" if r.n > 1 else "")
@@ -139,9 +153,13 @@ def sweep_tables(df: pd.DataFrame, metrics: list[str] | tuple[str, ...] | None =
                 t.loc[setting, "train_s"] = f"{g['train_s'].mean():.3g}"
             t.index.name = ", ".join(keys)
             t = t.fillna("–")
-            t.attrs["notes"] = [(f"{base} swept over {', '.join(keys)} on {ds}: {METRICS_TEXT.get(metric, metric)}, "
-                                 f"macro average over categories, ± = sample std over (train seed, run) pairs; "
-                                 f"seconds: mean over cells")]
+            t.attrs["notes"] = [
+                (
+                    f"{base} swept over {', '.join(keys)} on {ds}: {METRICS_TEXT.get(metric, metric)}, "
+                    f"macro average over categories, ± = sample std over (train seed, run) pairs; "
+                    f"seconds: mean over cells"
+                )
+            ]
             tables[f"{_safe(ds)}_{metric}_sweep_{_suffix(found, ds, base, keys)}"] = t
     return tables
 

@@ -25,14 +25,19 @@ from rich.table import Table
 from rich.text import Text
 
 from fsad_bench.errors import FsadError
-
+from fsad_bench.records.store import ResultStore, atomic_write_text, with_train_seed
 from fsad_bench.report.completeness import complete_column, completeness, mark_table
 from fsad_bench.report.costs import method_order
-from fsad_bench.records.store import ResultStore, atomic_write_text, with_train_seed
 
-METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%)",
-           "image_aupr": "Image AUPR (%)", "image_f1max": "Image F1-max (%)", "pixel_aupr": "Pixel AUPR (%)",
-           "pixel_f1max": "Pixel F1-max (%)"}
+METRICS = {
+    "image_auroc": "Image AUROC (%)",
+    "pixel_auroc": "Pixel AUROC (%)",
+    "aupro": "AUPRO (%)",
+    "image_aupr": "Image AUPR (%)",
+    "image_f1max": "Image F1-max (%)",
+    "pixel_aupr": "Pixel AUPR (%)",
+    "pixel_f1max": "Pixel F1-max (%)",
+}
 #: Metrics tabulated unless ``metrics=`` / ``--metrics`` asks for others (every record holds all of them).
 DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 from fsad_bench.report.published import MEAN_ROW, STD_ROW  # noqa: E402  (one definition of the row names)
@@ -51,9 +56,17 @@ def _pooled_std(g: pd.DataFrame, within: str) -> float:
 def _spread(g: pd.DataFrame) -> pd.Series:
     """Mean and spreads of one column's values, one row per (train seed, run) pair."""
     v = g["value"]
-    return pd.Series({"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                      "std_runs": _pooled_std(g, "train_seed"), "std_train_seeds": _pooled_std(g, "run"),
-                      "n": len(v), "n_runs": g["run"].nunique(), "n_train_seeds": g["train_seed"].nunique()})
+    return pd.Series(
+        {
+            "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "std_runs": _pooled_std(g, "train_seed"),
+            "std_train_seeds": _pooled_std(g, "run"),
+            "n": len(v),
+            "n_runs": g["run"].nunique(),
+            "n_train_seeds": g["train_seed"].nunique(),
+        }
+    )
 
 
 def summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -83,9 +96,15 @@ def summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 STD_NOTE = "± : sample std over every (train seed, run) pair — support-set draws and training seeds together"
 
 
-def paper_table(df: pd.DataFrame, metric: str = "image_auroc", dataset: str | None = None,
-                methods: list[str] | None = None, show_std: bool = True, decimals: int = 1,
-                std: str = "total") -> pd.DataFrame:
+def paper_table(
+    df: pd.DataFrame,
+    metric: str = "image_auroc",
+    dataset: str | None = None,
+    methods: list[str] | None = None,
+    show_std: bool = True,
+    decimals: int = 1,
+    std: str = "total",
+) -> pd.DataFrame:
     """Wide table: rows = categories + Mean + Std (categories); columns = (k, method label).
 
     ``std="total"``: cells ``mean ± std`` over (train seed, run) pairs; ``std="components"``:
@@ -113,8 +132,10 @@ def paper_table(df: pd.DataFrame, metric: str = "image_auroc", dataset: str | No
     table = table.fillna("–")
     if std == "components":
         table = table.drop(index=STD_ROW)
-        table.attrs["notes"] = ["cells: std over (train seed, run) pairs (runs: pooled std over support draws at "
-                                "a fixed training seed; seeds: pooled std over training seeds at a fixed draw), in %"]
+        table.attrs["notes"] = [
+            "cells: std over (train seed, run) pairs (runs: pooled std over support draws at "
+            "a fixed training seed; seeds: pooled std over training seeds at a fixed draw), in %"
+        ]
     elif show_std:
         table.attrs["notes"] = [STD_NOTE]
     return table
@@ -134,15 +155,29 @@ def rerun_agreement(reference: pd.DataFrame, rerun: pd.DataFrame, metric: str = 
     out["inside"] = out["delta"].abs() <= out["std_ref"].clip(lower=0.05)
     out["metric"] = metric
     out["is_mean"] = out["category"] == MEAN_ROW
-    return out.sort_values(["dataset", "k", "label", "is_mean", "category"]).drop(columns="is_mean").reset_index(drop=True)
+    return (
+        out.sort_values(["dataset", "k", "label", "is_mean", "category"]).drop(columns="is_mean").reset_index(drop=True)
+    )
 
 
 #: suite.json fields that depend on the machine, not on the experiment (the data's content is in the
 #: config hashes and in what each record says it ran); ``cell_ids`` / ``kept_ids`` are bookkeeping.
 MACHINE_FIELDS = ("data_root", "train_data_root", "support_lists", "description", "cell_ids", "kept_ids")
 #: What a record says it ran, compared between a reference and its rerun cell by cell.
-RUN_FIELDS = ("label", "protocol", "preset", "weights", "hparams", "image_size", "input_size", "n_test", "n_support",
-              "support", "train_dataset", "seed")
+RUN_FIELDS = (
+    "label",
+    "protocol",
+    "preset",
+    "weights",
+    "hparams",
+    "image_size",
+    "input_size",
+    "n_test",
+    "n_support",
+    "support",
+    "train_dataset",
+    "seed",
+)
 
 
 def check_rerun(reference: ResultStore, rerun: ResultStore) -> None:
@@ -165,8 +200,10 @@ def check_rerun(reference: ResultStore, rerun: ResultStore) -> None:
         raise FsadError(f"{head}: suite.json differs in {k} ({a[k]!r} vs {b[k]!r}){more}")
 
     def cells(store: ResultStore) -> dict[tuple, dict]:
-        return {(r["dataset"], r["method"], r["category"], r["k"], r["run"], r.get("train_seed", 0)): r
-                for r in store.current_records()}
+        return {
+            (r["dataset"], r["method"], r["category"], r["k"], r["run"], r.get("train_seed", 0)): r
+            for r in store.current_records()
+        }
 
     ra, rb = cells(reference), cells(rerun)
     same_path = a.get("data_root") == b.get("data_root") and a.get("train_data_root") == b.get("train_data_root")
@@ -188,9 +225,14 @@ def _latex(table: pd.DataFrame, caption: str) -> str:
     return table.to_latex(caption=caption, escape=True, multicolumn=True, multicolumn_format="c")
 
 
-def write_tables(out: str | Path, methods: list[str] | None = None,
-                 reference_method: str | None = None, std_components: bool | None = None,
-                 metrics: list[str] | None = None, complete_only: bool = False) -> dict[str, pd.DataFrame]:
+def write_tables(
+    out: str | Path,
+    methods: list[str] | None = None,
+    reference_method: str | None = None,
+    std_components: bool | None = None,
+    metrics: list[str] | None = None,
+    complete_only: bool = False,
+) -> dict[str, pd.DataFrame]:
     """Build every table of a results folder and write ``tables/*.{md,csv,tex}``; returns them by name.
 
     ``metrics``: which accuracy tables (names of :data:`METRICS`; default :data:`DEFAULT_METRICS`).
@@ -223,7 +265,9 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
         if df.empty:
             raise FsadError(f"no (method, k) of {out} has every planned cell; --complete-only leaves no table")
     if std_components is None:
-        std_components = bool(df.groupby(["dataset", "category", "k", "label", "run"])["train_seed"].nunique().gt(1).any())
+        std_components = bool(
+            df.groupby(["dataset", "category", "k", "label", "run"])["train_seed"].nunique().gt(1).any()
+        )
     if methods is None and (suite := store.load_suite()):
         methods = suite.get("methods")
     tables: dict[str, pd.DataFrame] = {}
@@ -241,14 +285,17 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
             tables[f"{ds}_{metric}"] = mark_flags(t, sub, metric)  # † on cells with a flagged record
             if std_components:
                 tables[f"{ds}_{metric}_std_components"] = mark_table(
-                    paper_table(df, metric, ds, methods, std="components"), comp, (MEAN_ROW,), hide=complete_only)
+                    paper_table(df, metric, ds, methods, std="components"), comp, (MEAN_ROW,), hide=complete_only
+                )
             diff = paper_difference(df, ds, metric)
             if not diff.empty:
                 tables[f"{ds}_{metric}_vs_paper"] = complete_column(diff, comp, "label").set_index("label")
     tables["cost"] = complete_column(cost_table(df, methods), comp)
     tables["cost_ratio"] = complete_column(cost_ratio_table(df, methods), comp, k_col=None)
     tables.update(sweep_tables(df, metrics or DEFAULT_METRICS))  # one row per swept value (report/sweeps.py)
-    notes = hidden + ([note] if (note := store.invalid_note()) else [])  # never silently: every table says it lacks records
+    notes = hidden + (
+        [note] if (note := store.invalid_note()) else []
+    )  # never silently: every table says it lacks records
     for t in tables.values():
         t.attrs["notes"] = [*t.attrs.get("notes", []), *notes]
     folder = Path(out) / "tables"
@@ -266,8 +313,10 @@ def write_tables(out: str | Path, methods: list[str] | None = None,
     write_side_tables(folder, df, methods)  # per_defect_image_auroc, operating_point (.md, .csv)
     write_rank_stability(folder, df, metrics or DEFAULT_METRICS, methods)  # P(first) over resampled draws
     summaries = pd.concat([summary(df, m).assign(metric=m) for m in METRICS if m in df.columns and df[m].notna().any()])
-    summaries["complete"] = [comp.label_complete(lab, k, None if cat == MEAN_ROW else cat)
-                             for lab, k, cat in zip(summaries["label"], summaries["k"], summaries["category"])]
+    summaries["complete"] = [
+        comp.label_complete(lab, k, None if cat == MEAN_ROW else cat)
+        for lab, k, cat in zip(summaries["label"], summaries["k"], summaries["category"])
+    ]
     atomic_write_text(folder / "summary.csv", summaries.to_csv(index=False))
     return tables
 

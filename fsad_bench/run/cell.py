@@ -36,8 +36,8 @@ import torchvision
 
 from fsad_bench import __version__, registry
 from fsad_bench.adapter import AdapterConfig
-from fsad_bench.data.image_cache import ImageCache, load_cached_images
 from fsad_bench.data.dataset import Dataset
+from fsad_bench.data.image_cache import ImageCache, load_cached_images
 from fsad_bench.data.sampler import SupportSampler
 from fsad_bench.metrics import evaluate, per_defect_auroc
 from fsad_bench.protocols import Suite, training_data
@@ -57,30 +57,67 @@ from fsad_bench.run.seeds import adapter_seed, cell_seed
 
 def versions() -> dict[str, str]:
     """Versions of the packages whose code computes a record's numbers (stored in every record)."""
-    return {"fsad_bench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "sklearn": sklearn.__version__, "python": platform.python_version()}
+    return {
+        "fsad_bench": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "sklearn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: str | Path,
-              device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None,
-              feature_cache: str | None = None, dataset: Dataset | None = None,
-              train_dataset: Dataset | None = None, image_check: str = "stat") -> int:
+def run_group(
+    suite: Suite,
+    method: str,
+    category: str,
+    cells: list[Cell],
+    out: str | Path,
+    device: str,
+    threads: int | None = None,
+    on_cell: Callable[[Cell], None] | None = None,
+    feature_cache: str | None = None,
+    dataset: Dataset | None = None,
+    train_dataset: Dataset | None = None,
+    image_check: str = "stat",
+) -> int:
     """Run the unfinished ``cells`` of one (method, category); returns how many were run.
     (What was alive before stays out of the per-cell garbage collections: :func:`frozen_gc`.)
     ``dataset`` / ``train_dataset``: the :class:`~fsad_bench.run.plan.Plan`'s, else opened here;
     ``image_check``: how the decoded-image cache identifies files (:class:`~fsad_bench.data.image_cache.ImageCache`)."""
     with frozen_gc():
         try:
-            return _run_group(suite, method, category, cells, out, device, threads, on_cell, feature_cache, dataset,
-                              train_dataset, image_check)
+            return _run_group(
+                suite,
+                method,
+                category,
+                cells,
+                out,
+                device,
+                threads,
+                on_cell,
+                feature_cache,
+                dataset,
+                train_dataset,
+                image_check,
+            )
         finally:
             status_writer(out).idle()  # the progress display's status file (fsad_bench.run.progress)
 
 
-def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out: str | Path,
-               device: str, threads: int | None = None, on_cell: Callable[[Cell], None] | None = None,
-               feature_cache: str | None = None, dataset: Dataset | None = None,
-               train_dataset: Dataset | None = None, image_check: str = "stat") -> int:
+def _run_group(
+    suite: Suite,
+    method: str,
+    category: str,
+    cells: list[Cell],
+    out: str | Path,
+    device: str,
+    threads: int | None = None,
+    on_cell: Callable[[Cell], None] | None = None,
+    feature_cache: str | None = None,
+    dataset: Dataset | None = None,
+    train_dataset: Dataset | None = None,
+    image_check: str = "stat",
+) -> int:
     """Run the unfinished ``cells`` of one (method, category); returns how many were run.
 
     Cells run grouped by train seed: a shared (aggregated / cross-dataset) adapter is fitted (or
@@ -92,10 +129,12 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
         torch.set_num_threads(threads)
     store = ResultStore(out)
     cls = registry.get(method)
-    per_shot = cls.protocol != "individual" and per_shot_fit(cls, cls.resolve_hparams(suite.preset,
-                                                                                        suite.options.get(method, {})))
-    cells = sorted((c for c in cells if not store.has(c.cell_id)),
-                   key=lambda c: (c.train_seed, c.k) if per_shot else c.train_seed)
+    per_shot = cls.protocol != "individual" and per_shot_fit(
+        cls, cls.resolve_hparams(suite.preset, suite.options.get(method, {}))
+    )
+    cells = sorted(
+        (c for c in cells if not store.has(c.cell_id)), key=lambda c: (c.train_seed, c.k) if per_shot else c.train_seed
+    )
     if not cells:
         return 0
     if dataset is None:
@@ -111,9 +150,17 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
 
     def make(seed: int):
         torch.manual_seed(seed)
-        return cls(AdapterConfig(device=device, weights=suite.weights, preset=suite.preset, seed=seed,
-                                 image_size=suite.image_size, options=suite.options.get(method, {}),
-                                 feature_cache=feature_cache))
+        return cls(
+            AdapterConfig(
+                device=device,
+                weights=suite.weights,
+                preset=suite.preset,
+                seed=seed,
+                image_size=suite.image_size,
+                options=suite.options.get(method, {}),
+                feature_cache=feature_cache,
+            )
+        )
 
     shared, shared_key, train_seconds = None, None, 0.0
     for cell in cells:
@@ -123,13 +170,15 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
             status.stage(method, category, cell, "load" if cls.protocol == "training-free" else "fit")
             shared, shared_key = make(adapter_seed(suite.seed, cell.train_seed)), fit_key
             if cls.protocol == "aggregated":
-                train_seconds = fit_cached(shared, suite, dataset, category, cell.config_hash, cell.train_seed,
-                                           images_cache, shot=cell.k)
+                train_seconds = fit_cached(
+                    shared, suite, dataset, category, cell.config_hash, cell.train_seed, images_cache, shot=cell.k
+                )
             elif cls.protocol == "cross-dataset":
                 if train_dataset is None:
                     train_dataset = open_train_dataset(suite)
-                train_seconds = fit_cached(shared, suite, train_dataset, "", cell.config_hash, cell.train_seed,
-                                           images_cache, shot=cell.k)
+                train_seconds = fit_cached(
+                    shared, suite, train_dataset, "", cell.config_hash, cell.train_seed, images_cache, shot=cell.k
+                )
         support_paths = sampler.support(split, cell.k, cell.run)
         seed = cell_seed(suite.seed, method, category, cell.k, cell.run, cell.train_seed)
         reset_peak_memory(device)
@@ -156,37 +205,64 @@ def _run_group(suite: Suite, method: str, category: str, cells: list[Cell], out:
         sync(device)
         adapt_seconds = time.perf_counter() - t0
         status.stage(method, category, cell, "predict")
-        scores, maps, infer_cold, infer_warm = predict_stream(adapter, test_paths, size, suite.image_size, device,
-                                                              images_cache)
+        scores, maps, infer_cold, infer_warm = predict_stream(
+            adapter, test_paths, size, suite.image_size, device, images_cache
+        )
         record: dict[str, Any] = {
-            "cell_id": cell.cell_id, "method": method, "label": adapter.label, "protocol": cls.protocol,
-            "dataset": cell.dataset, "category": category, "k": cell.k, "run": cell.run,
+            "cell_id": cell.cell_id,
+            "method": method,
+            "label": adapter.label,
+            "protocol": cls.protocol,
+            "dataset": cell.dataset,
+            "category": category,
+            "k": cell.k,
+            "run": cell.run,
             "train_seed": cell.train_seed,
             "train_dataset": suite.train_dataset if cls.protocol == "cross-dataset" else None,
-            "preset": adapter.preset_name, "weights": adapter.weights_tag, "seed": suite.seed,
+            "preset": adapter.preset_name,
+            "weights": adapter.weights_tag,
+            "seed": suite.seed,
             "hparams": adapter.describe().get("hparams", {}),
             **evaluate(labels, scores, masks, maps),
-            **cell_flags(labels, scores, maps, seed), "per_defect_auroc": per_defect_auroc(labels, scores, defects),
-            "adapt_seconds": adapt_seconds, "train_seconds": train_seconds,
-            "infer_seconds_per_image": infer_cold, "infer_warm_seconds_per_image": infer_warm,
+            **cell_flags(labels, scores, maps, seed),
+            "per_defect_auroc": per_defect_auroc(labels, scores, defects),
+            "adapt_seconds": adapt_seconds,
+            "train_seconds": train_seconds,
+            "infer_seconds_per_image": infer_cold,
+            "infer_warm_seconds_per_image": infer_warm,
             "peak_memory_mb": peak_memory_mb(device),
-            "n_test": int(len(labels)), "n_support": len(support_paths),
-            "support": [p.name for p in support_paths], "image_size": suite.image_size, "input_size": size,
-            "config_hash": cell.config_hash, "device": device, "torch_threads": torch.get_num_threads(),
+            "n_test": int(len(labels)),
+            "n_support": len(support_paths),
+            "support": [p.name for p in support_paths],
+            "image_size": suite.image_size,
+            "input_size": size,
+            "config_hash": cell.config_hash,
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
             "versions": versions(),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "scores": scores.astype(np.float32).tolist(),  # per-image anomaly scores, float32 exactly (ROC curves)
-            "labels": labels.astype(int).tolist(),          # per-image ground truth, 1 = anomalous
+            "labels": labels.astype(int).tolist(),  # per-image ground truth, 1 = anomalous
         }
         if cell.run == 0 and cell.k == max(suite.k) and cell.train_seed == 0:  # a few maps for the overlays
-            save_example_maps(Path(out) / "maps" / f"{cell.cell_id}.npz", maps,
-                              lambda idx: load_cached_images([test_paths[i] for i in idx], suite.image_size,
-                                                             images_cache),
-                              masks, test_paths, labels=labels)
+            save_example_maps(
+                Path(out) / "maps" / f"{cell.cell_id}.npz",
+                maps,
+                lambda idx: load_cached_images([test_paths[i] for i in idx], suite.image_size, images_cache),
+                masks,
+                test_paths,
+                labels=labels,
+            )
         del maps
         if op.wanted(cls.protocol, suite.operating_point):  # after the timings above, never inside them
-            fresh = None if shared is not None else lambda images, seed=seed, size=size: (  # individual: a model
-                m := make(seed), m.fit(training_data("individual", dataset, category, images, size)))[0]  # on k - 1
+            fresh = (
+                None
+                if shared is not None
+                else lambda images, seed=seed, size=size: (  # individual: a model
+                    m := make(seed),
+                    m.fit(training_data("individual", dataset, category, images, size)),
+                )[0]
+            )  # on k - 1
             record.update(op.measure(adapter, support, seed, fresh, labels, scores, record["image_f1max"], device))
         del support
         store.put(record)

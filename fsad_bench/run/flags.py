@@ -42,12 +42,20 @@ def _same_everywhere(x: np.ndarray) -> bool:
 def _identical_across_images(maps: np.ndarray) -> bool:
     """Whether every map ``(S, S)`` of ``maps`` ``(N, S, S)`` equals the first (chunked: no ``(N, S, S)`` temporary)."""
     first = maps[0]
-    return all(np.array_equal(maps[i : i + 64], np.broadcast_to(first, maps[i : i + 64].shape))
-               for i in range(1, len(maps), 64))
+    return all(
+        np.array_equal(maps[i : i + 64], np.broadcast_to(first, maps[i : i + 64].shape))
+        for i in range(1, len(maps), 64)
+    )
 
 
-def cell_flags(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, seed: int,
-               n_permutations: int = N_PERMUTATIONS, alpha: float = ALPHA) -> dict[str, Any]:
+def cell_flags(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    seed: int,
+    n_permutations: int = N_PERMUTATIONS,
+    alpha: float = ALPHA,
+) -> dict[str, Any]:
     """Record fields ``flags`` and ``chance_test`` of one cell: ``labels`` / ``scores`` ``(N,)``,
     ``maps`` ``(N, S, S)``; ``seed`` (the cell's) seeds the permutations."""
     labels = np.asarray(labels).reshape(-1)

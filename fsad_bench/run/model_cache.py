@@ -29,8 +29,17 @@ from fsad_bench.run.predict import input_size, resize_filter
 from fsad_bench.run.seeds import fit_seed
 
 
-def model_cache_path(method: str, protocol: str, preset: str, suite: Suite, train_ds: Dataset,
-                     held_out: str, chash: str, train_seed: int = 0, shot: int | None = None) -> Path:
+def model_cache_path(
+    method: str,
+    protocol: str,
+    preset: str,
+    suite: Suite,
+    train_ds: Dataset,
+    held_out: str,
+    chash: str,
+    train_seed: int = 0,
+    shot: int | None = None,
+) -> Path:
     """Where the fit of ``method`` for ``held_out`` and ``train_seed`` (and ``shot`` = k for a per-shot
     fit; None: one fit for every k) is cached. ``chash`` (the cell's config hash) covers hyper-parameters,
     code, weights, data identity, image size and seed, and the fit seed enters the key, so a cached model
@@ -41,8 +50,13 @@ def model_cache_path(method: str, protocol: str, preset: str, suite: Suite, trai
     key = hashlib.sha256(raw.encode()).hexdigest()[:16]
     folder = train_ds.name if protocol == "aggregated" else f"cross-{train_ds.name}"
     per_k = "" if shot is None else f"-k{shot}"
-    return (cache_dir() / "models" / method / folder
-            / f"{held_out or 'all'}-{preset}-s{suite.seed}-t{train_seed}{per_k}-{key}.pt")
+    return (
+        cache_dir()
+        / "models"
+        / method
+        / folder
+        / f"{held_out or 'all'}-{preset}-s{suite.seed}-t{train_seed}{per_k}-{key}.pt"
+    )
 
 
 def per_shot_fit(adapter, hparams: dict) -> bool:
@@ -64,8 +78,16 @@ def _load_model(path: Path, device) -> dict | None:
     return None
 
 
-def fit_cached(adapter, suite: Suite, train_ds: Dataset, held_out: str, chash: str,
-               train_seed: int = 0, image_cache: ImageCache | None = None, shot: int | None = None) -> float:
+def fit_cached(
+    adapter,
+    suite: Suite,
+    train_ds: Dataset,
+    held_out: str,
+    chash: str,
+    train_seed: int = 0,
+    image_cache: ImageCache | None = None,
+    shot: int | None = None,
+) -> float:
     """Fit ``adapter`` (or load the fit from the model cache); returns training seconds.
 
     ``aggregated``: trains on every category of ``train_ds`` but ``held_out``;
@@ -77,22 +99,29 @@ def fit_cached(adapter, suite: Suite, train_ds: Dataset, held_out: str, chash: s
     decoded-image cache of :func:`~fsad_bench.run.paths.image_cache_dir`)."""
     shot = shot if per_shot_fit(adapter, getattr(adapter, "hparams", {})) else None
     adapter.fit_shot = shot
-    path = model_cache_path(adapter.name, adapter.protocol, adapter.preset_name, suite, train_ds, held_out, chash,
-                            train_seed, shot)
+    path = model_cache_path(
+        adapter.name, adapter.protocol, adapter.preset_name, suite, train_ds, held_out, chash, train_seed, shot
+    )
     if path.is_file():
         blob = _load_model(path, adapter.device)
         if blob is not None:
             adapter.load_state_dict(blob["state"])
             return float(blob["train_seconds"])
     torch.manual_seed(fit_seed(suite, adapter.name, train_ds, held_out, train_seed) % 2**63)
-    train = training_data(adapter.protocol, train_ds, held_out, torch.empty(0), input_size(adapter, suite),
-                          image_cache or ImageCache(image_cache_dir()), resize_filter(adapter))
+    train = training_data(
+        adapter.protocol,
+        train_ds,
+        held_out,
+        torch.empty(0),
+        input_size(adapter, suite),
+        image_cache or ImageCache(image_cache_dir()),
+        resize_filter(adapter),
+    )
     t0 = time.perf_counter()
     adapter.fit(train)
     seconds = time.perf_counter() - t0
     try:  # parallel workers may fit the same model: each writes its own temporary file
-        write_with_digest(path, lambda tmp: torch.save({"state": adapter.state_dict(), "train_seconds": seconds},
-                                                       tmp))
+        write_with_digest(path, lambda tmp: torch.save({"state": adapter.state_dict(), "train_seconds": seconds}, tmp))
     except OSError as err:  # a full or read-only cache costs a refit next time, not the run
         warnings.warn(f"cannot cache the trained model at {path}: {err.strerror or err}", stacklevel=1)
     return seconds
@@ -110,7 +139,16 @@ def forget_models(planned: Plan) -> None:
         per_shot = per_shot_fit(cls, cls.resolve_hparams(suite.preset, suite.options.get(m, {})))
         for t in sorted({cell.train_seed for cell in group}):
             for shot in sorted({cell.k for cell in group}) if per_shot else [None]:
-                path = model_cache_path(m, cls.protocol, cls.resolve_preset(suite.preset), suite, train_ds, held_out,
-                                        group[0].config_hash, t, shot)
+                path = model_cache_path(
+                    m,
+                    cls.protocol,
+                    cls.resolve_preset(suite.preset),
+                    suite,
+                    train_ds,
+                    held_out,
+                    group[0].config_hash,
+                    t,
+                    shot,
+                )
                 path.unlink(missing_ok=True)
                 digest_path(path).unlink(missing_ok=True)

@@ -69,13 +69,23 @@ def _score(adapter, images: torch.Tensor) -> np.ndarray:
     s, _ = adapter.predict(images.to(adapter.device))
     s = torch.as_tensor(s).detach().float().cpu().reshape(-1).double().numpy()  # float32, as test scores
     if s.shape != (len(images),) or not np.isfinite(s).all():
-        raise FsadError(f"{adapter.name}.predict returned scores {s.tolist()} for {len(images)} support images; "
-                        f"expected {len(images)} finite values")
+        raise FsadError(
+            f"{adapter.name}.predict returned scores {s.tolist()} for {len(images)} support images; "
+            f"expected {len(images)} finite values"
+        )
     return s
 
 
-def measure(adapter, support: torch.Tensor, seed: int, fresh: Callable[[torch.Tensor], Any] | None,
-            labels: np.ndarray, scores: np.ndarray, f1max: float, device: str) -> dict[str, Any]:
+def measure(
+    adapter,
+    support: torch.Tensor,
+    seed: int,
+    fresh: Callable[[torch.Tensor], Any] | None,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    f1max: float,
+    device: str,
+) -> dict[str, Any]:
     """Record fields ``operating_point`` and ``operating_point_seconds`` of one cell.
 
     ``adapter``: the cell's model, adapted on ``support`` ``(k, 3, S, S)``; ``fresh(images)``: for an
@@ -95,8 +105,10 @@ def measure(adapter, support: torch.Tensor, seed: int, fresh: Callable[[torch.Te
     found, scoring = support_scores(support, adapter, adapted_on)
     sync(device)
     seconds = time.perf_counter() - t0
-    return {"operating_point": operating_point_fields(labels, scores, found, scoring, f1max),
-            "operating_point_seconds": seconds}
+    return {
+        "operating_point": operating_point_fields(labels, scores, found, scoring, f1max),
+        "operating_point_seconds": seconds,
+    }
 
 
 def support_scores(support: torch.Tensor, adapter, adapted_on: Callable[[torch.Tensor], Any]) -> tuple[np.ndarray, str]:
@@ -115,10 +127,16 @@ def support_scores(support: torch.Tensor, adapter, adapted_on: Callable[[torch.T
         return out, LOO_SCORING
 
 
-def operating_point_fields(labels: np.ndarray, scores: np.ndarray, support: np.ndarray, scoring: str,
-                           f1max: float, rule: str = RULE) -> dict[str, Any]:
+def operating_point_fields(
+    labels: np.ndarray, scores: np.ndarray, support: np.ndarray, scoring: str, f1max: float, rule: str = RULE
+) -> dict[str, Any]:
     """The record's ``operating_point``: test ``labels`` / ``scores`` ``(N,)``, ``support`` scores ``(k,)``."""
     threshold = support_threshold(support, rule)
-    return {"rule": rule, "threshold": threshold, "scoring": scoring,
-            "support_scores": [float(v) for v in support], **at_threshold(labels, scores, threshold),
-            "f1max": float(f1max)}
+    return {
+        "rule": rule,
+        "threshold": threshold,
+        "scoring": scoring,
+        "support_scores": [float(v) for v in support],
+        **at_threshold(labels, scores, threshold),
+        "f1max": float(f1max),
+    }

@@ -23,8 +23,8 @@ from fsad_bench.components.backbone import check_weights_argument
 from fsad_bench.data.dataset import Dataset
 from fsad_bench.data.integrity import verify_readable
 from fsad_bench.data.roots import open_data_root
-from fsad_bench.data.synthetic import generate
 from fsad_bench.data.sampler import SupportSampler
+from fsad_bench.data.synthetic import generate
 from fsad_bench.errors import FsadError
 from fsad_bench.identity import code_fingerprint, tree_fingerprint, weights_fingerprint
 from fsad_bench.protocols import Suite, check_sweep
@@ -52,9 +52,13 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        key = (f"{self.method}|{self.protocol}|{self.dataset}|{self.category}|{self.k}|{self.run}|{self.config_hash}"
-               f"|t{self.train_seed}")
-        name = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{self.method}-{self.category}")  # `anomalib:Padim`: no ':' in file names
+        key = (
+            f"{self.method}|{self.protocol}|{self.dataset}|{self.category}|{self.k}|{self.run}|{self.config_hash}"
+            f"|t{self.train_seed}"
+        )
+        name = re.sub(
+            r"[^A-Za-z0-9_.+-]", "_", f"{self.method}-{self.category}"
+        )  # `anomalib:Padim`: no ':' in file names
         return f"{name}-k{self.k}-r{self.run}-t{self.train_seed}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
@@ -82,8 +86,14 @@ def open_dataset(suite: Suite) -> Dataset:
     root = synthetic_root(suite.dataset, suite.data_root, suite.synthetic)
 
     def open_(categories: list[str]) -> Dataset:
-        return open_data_root(suite.dataset, root, categories, f"suite {suite.name!r} needs --data-root DIR",
-                              layout=suite.layout, folder=suite.folder)
+        return open_data_root(
+            suite.dataset,
+            root,
+            categories,
+            f"suite {suite.name!r} needs --data-root DIR",
+            layout=suite.layout,
+            folder=suite.folder,
+        )
 
     dataset = open_([])
     if any(c not in dataset.categories for c in suite.categories):
@@ -99,11 +109,14 @@ def evaluated_categories(suite: Suite, dataset: Dataset) -> list[str]:
 def open_train_dataset(suite: Suite) -> Dataset:
     """The training dataset of cross-dataset methods (``train_dataset`` & co. in the suite)."""
     if not suite.train_dataset:
-        raise FsadError(f"suite {suite.name!r} has a cross-dataset method but no train_dataset "
-                        f"(e.g. train_dataset = \"mvtec\" and train_data_root = \"/data/mvtec\")")
+        raise FsadError(
+            f"suite {suite.name!r} has a cross-dataset method but no train_dataset "
+            f'(e.g. train_dataset = "mvtec" and train_data_root = "/data/mvtec")'
+        )
     root = synthetic_root(suite.train_dataset, suite.train_data_root, suite.train_synthetic)
-    return open_data_root(suite.train_dataset, root, suite.train_categories,
-                          f"suite {suite.name!r} needs train_data_root = DIR")
+    return open_data_root(
+        suite.train_dataset, root, suite.train_categories, f"suite {suite.name!r} needs train_data_root = DIR"
+    )
 
 
 def sweep_variants(suite: Suite, method: str) -> list[str]:
@@ -130,8 +143,10 @@ def expand_sweeps(suite: Suite) -> Suite:
     check_sweep(suite.sweep, suite.options, f"suite {suite.name!r}")
     for m in suite.sweep:
         if m not in suite.methods and m not in registry.available():
-            raise FsadError(f"suite {suite.name!r}: [sweep.{m}] names no registered method "
-                            f"(suite methods: {', '.join(suite.methods)})")
+            raise FsadError(
+                f"suite {suite.name!r}: [sweep.{m}] names no registered method "
+                f"(suite methods: {', '.join(suite.methods)})"
+            )
     methods = [v for m in suite.methods for v in (sweep_variants(suite, m) if m in suite.sweep else [m])]
     options = dict(suite.options)
     for m in methods:
@@ -154,8 +169,9 @@ def validate_suite(suite: Suite) -> None:
         raise FsadError(f"unknown preset {suite.preset!r} (valid for {', '.join(classes)}: {', '.join(presets)})")
     for m, opts in suite.options.items():
         if m not in classes and m not in registry.available():
-            raise FsadError(f"suite {suite.name!r}: [options.{m}] names no registered method "
-                            f"(suite methods: {', '.join(classes)})")
+            raise FsadError(
+                f"suite {suite.name!r}: [options.{m}] names no registered method (suite methods: {', '.join(classes)})"
+            )
         if not isinstance(opts, dict):
             raise FsadError(f"suite {suite.name!r}: [options.{m}] must be a table of option = value")
         (classes.get(m) or registry.get(m)).check_options(opts, f"[options.{m}] of suite {suite.name!r}")
@@ -173,8 +189,14 @@ def _dataset_identity(ds: Dataset, categories: list[str], memo: dict[str, str]) 
     return out
 
 
-def config_hash(suite: Suite, method: str, category: str | None = None, dataset: Dataset | None = None,
-                train_dataset: Dataset | None = None, memo: dict[str, str] | None = None) -> str:
+def config_hash(
+    suite: Suite,
+    method: str,
+    category: str | None = None,
+    dataset: Dataset | None = None,
+    train_dataset: Dataset | None = None,
+    memo: dict[str, str] | None = None,
+) -> str:
     """Hash of everything that changes a method's numbers on ``category`` besides (k, run):
 
     the resolved hyper-parameters (preset values + options, and the preset that supplied them), the
@@ -191,8 +213,11 @@ def config_hash(suite: Suite, method: str, category: str | None = None, dataset:
         memo[wkey] = weights_fingerprint(suite.weights, cache_dir())
     payload: dict[str, Any] = {
         # the resolved values, not the preset's name: presets with equal values give equal numbers
-        "method": method, "hparams": cls.resolve_hparams(suite.preset, options), "code": code_fingerprint(cls),
-        "weights": memo[wkey], "image_size": suite.image_size,
+        "method": method,
+        "hparams": cls.resolve_hparams(suite.preset, options),
+        "code": code_fingerprint(cls),
+        "weights": memo[wkey],
+        "image_size": suite.image_size,
         "seed": suite.seed,
         "synthetic": suite.synthetic if suite.dataset == "synthetic" else None,
         "support_lists": Path(suite.support_lists).read_text() if suite.support_lists else None,
@@ -201,12 +226,18 @@ def config_hash(suite: Suite, method: str, category: str | None = None, dataset:
         payload["operating_point"] = True
     if dataset is not None:
         cats = dataset.categories if cls.protocol == "aggregated" or category is None else [category]
-        payload["data"] = {"name": dataset.name, "root": str(dataset.root.resolve()),
-                           "files": _dataset_identity(dataset, cats, memo)}
+        payload["data"] = {
+            "name": dataset.name,
+            "root": str(dataset.root.resolve()),
+            "files": _dataset_identity(dataset, cats, memo),
+        }
     if cls.protocol == "cross-dataset":
-        payload["train"] = {"dataset": suite.train_dataset, "root": suite.train_data_root,
-                            "categories": suite.train_categories,
-                            "synthetic": suite.train_synthetic if suite.train_dataset == "synthetic" else None}
+        payload["train"] = {
+            "dataset": suite.train_dataset,
+            "root": suite.train_data_root,
+            "categories": suite.train_categories,
+            "synthetic": suite.train_synthetic if suite.train_dataset == "synthetic" else None,
+        }
         if train_dataset is not None:
             payload["train"]["files"] = _dataset_identity(train_dataset, train_dataset.categories, memo)
     text = json.dumps(payload, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
@@ -247,8 +278,10 @@ def plan(suite: Suite) -> Plan:
     if any(cls.protocol == "cross-dataset" for cls in adapters.values()):
         train_ds = open_train_dataset(suite)
         if train_ds.root.resolve() == dataset.root.resolve():
-            raise FsadError(f"train_dataset of suite {suite.name!r} is the evaluated dataset ({dataset.root}); "
-                            f"cross-dataset methods must train on another one")
+            raise FsadError(
+                f"train_dataset of suite {suite.name!r} is the evaluated dataset ({dataset.root}); "
+                f"cross-dataset methods must train on another one"
+            )
         for c in train_ds.categories:
             if not any(s.label for s in train_ds.split(c).test):
                 raise FsadError(f"training dataset {train_ds.root}: category {c!r} has no anomalous test images")
@@ -289,6 +322,9 @@ def cell_status(suite: Suite, cells: list[Cell], store: ResultStore) -> dict[str
             except (OSError, json.JSONDecodeError):
                 pass
     todo = [c for c in cells if c.cell_id not in done]
-    return {"done": [c for c in cells if c.cell_id in done], "todo": todo,
-            "stale": [c for c in todo if (c.method, c.category, c.k, c.run, c.train_seed) in old],
-            "foreign": sorted(set(done) - ids)}
+    return {
+        "done": [c for c in cells if c.cell_id in done],
+        "todo": todo,
+        "stale": [c for c in todo if (c.method, c.category, c.k, c.run, c.train_seed) in old],
+        "foreign": sorted(set(done) - ids),
+    }

@@ -65,8 +65,10 @@ def _cold_caches(adapter):
 
 def _check_batch(adapter, s: torch.Tensor, m: torch.Tensor, n: int, side: int) -> None:
     if s.shape != (n,) or m.shape != (n, side, side):
-        raise FsadError(f"{adapter.name}.predict returned scores {tuple(s.shape)} and maps {tuple(m.shape)} "
-                        f"for {n} images of {side} px; expected ({n},) and ({n}, {side}, {side})")
+        raise FsadError(
+            f"{adapter.name}.predict returned scores {tuple(s.shape)} and maps {tuple(m.shape)} "
+            f"for {n} images of {side} px; expected ({n},) and ({n}, {side}, {side})"
+        )
     if not (torch.isfinite(s).all() and torch.isfinite(m).all()):
         raise FsadError(f"{adapter.name}.predict returned non-finite scores")
 
@@ -86,9 +88,15 @@ def _to_size(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def predict_stream(adapter, paths: list[Path], size: int, out_size: int, device: str,
-                   image_cache: str | Path | None = None, batch: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, float, float]:
+def predict_stream(
+    adapter,
+    paths: list[Path],
+    size: int,
+    out_size: int,
+    device: str,
+    image_cache: str | Path | None = None,
+    batch: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Predict the test images at ``paths``, loaded from disk ``batch`` at a time at ``size`` px
     (with the adapter's :func:`resize_filter`).
 

@@ -91,8 +91,10 @@ class StatusWriter:
         self._cell_start = 0.0
 
     def _flush(self) -> None:
-        _write_json(self.path, {"current": self.current, "done": self.done, "warnings": self.warnings,
-                                "n_warnings": self.n_warnings})
+        _write_json(
+            self.path,
+            {"current": self.current, "done": self.done, "warnings": self.warnings, "n_warnings": self.n_warnings},
+        )
 
     def stage(self, method: str, category: str, cell: Any, stage: str) -> None:
         """``cell`` (a :class:`~fsad_bench.run.plan.Cell`) entered ``stage`` (fit / adapt / predict);
@@ -100,8 +102,16 @@ class StatusWriter:
         now = self.clock()
         if cell.cell_id != self._cell_id:
             self._cell_id, self._cell_start = cell.cell_id, now
-        self.current = {"method": method, "category": category, "k": cell.k, "run": cell.run,
-                        "train_seed": cell.train_seed, "stage": stage, "since": now, "cell_since": self._cell_start}
+        self.current = {
+            "method": method,
+            "category": category,
+            "k": cell.k,
+            "run": cell.run,
+            "train_seed": cell.train_seed,
+            "stage": stage,
+            "since": now,
+            "cell_since": self._cell_start,
+        }
         self._flush()
 
     def finished(self, method: str, category: str, cell: Any) -> None:
@@ -155,6 +165,7 @@ def forward_warnings(out: str | Path) -> Iterator[None]:
 
 # -- reader side ------------------------------------------------------------------------------
 
+
 @dataclass
 class Running:
     """What one process is doing now."""
@@ -182,8 +193,14 @@ class Snapshot:
     warnings: list[str] = field(default_factory=list)  # new since the last poll
 
 
-def eta_seconds(remaining: dict[str, int], measured: dict[str, tuple[int, float]], prior: dict[str, float],
-                running: Iterable[tuple[str, float]], parallel: int, groups_left: int) -> float | None:
+def eta_seconds(
+    remaining: dict[str, int],
+    measured: dict[str, tuple[int, float]],
+    prior: dict[str, float],
+    running: Iterable[tuple[str, float]],
+    parallel: int,
+    groups_left: int,
+) -> float | None:
     """Seconds until the last cell: ``remaining`` cells per method (running ones included),
     ``measured`` (cells, wall seconds) per method in this run, ``prior`` seconds per cell of a
     method from an earlier run, ``running`` (method, seconds spent) of the cells running now,
@@ -231,8 +248,14 @@ class RunWatcher:
     into a :class:`Snapshot` (:meth:`poll`). Counts never go back: a status file that disappears
     (cleared at the run's end) keeps its last counts."""
 
-    def __init__(self, out: str | Path, cells: list[Any], prior: dict[str, float] | None = None,
-                 parallel: int = 1, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        out: str | Path,
+        cells: list[Any],
+        prior: dict[str, float] | None = None,
+        parallel: int = 1,
+        clock: Callable[[], float] = time.time,
+    ):
         self.folder = status_dir(out)
         self.total = len(cells)
         self.per_method: dict[str, int] = {}
@@ -277,8 +300,18 @@ class RunWatcher:
                 acc[1] += s
             cur = data.get("current")
             if cur:
-                running.append(Running(cur["method"], cur["category"], cur["k"], cur["run"], cur["train_seed"],
-                                       cur["stage"], cur["since"], cur.get("cell_since", cur["since"])))
+                running.append(
+                    Running(
+                        cur["method"],
+                        cur["category"],
+                        cur["k"],
+                        cur["run"],
+                        cur["train_seed"],
+                        cur["stage"],
+                        cur["since"],
+                        cur.get("cell_since", cur["since"]),
+                    )
+                )
             seen = self._warned.get(name, 0)
             kept = data.get("warnings") or []
             new_warnings += kept[seen:]
@@ -288,9 +321,14 @@ class RunWatcher:
         remaining = {m: max(0, t - done_per_method.get(m, 0)) for m, t in self.per_method.items()}
         groups_left = sum(1 for g, t in self.per_group.items() if per_group.get(g, 0) < t)
         now = self.clock()
-        eta = eta_seconds(remaining, {m: (int(n), s) for m, (n, s) in measured.items()}, self.prior,
-                          [(r.method, max(0.0, now - r.cell_since)) for r in running], self.parallel,
-                          groups_left)
+        eta = eta_seconds(
+            remaining,
+            {m: (int(n), s) for m, (n, s) in measured.items()},
+            self.prior,
+            [(r.method, max(0.0, now - r.cell_since)) for r in running],
+            self.parallel,
+            groups_left,
+        )
         return Snapshot(done, self.total, running, eta, new_warnings)
 
 

@@ -57,10 +57,20 @@ def _run_group_on_dask(out: str | Path, token: str, threads: int | None, *args: 
     return run_in_child(_run_group_in_worker, (os.getpid(), out, token, *args), threads)
 
 
-def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
-              progress: Callable[[int], None] | None = None, backend: str = "loky",
-              scheduler: str | None = None, cache_features: bool = False, force: bool = False,
-              planned: Plan | None = None, threads: int | None = None, verify_data: bool = False) -> ResultStore:
+def run_suite(
+    suite: Suite,
+    out: str | Path,
+    device: str = "cpu",
+    jobs: int = 1,
+    progress: Callable[[int], None] | None = None,
+    backend: str = "loky",
+    scheduler: str | None = None,
+    cache_features: bool = False,
+    force: bool = False,
+    planned: Plan | None = None,
+    threads: int | None = None,
+    verify_data: bool = False,
+) -> ResultStore:
     """Run every unfinished cell of ``suite`` into the store at ``out``.
 
     ``progress(n)`` is called as cells finish (the CLI reads the status files of
@@ -96,16 +106,41 @@ def run_suite(suite: Suite, out: str | Path, device: str = "cpu", jobs: int = 1,
         image_check = "full" if verify_data else "sample" if force else "stat"
         clear_status(out)
         try:
-            _run_locked(suite, planned, store, out, device, jobs, progress, backend, scheduler, cache_features,
-                        force, threads, image_check)
+            _run_locked(
+                suite,
+                planned,
+                store,
+                out,
+                device,
+                jobs,
+                progress,
+                backend,
+                scheduler,
+                cache_features,
+                force,
+                threads,
+                image_check,
+            )
         finally:
             clear_status(out)
     return store
 
 
-def _run_locked(suite: Suite, planned: Plan, store: ResultStore, out: str | Path, device: str, jobs: int,
-                progress: Callable[[int], None] | None, backend: str, scheduler: str | None,
-                cache_features: bool, force: bool, threads: int | None, image_check: str = "stat") -> None:
+def _run_locked(
+    suite: Suite,
+    planned: Plan,
+    store: ResultStore,
+    out: str | Path,
+    device: str,
+    jobs: int,
+    progress: Callable[[int], None] | None,
+    backend: str,
+    scheduler: str | None,
+    cache_features: bool,
+    force: bool,
+    threads: int | None,
+    image_check: str = "stat",
+) -> None:
     cells = planned.cells
     group_tail = (planned.dataset, planned.train_dataset, image_check)  # run_group's last positional arguments
     store.clean_temporary()  # what a killed run left; nobody else writes here while we hold the lock
@@ -124,8 +159,18 @@ def _run_locked(suite: Suite, planned: Plan, store: ResultStore, out: str | Path
         try:
             with frozen_gc():  # one full collection per run, not one per group
                 for (m, c), group in todo.items():
-                    run_group(suite, m, c, group, out, device, threads, (lambda _c: progress(1)) if progress else None,
-                              features, *group_tail)
+                    run_group(
+                        suite,
+                        m,
+                        c,
+                        group,
+                        out,
+                        device,
+                        threads,
+                        (lambda _c: progress(1)) if progress else None,
+                        features,
+                        *group_tail,
+                    )
         finally:
             torch_threads(previous)
         return
@@ -134,8 +179,12 @@ def _run_locked(suite: Suite, planned: Plan, store: ResultStore, out: str | Path
 
     write_run_info(out, min(jobs, len(todo)))
     threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
-    tasks = (delayed(_run_group_in_worker)(os.getpid(), out, None, suite, m, c, g, out, device, threads, None, features,
-                                           *group_tail) for (m, c), g in todo.items())
+    tasks = (
+        delayed(_run_group_in_worker)(
+            os.getpid(), out, None, suite, m, c, g, out, device, threads, None, features, *group_tail
+        )
+        for (m, c), g in todo.items()
+    )
     try:
         for n in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
             if progress:
@@ -154,13 +203,23 @@ def torch_threads(n: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def _run_on_dask(todo: dict, scheduler: str, progress: Callable[[int], None] | None, suite: Suite, out: str | Path,
-                 device: str, features: str | None, group_tail: tuple, threads: int | None) -> None:
+def _run_on_dask(
+    todo: dict,
+    scheduler: str,
+    progress: Callable[[int], None] | None,
+    suite: Suite,
+    out: str | Path,
+    device: str,
+    features: str | None,
+    group_tail: tuple,
+    threads: int | None,
+) -> None:
     """Every group a task of the cluster (``client.submit``: nothing runs in this process, every worker
     thread is used). Ends with :class:`WorkerLost` within about :data:`POLL_SECONDS` when a worker
     leaves the cluster or a task's process dies, after cancelling the other tasks."""
     try:
-        from distributed import Client, TimeoutError as DaskTimeout, wait
+        from distributed import Client, wait
+        from distributed import TimeoutError as DaskTimeout
         from distributed.client import FIRST_COMPLETED
     except ImportError:
         raise FsadError("--backend dask needs dask.distributed: pip install 'fsad-bench[dask]'") from None
@@ -172,13 +231,33 @@ def _run_on_dask(todo: dict, scheduler: str, progress: Callable[[int], None] | N
         try:
             client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
         except (TimeoutError, DaskTimeout):
-            raise FsadError(f"the dask scheduler at {scheduler} has no worker (start one: dask worker "
-                            f"{scheduler})") from None
+            raise FsadError(
+                f"the dask scheduler at {scheduler} has no worker (start one: dask worker {scheduler})"
+            ) from None
         workers = _workers(client)
         token = uuid.uuid4().hex
         write_run_info(out, min(sum(workers.values()), len(todo)), token)
-        pending = {client.submit(_run_group_on_dask, out, token, threads, suite, m, c, g, out, device, None, None, features,
-                                 *group_tail, key=f"fsad-{m}-{c}-{token[:8]}", pure=False) for (m, c), g in todo.items()}
+        pending = {
+            client.submit(
+                _run_group_on_dask,
+                out,
+                token,
+                threads,
+                suite,
+                m,
+                c,
+                g,
+                out,
+                device,
+                None,
+                None,
+                features,
+                *group_tail,
+                key=f"fsad-{m}-{c}-{token[:8]}",
+                pure=False,
+            )
+            for (m, c), g in todo.items()
+        }
         seen = set(workers)
         try:
             while pending:
@@ -193,8 +272,10 @@ def _run_on_dask(todo: dict, scheduler: str, progress: Callable[[int], None] | N
                         progress(n)
                 now = _workers(client)
                 if lost := seen - set(now):
-                    raise WorkerLost(f"dask worker {sorted(lost)[0]} left the cluster mid-run (killed or crashed); "
-                                     f"finished cells are kept (rerun to resume)")
+                    raise WorkerLost(
+                        f"dask worker {sorted(lost)[0]} left the cluster mid-run (killed or crashed); "
+                        f"finished cells are kept (rerun to resume)"
+                    )
                 seen |= set(now)
         finally:
             if pending:
@@ -211,6 +292,7 @@ def _dask_result(future: Any) -> int:
         return future.result()
     except Exception as err:
         if err.__class__.__name__ == "KilledWorker":
-            raise WorkerLost(f"the dask workers running {future.key} died ({err}); finished cells are kept "
-                             f"(rerun to resume)") from None
+            raise WorkerLost(
+                f"the dask workers running {future.key} died ({err}); finished cells are kept (rerun to resume)"
+            ) from None
         raise

@@ -53,13 +53,13 @@ def guard_worker(parent_pid: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != parent_pid and not _alive(parent_pid):
         os.kill(os.getpid(), signal.SIGKILL)
-    threading.Thread(target=_watch, args=(parent_pid, os.getppid()), name="fsad-parent-watchdog",
-                     daemon=True).start()
+    threading.Thread(target=_watch, args=(parent_pid, os.getppid()), name="fsad-parent-watchdog", daemon=True).start()
 
 
 def guard_run(alive) -> None:
     """Kill this process (SIGKILL) once ``alive()`` is false; checked every :data:`POLL_SECONDS` by a
     daemon thread (a Dask task's process: the run that submitted it ended or was replaced)."""
+
     def watch() -> None:
         stop, misses = threading.Event(), 0
         while not stop.wait(POLL_SECONDS):
@@ -98,8 +98,9 @@ def run_in_child(fn, args: tuple, threads: int | None = None):
 
     payload = pickle.dumps((os.getpid(), threads, fn, args))
     read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "fsad_bench.run.workers", str(write_fd)], stdin=subprocess.PIPE,
-                            pass_fds=(write_fd,))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fsad_bench.run.workers", str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,)
+    )
     os.close(write_fd)
     try:
         proc.stdin.write(payload)
@@ -111,8 +112,10 @@ def run_in_child(fn, args: tuple, threads: int | None = None):
     code = proc.wait()
     if not data:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        raise WorkerLost(f"a group process (pid {proc.pid}) died with {how} before its result; finished cells "
-                         f"are kept (rerun to resume)")
+        raise WorkerLost(
+            f"a group process (pid {proc.pid}) died with {how} before its result; finished cells "
+            f"are kept (rerun to resume)"
+        )
     ok, value = pickle.loads(data)
     if ok:
         return value

@@ -19,8 +19,15 @@ from torch.utils.data import ConcatDataset, Dataset
 from fsad_bench.adapter import Adapter, Interval, ListOf, OneOf, TrainSet
 from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.errors import FsadError
-from fsad_bench.methods.diffnet.torch_model import (ALEXNET_MIN_SIZE, AlexNetMultiScale, DifferNetViews, build_flow,
-                                                    official_grad_maps, score_views, view_scores)
+from fsad_bench.methods.diffnet.torch_model import (
+    ALEXNET_MIN_SIZE,
+    AlexNetMultiScale,
+    DifferNetViews,
+    build_flow,
+    official_grad_maps,
+    score_views,
+    view_scores,
+)
 from fsad_bench.methods.diffnet.training import train_flow
 
 _POSITIVE = Interval(float, 0, None, closed="neither")
@@ -40,18 +47,58 @@ class DiffNet(Adapter):
     paper = "DifferNet (Rudolph et al., WACV 2021)"
     bookkeeping_options = frozenset({"view_chunk"})
     presets: dict[str, dict[str, Any]] = {
-        "paper": {"arch": "alexnet", "img_size": 448, "n_scales": 3, "n_coupling_blocks": 8, "fc_internal": 2048,
-                  "clamp_alpha": 3.0, "dropout": 0.0, "lr": 2e-4, "betas": (0.8, 0.8), "eps": 1e-4,
-                  "weight_decay": 1e-5, "meta_epochs": 24, "sub_epochs": 8, "batch_size": 24,
-                  "n_transforms": 4, "n_transforms_test": 64, "rotation": 180.0, "brightness": 0.0,
-                  "contrast": 0.0, "saturation": 0.0, "feature_pool": 0, "grad_sigma": 3.0,
-                  "view_chunk": 64, **OFFICIAL_VIEWS},
-        "cpu": {"arch": "alexnet", "img_size": 128, "n_scales": 2, "n_coupling_blocks": 4, "fc_internal": 256,
-                "clamp_alpha": 3.0, "dropout": 0.0, "lr": 1e-3, "betas": (0.8, 0.8), "eps": 1e-4,
-                "weight_decay": 1e-5, "meta_epochs": 4, "sub_epochs": 8, "batch_size": 24,
-                "n_transforms": 4, "n_transforms_test": 8, "rotation": 180.0, "brightness": 0.0,
-                "contrast": 0.0, "saturation": 0.0, "feature_pool": 16, "grad_sigma": 3.0,
-                "view_chunk": 64, **CHEAP_VIEWS},
+        "paper": {
+            "arch": "alexnet",
+            "img_size": 448,
+            "n_scales": 3,
+            "n_coupling_blocks": 8,
+            "fc_internal": 2048,
+            "clamp_alpha": 3.0,
+            "dropout": 0.0,
+            "lr": 2e-4,
+            "betas": (0.8, 0.8),
+            "eps": 1e-4,
+            "weight_decay": 1e-5,
+            "meta_epochs": 24,
+            "sub_epochs": 8,
+            "batch_size": 24,
+            "n_transforms": 4,
+            "n_transforms_test": 64,
+            "rotation": 180.0,
+            "brightness": 0.0,
+            "contrast": 0.0,
+            "saturation": 0.0,
+            "feature_pool": 0,
+            "grad_sigma": 3.0,
+            "view_chunk": 64,
+            **OFFICIAL_VIEWS,
+        },
+        "cpu": {
+            "arch": "alexnet",
+            "img_size": 128,
+            "n_scales": 2,
+            "n_coupling_blocks": 4,
+            "fc_internal": 256,
+            "clamp_alpha": 3.0,
+            "dropout": 0.0,
+            "lr": 1e-3,
+            "betas": (0.8, 0.8),
+            "eps": 1e-4,
+            "weight_decay": 1e-5,
+            "meta_epochs": 4,
+            "sub_epochs": 8,
+            "batch_size": 24,
+            "n_transforms": 4,
+            "n_transforms_test": 8,
+            "rotation": 180.0,
+            "brightness": 0.0,
+            "contrast": 0.0,
+            "saturation": 0.0,
+            "feature_pool": 16,
+            "grad_sigma": 3.0,
+            "view_chunk": 64,
+            **CHEAP_VIEWS,
+        },
     }
     option_constraints = {
         "arch": [str],
@@ -90,16 +137,19 @@ class DiffNet(Adapter):
         super().__init__(config)
         hp = self.hparams
         if hp["arch"] == "alexnet" and hp["img_size"] // 2 ** (hp["n_scales"] - 1) < ALEXNET_MIN_SIZE:
-            raise FsadError(f"{self.name}: img_size {hp['img_size']} with {hp['n_scales']} scales gives a smallest "
-                            f"scale below AlexNet's minimum input of {ALEXNET_MIN_SIZE} px "
-                            f"(valid: img_size // 2**(n_scales - 1) >= {ALEXNET_MIN_SIZE})")
+            raise FsadError(
+                f"{self.name}: img_size {hp['img_size']} with {hp['n_scales']} scales gives a smallest "
+                f"scale below AlexNet's minimum input of {ALEXNET_MIN_SIZE} px "
+                f"(valid: img_size // 2**(n_scales - 1) >= {ALEXNET_MIN_SIZE})"
+            )
         if len(hp["betas"]) != 2:
             raise FsadError(f"{self.name}: option 'betas' must be two numbers (Adam's betas), got {hp['betas']!r}")
         self.extractor = AlexNetMultiScale(self.config.weights, hp["n_scales"], hp["arch"]).to(self.device)
         self.weights_tag = self.extractor.weights_tag
         self.flow = self.new_flow()
-        self.views = DifferNetViews(hp["img_size"], hp["rotation"], hp["brightness"], hp["contrast"],
-                                    hp["saturation"], hp["rotate_filter"])
+        self.views = DifferNetViews(
+            hp["img_size"], hp["rotation"], hp["brightness"], hp["contrast"], hp["saturation"], hp["rotate_filter"]
+        )
         self._trained = False
 
     @property
@@ -110,17 +160,31 @@ class DiffNet(Adapter):
     def new_flow(self) -> SequenceINN:
         """A freshly initialised flow (subnet weights from torch's global RNG)."""
         hp = self.hparams
-        return build_flow(self.extractor.n_feat, hp["n_coupling_blocks"], hp["fc_internal"], hp["clamp_alpha"],
-                          hp["dropout"]).to(self.device)
+        return build_flow(
+            self.extractor.n_feat, hp["n_coupling_blocks"], hp["fc_internal"], hp["clamp_alpha"], hp["dropout"]
+        ).to(self.device)
 
     # -- training -------------------------------------------------------------------------
     def train_flow(self, flow: SequenceINN, data: Dataset, epochs: int, generator: torch.Generator) -> list[float]:
         """:func:`~fsad_bench.methods.diffnet.training.train_flow` with this adapter's options."""
         hp = self.hparams
-        return train_flow(flow, self.extractor, self.views, data, epochs=epochs, lr=hp["lr"], betas=tuple(hp["betas"]),
-                          eps=hp["eps"], weight_decay=hp["weight_decay"], n_transforms=hp["n_transforms"],
-                          batch_size=hp["batch_size"], pool_views=hp["feature_pool"], view_chunk=hp["view_chunk"],
-                          generator=generator, device=self.device)
+        return train_flow(
+            flow,
+            self.extractor,
+            self.views,
+            data,
+            epochs=epochs,
+            lr=hp["lr"],
+            betas=tuple(hp["betas"]),
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
+            n_transforms=hp["n_transforms"],
+            batch_size=hp["batch_size"],
+            pool_views=hp["feature_pool"],
+            view_chunk=hp["view_chunk"],
+            generator=generator,
+            device=self.device,
+        )
 
     @property
     def epochs(self) -> int:
@@ -134,8 +198,9 @@ class DiffNet(Adapter):
         if self._trained:  # fit again = from scratch again
             torch.manual_seed(self.config.seed)
             self.flow = self.new_flow()
-        self.loss_history = self.train_flow(self.flow, ConcatDataset(list(train.values())), self.epochs,
-                                            self._generator(1))
+        self.loss_history = self.train_flow(
+            self.flow, ConcatDataset(list(train.values())), self.epochs, self._generator(1)
+        )
         self._trained = True
 
     def adapt(self, support: torch.Tensor) -> None:
@@ -204,8 +269,7 @@ class DiffNetPlus(DiffNet):
     paper = "DiffNet+ baseline of RegAD (Huang et al., ECCV 2022), after DifferNet (Rudolph et al., WACV 2021)"
     presets = {
         "paper": {**DiffNet.presets["paper"], "finetune_epochs": 192},
-        "cpu": {**DiffNet.presets["cpu"], "meta_epochs": 3, "sub_epochs": 8, "feature_pool": 8,
-                "finetune_epochs": 16},
+        "cpu": {**DiffNet.presets["cpu"], "meta_epochs": 3, "sub_epochs": 8, "feature_pool": 8, "finetune_epochs": 16},
     }
     option_constraints = {**DiffNet.option_constraints, "finetune_epochs": [Interval(int, 0)]}
 
@@ -221,8 +285,9 @@ class DiffNetPlus(DiffNet):
         """Fine-tune a copy of the pre-trained flow on ``support`` ``(K, 3, S, S)``; the
         pre-trained flow itself is never changed, so every adaptation starts from it."""
         self.adapted = copy.deepcopy(self.flow)
-        self.loss_history = self.train_flow(self.adapted, TensorImages(support.cpu()),
-                                            self.hparams["finetune_epochs"], self._generator(3))
+        self.loss_history = self.train_flow(
+            self.adapted, TensorImages(support.cpu()), self.hparams["finetune_epochs"], self._generator(3)
+        )
 
     @property
     def scoring_flow(self) -> SequenceINN:

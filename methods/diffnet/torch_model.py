@@ -59,8 +59,9 @@ class FullyConnectedSubnet(nn.Sequential):
         super().__init__(*layers)
 
 
-def build_flow(n_feat: int, n_blocks: int = 8, hidden: int = 2048, clamp: float = 3.0,
-               dropout: float = 0.0) -> SequenceINN:
+def build_flow(
+    n_feat: int, n_blocks: int = 8, hidden: int = 2048, clamp: float = 3.0, dropout: float = 0.0
+) -> SequenceINN:
     """DifferNet's flow head as a FrEIA ``SequenceINN``: ``n_blocks`` × [PermuteRandom(seed=k), GLOW coupling].
 
     Maps ``(B, n_feat)`` to ``(z (B, n_feat), log|det J| (B,))``; invertible with ``rev=True``.
@@ -71,8 +72,12 @@ def build_flow(n_feat: int, n_blocks: int = 8, hidden: int = 2048, clamp: float 
     try:
         for k in range(n_blocks):
             flow.append(PermuteRandom, seed=k)
-            flow.append(GLOWCouplingBlock, clamp=clamp, clamp_activation=AtanSoftClamp(clamp),
-                        subnet_constructor=lambda c_in, c_out: FullyConnectedSubnet(c_in, c_out, hidden, dropout))
+            flow.append(
+                GLOWCouplingBlock,
+                clamp=clamp,
+                clamp_activation=AtanSoftClamp(clamp),
+                subnet_constructor=lambda c_in, c_out: FullyConnectedSubnet(c_in, c_out, hidden, dropout),
+            )
     finally:
         np.random.set_state(numpy_state)
     return flow
@@ -177,8 +182,15 @@ class DifferNetViews:
     ``"nearest"`` (official: PIL nearest on the 8-bit image, :func:`rotate_nearest_uint8`) or
     ``"bilinear"`` (``grid_sample``, zero fill)."""
 
-    def __init__(self, img_size: int, rotation: float = 180.0, brightness: float = 0.0,
-                 contrast: float = 0.0, saturation: float = 0.0, rotate_filter: str = "bilinear"):
+    def __init__(
+        self,
+        img_size: int,
+        rotation: float = 180.0,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        rotate_filter: str = "bilinear",
+    ):
         if rotate_filter not in ROTATE_FILTERS:
             raise ValueError(f"rotate_filter must be one of {ROTATE_FILTERS}, got {rotate_filter!r}")
         self.img_size = img_size
@@ -195,8 +207,13 @@ class DifferNetViews:
     def resized(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` -> ``(B, 3, img_size, img_size)`` (bilinear, antialiased when shrinking; unchanged at that size)."""
         if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
-            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear",
-                                   align_corners=False, antialias=images.shape[-1] > self.img_size)
+            images = F.interpolate(
+                images,
+                size=(self.img_size, self.img_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=images.shape[-1] > self.img_size,
+            )
         return images
 
     def rotated(self, images: torch.Tensor, degrees: list[float]) -> torch.Tensor:
@@ -223,8 +240,15 @@ class DifferNetViews:
 
 
 # -- scoring --------------------------------------------------------------------------------
-def score_views(flow: SequenceINN, extractor: AlexNetMultiScale, views: DifferNetViews, images: torch.Tensor,
-                angles: torch.Tensor, factors: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def score_views(
+    flow: SequenceINN,
+    extractor: AlexNetMultiScale,
+    views: DifferNetViews,
+    images: torch.Tensor,
+    angles: torch.Tensor,
+    factors: torch.Tensor,
+    sigma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and gradient maps of ``images`` ``(b, 3, S, S)`` under ``T`` views: ``angles`` ``(T,)`` and
     ``factors`` ``(T, 3)`` shared by every image, or ``(b, T)`` and ``(b, T, 3)`` per image. Scores ``(b,)`` =
     mean z² over views and features; maps ``(b, S, S)`` = squared mean over channels and views of
@@ -246,8 +270,14 @@ def score_views(flow: SequenceINN, extractor: AlexNetMultiScale, views: DifferNe
 
 
 @torch.no_grad()
-def view_scores(flow: SequenceINN, extractor: AlexNetMultiScale, views: DifferNetViews, images: torch.Tensor,
-                angles: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def view_scores(
+    flow: SequenceINN,
+    extractor: AlexNetMultiScale,
+    views: DifferNetViews,
+    images: torch.Tensor,
+    angles: torch.Tensor,
+    factors: torch.Tensor,
+) -> torch.Tensor:
     """Scores ``(b,)`` = mean z² over the ``T`` views and the features (official ``train.py``), views as in
     :func:`score_views` (``angles`` ``(T,)`` shared or ``(b, T)`` per image)."""
     b = images.shape[0]
@@ -263,8 +293,14 @@ def fixed_degrees(n_views: int) -> list[float]:
     return [i * 360.0 / n_views for i in range(n_views)]
 
 
-def official_grad_maps(flow: SequenceINN, extractor: AlexNetMultiScale, views: DifferNetViews, images: torch.Tensor,
-                       n_views: int, sigma: float) -> torch.Tensor:
+def official_grad_maps(
+    flow: SequenceINN,
+    extractor: AlexNetMultiScale,
+    views: DifferNetViews,
+    images: torch.Tensor,
+    n_views: int,
+    sigma: float,
+) -> torch.Tensor:
     """DifferNet's gradient maps (official ``localization.export_gradient_maps``) of ``images`` ``(b, 3, S, S)``:
     ``T`` views rotated by :func:`fixed_degrees` (with ``views``' filter; no colour jitter), the gradient
     of each image's mean NLL over its T views (the official batch-mean loss with its test batch of one

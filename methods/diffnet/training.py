@@ -12,15 +12,27 @@ from fsad_bench.methods.diffnet.torch_model import AlexNetMultiScale, DifferNetV
 
 
 @torch.no_grad()
-def view_features(extractor: AlexNetMultiScale, views: DifferNetViews, images: torch.Tensor,
-                  generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def view_features(
+    extractor: AlexNetMultiScale,
+    views: DifferNetViews,
+    images: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
     """Features of one random view per image: ``(B, 3, S, S)`` -> ``(B, n_feat)``."""
     return extractor(views(images.to(device), generator))
 
 
 @torch.no_grad()
-def feature_pool(extractor: AlexNetMultiScale, views: DifferNetViews, data: Dataset, n_views: int,
-                 view_chunk: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def feature_pool(
+    extractor: AlexNetMultiScale,
+    views: DifferNetViews,
+    data: Dataset,
+    n_views: int,
+    view_chunk: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
     """Features of ``n_views`` random views of every image of ``data``: ``(N, n_views, n_feat)``,
     extracted ``view_chunk`` views at a time."""
     pool = []
@@ -31,10 +43,24 @@ def feature_pool(extractor: AlexNetMultiScale, views: DifferNetViews, data: Data
     return torch.cat(pool)
 
 
-def train_flow(flow: SequenceINN, extractor: AlexNetMultiScale, views: DifferNetViews, data: Dataset, *,
-               epochs: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-               n_transforms: int, batch_size: int, pool_views: int, view_chunk: int, generator: torch.Generator,
-               device: torch.device) -> list[float]:
+def train_flow(
+    flow: SequenceINN,
+    extractor: AlexNetMultiScale,
+    views: DifferNetViews,
+    data: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    n_transforms: int,
+    batch_size: int,
+    pool_views: int,
+    view_chunk: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[float]:
     """Train ``flow`` by DifferNet's NLL on augmented views of ``data`` (``(3, S, S)`` images in [0, 1]);
     returns the mean loss of each epoch and leaves ``flow`` in eval mode.
 
@@ -59,8 +85,10 @@ def train_flow(flow: SequenceINN, extractor: AlexNetMultiScale, views: DifferNet
                 pick = torch.rand(len(idx), pool.shape[1], generator=generator).argsort(dim=1)[:, :n_t]
                 batches.append(pool[idx[:, None], pick].flatten(0, 1))
         else:
-            batches = (view_features(extractor, views, b.repeat_interleave(n_t, dim=0), generator, device)
-                       for b in DataLoader(data, batch_size=bs, shuffle=True, generator=generator))
+            batches = (
+                view_features(extractor, views, b.repeat_interleave(n_t, dim=0), generator, device)
+                for b in DataLoader(data, batch_size=bs, shuffle=True, generator=generator)
+            )
         for feats in batches:
             optimizer.zero_grad()
             loss = nll_per_sample(*flow(feats.to(device))).mean()

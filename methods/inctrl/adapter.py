@@ -22,14 +22,36 @@ class InCTRL(Adapter):
     paper = "InCTRL (Zhu & Pang, CVPR 2024): generalist AD via in-context residual learning"
     bookkeeping_options = frozenset({"feature_cache_mb", "encode_batch"})
     presets = {
-        "paper": {"clip_model": "ViT-B-16-plus-240", "pretrained": "laion400m_e32", "layers": [6, 8, 10],
-                  "epochs": 10, "steps_per_epoch": 100, "batch_size": 16, "train_shots": 2, "lr": 1e-3,
-                  "weight_decay": 0.01, "focal_gamma": 2.0, "loss_on": "as_logits", "feature_cache_mb": 4096,
-                  "encode_batch": 32},
-        "cpu": {"clip_model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "layers": [6, 8, 10],
-                "epochs": 2, "steps_per_epoch": 50, "batch_size": 16, "train_shots": 2, "lr": 1e-3,
-                "weight_decay": 0.01, "focal_gamma": 2.0, "loss_on": "as_logits", "feature_cache_mb": 1024,
-                "encode_batch": 16},
+        "paper": {
+            "clip_model": "ViT-B-16-plus-240",
+            "pretrained": "laion400m_e32",
+            "layers": [6, 8, 10],
+            "epochs": 10,
+            "steps_per_epoch": 100,
+            "batch_size": 16,
+            "train_shots": 2,
+            "lr": 1e-3,
+            "weight_decay": 0.01,
+            "focal_gamma": 2.0,
+            "loss_on": "as_logits",
+            "feature_cache_mb": 4096,
+            "encode_batch": 32,
+        },
+        "cpu": {
+            "clip_model": "ViT-B-32",
+            "pretrained": "laion2b_s34b_b79k",
+            "layers": [6, 8, 10],
+            "epochs": 2,
+            "steps_per_epoch": 50,
+            "batch_size": 16,
+            "train_shots": 2,
+            "lr": 1e-3,
+            "weight_decay": 0.01,
+            "focal_gamma": 2.0,
+            "loss_on": "as_logits",
+            "feature_cache_mb": 1024,
+            "encode_batch": 16,
+        },
     }
     option_constraints = {
         "clip_model": [str],  # an open_clip model name or "tiny" (checked when the CLIP is built)
@@ -86,9 +108,19 @@ class InCTRL(Adapter):
         clip = self.clip
         bytes_per_image = 4 * (clip.embed_dim + len(clip.layers) * clip.num_patches * clip.width)
         pool = TrainingPool(train, self.encode, g, bytes_per_image, h["feature_cache_mb"], self.device)
-        train_head(self.head, pool, self._score_batch, epochs=h["epochs"], steps_per_epoch=h["steps_per_epoch"],
-                   batch_size=h["batch_size"], shots=h["train_shots"], lr=h["lr"], weight_decay=h["weight_decay"],
-                   focal_gamma=h["focal_gamma"], as_logits=h["loss_on"] == "as_logits")
+        train_head(
+            self.head,
+            pool,
+            self._score_batch,
+            epochs=h["epochs"],
+            steps_per_epoch=h["steps_per_epoch"],
+            batch_size=h["batch_size"],
+            shots=h["train_shots"],
+            lr=h["lr"],
+            weight_decay=h["weight_decay"],
+            focal_gamma=h["focal_gamma"],
+            as_logits=h["loss_on"] == "as_logits",
+        )
 
     def _text_scores(self, q_cls: torch.Tensor, categories: list[str]) -> torch.Tensor:
         """Text prior ``(B,)`` of each query (class embedding ``(B, D)``) for its category's prompts."""

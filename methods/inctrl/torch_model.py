@@ -31,17 +31,28 @@ class ScoreHead(nn.Sequential):
     """MLP ``(B, D) -> (B, 1)`` in (0, 1): D -> 128 -> 64 -> 1, ReLU then BatchNorm, sigmoid."""
 
     def __init__(self, dim_in: int):
-        super().__init__(nn.Linear(dim_in, 128), nn.ReLU(), nn.BatchNorm1d(128),
-                         nn.Linear(128, 64), nn.ReLU(), nn.BatchNorm1d(64),
-                         nn.Linear(64, 1), nn.Sigmoid())
+        super().__init__(
+            nn.Linear(dim_in, 128),
+            nn.ReLU(),
+            nn.BatchNorm1d(128),
+            nn.Linear(128, 64),
+            nn.ReLU(),
+            nn.BatchNorm1d(64),
+            nn.Linear(64, 1),
+            nn.Sigmoid(),
+        )
 
 
 class ResidualAdapter(nn.Sequential):
     """Bias-free bottleneck ``(…, D) -> (…, D)``: D -> D/4 -> D with ReLUs (image-level residual)."""
 
     def __init__(self, dim: int, reduction: int = 4):
-        super().__init__(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
-                         nn.Linear(dim // reduction, dim, bias=False), nn.ReLU())
+        super().__init__(
+            nn.Linear(dim, dim // reduction, bias=False),
+            nn.ReLU(),
+            nn.Linear(dim // reduction, dim, bias=False),
+            nn.ReLU(),
+        )
 
 
 class InCTRLHead(nn.Module):
@@ -57,8 +68,9 @@ class InCTRLHead(nn.Module):
         self.image_head = ScoreHead(embed_dim)
         self.holistic_head = ScoreHead(num_patches)
 
-    def forward(self, patch_map: torch.Tensor, query_cls: torch.Tensor, prompt_cls: torch.Tensor,
-                text_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, patch_map: torch.Tensor, query_cls: torch.Tensor, prompt_cls: torch.Tensor, text_score: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (final score ``(B,)``, image-residual score ``(B,)``), both in [0, 1]."""
         prompt_mean = self.adapter(prompt_cls).mean(dim=-2)  # (B, D) or (D,)
         residual = prompt_mean - self.adapter(query_cls)
@@ -68,8 +80,14 @@ class InCTRLHead(nn.Module):
         return final, image_score[:, 0]
 
 
-def inctrl_scores(head: InCTRLHead, q_cls: torch.Tensor, q_patches: torch.Tensor, p_cls: torch.Tensor,
-                  p_patches: torch.Tensor, text_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def inctrl_scores(
+    head: InCTRLHead,
+    q_cls: torch.Tensor,
+    q_patches: torch.Tensor,
+    p_cls: torch.Tensor,
+    p_patches: torch.Tensor,
+    text_score: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of queries against their prompts: ``q_cls`` ``(B, D)``, ``q_patches`` ``(B, L, P, W)``;
     prompts shared (``p_cls`` ``(K, D)``, ``p_patches`` ``(L, K·P, W)``) or per query (``(B, K, D)``,
     ``(B, L, K·P, W)``); ``text_score`` ``(B,)``. Returns (final, image-residual) scores ``(B,)``."""
@@ -77,8 +95,9 @@ def inctrl_scores(head: InCTRLHead, q_cls: torch.Tensor, q_patches: torch.Tensor
     return head(patch_map, q_cls, p_cls, text_score)
 
 
-def focal_loss(scores: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: float = 1.0,
-               as_logits: bool = True) -> torch.Tensor:
+def focal_loss(
+    scores: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: float = 1.0, as_logits: bool = True
+) -> torch.Tensor:
     """Binary focal loss of ``scores`` ``(B,)`` against ``labels`` ``(B,)`` (1 = anomalous), mean over the
     batch. ``as_logits`` treats ``scores`` as logits, as the official code does with its sigmoid outputs;
     otherwise they are probabilities."""

@@ -59,8 +59,15 @@ class TrainingPool:
     encoded once here and reused; otherwise every batch is encoded afresh.
     """
 
-    def __init__(self, train: Mapping[str, torch.utils.data.Dataset], encode: Encoder, generator: torch.Generator,
-                 bytes_per_image: int, cache_mb: float, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        train: Mapping[str, torch.utils.data.Dataset],
+        encode: Encoder,
+        generator: torch.Generator,
+        bytes_per_image: int,
+        cache_mb: float,
+        device: torch.device | str = "cpu",
+    ):
         self.encode, self.g, self.device = encode, generator, device
         self.cats = []
         for c, ds in train.items():
@@ -113,13 +120,30 @@ class TrainingPool:
                 cats.append(c)
                 labels.append(float(label))
         dev = self.device
-        return (torch.stack(q_cls).to(dev), torch.stack(q_patch).to(dev), torch.stack(p_cls).to(dev),
-                torch.stack(p_patch).to(dev), cats, torch.tensor(labels, device=dev))
+        return (
+            torch.stack(q_cls).to(dev),
+            torch.stack(q_patch).to(dev),
+            torch.stack(p_cls).to(dev),
+            torch.stack(p_patch).to(dev),
+            cats,
+            torch.tensor(labels, device=dev),
+        )
 
 
-def train_head(head: nn.Module, pool: TrainingPool, score: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
-               *, epochs: int, steps_per_epoch: int, batch_size: int, shots: int, lr: float, weight_decay: float,
-               focal_gamma: float, as_logits: bool) -> None:
+def train_head(
+    head: nn.Module,
+    pool: TrainingPool,
+    score: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    shots: int,
+    lr: float,
+    weight_decay: float,
+    focal_gamma: float,
+    as_logits: bool,
+) -> None:
     """AdamW (betas 0.9, 0.999) on ``head`` for ``epochs × steps_per_epoch`` batches of ``batch_size``
     (half normal, half anomalous) from ``pool``; ``score(batch)`` returns the (final, image-residual)
     scores ``(B,)``; loss = focal loss of both. Leaves ``head`` in eval mode."""
@@ -131,8 +155,9 @@ def train_head(head: nn.Module, pool: TrainingPool, score: Callable[[Batch], tup
         batch = pool.sample(n_norm, n_anom, shots)
         final, image_score = score(batch)
         y = batch[5]
-        loss = (focal_loss(final, y, focal_gamma, as_logits=as_logits)
-                + focal_loss(image_score, y, focal_gamma, as_logits=as_logits))
+        loss = focal_loss(final, y, focal_gamma, as_logits=as_logits) + focal_loss(
+            image_score, y, focal_gamma, as_logits=as_logits
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

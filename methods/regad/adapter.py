@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from fsad_bench.adapter import Adapter, Interval, OneOf, TrainSet
-from fsad_bench.errors import FsadError
 from fsad_bench.components.affine import N_PARAMS, affine_warp, compose_affine, invert_affine
 from fsad_bench.components.augment import augment_support
 from fsad_bench.components.maps import ScratchBuffer, concat_pyramid, pyramid_samples, smooth_maps
 from fsad_bench.components.position_gaussian import PositionGaussian
+from fsad_bench.errors import FsadError
 from fsad_bench.methods.regad.torch_model import Predictor, RegistrationNet, SiameseEncoder, to_image_frame
 from fsad_bench.methods.regad.training import train_registration
 
@@ -33,18 +33,42 @@ class RegAD(Adapter):
     paper = "Huang et al., Registration based Few-Shot Anomaly Detection, ECCV 2022"
     bookkeeping_options = frozenset({"infer_batch"})
     labelled_options = frozenset(OFFICIAL_TEST)
-    _common = {"arch": "resnet18", "stn_mode": "rotation_scale", "train_shot": "k", "momentum": 0.9,
-               "imagenet_norm": False, **OFFICIAL_TEST, "eps": 0.01, "sigma": 4.0, "infer_batch": 32}
+    _common = {
+        "arch": "resnet18",
+        "stn_mode": "rotation_scale",
+        "train_shot": "k",
+        "momentum": 0.9,
+        "imagenet_norm": False,
+        **OFFICIAL_TEST,
+        "eps": 0.01,
+        "sigma": 4.0,
+        "infer_batch": 32,
+    }
     presets = {
         # official train.py: SGD(0.9), lr 1e-4, 50 epochs, 32 queries/step, per-epoch cosine; one model per
         # shot (`--shot k`: k supports per query); images resized with PIL's ANTIALIAS (= LANCZOS)
-        "paper": {**_common, "epochs": 50, "batch_size": 32, "lr": 1e-4, "lr_schedule": "epoch-cosine",
-                  "max_queries_per_category": None, "resize": "lanczos"},
+        "paper": {
+            **_common,
+            "epochs": 50,
+            "batch_size": 32,
+            "lr": 1e-4,
+            "lr_schedule": "epoch-cosine",
+            "max_queries_per_category": None,
+            "resize": "lanczos",
+        },
         # demo budget (128 px, 2 cores, ≤ ~30 s per aggregated fit): 3 epochs of ≤ 24 queries per
         # category, 8 queries x 1 support per step, one fit for every k, 10x the paper's lr (1e-2 hurt
         # pixel AUROC), per-step cosine, bilinear resize
-        "cpu": {**_common, "train_shot": 1, "epochs": 3, "batch_size": 8, "lr": 1e-3, "lr_schedule": "step-cosine",
-                "max_queries_per_category": 24, "resize": "bilinear"},
+        "cpu": {
+            **_common,
+            "train_shot": 1,
+            "epochs": 3,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "lr_schedule": "step-cosine",
+            "max_queries_per_category": 24,
+            "resize": "bilinear",
+        },
     }
     option_constraints = {
         "arch": [str],
@@ -70,8 +94,13 @@ class RegAD(Adapter):
     def __init__(self, config=None):
         super().__init__(config)
         hp = self.hparams
-        self.model = RegistrationNet(hp["arch"], self.config.weights, self.config.image_size, hp["stn_mode"],
-                                     hp["imagenet_norm"]).to(self.device).eval()
+        self.model = (
+            RegistrationNet(
+                hp["arch"], self.config.weights, self.config.image_size, hp["stn_mode"], hp["imagenet_norm"]
+            )
+            .to(self.device)
+            .eval()
+        )
         self.weights_tag = self.model.weights_tag
         channels = self.model.channels[-1]
         self.encoder = SiameseEncoder(channels).to(self.device).eval()
@@ -97,8 +126,10 @@ class RegAD(Adapter):
         if shot != "k":
             return int(shot)
         if self.fit_shot is None:
-            raise FsadError(f"{self.name}: train_shot = 'k' trains one model per shot, but fit() was not told "
-                            f"k (set adapter.fit_shot, as the run layer does, or set train_shot to an integer)")
+            raise FsadError(
+                f"{self.name}: train_shot = 'k' trains one model per shot, but fit() was not told "
+                f"k (set adapter.fit_shot, as the run layer does, or set train_shot to an integer)"
+            )
         return int(self.fit_shot)
 
     # -- training -------------------------------------------------------------------------
@@ -107,10 +138,20 @@ class RegAD(Adapter):
         :meth:`train_shot` supports per query."""
         hp = self.hparams
         self.loss_history = train_registration(
-            self.model, self.encoder, self.predictor, train, epochs=hp["epochs"], batch_size=hp["batch_size"],
-            shot=self.train_shot(train), lr=hp["lr"], momentum=hp["momentum"], lr_schedule=hp["lr_schedule"],
-            max_queries=hp["max_queries_per_category"], generator=torch.Generator().manual_seed(self.config.seed),
-            device=self.device)
+            self.model,
+            self.encoder,
+            self.predictor,
+            train,
+            epochs=hp["epochs"],
+            batch_size=hp["batch_size"],
+            shot=self.train_shot(train),
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            lr_schedule=hp["lr_schedule"],
+            max_queries=hp["max_queries_per_category"],
+            generator=torch.Generator().manual_seed(self.config.seed),
+            device=self.device,
+        )
 
     # -- test time ------------------------------------------------------------------------
     @torch.no_grad()

@@ -34,9 +34,13 @@ class SpatialTransformer(nn.Module):
             raise ValueError(f"unknown stn_mode {mode!r} (known: {', '.join(N_PARAMS)})")
         self.mode = mode
         self.localisation = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(in_channels, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
-            nn.Conv2d(64, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(64, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
         h, w = (_halved(_halved(s)) for s in grid_size)
@@ -94,8 +98,12 @@ class SiameseEncoder(nn.Sequential):
 
     def __init__(self, channels: int = 256):
         super().__init__(
-            nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
-            nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
             nn.Conv2d(channels, channels, 1, bias=False),
         )
 
@@ -105,7 +113,9 @@ class Predictor(nn.Sequential):
 
     def __init__(self, channels: int = 256):
         super().__init__(
-            nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
             nn.Conv2d(channels, channels, 1, bias=False),
         )
 

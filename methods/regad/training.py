@@ -23,8 +23,9 @@ class TrainBatch:
     supports: list[list[int]]
 
 
-def training_batches(sizes: Mapping[str, int], batch_size: int, shot: int, generator: torch.Generator,
-                     max_queries: int | None = None) -> list[TrainBatch]:
+def training_batches(
+    sizes: Mapping[str, int], batch_size: int, shot: int, generator: torch.Generator, max_queries: int | None = None
+) -> list[TrainBatch]:
     """One epoch of RegAD training steps over categories with ``sizes[c]`` images each.
 
     Every image (or the first ``max_queries`` of a random permutation) is a query once; the
@@ -79,10 +80,22 @@ def cosine_lr(lr: float, schedule: str, epoch: int, epochs: int, step: int, tota
     return lr * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-def train_registration(model: RegistrationNet, encoder: SiameseEncoder, predictor: Predictor,
-                       train: Mapping[str, Dataset], *, epochs: int, batch_size: int, shot: int, lr: float,
-                       momentum: float, lr_schedule: str, max_queries: int | None, generator: torch.Generator,
-                       device: torch.device) -> list[float]:
+def train_registration(
+    model: RegistrationNet,
+    encoder: SiameseEncoder,
+    predictor: Predictor,
+    train: Mapping[str, Dataset],
+    *,
+    epochs: int,
+    batch_size: int,
+    shot: int,
+    lr: float,
+    momentum: float,
+    lr_schedule: str,
+    max_queries: int | None,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[float]:
     """SimSiam registration training of ``model``, ``encoder`` and ``predictor`` (all parameters, in
     train mode; left in eval mode) on ``train`` (category -> ``(3, S, S)`` images in [0, 1]).
 

@@ -9,21 +9,55 @@ import copy
 import torch
 
 from fsad_bench.adapter import Adapter, Interval, OneOf, TrainSet
-from fsad_bench.methods.tdg.torch_model import (PYRAMID_SIDES, TRANSFORMATION_SETS, TDGHierarchy, clahe_rgb,
-                                               pyramid_sizes)
+from fsad_bench.methods.tdg.torch_model import (
+    PYRAMID_SIDES,
+    TRANSFORMATION_SETS,
+    TDGHierarchy,
+    clahe_rgb,
+    pyramid_sizes,
+)
 from fsad_bench.methods.tdg.training import HierarchyTrainer
 
 _PAPER = {
-    "min_size": 25, "max_size": 64, "scale_factor": 0.75, "nfc": 32, "min_nfc": 32, "num_layer": 5,
-    "niter": 1000, "d_steps": 3, "g_steps": 3, "lr_g": 5e-4, "lr_d": 5e-4, "beta1": 0.5,
-    "gamma": 0.1, "milestone_d": 500, "milestone_g": 1000, "alpha": 100.0, "noise_amp": 0.1,
-    "transforms": "official54", "transforms_per_step": None, "batch_size": None, "fraction": 0.1,
-    "clahe": True, "clahe_clip": 2.0, "clahe_tiles": 8, "pyramid_sides": "official",
+    "min_size": 25,
+    "max_size": 64,
+    "scale_factor": 0.75,
+    "nfc": 32,
+    "min_nfc": 32,
+    "num_layer": 5,
+    "niter": 1000,
+    "d_steps": 3,
+    "g_steps": 3,
+    "lr_g": 5e-4,
+    "lr_d": 5e-4,
+    "beta1": 0.5,
+    "gamma": 0.1,
+    "milestone_d": 500,
+    "milestone_g": 1000,
+    "alpha": 100.0,
+    "noise_amp": 0.1,
+    "transforms": "official54",
+    "transforms_per_step": None,
+    "batch_size": None,
+    "fraction": 0.1,
+    "clahe": True,
+    "clahe_clip": 2.0,
+    "clahe_tiles": 8,
+    "pyramid_sides": "official",
     "sample_forward": True,
 }
 _CPU = {
-    **_PAPER, "min_size": 16, "max_size": 32, "scale_factor": 0.5, "nfc": 16, "min_nfc": 16,
-    "niter": 40, "d_steps": 1, "g_steps": 1, "transforms": "dihedral8", "transforms_per_step": 4,
+    **_PAPER,
+    "min_size": 16,
+    "max_size": 32,
+    "scale_factor": 0.5,
+    "nfc": 16,
+    "min_nfc": 16,
+    "niter": 40,
+    "d_steps": 1,
+    "g_steps": 1,
+    "transforms": "dihedral8",
+    "transforms_per_step": 4,
     "batch_size": 2,
 }
 #: official ``train_single_scale``: sample PNGs (one extra generator forward) every 150 epochs
@@ -31,17 +65,32 @@ SAMPLE_EVERY = 150
 _POSITIVE = Interval(float, 0, None, closed="neither")
 #: constraints of the options both adapters share (pyramid sides in px, widths in channels)
 _CONSTRAINTS = {
-    "min_size": [Interval(int, 1)], "max_size": [Interval(int, 1)],
+    "min_size": [Interval(int, 1)],
+    "max_size": [Interval(int, 1)],
     "scale_factor": [Interval(float, 0, 1, closed="neither")],
-    "nfc": [Interval(int, 1)], "min_nfc": [Interval(int, 1)], "num_layer": [Interval(int, 2)],
-    "niter": [Interval(int, 1)], "d_steps": [Interval(int, 1)], "g_steps": [Interval(int, 1)],
-    "lr_g": [_POSITIVE], "lr_d": [_POSITIVE], "beta1": [Interval(float, 0, 1, closed="left")],
-    "gamma": [_POSITIVE], "milestone_d": [Interval(int, 1)], "milestone_g": [Interval(int, 1)],
-    "alpha": [Interval(float, 0)], "noise_amp": [Interval(float, 0)],
-    "transforms": [OneOf(*TRANSFORMATION_SETS)], "transforms_per_step": [None, Interval(int, 1)],
-    "batch_size": [None, Interval(int, 1)], "fraction": [Interval(float, 0, 1, closed="right")],
-    "clahe": [bool], "clahe_clip": [Interval(float, 0)], "clahe_tiles": [Interval(int, 1)],
-    "pyramid_sides": [OneOf(*PYRAMID_SIDES)], "sample_forward": [bool],
+    "nfc": [Interval(int, 1)],
+    "min_nfc": [Interval(int, 1)],
+    "num_layer": [Interval(int, 2)],
+    "niter": [Interval(int, 1)],
+    "d_steps": [Interval(int, 1)],
+    "g_steps": [Interval(int, 1)],
+    "lr_g": [_POSITIVE],
+    "lr_d": [_POSITIVE],
+    "beta1": [Interval(float, 0, 1, closed="left")],
+    "gamma": [_POSITIVE],
+    "milestone_d": [Interval(int, 1)],
+    "milestone_g": [Interval(int, 1)],
+    "alpha": [Interval(float, 0)],
+    "noise_amp": [Interval(float, 0)],
+    "transforms": [OneOf(*TRANSFORMATION_SETS)],
+    "transforms_per_step": [None, Interval(int, 1)],
+    "batch_size": [None, Interval(int, 1)],
+    "fraction": [Interval(float, 0, 1, closed="right")],
+    "clahe": [bool],
+    "clahe_clip": [Interval(float, 0)],
+    "clahe_tiles": [Interval(int, 1)],
+    "pyramid_sides": [OneOf(*PYRAMID_SIDES)],
+    "sample_forward": [bool],
 }
 
 
@@ -58,15 +107,25 @@ class TDG(Adapter):
     def __init__(self, config=None):
         super().__init__(config)
         hp = self.hparams
-        sizes = pyramid_sizes(self.config.image_size, hp["min_size"], hp["max_size"], hp["scale_factor"],
-                              hp["pyramid_sides"])
+        sizes = pyramid_sizes(
+            self.config.image_size, hp["min_size"], hp["max_size"], hp["scale_factor"], hp["pyramid_sides"]
+        )
         transforms = TRANSFORMATION_SETS[hp["transforms"]]()
         self.model = TDGHierarchy(sizes, transforms, hp["nfc"], hp["min_nfc"], hp["num_layer"]).to(self.device)
         self.trainer = HierarchyTrainer(
-            lr_g=hp["lr_g"], lr_d=hp["lr_d"], beta1=hp["beta1"], gamma=hp["gamma"], milestone_d=hp["milestone_d"],
-            milestone_g=hp["milestone_g"], d_steps=hp["d_steps"], g_steps=hp["g_steps"], alpha=hp["alpha"],
-            noise_amp=hp["noise_amp"], transforms_per_step=hp["transforms_per_step"],
-            sample_every=SAMPLE_EVERY if hp["sample_forward"] else 0)
+            lr_g=hp["lr_g"],
+            lr_d=hp["lr_d"],
+            beta1=hp["beta1"],
+            gamma=hp["gamma"],
+            milestone_d=hp["milestone_d"],
+            milestone_g=hp["milestone_g"],
+            d_steps=hp["d_steps"],
+            g_steps=hp["g_steps"],
+            alpha=hp["alpha"],
+            noise_amp=hp["noise_amp"],
+            transforms_per_step=hp["transforms_per_step"],
+            sample_every=SAMPLE_EVERY if hp["sample_forward"] else 0,
+        )
         self._trained = False
 
     def _generator(self, tag: int) -> torch.Generator:
@@ -85,15 +144,25 @@ class TDG(Adapter):
     def fit(self, train: TrainSet) -> None:
         """Train the whole hierarchy on the target's support images ``{target: (K, 3, S, S)}``."""
         (images,) = [torch.stack([ds[i] for i in range(len(ds))]) for ds in train.values()]
-        self.trainer.train(self.model, self.training_images(images), self.hparams["niter"], self._generator(0),
-                           batch_size=self.hparams["batch_size"])
+        self.trainer.train(
+            self.model,
+            self.training_images(images),
+            self.hparams["niter"],
+            self._generator(0),
+            batch_size=self.hparams["batch_size"],
+        )
         self._trained = True
 
     def adapt(self, support: torch.Tensor) -> None:
         """``fit`` already trained on the support; train here only if it was not called."""
         if not self._trained:
-            self.trainer.train(self.model, self.training_images(support), self.hparams["niter"], self._generator(0),
-                               batch_size=self.hparams["batch_size"])
+            self.trainer.train(
+                self.model,
+                self.training_images(support),
+                self.hparams["niter"],
+                self._generator(0),
+                batch_size=self.hparams["batch_size"],
+            )
             self._trained = True
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,14 +177,29 @@ class TDGPlus(TDG):
     paper = "TDG with aggregated training, as compared in RegAD (Huang et al., ECCV 2022)"
     labelled_options = frozenset({"clahe", "pyramid_sides", "sample_forward", "pretrain_index"})
     presets = {
-        "paper": {**_PAPER, "pretrain_niter": 1000, "pretrain_batch": 10, "pretrain_images_per_category": None,
-                  "adapt_niter": 1000, "pretrain_index": "scaled"},
-        "cpu": {**_CPU, "pretrain_niter": 100, "pretrain_batch": 4, "pretrain_images_per_category": 20,
-                "adapt_niter": 20, "pretrain_index": "scaled"},
+        "paper": {
+            **_PAPER,
+            "pretrain_niter": 1000,
+            "pretrain_batch": 10,
+            "pretrain_images_per_category": None,
+            "adapt_niter": 1000,
+            "pretrain_index": "scaled",
+        },
+        "cpu": {
+            **_CPU,
+            "pretrain_niter": 100,
+            "pretrain_batch": 4,
+            "pretrain_images_per_category": 20,
+            "adapt_niter": 20,
+            "pretrain_index": "scaled",
+        },
     }
     option_constraints = {
-        **_CONSTRAINTS, "pretrain_niter": [Interval(int, 1)], "pretrain_batch": [None, Interval(int, 1)],
-        "pretrain_images_per_category": [None, Interval(int, 1)], "adapt_niter": [Interval(int, 0)],
+        **_CONSTRAINTS,
+        "pretrain_niter": [Interval(int, 1)],
+        "pretrain_batch": [None, Interval(int, 1)],
+        "pretrain_images_per_category": [None, Interval(int, 1)],
+        "adapt_niter": [Interval(int, 0)],
         "pretrain_index": [OneOf("scaled", "raw")],
     }
 
@@ -136,8 +220,14 @@ class TDGPlus(TDG):
             for i in order[:per_cat] if per_cat else order:
                 images.append(ds[i])
                 self.pretrain_sources.append((cat, i))
-        self.trainer.train(self.model, self.training_images(torch.stack(images)), self.hparams["pretrain_niter"], g,
-                           batch_size=self.hparams["pretrain_batch"], index_scale=self.index_scale(len(images)))
+        self.trainer.train(
+            self.model,
+            self.training_images(torch.stack(images)),
+            self.hparams["pretrain_niter"],
+            g,
+            batch_size=self.hparams["pretrain_batch"],
+            index_scale=self.index_scale(len(images)),
+        )
         self._trained = True
 
     def index_scale(self, n: int) -> float:
@@ -154,8 +244,14 @@ class TDGPlus(TDG):
     def adapt(self, support: torch.Tensor) -> None:
         """Copy the pre-trained hierarchy and train it further on ``support`` ``(K, 3, S, S)``."""
         self.adapted = copy.deepcopy(self.model)  # every cell starts from the pre-trained state
-        self.trainer.train(self.adapted, self.training_images(support), self.hparams["adapt_niter"],
-                           self._generator(2), batch_size=self.hparams["batch_size"], warm_start=True)
+        self.trainer.train(
+            self.adapted,
+            self.training_images(support),
+            self.hparams["adapt_niter"],
+            self._generator(2),
+            batch_size=self.hparams["batch_size"],
+            warm_start=True,
+        )
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.adapted if self.adapted is not None else self.model

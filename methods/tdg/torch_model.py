@@ -118,8 +118,12 @@ def _gather_plan(transforms: tuple[Transformation, ...], size: int, device: str)
     :func:`apply_all` on a ``(B, 4, size, size)`` stack (RGB + grey): the geometric part of each
     transformation applied once to an index image, grey transformations reading channel 3."""
     pix = torch.arange(size * size, device=device).view(1, 1, size, size)
-    index = torch.stack([t.apply(pix) if not t.gray else Transformation(False, t.flip, t.tx, t.ty, t.rot).apply(pix)
-                         for t in transforms]).view(len(transforms), 1, 1, size * size)
+    index = torch.stack(
+        [
+            t.apply(pix) if not t.gray else Transformation(False, t.flip, t.tx, t.ty, t.rot).apply(pix)
+            for t in transforms
+        ]
+    ).view(len(transforms), 1, 1, size * size)
     chans = torch.tensor([[3, 3, 3] if t.gray else [0, 1, 2] for t in transforms], device=device)
     return index, chans.view(len(transforms), 1, 3, 1)
 
@@ -178,7 +182,7 @@ def clahe_uint8(v: torch.Tensor, clip_limit: float = 2.0, tiles: int = 8) -> tor
     y1, y2, ya, ya1 = axis(h, th)
     x1, x2, xa, xa1 = axis(w, tw)
     y1, y2, ya, ya1 = y1[:, None], y2[:, None], ya[:, None], ya1[:, None]
-    res = ((lut[y1, x1, v] * xa1 + lut[y1, x2, v] * xa) * ya1 + (lut[y2, x1, v] * xa1 + lut[y2, x2, v] * xa) * ya)
+    res = (lut[y1, x1, v] * xa1 + lut[y1, x2, v] * xa) * ya1 + (lut[y2, x1, v] * xa1 + lut[y2, x2, v] * xa) * ya
     return res.round().clamp(0, 255).long()
 
 
@@ -266,8 +270,9 @@ class PatchGenerator(nn.Module):
 PYRAMID_SIDES = ("official", "exact")
 
 
-def pyramid_sizes(image_size: int, min_size: int, max_size: int, scale_factor: float,
-                  sides: str = "official") -> list[int]:
+def pyramid_sizes(
+    image_size: int, min_size: int, max_size: int, scale_factor: float, sides: str = "official"
+) -> list[int]:
     """Image side per scale (px), coarsest first (official ``functions.adjust_scales2image`` and
     ``creat_reals_pyramid``).
 
@@ -294,7 +299,6 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=x.shape[-1] > size)
-
 
 
 @functools.lru_cache(maxsize=64)
@@ -324,8 +328,9 @@ class TDGHierarchy(nn.Module):
     (in [-1, 1]). Trained by :class:`~fsad_bench.methods.tdg.training.HierarchyTrainer`.
     """
 
-    def __init__(self, sizes: list[int], transforms: list[Transformation], width: int, min_width: int,
-                 num_layer: int = 5):
+    def __init__(
+        self, sizes: list[int], transforms: list[Transformation], width: int, min_width: int, num_layer: int = 5
+    ):
         super().__init__()
         self.sizes = sizes
         self.transforms = transforms
@@ -335,7 +340,8 @@ class TDGHierarchy(nn.Module):
         self.widths = widths
         self.generators = nn.ModuleList(PatchGenerator(w, mw, num_layer) for w, mw in zip(widths, min_widths))
         self.discriminators = nn.ModuleList(
-            PatchDiscriminator(T, w, mw, num_layer) for w, mw in zip(widths, min_widths))
+            PatchDiscriminator(T, w, mw, num_layer) for w, mw in zip(widths, min_widths)
+        )
         #: fixed reconstruction noise per scale ``(1, 3, s, s)`` and noise amplitudes ``(N, scales)``,
         #: set by the training (training state only; scoring needs the discriminators)
         self.z_rec: list[torch.Tensor] = []

@@ -44,8 +44,16 @@ class HierarchyTrainer:
     transforms_per_step: int | None = None
     sample_every: int = 0
 
-    def train(self, model: TDGHierarchy, images: torch.Tensor, niter: int, gen: torch.Generator,
-              batch_size: int | None = None, warm_start: bool = False, index_scale: float = 1.0) -> None:
+    def train(
+        self,
+        model: TDGHierarchy,
+        images: torch.Tensor,
+        niter: int,
+        gen: torch.Generator,
+        batch_size: int | None = None,
+        warm_start: bool = False,
+        index_scale: float = 1.0,
+    ) -> None:
         """Train every scale of ``model``, coarse to fine, ``niter`` iterations each, on ``images``
         ``(N, 3, S, S)`` in [0, 1]; every random draw comes from ``gen``.
 
@@ -75,9 +83,19 @@ class HierarchyTrainer:
             self._train_scale(model, n, reals[n], ids_all, amps, niter, gen, batch_size, T, rec_all=rec)
         model.amps = amps
 
-    def _train_scale(self, model: TDGHierarchy, n: int, real_all: torch.Tensor, ids_all: torch.Tensor,
-                     amps: torch.Tensor, niter: int, gen: torch.Generator, batch_size: int | None, T: int,
-                     rec_all: torch.Tensor | None = None) -> None:
+    def _train_scale(
+        self,
+        model: TDGHierarchy,
+        n: int,
+        real_all: torch.Tensor,
+        ids_all: torch.Tensor,
+        amps: torch.Tensor,
+        niter: int,
+        gen: torch.Generator,
+        batch_size: int | None,
+        T: int,
+        rec_all: torch.Tensor | None = None,
+    ) -> None:
         """``niter`` iterations of scale ``n`` on ``real_all`` ``(N, 3, s_n, s_n)`` in [-1, 1].
 
         ``rec_all``: ``model.reconstruct_prev(n, ids_all, amps)`` ``(N, 3, s_n, s_n)`` if already computed

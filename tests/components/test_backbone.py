@@ -42,7 +42,9 @@ def test_cached_and_explicit_weights(empty_hub, tmp_path):
     with pytest.raises(FsadError, match="weights file .*nope.pth does not exist"):
         load_state_dict("resnet18", str(tmp_path / "nope.pth"))
     torch.save({"wrong": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(FsadError, match=r"weights file .*bad\.pth do not fit the architecture resnet18: .*missing keys"):
+    with pytest.raises(
+        FsadError, match=r"weights file .*bad\.pth do not fit the architecture resnet18: .*missing keys"
+    ):
         ResNetFeatures("resnet18", str(tmp_path / "bad.pth"))
 
 
@@ -64,12 +66,15 @@ from fsad_bench.adapter import AdapterConfig  # noqa: E402
 from fsad_bench.components.backbone import TAPS, FeatureExtractor, build_torchvision  # noqa: E402
 
 
-@pytest.mark.parametrize("arch,shapes", [
-    ("resnet18", [(64, 16), (128, 8), (256, 4)]),
-    ("wide_resnet50_2", [(256, 16), (512, 8), (1024, 4)]),
-    ("mobilenet_v2", [(24, 16), (32, 8), (96, 4)]),
-    ("alexnet", [(256, 1)]),
-])
+@pytest.mark.parametrize(
+    "arch,shapes",
+    [
+        ("resnet18", [(64, 16), (128, 8), (256, 4)]),
+        ("wide_resnet50_2", [(256, 16), (512, 8), (1024, 4)]),
+        ("mobilenet_v2", [(24, 16), (32, 8), (96, 4)]),
+        ("alexnet", [(256, 1)]),
+    ],
+)
 def test_taps_shapes_channels_last_and_stages(arch, shapes):
     torch.manual_seed(0)
     fe = FeatureExtractor(arch, "none")
@@ -140,8 +145,11 @@ def test_imagenet_download_is_used_and_offline_names_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     backbone._download.cache_clear()
-    with pytest.raises(FsadError, match=r"^ImageNet weights for alexnet not found: put alexnet-[\w-]+\.pth .* into "
-                                        r".*hub/checkpoints .*\[URLError\]$"):
+    with pytest.raises(
+        FsadError,
+        match=r"^ImageNet weights for alexnet not found: put alexnet-[\w-]+\.pth .* into "
+        r".*hub/checkpoints .*\[URLError\]$",
+    ):
         load_state_dict("alexnet", "imagenet")
     backbone._warn_random_init.cache_clear()
     with pytest.warns(UserWarning, match="alexnet .* random init"):
@@ -157,8 +165,11 @@ def test_state_dict_file_strict_and_mismatch_names_file_and_arch(tmp_path):
     torch.save(net.state_dict(), path)
     fe = FeatureExtractor("mobilenet_v2", str(path))
     assert fe.weights_tag == "file:mnv2.pth" and torch.equal(fe.stages[0][0][0].weight, net.features[0][0].weight)
-    with pytest.raises(FsadError, match=r"^weights file .*mnv2\.pth do not fit the architecture resnet18: "
-                                        r"\d+ missing keys \(e\.g\. conv1\.weight\), \d+ unexpected keys"):
+    with pytest.raises(
+        FsadError,
+        match=r"^weights file .*mnv2\.pth do not fit the architecture resnet18: "
+        r"\d+ missing keys \(e\.g\. conv1\.weight\), \d+ unexpected keys",
+    ):
         FeatureExtractor("resnet18", str(path))
     state = net.state_dict()
     state.pop("classifier.1.bias")  # strict: one missing key is enough
@@ -176,8 +187,14 @@ def test_labels_show_arch_and_weights_kind(tmp_path):
     a = GaussianAdapter(AdapterConfig(weights=str(tmp_path / "w.pth"), options={"arch": "mobilenet_v2"}))
     assert a.label == "gaussian [paper, mobilenet_v2, file]"
     assert GaussianAdapter(AdapterConfig(weights="none")).label == "gaussian [paper, resnet18, random-init]"
-    suite = Suite(name="s", dataset="d", methods=["random", "gaussian", "diffnet", "tdg"], k=[1], arch="mobilenet_v2",
-                  options={"diffnet": {"arch": "alexnet"}})
+    suite = Suite(
+        name="s",
+        dataset="d",
+        methods=["random", "gaussian", "diffnet", "tdg"],
+        k=[1],
+        arch="mobilenet_v2",
+        options={"diffnet": {"arch": "alexnet"}},
+    )
     apply_arch(suite)
     assert suite.options == {"gaussian": {"arch": "mobilenet_v2"}, "diffnet": {"arch": "alexnet"}}
     apply_arch(suite, override=True)  # --arch on the command line
@@ -199,8 +216,9 @@ def test_shared_mobilenet_v2_separates_real_bottle_images():
     split = MVTecDataset(BOTTLE.parent, categories=["bottle"]).split("bottle")
     good = [s.path for s in split.test if s.label == 0][:4]
     bad = [s.path for s in split.test if s.label == 1][::16][:4]
-    a = GaussianAdapter(AdapterConfig(weights=str(MNV2), image_size=96, seed=0,
-                                      options={"arch": "mobilenet_v2", "augment": False}))
+    a = GaussianAdapter(
+        AdapterConfig(weights=str(MNV2), image_size=96, seed=0, options={"arch": "mobilenet_v2", "augment": False})
+    )
     assert a.label == "gaussian [paper, mobilenet_v2, file, augment=False]"
     a.adapt(load_images(split.train[:2], 96))
     scores, maps = a.predict(load_images(good + bad, 96))

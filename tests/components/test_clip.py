@@ -9,8 +9,11 @@ pytest.importorskip("open_clip")
 
 from fsad_bench.components.clip import TINY_CLIP, FrozenCLIP
 
-SMALL = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
-         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+SMALL = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def test_model_cfg_builds_that_shape():

@@ -51,15 +51,16 @@ def test_support_augmentation_views():
 
 
 @pytest.mark.parametrize("border,scipy_mode", [("reflect", "mirror"), ("symmetric", "reflect")])
-@pytest.mark.parametrize("shape,size,sigma", [((16, 16), 64, 4.0), ((7, 11), 40, 2.0), ((9, 9), 24, 4.0),
-                                              ((5, 5), 20, 0.0)])
+@pytest.mark.parametrize(
+    "shape,size,sigma", [((16, 16), 64, 4.0), ((7, 11), 40, 2.0), ((9, 9), 24, 4.0), ((5, 5), 20, 0.0)]
+)
 def test_smoothing_is_upsample_then_scipy_blur(border, scipy_mode, shape, size, sigma):
     """smooth_maps (two products with the composed per-axis operators) equals bilinear upsampling
     followed by scipy's Gaussian filter, for both borders, non-square maps, kernels wider than
     the map (radius 16 > 9 px: periodic reflection) and sigma = 0; and the separable-conv path."""
-    from scipy.ndimage import gaussian_filter
     import numpy as np
     import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
 
     from fsad_bench.components.maps import gaussian_blur, smooth_maps
 
@@ -75,8 +76,11 @@ def test_smoothing_is_upsample_then_scipy_blur(border, scipy_mode, shape, size, 
 
 
 def _pyramid(b: int, g: torch.Generator, channels_last: bool) -> list[torch.Tensor]:
-    maps = [torch.randn(b, 8, 12, 12, generator=g), torch.randn(b, 16, 6, 6, generator=g),
-            torch.randn(b, 32, 3, 3, generator=g)]
+    maps = [
+        torch.randn(b, 8, 12, 12, generator=g),
+        torch.randn(b, 16, 6, 6, generator=g),
+        torch.randn(b, 32, 3, 3, generator=g),
+    ]
     return [m.contiguous(memory_format=torch.channels_last) for m in maps] if channels_last else maps
 
 
@@ -86,7 +90,7 @@ def test_pyramid_samples_equals_the_concat_path(channels_last):
 
     g = torch.Generator().manual_seed(3)
     batches = [_pyramid(4, g, channels_last), _pyramid(3, g, channels_last)]
-    old = torch.cat([concat_pyramid(m) for m in batches])                 # (7, 56, 12, 12)
+    old = torch.cat([concat_pyramid(m) for m in batches])  # (7, 56, 12, 12)
     old = old.permute(2, 3, 0, 1).reshape(144, 7, 56)
     buf = torch.empty(144, 7, 56)
     pyramid_samples(batches[0], out=buf, offset=0)
@@ -95,16 +99,18 @@ def test_pyramid_samples_equals_the_concat_path(channels_last):
     assert torch.equal(pyramid_samples(batches[1]), old[:, 4:])
     # the upsampling mode is a parameter (nearest: every coarse cell repeated)
     near = pyramid_samples(batches[0], mode="nearest").view(12, 12, 4, 56)
-    assert torch.equal(near[:, :, :, 8:24], batches[0][1].repeat_interleave(2, 2).repeat_interleave(2, 3)
-                       .permute(2, 3, 0, 1))
+    assert torch.equal(
+        near[:, :, :, 8:24], batches[0][1].repeat_interleave(2, 2).repeat_interleave(2, 3).permute(2, 3, 0, 1)
+    )
     for mode in ("nearest", "bilinear"):  # nearest: the broadcast-view path equals F.interpolate's
         ref = concat_pyramid(batches[0], mode).permute(2, 3, 0, 1).reshape(144, 4, 56)
         assert torch.equal(pyramid_samples(batches[0], mode=mode), ref)
         mean = torch.randn(144, 56, generator=g)  # subtract: centred as written
         assert torch.equal(pyramid_samples(batches[0], mode=mode, subtract=mean), ref - mean[:, None])
     odd = [torch.randn(2, 8, 12, 12, generator=g), torch.randn(2, 16, 5, 5, generator=g)]  # 12/5: not integer
-    assert torch.equal(pyramid_samples(odd, mode="nearest"),
-                       concat_pyramid(odd, "nearest").permute(2, 3, 0, 1).reshape(144, 2, 24))
+    assert torch.equal(
+        pyramid_samples(odd, mode="nearest"), concat_pyramid(odd, "nearest").permute(2, 3, 0, 1).reshape(144, 2, 24)
+    )
     with pytest.raises(ValueError, match="cannot hold"):
         pyramid_samples(batches[0], out=buf, offset=5)
     with pytest.raises(ValueError, match="subtract"):
@@ -164,17 +170,17 @@ def test_feature_cache_respects_its_bound():
         def forward(self, x):
             return [self.conv(x), self.conv(x)[:, :, ::2, ::2]]
 
-    per_image = (4 * 8 * 8 + 4 * 4 * 4) * 4                                # bytes of one image's features
+    per_image = (4 * 8 * 8 + 4 * 4 * 4) * 4  # bytes of one image's features
     cache = CachedBackbone(Tiny(), "tiny", max_memory_mb=10.5 * per_image / 2**20)
     images = torch.rand(30, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     first = cache(images[:4])
-    cache(torch.cat([images[4:5], images[4:5]]))                           # the same image twice
+    cache(torch.cat([images[4:5], images[4:5]]))  # the same image twice
     assert cache.bytes == 5 * per_image
     for i in range(5, 30, 6):
         cache(images[i : i + 6])
         assert cache.bytes <= cache.max_bytes and len(cache.memory) == 10
     assert cache.bytes == sum(sum(t.numel() * t.element_size() for t in f) for f in cache.memory.values())
-    again = cache(images[:4])                                              # evicted: recomputed, identical
+    again = cache(images[:4])  # evicted: recomputed, identical
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -186,10 +192,12 @@ def test_every_option_is_declared_and_the_presets_satisfy_it():
 
 
 def test_bad_option_value_fails_at_planning():
-    suite = Suite(name="t", dataset="synthetic", methods=["gaussian"], k=[1],
-                  options={"gaussian": {"upsample": "cubic"}})
-    with pytest.raises(FsadError, match="option 'upsample' of method 'gaussian' must be one of 'nearest', "
-                                        "'bilinear', got 'cubic'"):
+    suite = Suite(
+        name="t", dataset="synthetic", methods=["gaussian"], k=[1], options={"gaussian": {"upsample": "cubic"}}
+    )
+    with pytest.raises(
+        FsadError, match="option 'upsample' of method 'gaussian' must be one of 'nearest', 'bilinear', got 'cubic'"
+    ):
         validate_suite(suite)
     with pytest.raises(FsadError, match="'blur_border'.*'symmetric', 'reflect'"):
         GaussianAdapter.check_options({"blur_border": "wrap"})

@@ -36,8 +36,18 @@ BASE = ["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none"
 
 
 def _suite(root: Path, methods=("meandiff",)) -> Suite:
-    return Suite(name="t", dataset="synthetic", data_root=str(root), methods=list(methods), categories=["grid"],
-                 k=[1], runs=2, image_size=64, weights="none", seed=0)
+    return Suite(
+        name="t",
+        dataset="synthetic",
+        data_root=str(root),
+        methods=list(methods),
+        categories=["grid"],
+        k=[1],
+        runs=2,
+        image_size=64,
+        weights="none",
+        seed=0,
+    )
 
 
 def _scores(out: Path, suite: Suite) -> dict[str, list[float]]:
@@ -63,9 +73,14 @@ def test_decoder_edit_is_not_served_old_pixels(synth_root, spies, tmp_path, monk
     run_suite(_suite(synth_root), tmp_path / "a")  # warms the image cache with the old decoder
     original_load, original_source = image_cache.load_image, identity._source
     images_py = Path(images.__file__).resolve()
-    monkeypatch.setattr(image_cache, "load_image", lambda p, s, r="bilinear": original_load(p, s, r) ** 2)  # the "new decoder"
-    monkeypatch.setattr(identity, "_source",
-                        lambda p: original_source(p) + (b"\n# gamma 2\n" if Path(p).resolve() == images_py else b""))
+    monkeypatch.setattr(
+        image_cache, "load_image", lambda p, s, r="bilinear": original_load(p, s, r) ** 2
+    )  # the "new decoder"
+    monkeypatch.setattr(
+        identity,
+        "_source",
+        lambda p: original_source(p) + (b"\n# gamma 2\n" if Path(p).resolve() == images_py else b""),
+    )
     for f in (identity.code_fingerprint, identity.module_fingerprint, decoder_fingerprint):
         f.cache_clear()
     try:
@@ -212,8 +227,16 @@ def test_fingerprint_follows_linked_files_and_survives_cycles(synth_root, tmp_pa
 
 def test_dry_run_sees_changes_behind_a_linked_train_folder(synth_root, tmp_path, capsys):
     root, target = _linked_copy(synth_root, tmp_path)
-    args = BASE + ["--data-root", str(root), "--methods", "random", "--categories", "grid", "--out",
-                   str(tmp_path / "r")]
+    args = BASE + [
+        "--data-root",
+        str(root),
+        "--methods",
+        "random",
+        "--categories",
+        "grid",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     main(args)
     capsys.readouterr()
     (target / "003.png").unlink()
@@ -231,8 +254,18 @@ def _model_file() -> Path:
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "flipped", "no-record"])
 def test_damaged_model_is_deleted_and_retrained(damage, synth_root, spies, tmp_path):
-    suite = Suite(name="t", dataset="synthetic", data_root=str(synth_root), methods=["spy-agg"], categories=["grid"],
-                  k=[1], runs=1, image_size=64, weights="none", seed=0)
+    suite = Suite(
+        name="t",
+        dataset="synthetic",
+        data_root=str(synth_root),
+        methods=["spy-agg"],
+        categories=["grid"],
+        k=[1],
+        runs=1,
+        image_size=64,
+        weights="none",
+        seed=0,
+    )
     run_suite(suite, tmp_path / "a")
     assert len(spies["spy-agg"].fit_calls) == 1
     model = _model_file()
@@ -272,8 +305,9 @@ def test_eof_error_is_a_crash_not_an_interrupt(synth_root, tmp_path, capsys, mon
         raise EOFError("Ran out of input")
 
     monkeypatch.setattr(schedule, "run_suite", fail)
-    code, _, err = _run(BASE + ["--data-root", str(synth_root), "--methods", "random", "--out", str(tmp_path / "r")],
-                        capsys)
+    code, _, err = _run(
+        BASE + ["--data-root", str(synth_root), "--methods", "random", "--out", str(tmp_path / "r")], capsys
+    )
     assert code == 1 and "EOFError: Ran out of input" in err and "interrupted" not in err
 
 
@@ -305,11 +339,16 @@ def test_damaged_feature_file_is_recomputed(damage, tmp_path):
 # -- 4. decoding errors name the file --------------------------------------------------------------------------
 def _png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG whose header says ``width`` x ``height`` (1-bit gray), with a tiny IDAT and IEND."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -324,8 +363,7 @@ def test_too_large_image_is_one_line_naming_the_file(side, synth_root, tmp_path,
     shutil.copy(bomb, victim)
     with pytest.raises(FsadError, match=rf"{victim}.*larger than {MAX_PIXELS} pixels"):
         verify_readable(MVTecDataset(root))
-    code, _, err = _run(BASE + ["--data-root", str(root), "--methods", "random", "--out", str(tmp_path / "r")],
-                        capsys)
+    code, _, err = _run(BASE + ["--data-root", str(root), "--methods", "random", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and str(victim) in err and f"larger than {MAX_PIXELS} pixels" in err
     assert len(err.strip().splitlines()) == 1, err
 

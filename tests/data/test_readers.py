@@ -106,8 +106,14 @@ def _save(arr: np.ndarray, path: Path, mode: str = "L") -> Path:
     return path
 
 
-def _mvtec(root: Path, cat: str, ext: str = ".png", mode: str = "L", mask_ext: str = ".png",
-           sizes: list[tuple[int, int]] | None = None) -> Path:
+def _mvtec(
+    root: Path,
+    cat: str,
+    ext: str = ".png",
+    mode: str = "L",
+    mask_ext: str = ".png",
+    sizes: list[tuple[int, int]] | None = None,
+) -> Path:
     """A tiny MVTec-layout category: 4 train, 2 good + 2 defective test images (masks ``<stem>_mask``)."""
     sizes = sizes or [(40, 32)]
     c = root / cat
@@ -121,14 +127,17 @@ def _mvtec(root: Path, cat: str, ext: str = ".png", mode: str = "L", mask_ext: s
     return root
 
 
-@pytest.mark.parametrize("ext,mode,mask_ext", [
-    (".jpg", "L", ".png"),       # magnetic tile: grayscale JPEG, PNG masks
-    (".JPG", "RGB", ".PNG"),     # upper-case suffixes (VisA ships .JPG)
-    (".bmp", "RGB", ".bmp"),     # BTAD-style BMP
-    (".tif", "L", ".tiff"),      # TIFF images and masks
-    (".tiff", "I;16", ".tif"),   # 16-bit grayscale TIFF
-    (".png", "I;16", ".png"),    # 16-bit PNG
-])
+@pytest.mark.parametrize(
+    "ext,mode,mask_ext",
+    [
+        (".jpg", "L", ".png"),  # magnetic tile: grayscale JPEG, PNG masks
+        (".JPG", "RGB", ".PNG"),  # upper-case suffixes (VisA ships .JPG)
+        (".bmp", "RGB", ".bmp"),  # BTAD-style BMP
+        (".tif", "L", ".tiff"),  # TIFF images and masks
+        (".tiff", "I;16", ".tif"),  # 16-bit grayscale TIFF
+        (".png", "I;16", ".png"),  # 16-bit PNG
+    ],
+)
 def test_formats_read_as_rgb_and_binary_masks(tmp_path, ext, mode, mask_ext, load_test_set):
     root = _mvtec(tmp_path / "d", "part", ext, mode, mask_ext, sizes=[(40, 32), (52, 30)])
     ds = MVTecDataset(root)
@@ -262,11 +271,38 @@ def test_cli_pools_data_roots_and_sets_arch(synth_root, tmp_path, capsys):
 
     extra = _mvtec(tmp_path / "extra", "tile", ".jpg", sizes=[(70, 64), (64, 80)])
     out = tmp_path / "r"
-    main(["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64",
-          "--methods", "random,gaussian", "--categories", "grid,tile", "--arch", "mobilenet_v2",
-          "--data-root", str(synth_root),
-          "--data-root", str(extra), "--out", str(out)])
+    main(
+        [
+            "run",
+            "--suite",
+            "demo",
+            "--k",
+            "1",
+            "--runs",
+            "1",
+            "--weights",
+            "none",
+            "--image-size",
+            "64",
+            "--methods",
+            "random,gaussian",
+            "--categories",
+            "grid,tile",
+            "--arch",
+            "mobilenet_v2",
+            "--data-root",
+            str(synth_root),
+            "--data-root",
+            str(extra),
+            "--out",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert "4 cells (0 done)" in text and "gaussian [paper, mobilenet_v2, random-init]" in text
     assert {p.name.split("-k1")[0] for p in (out / "cells").glob("*.json")} == {
-        "gaussian-tile", "gaussian-grid", "random-tile", "random-grid"}
+        "gaussian-tile",
+        "gaussian-grid",
+        "random-tile",
+        "random-grid",
+    }

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from fsad_bench.data.mvtec import MVTecDataset
-from fsad_bench.errors import FsadError
 from fsad_bench.data.sampler import SupportSampler, support_indices
+from fsad_bench.errors import FsadError
 
 
 def test_support_depends_only_on_dataset_category_k_run():

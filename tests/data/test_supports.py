@@ -34,8 +34,15 @@ def regad_tensor(path, size=SIZE):
 
 def inctrl_tensor(path, size=SIZE):
     """InCTRL's test transform: Resize(size, BICUBIC), CenterCrop, RGB, ToTensor, Normalize(CLIP)."""
-    return T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), lambda im: im.convert("RGB"),
-                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])(Image.open(path))
+    return T.Compose(
+        [
+            T.Resize(size, T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            lambda im: im.convert("RGB"),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )(Image.open(path))
 
 
 @pytest.fixture
@@ -51,15 +58,19 @@ def data(tmp_path):
             im = Image.fromarray(arr[..., 0]) if i == 3 else Image.fromarray(arr)
             im.save(root / cat / "train" / "good" / f"{i:03d}.png")
         for sub in ("good", "bad"):
-            Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(root / cat / "test" / sub / "000.png")
+            Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(
+                root / cat / "test" / sub / "000.png"
+            )
         mask = np.zeros((32, 40), np.uint8)
         mask[8:16, 8:16] = 255
         Image.fromarray(mask).save(root / cat / "ground_truth" / "bad" / "000_mask.png")
     return root
 
 
-CHOSEN = {"cat_a": [["001.png", "005.png"], ["003.png", "000.png"], ["007.png", "002.png"]],
-          "cat_b": [["004.png", "006.png"], ["002.png", "003.png"], ["000.png", "001.png"]]}
+CHOSEN = {
+    "cat_a": [["001.png", "005.png"], ["003.png", "000.png"], ["007.png", "002.png"]],
+    "cat_b": [["004.png", "006.png"], ["002.png", "003.png"], ["000.png", "001.png"]],
+}
 
 
 def write_regad(data, out, stacked=False):
@@ -84,8 +95,19 @@ def _ok(args, capsys):
 
 
 def _import(source, data, fmt, out):
-    return ["supports", "import", str(source), "--data-root", str(data), "--format", fmt, "--size", str(SIZE),
-            "--out", str(out)]
+    return [
+        "supports",
+        "import",
+        str(source),
+        "--data-root",
+        str(data),
+        "--format",
+        fmt,
+        "--size",
+        str(SIZE),
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -96,8 +118,9 @@ def test_regad_files_round_trip(data, tmp_path, capsys, stacked):
     lists = json.loads((tmp_path / "s.json").read_text())
     for cat, draws in CHOSEN.items():
         assert lists[cat]["2"] == {str(r): names for r, names in enumerate(draws)}
-        assert lists["_sha256"][cat] == {n: content_sha256(data / cat / "train" / "good" / n)
-                                         for names in draws for n in names}
+        assert lists["_sha256"][cat] == {
+            n: content_sha256(data / cat / "train" / "good" / n) for names in draws for n in names
+        }
     assert set(lists["_source"]["distances"]["cat_a/k=2/run=1"]) == {0.0}
     sampler = SupportSampler(lists=tmp_path / "s.json")  # the sampler reads (and checks) what import wrote
     split = MVTecDataset(data, name="tiny").split("cat_b")
@@ -107,7 +130,9 @@ def test_regad_files_round_trip(data, tmp_path, capsys, stacked):
 def test_inctrl_files_round_trip(data, tmp_path, capsys):
     for cat, draws in CHOSEN.items():  # fs_samples/<dataset>/<k>/<category>.pt: k normalised (3, S, S) tensors
         (tmp_path / "fs" / "2").mkdir(parents=True, exist_ok=True)
-        torch.save([inctrl_tensor(data / cat / "train" / "good" / n) for n in draws[1]], tmp_path / "fs" / "2" / f"{cat}.pt")
+        torch.save(
+            [inctrl_tensor(data / cat / "train" / "good" / n) for n in draws[1]], tmp_path / "fs" / "2" / f"{cat}.pt"
+        )
     _ok(_import(tmp_path / "fs", data, "inctrl", tmp_path / "s.json"), capsys)
     lists = json.loads((tmp_path / "s.json").read_text())
     assert lists["cat_a"] == {"2": {"0": ["003.png", "000.png"]}}  # 003.png is greyscale: resized before RGB
@@ -162,8 +187,23 @@ def test_hashes_are_checked_when_present(data, tmp_path, capsys):
         SupportSampler(lists=tmp_path / "s.json").support(split, 2, 0)
 
 
-RUN = ["run", "--suite", "demo", "--methods", "random", "--categories", "cat_a,cat_b", "--k", "2", "--runs", "3",
-       "--weights", "none", "--image-size", "32"]
+RUN = [
+    "run",
+    "--suite",
+    "demo",
+    "--methods",
+    "random",
+    "--categories",
+    "cat_a,cat_b",
+    "--k",
+    "2",
+    "--runs",
+    "3",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+]
 
 
 def test_run_refuses_bad_lists_before_the_first_cell(data, tmp_path, capsys):
@@ -199,9 +239,11 @@ def test_export_then_run_with_the_list_draws_the_same_images(data, tmp_path, cap
 
 
 def test_lists_from_records_refuses_disagreeing_records():
-    recs = [{"method": "a", "category": "c", "k": 2, "run": 0, "support": ["1.png", "2.png"]},
-            {"method": "b", "category": "c", "k": 2, "run": 0, "support": ["1.png", "2.png"]},
-            {"method": "a", "category": "c", "k": 2, "run": 1, "support": ["3.png", "2.png"]}]
+    recs = [
+        {"method": "a", "category": "c", "k": 2, "run": 0, "support": ["1.png", "2.png"]},
+        {"method": "b", "category": "c", "k": 2, "run": 0, "support": ["1.png", "2.png"]},
+        {"method": "a", "category": "c", "k": 2, "run": 1, "support": ["3.png", "2.png"]},
+    ]
     assert lists_from_records(recs) == {"c": {2: {0: ["1.png", "2.png"], 1: ["3.png", "2.png"]}}}
     recs.append({"method": "b", "category": "c", "k": 2, "run": 1, "support": ["3.png", "4.png"]})
     with pytest.raises(FsadError, match="records disagree on the support set of c k=2 run 1: a used"):

@@ -38,8 +38,8 @@ def test_padim_equals_position_gaussian():
     (nearest-upsampled pyramid, bilinear map upsampling, sigma 4 blur)."""
     import torch.nn.functional as F
 
-    from fsad_bench.components.position_gaussian import PositionGaussian
     from fsad_bench.components.maps import smooth_maps
+    from fsad_bench.components.position_gaussian import PositionGaussian
 
     support, test = _images()
     a = registry.get("anomalib:Padim")(AdapterConfig(weights="none", image_size=64, options={"n_features": "all"}))
@@ -82,10 +82,14 @@ def test_option_constraints():
     padim, patchcore, winclip = (anomalib_models.MODELS[m] for m in ("Padim", "Patchcore", "WinClip"))
     padim.check_options({"n_features": "all", "taps": ["layer1"]})
     padim.check_options({"n_features": 50})
-    for cls, bad, what in [(padim, {"n_features": "most"}, "n_features"), (padim, {"n_features": 0}, "n_features"),
-                           (patchcore, {"coreset_ratio": 0}, r"coreset_ratio.*in \(0, 1\]"),
-                           (patchcore, {"num_neighbors": 0}, "num_neighbors"), (winclip, {"scales": 2}, "scales"),
-                           (winclip, {"batch_size": 0}, "batch_size")]:
+    for cls, bad, what in [
+        (padim, {"n_features": "most"}, "n_features"),
+        (padim, {"n_features": 0}, "n_features"),
+        (patchcore, {"coreset_ratio": 0}, r"coreset_ratio.*in \(0, 1\]"),
+        (patchcore, {"num_neighbors": 0}, "num_neighbors"),
+        (winclip, {"scales": 2}, "scales"),
+        (winclip, {"batch_size": 0}, "batch_size"),
+    ]:
         with pytest.raises(FsadError, match=what):
             cls.check_options(bad)
 

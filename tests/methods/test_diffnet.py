@@ -11,17 +11,25 @@ from fsad_bench.adapter import AdapterConfig, accepts
 from fsad_bench.components.affine import rotate
 from fsad_bench.data.images import load_images
 from fsad_bench.data.mvtec import MVTecDataset
+from fsad_bench.data.synthetic import generate
 from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.errors import FsadError
 from fsad_bench.methods.diffnet.adapter import DiffNet, DiffNetPlus
 from fsad_bench.methods.diffnet.torch_model import DifferNetViews, build_flow
 from fsad_bench.metrics import pixel_auroc
-from fsad_bench.data.synthetic import generate
 
 SIZE = 128  # suite image size of the test images
 # tiny but real: images resized to one 64 px scale (AlexNet's minimum is 63 px), small flow
-TINY = {"img_size": 64, "n_scales": 1, "n_coupling_blocks": 2, "fc_internal": 32, "n_transforms_test": 2,
-        "feature_pool": 4, "meta_epochs": 2, "sub_epochs": 4}
+TINY = {
+    "img_size": 64,
+    "n_scales": 1,
+    "n_coupling_blocks": 2,
+    "fc_internal": 32,
+    "n_transforms_test": 2,
+    "feature_pool": 4,
+    "meta_epochs": 2,
+    "sub_epochs": 4,
+}
 
 
 def config(seed=0, **options):
@@ -37,8 +45,9 @@ def new(cls, cfg: AdapterConfig):
 
 @pytest.fixture(scope="module")
 def category(tmp_path_factory, load_test_set):
-    root = generate(tmp_path_factory.mktemp("syn"), categories=1, seed=0, n_train=6, n_test_good=8,
-                    n_test_per_defect=3, size=SIZE)
+    root = generate(
+        tmp_path_factory.mktemp("syn"), categories=1, seed=0, n_train=6, n_test_good=8, n_test_per_defect=3, size=SIZE
+    )
     ds = MVTecDataset(root, name="synthetic")
     split = ds.split(ds.categories[0])
     return load_images(split.train, SIZE), load_test_set(split, SIZE)
@@ -155,6 +164,7 @@ def flow_params(a: DiffNet) -> list[torch.Tensor]:
 def test_initial_weights_come_from_the_callers_seed():
     """Constructors never reseed torch: the run layer seeds right before constructing an adapter,
     so the same torch seed gives the same initial flow, another seed another one, whatever ``config.seed``."""
+
     def build(torch_seed: int, seed: int = 0) -> DiffNet:
         torch.manual_seed(torch_seed)
         return DiffNet(config(seed=seed))
@@ -176,9 +186,19 @@ def test_declared_options():
             for key, value in preset.items():
                 assert any(accepts(c, value) for c in cls.option_constraints[key]), (cls.name, name, key, value)
     DiffNetPlus.check_options({"finetune_epochs": 0, "feature_pool": 0, "betas": [0.9, 0.99], "lr": 1})
-    for bad in ({"img_size": 0}, {"n_scales": 1.5}, {"lr": 0.0}, {"dropout": 1.0}, {"betas": [0.9, 1.2]},
-                {"meta_epochs": 0}, {"feature_pool": -1}, {"rotation": 270.0}, {"brightness": 2.0},
-                {"view_chunk": 0}, {"grad_sigma": -1.0}):
+    for bad in (
+        {"img_size": 0},
+        {"n_scales": 1.5},
+        {"lr": 0.0},
+        {"dropout": 1.0},
+        {"betas": [0.9, 1.2]},
+        {"meta_epochs": 0},
+        {"feature_pool": -1},
+        {"rotation": 270.0},
+        {"brightness": 2.0},
+        {"view_chunk": 0},
+        {"grad_sigma": -1.0},
+    ):
         with pytest.raises(FsadError, match=next(iter(bad))):
             DiffNet.check_options(bad)
     with pytest.raises(FsadError, match="finetune_epochs"):

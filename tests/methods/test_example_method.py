@@ -76,15 +76,47 @@ def test_example_runs_through_a_tiny_suite(knn, make_suite, tmp_path):
 @pytest.mark.slow
 def test_installed_example_runs_from_the_command_line(synth_root, tmp_path):
     target = tmp_path / "site"
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-           "--target", str(target), str(PACKAGE)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(target),
+        str(PACKAGE),
+    ]
     subprocess.run(pip, check=True, capture_output=True, timeout=300)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    run = ["run", "--suite", "demo", "--methods", "knn,gaussian", "--k", "1", "--runs", "1", "--weights", "none",
-           "--image-size", "64", "--preset", "paper", "--data-root", str(synth_root), "--out", str(tmp_path / "r")]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    run = [
+        "run",
+        "--suite",
+        "demo",
+        "--methods",
+        "knn,gaussian",
+        "--k",
+        "1",
+        "--runs",
+        "1",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--preset",
+        "paper",
+        "--data-root",
+        str(synth_root),
+        "--out",
+        str(tmp_path / "r"),
+    ]
     code = f"from fsad_bench.cli import main; main({run!r})"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert res.returncode == 0, res.stderr
     assert "knn [resnet18, random-init, cpu]" in res.stdout
     assert len(list((tmp_path / "r" / "cells").glob("knn-*.json"))) == 3

@@ -132,7 +132,11 @@ def test_gaussian_paper_is_regad_table5_row_a(r18):
 def test_gaussian_options_change_the_pipeline_and_are_labelled():
     cfg = dict(weights="none", image_size=32, seed=0)
     paper = GaussianAdapter(AdapterConfig(preset="paper", **cfg))
-    assert paper.backbone.normalize is False and paper.hparams["augment"] and paper.label == "gaussian [paper, resnet18, random-init]"
+    assert (
+        paper.backbone.normalize is False
+        and paper.hparams["augment"]
+        and paper.label == "gaussian [paper, resnet18, random-init]"
+    )
     padim = GaussianAdapter(AdapterConfig(preset="padim", **cfg))
     assert padim.backbone.normalize is True and not padim.hparams["augment"]
     other = GaussianAdapter(AdapterConfig(preset="paper", options={"upsample": "bilinear", "n_features": 10}, **cfg))
@@ -156,8 +160,11 @@ def test_symmetric_blur_is_scipy_reflect_and_reflect_is_mirror():
         ref = np.stack([gaussian_filter(u, 2.0, mode=mode) for u in x[:, 0].numpy()])
         np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-9)  # float32 kernel taps
     small = torch.rand(1, 1, 9, 9, dtype=torch.float64)  # kernel radius 16 > side: periodic extension
-    np.testing.assert_allclose(gaussian_blur(small, 4.0, "symmetric")[0, 0].numpy(),
-                               gaussian_filter(small[0, 0].numpy(), 4.0, mode="reflect"), rtol=1e-6)
+    np.testing.assert_allclose(
+        gaussian_blur(small, 4.0, "symmetric")[0, 0].numpy(),
+        gaussian_filter(small[0, 0].numpy(), 4.0, mode="reflect"),
+        rtol=1e-6,
+    )
 
 
 # -- item 1: RegAD's test frame ------------------------------------------------------------
@@ -210,7 +217,8 @@ def test_regad_registered_frame_option_differs_and_is_labelled():
     mo, mr = official.predict(x)[1], registered.predict(x)[1]
     assert mo.shape == mr.shape == (2, 64, 64) and not torch.allclose(mo, mr, rtol=1e-3)
     assert tilted_regad(concat_upsample="bilinear", blur_border="reflect").label.endswith(
-        "upsample=bilinear, border=reflect]")
+        "upsample=bilinear, border=reflect]"
+    )
     with pytest.raises(FsadError, match="concat_upsample"):  # declared: refused when a suite is planned
         RegAD.check_options({"concat_upsample": "bicubic"})
 
@@ -271,7 +279,7 @@ def opencv_clahe_reference(img: np.ndarray, clip: float = 2.0, tiles: int = 8) -
     scale = np.float32(255) / np.float32(area)
     for ty in range(tiles):
         for tx in range(tiles):
-            hist = np.bincount(src[ty * th:(ty + 1) * th, tx * tw:(tx + 1) * tw].ravel(), minlength=256)
+            hist = np.bincount(src[ty * th : (ty + 1) * th, tx * tw : (tx + 1) * tw].ravel(), minlength=256)
             clipped = int(np.maximum(hist - limit, 0).sum())
             hist = np.minimum(hist, limit) + clipped // 256
             residual = clipped - (clipped // 256) * 256
@@ -299,8 +307,9 @@ def opencv_clahe_reference(img: np.ndarray, clip: float = 2.0, tiles: int = 8) -
             x1c, x2c = max(x1, 0), min(x1 + 1, tiles - 1)
             v = img[y, x]
             l = [np.float32(lut[a, b, v]) for a, b in ((y1c, x1c), (y1c, x2c), (y2c, x1c), (y2c, x2c))]
-            res = (l[0] * (np.float32(1) - xa) + l[1] * xa) * (np.float32(1) - ya) + \
-                  (l[2] * (np.float32(1) - xa) + l[3] * xa) * ya
+            res = (l[0] * (np.float32(1) - xa) + l[1] * xa) * (np.float32(1) - ya) + (
+                l[2] * (np.float32(1) - xa) + l[3] * xa
+            ) * ya
             out[y, x] = min(max(int(np.rint(res)), 0), 255)
     return out
 
@@ -339,7 +348,9 @@ def test_tdg_trains_on_equalised_images_only(monkeypatch):
     assert torch.equal(seen[-1][0], support) and off.label == "tdg [cpu, clahe=off]" and on.label == "tdg [cpu]"
     monkeypatch.undo()
     scoring = []
-    monkeypatch.setattr(TDGHierarchy, "score", lambda self, imgs, frac: scoring.append(imgs) or (imgs[:, 0, 0, 0], imgs[:, 0]))
+    monkeypatch.setattr(
+        TDGHierarchy, "score", lambda self, imgs, frac: scoring.append(imgs) or (imgs[:, 0, 0, 0], imgs[:, 0])
+    )
     on.predict(test)
     assert torch.equal(scoring[-1], test)  # test images are scored as they are (official)
 
@@ -350,8 +361,10 @@ def test_tdg_plus_pretraining_index_is_scaled_to_the_official_range():
 
     def ids_seen(adapter):
         seen = []
-        hooks = [g.register_forward_pre_hook(lambda m, args: seen.append(args[2].detach().clone()))
-                 for g in adapter.model.generators]
+        hooks = [
+            g.register_forward_pre_hook(lambda m, args: seen.append(args[2].detach().clone()))
+            for g in adapter.model.generators
+        ]
         adapter.fit(train)
         for h in hooks:
             h.remove()
@@ -363,7 +376,10 @@ def test_tdg_plus_pretraining_index_is_scaled_to_the_official_range():
     ids = ids_seen(scaled)
     assert ids.max() <= 2 + 1e-6 and ids.min() >= 0
     raw = TDGPlus(AdapterConfig(weights="none", image_size=32, seed=0, options={**opts, "pretrain_index": "raw"}))
-    assert raw.label == ("tdg+ [cpu, clahe=off, index=raw, pretrain_niter=1, pretrain_batch=3, "
-                         "pretrain_images_per_category=None]") and ids_seen(raw).max() > 2
+    assert (
+        raw.label
+        == ("tdg+ [cpu, clahe=off, index=raw, pretrain_niter=1, pretrain_batch=3, pretrain_images_per_category=None]")
+        and ids_seen(raw).max() > 2
+    )
     with pytest.raises(FsadError, match="pretrain_index.*'scaled', 'raw'"):
         TDGPlus.check_options({"pretrain_index": "minmax"})

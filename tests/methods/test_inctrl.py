@@ -13,19 +13,21 @@ import torch
 from fsad_bench.adapter import AdapterConfig
 from fsad_bench.components import clip
 from fsad_bench.data.mvtec import MVTecDataset
-from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.data.synthetic import generate
+from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.errors import FsadError
 from fsad_bench.methods.inctrl import InCTRL, cutpaste, patch_residuals
 from fsad_bench.methods.inctrl.training import TrainingPool
 from fsad_bench.protocols import training_data
 
-needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
-                                     reason="open_clip not installed (pip install 'fsad-bench[inctrl]')")
+needs_open_clip = pytest.mark.skipif(
+    importlib.util.find_spec("open_clip") is None, reason="open_clip not installed (pip install 'fsad-bench[inctrl]')"
+)
 
 
 def cross_dataset_training_data(dataset, image_size):
     return training_data("cross-dataset", dataset, "", torch.empty(0), image_size)
+
 
 TINY = {"clip_model": "tiny", "epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "train_shots": 2}
 
@@ -59,8 +61,9 @@ def test_patch_residuals_match_brute_force(per_query):
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("syn"), categories=2, seed=3, n_train=4, n_test_good=3,
-                    n_test_per_defect=1, size=64)
+    return generate(
+        tmp_path_factory.mktemp("syn"), categories=2, seed=3, n_train=4, n_test_good=3, n_test_per_defect=1, size=64
+    )
 
 
 def test_cross_dataset_training_data_labels(synthetic_root):

@@ -26,11 +26,13 @@ def test_nearest_is_exact_and_chunked():
 #: points on a line: 0, 1, 3, 7, 20; the greedy order of 3 picks for every start point, by hand
 #: (each step adds the point farthest from those chosen; squared or not, the argmax is the same)
 LINE = torch.tensor([[0.0], [1.0], [3.0], [7.0], [20.0]])
-GREEDY_3 = {0: [0, 4, 3],   # from 0: 20 is farthest; then 7 (7 from 0) beats 3 (3)
-            1: [1, 4, 3],   # from 1: 20; then 7 (6 from 1)
-            2: [2, 4, 3],   # from 3: 20; then 7 (4 from 3) beats 0 (3 from 3)
-            3: [3, 4, 0],   # from 7: 20 (13 away); then 0 (7 from 7)
-            4: [4, 0, 3]}   # from 20: 0; then 7 (7 from 0, 13 from 20)
+GREEDY_3 = {
+    0: [0, 4, 3],  # from 0: 20 is farthest; then 7 (7 from 0) beats 3 (3)
+    1: [1, 4, 3],  # from 1: 20; then 7 (6 from 1)
+    2: [2, 4, 3],  # from 3: 20; then 7 (4 from 3) beats 0 (3 from 3)
+    3: [3, 4, 0],  # from 7: 20 (13 away); then 0 (7 from 7)
+    4: [4, 0, 3],
+}  # from 20: 0; then 7 (7 from 0, 13 from 20)
 
 
 def test_greedy_coreset_by_hand():
@@ -84,10 +86,15 @@ def test_bad_options():
     for preset in PatchCore.presets.values():
         PatchCore.check_options(preset)
     PatchCore.check_options({"taps": ["layer1", "layer2"], "coreset_ratio": 1, "sigma": 0, "knn": "faiss"})
-    for bad, what in [({"upsample": "cubic"}, "upsample.*one of 'bilinear', 'nearest'"),
-                      ({"knn": "annoy"}, "knn"), ({"coreset_ratio": 0.0}, r"coreset_ratio.*in \(0, 1\]"),
-                      ({"coreset_ratio": 1.5}, "coreset_ratio"), ({"num_neighbors": 0}, "num_neighbors"),
-                      ({"taps": "layer2"}, "taps"), ({"augment": 1}, "augment")]:
+    for bad, what in [
+        ({"upsample": "cubic"}, "upsample.*one of 'bilinear', 'nearest'"),
+        ({"knn": "annoy"}, "knn"),
+        ({"coreset_ratio": 0.0}, r"coreset_ratio.*in \(0, 1\]"),
+        ({"coreset_ratio": 1.5}, "coreset_ratio"),
+        ({"num_neighbors": 0}, "num_neighbors"),
+        ({"taps": "layer2"}, "taps"),
+        ({"augment": 1}, "augment"),
+    ]:
         with pytest.raises(FsadError, match=what):
             PatchCore.check_options(bad)
     with pytest.raises(FsadError, match="no default taps"):

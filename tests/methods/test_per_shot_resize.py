@@ -154,8 +154,12 @@ def test_regad_per_shot_needs_k():
     with pytest.raises(FsadError, match="train_shot"):
         a.fit({"x": torch.utils.data.TensorDataset(torch.rand(2, 3, 64, 64))})
     # RegAD-L (individual): k is the number of support images
-    assert RegADL(AdapterConfig(weights="none", preset="paper", image_size=64)).train_shot(
-        {"grid": [torch.zeros(3, 64, 64)] * 4}) == 4
+    assert (
+        RegADL(AdapterConfig(weights="none", preset="paper", image_size=64)).train_shot(
+            {"grid": [torch.zeros(3, 64, 64)] * 4}
+        )
+        == 4
+    )
     assert RegAD.per_shot_fit(RegAD.presets["paper"]) and not RegAD.per_shot_fit(RegAD.presets["cpu"])
 
 
@@ -169,10 +173,17 @@ def test_labels_name_the_non_official_choices():
         with pytest.raises(FsadError):
             RegAD.check_options(bad)
     d = dict(img_size=64, n_scales=1, n_coupling_blocks=1, fc_internal=8)
-    assert DiffNet(AdapterConfig(preset="paper", options=d, **cfg)).label == \
-        "diffnet [paper, alexnet, random-init, img_size=64, n_scales=1, n_coupling_blocks=1, fc_internal=8]"
-    cheap = DiffNet(AdapterConfig(preset="paper", options={**d, "rotate_filter": "bilinear", "test_views": "shared",
-                                                          "grad_map": "summed"}, **cfg))
+    assert (
+        DiffNet(AdapterConfig(preset="paper", options=d, **cfg)).label
+        == "diffnet [paper, alexnet, random-init, img_size=64, n_scales=1, n_coupling_blocks=1, fc_internal=8]"
+    )
+    cheap = DiffNet(
+        AdapterConfig(
+            preset="paper",
+            options={**d, "rotate_filter": "bilinear", "test_views": "shared", "grad_map": "summed"},
+            **cfg,
+        )
+    )
     assert cheap.label.endswith("rotate_filter=bilinear, test_views=shared, grad_map=summed]")
     assert DiffNet.presets["cpu"]["grad_map"] == "summed" and DiffNet.presets["paper"]["grad_map"] == "official"
 
@@ -201,8 +212,9 @@ def test_resize_filter_is_pils(tmp_path):
 
 @pytest.mark.parametrize("spy", [LanczosSpy], indirect=True)
 def test_run_layer_loads_with_the_adapters_filter(spy, make_suite, tmp_path):
-    run_suite(make_suite(methods=["spy-lanczos"], k=[2], runs=1, categories=["grid"], operating_point=False),
-              tmp_path / "r")  # no leave-one-out support scoring: the spy sees the test images only
+    run_suite(
+        make_suite(methods=["spy-lanczos"], k=[2], runs=1, categories=["grid"], operating_point=False), tmp_path / "r"
+    )  # no leave-one-out support scoring: the spy sees the test images only
     dataset = open_dataset(make_suite(categories=["grid"]))
     test_paths = [s.path for s in dataset.split("grid").test]
     seen = torch.cat([x for kind, x in spy.seen if kind == "test"])
@@ -219,8 +231,14 @@ def test_diffnet_nearest_rotation_is_pils_on_the_8bit_image():
 
 
 def test_diffnet_paper_views_are_per_image_and_batch_independent():
-    opts = {"img_size": 64, "n_scales": 1, "n_coupling_blocks": 2, "fc_internal": 16, "n_transforms_test": 3,
-            "view_chunk": 3}
+    opts = {
+        "img_size": 64,
+        "n_scales": 1,
+        "n_coupling_blocks": 2,
+        "fc_internal": 16,
+        "n_transforms_test": 3,
+        "view_chunk": 3,
+    }
     torch.manual_seed(0)
     a = DiffNet(AdapterConfig(weights="none", preset="paper", image_size=64, seed=1, options=opts))
     a._trained = True

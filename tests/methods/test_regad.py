@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from fsad_bench.adapter import AdapterConfig, accepts
-from fsad_bench.components.affine import (IDENTITY_PARAMS, N_PARAMS, affine_from_params, affine_warp, compose_affine,
-                                          invert_affine)
+from fsad_bench.components.affine import (
+    IDENTITY_PARAMS,
+    N_PARAMS,
+    affine_from_params,
+    affine_warp,
+    compose_affine,
+    invert_affine,
+)
 from fsad_bench.data.images import load_images
 from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.data.torch_datasets import TensorImages
@@ -175,8 +181,10 @@ def frame_pair(tilted: bool) -> tuple[RegAD, RegAD]:
     """Two adapters with the same weights: ``feature_frame`` "image" and "registered"."""
     out = []
     for frame in ("image", "registered"):
-        a = new(RegAD, AdapterConfig(weights="none", image_size=SIZE, seed=0, options={"feature_frame": frame,
-                                                                                       "infer_batch": 8}))
+        a = new(
+            RegAD,
+            AdapterConfig(weights="none", image_size=SIZE, seed=0, options={"feature_frame": frame, "infer_batch": 8}),
+        )
         out.append(tilt(a) if tilted else a)
     return out[0], out[1]
 
@@ -198,9 +206,10 @@ def test_image_frame_variant_is_the_image_frame_and_differs_from_registered():
     # registered frame: the STN outputs themselves; image frame: each warped back by the inverse STN transforms
     assert torch.equal(fr[:, :c1], maps[0])
     torch.testing.assert_close(fi[:, :c1], affine_warp(maps[0], invert_affine(thetas[0])))
-    back3 = affine_warp(affine_warp(affine_warp(maps[2], invert_affine(thetas[2])), invert_affine(thetas[1])),
-                        invert_affine(thetas[0]))
-    torch.testing.assert_close(fi[:, -maps[2].shape[1]:], back3.repeat_interleave(4, -1).repeat_interleave(4, -2))
+    back3 = affine_warp(
+        affine_warp(affine_warp(maps[2], invert_affine(thetas[2])), invert_affine(thetas[1])), invert_affine(thetas[0])
+    )
+    torch.testing.assert_close(fi[:, -maps[2].shape[1] :], back3.repeat_interleave(4, -1).repeat_interleave(4, -2))
     assert (fi - fr).abs().max() > 1e-2
     image.adapt(support)
     registered.adapt(support)
@@ -228,9 +237,19 @@ def test_declared_options():
             for key, value in preset.items():
                 assert any(accepts(c, value) for c in cls.option_constraints[key]), (cls.name, name, key, value)
     RegAD.check_options({"feature_frame": "registered", "max_queries_per_category": None, "lr": 1, "eps": 0.1})
-    for bad in ({"stn_mode": "projective"}, {"feature_frame": "canonical"}, {"concat_upsample": "bicubic"},
-                {"blur_border": "wrap"}, {"lr_schedule": "linear"}, {"epochs": 0}, {"batch_size": 2.0},
-                {"lr": 0.0}, {"eps": -1.0}, {"max_queries_per_category": 0}, {"imagenet_norm": 1}):
+    for bad in (
+        {"stn_mode": "projective"},
+        {"feature_frame": "canonical"},
+        {"concat_upsample": "bicubic"},
+        {"blur_border": "wrap"},
+        {"lr_schedule": "linear"},
+        {"epochs": 0},
+        {"batch_size": 2.0},
+        {"lr": 0.0},
+        {"eps": -1.0},
+        {"max_queries_per_category": 0},
+        {"imagenet_norm": 1},
+    ):
         with pytest.raises(FsadError, match=next(iter(bad))):
             RegADL.check_options(bad)
     with pytest.raises(ValueError):  # direct use of the torch module: its own argument check

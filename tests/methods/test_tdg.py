@@ -9,21 +9,27 @@ import torch
 
 from fsad_bench.adapter import AdapterConfig, accepts
 from fsad_bench.data.mvtec import MVTecDataset
+from fsad_bench.data.synthetic import generate, render
 from fsad_bench.data.torch_datasets import TensorImages
 from fsad_bench.errors import FsadError
 from fsad_bench.methods.tdg.adapter import TDG, TDGPlus
-from fsad_bench.methods.tdg.torch_model import (PatchDiscriminator, Transformation, dihedral_transformations,
-                                                official_transformations, pyramid_sizes)
+from fsad_bench.methods.tdg.torch_model import (
+    PatchDiscriminator,
+    Transformation,
+    dihedral_transformations,
+    official_transformations,
+    pyramid_sizes,
+)
 from fsad_bench.protocols import training_data
-from fsad_bench.data.synthetic import generate, render
 
 FAST = {"niter": 6, "pretrain_niter": 6, "adapt_niter": 4, "pretrain_images_per_category": 3}
 
 
 def synth(category: str, n: int, size: int, split: str = "train", defect: str | None = None) -> torch.Tensor:
     """``(n, 3, size, size)`` synthetic images in [0, 1]."""
-    return torch.stack([torch.from_numpy(render(category, 0, split, i, defect, size=size)[0]).permute(2, 0, 1)
-                        for i in range(n)])
+    return torch.stack(
+        [torch.from_numpy(render(category, 0, split, i, defect, size=size)[0]).permute(2, 0, 1) for i in range(n)]
+    )
 
 
 def ramp_images(n: int, size: int) -> torch.Tensor:
@@ -174,7 +180,12 @@ def test_presets(cls):
     assert {"cpu", "paper"} <= set(cls.presets)
     paper = cls.presets["paper"]
     assert (paper["niter"], paper["lr_g"], paper["lr_d"], paper["alpha"], paper["transforms"]) == (
-        1000, 5e-4, 5e-4, 100.0, "official54")
+        1000,
+        5e-4,
+        5e-4,
+        100.0,
+        "official54",
+    )
 
 
 @pytest.mark.parametrize("cls", [TDG, TDGPlus])
@@ -187,8 +198,11 @@ def test_every_option_is_declared_and_the_presets_satisfy_it(cls):
 
 def test_bad_options_fail_at_planning():
     TDGPlus.check_options({"pretrain_index": "raw", "transforms_per_step": None, "alpha": 0})
-    for cls, key, value, valid in [(TDGPlus, "pretrain_index", "minmax", "'scaled', 'raw'"),
-                                   (TDG, "transforms", "all", "'official54', 'dihedral8'"),
-                                   (TDG, "scale_factor", 1.0, "(0, 1)"), (TDG, "niter", 0, ">= 1")]:
+    for cls, key, value, valid in [
+        (TDGPlus, "pretrain_index", "minmax", "'scaled', 'raw'"),
+        (TDG, "transforms", "all", "'official54', 'dihedral8'"),
+        (TDG, "scale_factor", 1.0, "(0, 1)"),
+        (TDG, "niter", 0, ">= 1"),
+    ]:
         with pytest.raises(FsadError, match=f"{key!r}.*{re.escape(valid)}"):
             cls.check_options({key: value})

@@ -7,6 +7,9 @@ import math
 
 import pytest
 import torch
+
+from fsad_bench.adapter import AdapterConfig
+from fsad_bench.errors import FsadError
 from fsad_bench.methods.tdg.adapter import TDG, TDGPlus
 from fsad_bench.methods.tdg.torch_model import (
     TDGHierarchy,
@@ -14,9 +17,6 @@ from fsad_bench.methods.tdg.torch_model import (
     pyramid_sizes,
 )
 from fsad_bench.methods.tdg.training import HierarchyTrainer
-
-from fsad_bench.adapter import AdapterConfig
-from fsad_bench.errors import FsadError
 
 
 def official_sides(image_size: int, min_size: int, max_size: int, factor: float) -> list[int]:
@@ -54,10 +54,25 @@ def test_invalid_sides_rejected():
 def _trained(sample_every: int, niter: int = 2) -> TDGHierarchy:
     torch.manual_seed(0)
     model = TDGHierarchy([16, 20], dihedral_transformations()[:2], 8, 8)
-    trainer = HierarchyTrainer(lr_g=5e-4, lr_d=5e-4, beta1=0.5, gamma=0.1, milestone_d=500, milestone_g=1000,
-                               d_steps=1, g_steps=1, alpha=10.0, noise_amp=0.1, sample_every=sample_every)
-    trainer.train(model, torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1)), niter,
-                  torch.Generator().manual_seed(2))
+    trainer = HierarchyTrainer(
+        lr_g=5e-4,
+        lr_d=5e-4,
+        beta1=0.5,
+        gamma=0.1,
+        milestone_d=500,
+        milestone_g=1000,
+        d_steps=1,
+        g_steps=1,
+        alpha=10.0,
+        noise_amp=0.1,
+        sample_every=sample_every,
+    )
+    trainer.train(
+        model,
+        torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1)),
+        niter,
+        torch.Generator().manual_seed(2),
+    )
     return model
 
 
@@ -66,7 +81,9 @@ def test_sample_forward_updates_only_generator_bn_statistics():
     a, b = _trained(150), _trained(0)
     for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         if key.startswith(("generators.0.", "discriminators.0.")):
-            moved = key.startswith("generators.") and key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+            moved = key.startswith("generators.") and key.endswith(
+                ("running_mean", "running_var", "num_batches_tracked")
+            )
             assert torch.equal(va, vb) != moved, key
     assert not torch.equal(a.generators[1].to_rgb[0].weight, b.generators[1].to_rgb[0].weight)
 

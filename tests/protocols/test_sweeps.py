@@ -10,13 +10,13 @@ from typing import ClassVar
 
 import pytest
 import torch
-from fsad_bench.protocols import load_suite
 from matplotlib import image as mpimg
 
 from fsad_bench import registry
 from fsad_bench.adapter import Adapter, Interval
 from fsad_bench.cli import main
 from fsad_bench.errors import FsadError
+from fsad_bench.protocols import load_suite
 from fsad_bench.records.store import ResultStore
 from fsad_bench.report.sweep_plots import write_sweep_plots
 from fsad_bench.report.sweeps import sweep_tables
@@ -65,8 +65,17 @@ def powered():
 
 
 # -- names -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [{"finetune_epochs": 48}, {"lr": 1e-5, "betas": [0.5, 0.9]},
-                                     {"arch": "resnet18"}, {"arch": "true"}, {"arch": "a,b"}, {"clahe": False}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"finetune_epochs": 48},
+        {"lr": 1e-5, "betas": [0.5, 0.9]},
+        {"arch": "resnet18"},
+        {"arch": "true"},
+        {"arch": "a,b"},
+        {"clahe": False},
+    ],
+)
 def test_variant_names_read_back(options):
     name = registry.variant_name("m", options)
     base, back = registry.split_variant(name)
@@ -81,8 +90,11 @@ def test_variant_class(powered):
     a = cls()
     assert a.hparams == {"power": 3, "shift": 0.0} and a.label == "powered [cpu, power=3]"
     assert registry.get("powered@power=1")().label == "powered [cpu, power=1]"  # the preset's value: tagged too
-    for bad, msg in (("powered@power=9", "must be an integer in [1, 4]"), ("powered@nope=1", "unknown option 'nope'"),
-                     ("powered@power", "malformed method variant")):
+    for bad, msg in (
+        ("powered@power=9", "must be an integer in [1, 4]"),
+        ("powered@nope=1", "unknown option 'nope'"),
+        ("powered@power", "malformed method variant"),
+    ):
         with pytest.raises(FsadError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             registry.get(bad)
 
@@ -90,8 +102,14 @@ def test_variant_class(powered):
 # -- expansion and runs ---------------------------------------------------------------------------------
 def test_sweep_expands_into_one_configuration_per_value(powered, make_suite, tmp_path):
     sweep = {"powered": {"power": [1, 2, 3], "shift": [0.0, 0.5]}, "powered-ind": {"power": [1, 2]}}
-    suite = make_suite(methods=["random", "powered", "powered-ind"], sweep=sweep, categories=["stripes"], k=[1],
-                       runs=2, train_seeds={"default": 1, "powered-ind": 2})
+    suite = make_suite(
+        methods=["random", "powered", "powered-ind"],
+        sweep=sweep,
+        categories=["stripes"],
+        k=[1],
+        runs=2,
+        train_seeds={"default": 1, "powered-ind": 2},
+    )
     planned = plan(suite)
     variants = [f"powered@power={p},shift={s}" for p in (1, 2, 3) for s in (0.0, 0.5)]
     assert planned.suite.methods == ["random", *variants, "powered-ind@power=1", "powered-ind@power=2"]
@@ -108,7 +126,7 @@ def test_sweep_expands_into_one_configuration_per_value(powered, make_suite, tmp
     hashes = {m: {r["config_hash"] for r in by_method[m]} for m in swept}
     assert all(len(v) == 1 for v in (*labels.values(), *hashes.values()))
     assert len({next(iter(v)) for v in labels.values()}) == len(swept) == 8  # distinct labels
-    assert len({next(iter(v)) for v in hashes.values()}) == len(swept)      # distinct configurations
+    assert len({next(iter(v)) for v in hashes.values()}) == len(swept)  # distinct configurations
     assert by_method["powered@power=3,shift=0.5"][0]["hparams"] == {"power": 3, "shift": 0.5}
     # the same support sets for every value (and every method), training seeds of the base method
     supports = defaultdict(set)
@@ -119,8 +137,10 @@ def test_sweep_expands_into_one_configuration_per_value(powered, make_suite, tmp
     assert {r["train_seed"] for r in by_method["powered@power=2,shift=0.0"]} == {0}  # training-free: seed 0
     assert len(recs) == 2 * (1 + 6 + 2 * 2)
     # cell ids and file names stay valid: no '@', '=' or ',' in a file name
-    assert all(set(p.name) <= set("abcdefghijklmnopqrstuvwxyz0123456789_.+-")
-               for p in (tmp_path / "r" / "cells").glob("*.json"))
+    assert all(
+        set(p.name) <= set("abcdefghijklmnopqrstuvwxyz0123456789_.+-")
+        for p in (tmp_path / "r" / "cells").glob("*.json")
+    )
 
     # table: one row per value; plot: one PNG per sweep
     tables = write_tables(tmp_path / "r", metrics=["image_auroc"])
@@ -136,8 +156,9 @@ def test_sweep_expands_into_one_configuration_per_value(powered, make_suite, tmp
 
 
 def test_sweep_table_orders_numbers_numerically(powered, make_suite, tmp_path):
-    suite = make_suite(methods=["powered"], sweep={"powered": {"power": [4, 1, 2]}}, categories=["stripes"], k=[1],
-                       runs=1)
+    suite = make_suite(
+        methods=["powered"], sweep={"powered": {"power": [4, 1, 2]}}, categories=["stripes"], k=[1], runs=1
+    )
     run_suite(suite, tmp_path / "r")
     t = sweep_tables(ResultStore(tmp_path / "r").frame(), ["image_auroc"])["synthetic_image_auroc_sweep_powered"]
     assert list(t.index) == ["1", "2", "4"] and t.index.name == "power"
@@ -146,23 +167,28 @@ def test_sweep_table_orders_numbers_numerically(powered, make_suite, tmp_path):
 # -- the CLI: validation before any work, table and plot ------------------------------------------------
 def _write(tmp_path, body: str):
     path = tmp_path / "s.toml"
-    path.write_text('name = "s"\ndataset = "synthetic"\nmethods = ["random", "tdg"]\nk = [1]\nruns = 1\n'
-                    'image_size = 64\nweights = "none"\n' + body)
+    path.write_text(
+        'name = "s"\ndataset = "synthetic"\nmethods = ["random", "tdg"]\nk = [1]\nruns = 1\n'
+        'image_size = 64\nweights = "none"\n' + body
+    )
     return path
 
 
-@pytest.mark.parametrize("body,message", [
-    ('[sweep.tdg]\nnope = [1, 2]\n', "unknown option 'nope' for method 'tdg'"),
-    ('[sweep.random]\nniter = [1]\n', "unknown option 'niter' for method 'random'"),
-    ('[sweep.tdg]\nniter = []\n', "[sweep.tdg] niter must be a non-empty list"),
-    ('[sweep.tdg]\nniter = 40\n', "[sweep.tdg] niter must be a non-empty list"),
-    ('[sweep.tdg]\n', "[sweep.tdg] is empty"),
-    ('[sweep.tdg]\nniter = [40, "many"]\n', "option 'niter' of method 'tdg' must be an integer >= 1, got 'many'"),
-    ('[sweep.tdg]\nniter = [40, 0]\n', "option 'niter' of method 'tdg' must be an integer >= 1, got 0"),
-    ('[sweep.gaussian]\neps = [0.1]\n', "[sweep.gaussian] names no method of this suite"),
-    ('[options.tdg]\nniter = 40\n[sweep.tdg]\nniter = [40, 200]\n', "option 'niter' of 'tdg' is both swept"),
-    ('sweep = 3\n', "key 'sweep' must be a table of per-method tables"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("[sweep.tdg]\nnope = [1, 2]\n", "unknown option 'nope' for method 'tdg'"),
+        ("[sweep.random]\nniter = [1]\n", "unknown option 'niter' for method 'random'"),
+        ("[sweep.tdg]\nniter = []\n", "[sweep.tdg] niter must be a non-empty list"),
+        ("[sweep.tdg]\nniter = 40\n", "[sweep.tdg] niter must be a non-empty list"),
+        ("[sweep.tdg]\n", "[sweep.tdg] is empty"),
+        ('[sweep.tdg]\nniter = [40, "many"]\n', "option 'niter' of method 'tdg' must be an integer >= 1, got 'many'"),
+        ("[sweep.tdg]\nniter = [40, 0]\n", "option 'niter' of method 'tdg' must be an integer >= 1, got 0"),
+        ("[sweep.gaussian]\neps = [0.1]\n", "[sweep.gaussian] names no method of this suite"),
+        ("[options.tdg]\nniter = 40\n[sweep.tdg]\nniter = [40, 200]\n", "option 'niter' of 'tdg' is both swept"),
+        ("sweep = 3\n", "key 'sweep' must be a table of per-method tables"),
+    ],
+)
 def test_bad_sweep_is_one_line_before_any_work(body, message, synth_root, tmp_path, capsys):
     out = tmp_path / "r"
     with pytest.raises(SystemExit) as exc:
@@ -179,7 +205,8 @@ def test_cli_run_table_plot(synth_root, tmp_path, capsys):
     (tmp_path / "g.toml").write_text(
         'name = "g"\ndataset = "synthetic"\nmethods = ["random", "gaussian"]\nk = [1]\nruns = 1\nimage_size = 64\n'
         'weights = "none"\ncategories = ["stripes"]\n[options.gaussian]\narch = "resnet18"\n'
-        '[sweep.gaussian]\nn_features = [8, 32]\n')
+        "[sweep.gaussian]\nn_features = [8, 32]\n"
+    )
     main(["run", "--suite", str(tmp_path / "g.toml"), "--data-root", str(synth_root), "--out", str(out)])
     text = capsys.readouterr().out
     assert "synthetic_image_auroc_sweep_gaussian" in text and "n_features=32" in text
@@ -193,8 +220,19 @@ def test_cli_run_table_plot(synth_root, tmp_path, capsys):
     main(["plot", str(out)])
     assert (out / "plots" / "synthetic_sweep_gaussian.png").stat().st_size > 2000
     # one variant of the sweep on its own (--methods takes the name with its commas)
-    main(["run", "--suite", str(tmp_path / "g.toml"), "--data-root", str(synth_root), "--out", str(tmp_path / "one"),
-          "--methods", "gaussian@n_features=8"])
+    main(
+        [
+            "run",
+            "--suite",
+            str(tmp_path / "g.toml"),
+            "--data-root",
+            str(synth_root),
+            "--out",
+            str(tmp_path / "one"),
+            "--methods",
+            "gaussian@n_features=8",
+        ]
+    )
     capsys.readouterr()
     assert {r["method"] for r in ResultStore(tmp_path / "one").records()} == {"gaussian@n_features=8"}
 
@@ -208,8 +246,14 @@ def test_calibrate_cpu_suite_is_valid():
     per_base = defaultdict(list)
     for m in expanded.methods:
         per_base[registry.base_name(m)].append(m)
-    assert {b: len(v) for b, v in per_base.items()} == {"regad": 12, "regad-l": 4, "diffnet": 4, "diffnet+": 12,
-                                                         "tdg": 3, "tdg+": 9}
+    assert {b: len(v) for b, v in per_base.items()} == {
+        "regad": 12,
+        "regad-l": 4,
+        "diffnet": 4,
+        "diffnet+": 12,
+        "tdg": 3,
+        "tdg+": 9,
+    }
     for m in expanded.methods:
         cls = registry.get(m)
         hp = cls.resolve_hparams(suite.preset, expanded.options.get(m, {}))
@@ -218,11 +262,19 @@ def test_calibrate_cpu_suite_is_valid():
         if any("arch" in p for p in cls.presets.values()):
             assert hp["arch"] == "mobilenet_v2"
     # the sweeps reach the paper's values
-    for m, key in (("regad", "epochs"), ("regad-l", "epochs"), ("diffnet", "meta_epochs"),
-                   ("diffnet+", "finetune_epochs"), ("tdg", "niter"), ("tdg+", "pretrain_niter"),
-                   ("tdg+", "adapt_niter")):
+    for m, key in (
+        ("regad", "epochs"),
+        ("regad-l", "epochs"),
+        ("diffnet", "meta_epochs"),
+        ("diffnet+", "finetune_epochs"),
+        ("tdg", "niter"),
+        ("tdg+", "pretrain_niter"),
+        ("tdg+", "adapt_niter"),
+    ):
         cls = registry.get(m)
-        assert suite.sweep[m][key][0] == cls.presets["cpu"][key] and suite.sweep[m][key][-1] == cls.presets["paper"][key]
+        assert (
+            suite.sweep[m][key][0] == cls.presets["cpu"][key] and suite.sweep[m][key][-1] == cls.presets["paper"][key]
+        )
 
 
 def test_a_variant_draws_its_base_methods_seeds(powered, make_suite, tmp_path):
@@ -232,6 +284,9 @@ def test_a_variant_draws_its_base_methods_seeds(powered, make_suite, tmp_path):
     run_suite(make_suite(methods=["powered-ind"], **kw), tmp_path / "base")
     run_suite(make_suite(methods=["powered-ind"], sweep={"powered-ind": {"power": [1, 2]}}, **kw), tmp_path / "swept")
     base = {(r["run"], r["train_seed"]): r["scores"] for r in ResultStore(tmp_path / "base").current_records()}
-    swept = {(r["run"], r["train_seed"]): r["scores"] for r in ResultStore(tmp_path / "swept").current_records()
-             if r["method"] == "powered-ind@power=1"}
+    swept = {
+        (r["run"], r["train_seed"]): r["scores"]
+        for r in ResultStore(tmp_path / "swept").current_records()
+        if r["method"] == "powered-ind@power=1"
+    }
     assert len(base) == 4 and swept == base

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fsad_bench.records.store import ResultStore
+from fsad_bench.report.significance import paired_cells
+from fsad_bench.report.tables import MEAN_ROW, paper_table, summary, write_tables
 from fsad_bench.run.plan import Cell, plan
 from fsad_bench.run.schedule import run_suite
-from fsad_bench.report.tables import MEAN_ROW, paper_table, summary, write_tables
-from fsad_bench.report.significance import paired_cells
-from fsad_bench.records.store import ResultStore
 
 
 def test_plan_repeats_trained_methods_only(make_suite, spies):
@@ -28,23 +28,26 @@ def test_plan_repeats_trained_methods_only(make_suite, spies):
 
 
 def test_train_seeds_table_gives_each_method_its_own_count(make_suite, spies, tmp_path):
-    suite = make_suite(methods=["spy-agg", "spy-ind", "meandiff"], k=[1], runs=1,
-                       train_seeds={"default": 2, "spy-ind": 4})
+    suite = make_suite(
+        methods=["spy-agg", "spy-ind", "meandiff"], k=[1], runs=1, train_seeds={"default": 2, "spy-ind": 4}
+    )
     cells = plan(suite).cells
     seeds = {m: sorted({c.train_seed for c in cells if c.method == m}) for m in suite.methods}
     assert seeds == {"spy-agg": [0, 1], "spy-ind": [0, 1, 2, 3], "meandiff": [0]}
     toml = tmp_path / "s.toml"
-    toml.write_text('name = "s"\ndataset = "synthetic"\nmethods = ["random", "tdg"]\nk = [1]\n'
-                    'train_seeds = { default = 3, "tdg+" = 5 }\n')
+    toml.write_text(
+        'name = "s"\ndataset = "synthetic"\nmethods = ["random", "tdg"]\nk = [1]\n'
+        'train_seeds = { default = 3, "tdg+" = 5 }\n'
+    )
     from fsad_bench.errors import FsadError
     from fsad_bench.protocols import load_suite
 
     with pytest.raises(FsadError, match=r"s.toml: train_seeds names 'tdg\+', which is not a method"):
         load_suite(str(toml))
-    toml.write_text(toml.read_text().replace('"tdg+" = 5', 'tdg = 0'))
+    toml.write_text(toml.read_text().replace('"tdg+" = 5', "tdg = 0"))
     with pytest.raises(FsadError, match=r"train_seeds must be an integer >= 1, got 0 for 'tdg'"):
         load_suite(str(toml))
-    toml.write_text(toml.read_text().replace('tdg = 0', 'tdg = 5'))
+    toml.write_text(toml.read_text().replace("tdg = 0", "tdg = 5"))
     assert load_suite(str(toml)).train_seeds_for("tdg") == 5 and load_suite(str(toml)).train_seeds_for("random") == 3
 
 
@@ -75,7 +78,9 @@ def test_aggregated_fit_once_per_held_out_and_train_seed_and_cached(make_suite, 
 def test_individual_cell_seed_includes_the_train_seed(make_suite, spies, tmp_path, monkeypatch):
     seen = []
     original = spies["spy-ind"].fit
-    monkeypatch.setattr(spies["spy-ind"], "fit", lambda self, train: (seen.append(self.config.seed), original(self, train)))
+    monkeypatch.setattr(
+        spies["spy-ind"], "fit", lambda self, train: (seen.append(self.config.seed), original(self, train))
+    )
     run_suite(make_suite(methods=["spy-ind"], k=[1], runs=1, train_seeds=2), tmp_path / "r")
     assert len(seen) == 3 * 2 and len(set(seen)) == 6
 
@@ -89,14 +94,22 @@ def test_single_seed_numbers_unchanged_by_the_axis(make_suite, tmp_path):
 
 def _fabricated(with_seed: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
     """Two categories, 2 train seeds x 3 runs; x[c, t, r] in AUROC (0-1)."""
-    x = np.array([[[0.60, 0.64, 0.62], [0.70, 0.72, 0.77]],
-                  [[0.80, 0.81, 0.86], [0.84, 0.90, 0.83]]])
+    x = np.array([[[0.60, 0.64, 0.62], [0.70, 0.72, 0.77]], [[0.80, 0.81, 0.86], [0.84, 0.90, 0.83]]])
     rows = []
     for ci, cat in enumerate(("a", "b")):
         for t in range(2):
             for r in range(3):
-                row = dict(dataset="d", category=cat, k=2, run=r, method="m", label="m", image_auroc=x[ci, t, r],
-                           pixel_auroc=np.nan, aupro=np.nan)
+                row = dict(
+                    dataset="d",
+                    category=cat,
+                    k=2,
+                    run=r,
+                    method="m",
+                    label="m",
+                    image_auroc=x[ci, t, r],
+                    pixel_auroc=np.nan,
+                    aupro=np.nan,
+                )
                 if with_seed:
                     row["train_seed"] = t
                 rows.append(row)
@@ -125,8 +138,10 @@ def test_table_std_over_train_seed_and_run_pairs_and_components():
     assert t.loc[MEAN_ROW, ("k=2", "m")] == f"{x.mean():.1f} ± {macro.reshape(-1).std(ddof=1):.1f}"
     assert "train seed, run" in t.attrs["notes"][0]
     c = paper_table(df, "image_auroc", std="components")
-    assert c.loc["a", ("k=2", "m")] == (f"{a.reshape(-1).std(ddof=1):.1f} (runs {_pooled([a[0], a[1]]):.1f}, "
-                                        f"seeds {_pooled([a[:, r] for r in range(3)]):.1f})")
+    assert c.loc["a", ("k=2", "m")] == (
+        f"{a.reshape(-1).std(ddof=1):.1f} (runs {_pooled([a[0], a[1]]):.1f}, "
+        f"seeds {_pooled([a[:, r] for r in range(3)]):.1f})"
+    )
 
 
 def test_old_records_without_train_seed_read_as_seed_zero():

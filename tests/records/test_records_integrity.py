@@ -2,7 +2,6 @@
 never deletes a valid record, one suite per results folder, and `rerun` only between reruns."""
 
 import json
-import math
 
 import pandas as pd
 import pytest
@@ -14,8 +13,22 @@ from fsad_bench.records.store import ResultStore, check_record
 from fsad_bench.report.export import export
 from fsad_bench.report.tables import MEAN_ROW, summary, write_tables
 
-SUITE = dict(name="t", dataset="d", data_root="/data/d", methods=["m1"], k=[1], runs=3, seed=0, image_size=64,
-             weights="none", preset="cpu", train_seeds=1, options={}, categories=["a", "b"], description="")
+SUITE = dict(
+    name="t",
+    dataset="d",
+    data_root="/data/d",
+    methods=["m1"],
+    k=[1],
+    runs=3,
+    seed=0,
+    image_size=64,
+    weights="none",
+    preset="cpu",
+    train_seeds=1,
+    options={},
+    categories=["a", "b"],
+    description="",
+)
 
 
 def _exit(args):
@@ -29,14 +42,40 @@ def _exit(args):
 def _rec(method, cat, run, h="h1", k=1, t=0, auroc=None):
     """A complete record as the run layer writes it (per-image scores left short)."""
     auroc = 0.6 + 0.1 * run + (0.05 if cat == "b" else 0.0) if auroc is None else auroc
-    return {"cell_id": f"{method}-{cat}-k{k}-r{run}-t{t}-{h}", "method": method, "label": method,
-            "protocol": "training-free", "dataset": "d", "category": cat, "k": k, "run": run, "train_seed": t,
-            "train_dataset": None, "preset": "cpu", "weights": "none", "seed": 0, "hparams": {"x": 1},
-            **{m: 0.5 for m in METRICS}, "image_auroc": auroc, "adapt_seconds": 1.0, "train_seconds": 0.0,
-            "infer_seconds_per_image": 0.01, "infer_warm_seconds_per_image": 0.01, "peak_memory_mb": 10.0,
-            "n_test": 4, "n_support": k, "support": [f"{run}.png"], "image_size": 64, "input_size": 64,
-            "config_hash": h, "device": "cpu", "versions": {}, "finished_at": "2024-01-01T00:00:00+00:00",
-            "scores": [0.1, 0.9], "labels": [0, 1]}
+    return {
+        "cell_id": f"{method}-{cat}-k{k}-r{run}-t{t}-{h}",
+        "method": method,
+        "label": method,
+        "protocol": "training-free",
+        "dataset": "d",
+        "category": cat,
+        "k": k,
+        "run": run,
+        "train_seed": t,
+        "train_dataset": None,
+        "preset": "cpu",
+        "weights": "none",
+        "seed": 0,
+        "hparams": {"x": 1},
+        **{m: 0.5 for m in METRICS},
+        "image_auroc": auroc,
+        "adapt_seconds": 1.0,
+        "train_seconds": 0.0,
+        "infer_seconds_per_image": 0.01,
+        "infer_warm_seconds_per_image": 0.01,
+        "peak_memory_mb": 10.0,
+        "n_test": 4,
+        "n_support": k,
+        "support": [f"{run}.png"],
+        "image_size": 64,
+        "input_size": 64,
+        "config_hash": h,
+        "device": "cpu",
+        "versions": {},
+        "finished_at": "2024-01-01T00:00:00+00:00",
+        "scores": [0.1, 0.9],
+        "labels": [0, 1],
+    }
 
 
 def _folder(path, methods=("m1",), cats=("a", "b"), runs=3, h="h1", **suite):
@@ -59,15 +98,19 @@ def _other_cell(recs):
     return json.dumps(recs[1])
 
 
-CORRUPT = {"empty object": lambda recs: "{}", "null": lambda recs: "null", "list": lambda recs: "[1]",
-           "not json": lambda recs: "{\"cell_id\": ",
-           "NaN metric": lambda recs: json.dumps(dict(recs[0], image_auroc=float("nan"))),
-           "one pixel metric NaN": lambda recs: json.dumps(dict(recs[0], aupro=float("nan"))),
-           "metric in %": lambda recs: json.dumps(dict(recs[0], image_auroc=74.6)),
-           "metric as text": lambda recs: json.dumps(dict(recs[0], image_auroc="0.7")),
-           "k as text": lambda recs: json.dumps(dict(recs[0], k="1")),
-           "missing metric": lambda recs: json.dumps({k: v for k, v in recs[0].items() if k != "image_f1max"}),
-           "another cell's record": _other_cell}
+CORRUPT = {
+    "empty object": lambda recs: "{}",
+    "null": lambda recs: "null",
+    "list": lambda recs: "[1]",
+    "not json": lambda recs: '{"cell_id": ',
+    "NaN metric": lambda recs: json.dumps(dict(recs[0], image_auroc=float("nan"))),
+    "one pixel metric NaN": lambda recs: json.dumps(dict(recs[0], aupro=float("nan"))),
+    "metric in %": lambda recs: json.dumps(dict(recs[0], image_auroc=74.6)),
+    "metric as text": lambda recs: json.dumps(dict(recs[0], image_auroc="0.7")),
+    "k as text": lambda recs: json.dumps(dict(recs[0], k="1")),
+    "missing metric": lambda recs: json.dumps({k: v for k, v in recs[0].items() if k != "image_f1max"}),
+    "another cell's record": _other_cell,
+}
 
 
 @pytest.mark.parametrize("kind", CORRUPT)
@@ -107,8 +150,25 @@ def test_undefined_pixel_metrics_are_null_not_invalid(tmp_path):
 
 def test_dry_run_and_run_recompute_an_invalid_record(synth_root, tmp_path, capsys):
     out = tmp_path / "r"
-    args = ["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64",
-            "--methods", "random", "--data-root", str(synth_root), "--out", str(out)]
+    args = [
+        "run",
+        "--suite",
+        "demo",
+        "--k",
+        "1",
+        "--runs",
+        "1",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--methods",
+        "random",
+        "--data-root",
+        str(synth_root),
+        "--out",
+        str(out),
+    ]
     main(args)
     store = ResultStore(out)
     first = sorted(store.done_ids())[0]
@@ -139,8 +199,10 @@ def test_export_writes_only_the_current_suite(tmp_path, capsys):
     df = export(out, tmp_path / "cells.csv")
     assert len(df) == 6 and set(df["config_hash"]) == {"h2"} and "current" not in df.columns
     every = export(out, tmp_path / "all.csv", everything=True)
-    assert len(every) == 12 and every.groupby("config_hash")["current"].agg(set).to_dict() == {"h1": {False},
-                                                                                               "h2": {True}}
+    assert len(every) == 12 and every.groupby("config_hash")["current"].agg(set).to_dict() == {
+        "h1": {False},
+        "h2": {True},
+    }
     assert _exit(["export", str(out), str(tmp_path / "x.csv"), "--all", "--format", "anomalib"]) == 0
     back = pd.read_csv(tmp_path / "x.csv")
     assert len(back) == 12 and back["current"].sum() == 6
@@ -199,17 +261,43 @@ def test_a_results_folder_belongs_to_one_suite(synth_root, tmp_path, capsys):
     with pytest.raises(FsadError, match="holds suite 't'"):
         store.save_suite(dict(SUITE, name="other"), [])
     before = sorted(p.name for p in store.cells.iterdir())
-    code = _exit(["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64",
-                  "--methods", "random", "--data-root", str(synth_root), "--out", str(out)])
+    code = _exit(
+        [
+            "run",
+            "--suite",
+            "demo",
+            "--k",
+            "1",
+            "--runs",
+            "1",
+            "--weights",
+            "none",
+            "--image-size",
+            "64",
+            "--methods",
+            "random",
+            "--data-root",
+            str(synth_root),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "holds suite 't'" in err and "--out" in err
     assert sorted(p.name for p in store.cells.iterdir()) == before and store.load_suite()["name"] == "t"
 
 
 # -- 5. rerun only compares reruns ------------------------------------------------------------------------
-@pytest.mark.parametrize("change, needle", [
-    (dict(image_size=96, runs=2), "image_size"), (dict(name="x"), "name"), (dict(methods=["m1", "m2"]), "methods"),
-    (dict(options={"m1": {"x": 2}}), "options"), (dict(seed=1), "seed")])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(image_size=96, runs=2), "image_size"),
+        (dict(name="x"), "name"),
+        (dict(methods=["m1", "m2"]), "methods"),
+        (dict(options={"m1": {"x": 2}}), "options"),
+        (dict(seed=1), "seed"),
+    ],
+)
 def test_rerun_refuses_another_suite(change, needle, tmp_path, capsys):
     _folder(tmp_path / "ref")
     store, _ = _folder(tmp_path / "other")
@@ -235,7 +323,6 @@ def test_rerun_refuses_other_config_hashes_and_accepts_another_machine(tmp_path,
     store.put(dict(recs[0], hparams={"x": 2}))  # what the records say they ran differs
     assert _exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "hp")]) == 2
     assert "hparams" in capsys.readouterr().err
-
 
 
 def test_folder_written_before_kept_ids_loses_no_valid_record(tmp_path, capsys):

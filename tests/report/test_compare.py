@@ -7,18 +7,41 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from fsad_bench.errors import FsadError
 from fsad_bench.report.costs import cost_ratio_table
 from fsad_bench.report.published import attach_reference, load_reference, paper_difference, reference_rows
-from fsad_bench.report.significance import (add_significance, bootstrap_ci, compare_methods, marker, paired_cells,
-                                     significance_markers, wilcoxon_p)
-from fsad_bench.errors import FsadError
+from fsad_bench.report.significance import (
+    add_significance,
+    bootstrap_ci,
+    compare_methods,
+    marker,
+    paired_cells,
+    significance_markers,
+    wilcoxon_p,
+)
 
-MVTEC = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
-         "tile", "toothbrush", "transistor", "wood", "zipper"]
+MVTEC = [
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+]
 
 
-def records(shift: float = 0.08, cats=("c0", "c1", "c2", "c3"), runs=3, ks=(2, 4), seed=0,
-            dataset="synthetic") -> pd.DataFrame:
+def records(
+    shift: float = 0.08, cats=("c0", "c1", "c2", "c3"), runs=3, ks=(2, 4), seed=0, dataset="synthetic"
+) -> pd.DataFrame:
     """Fabricated cells: 'good' beats 'weak' by ``shift`` AUROC (+ small noise) in every cell."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -26,12 +49,25 @@ def records(shift: float = 0.08, cats=("c0", "c1", "c2", "c3"), runs=3, ks=(2, 4
         for c in cats:
             for k in ks:
                 for r in range(runs):
-                    rows.append({"cell_id": f"{method}-{c}-k{k}-r{r}", "method": method, "label": label,
-                                 "protocol": "individual", "dataset": dataset, "category": c, "k": k, "run": r,
-                                 "image_auroc": float(np.clip(base + 0.02 * rng.standard_normal(), 0, 1)),
-                                 "pixel_auroc": float(np.clip(base + 0.1 + 0.02 * rng.standard_normal(), 0, 1)),
-                                 "aupro": np.nan, "adapt_seconds": t, "train_seconds": 3 * t,
-                                 "infer_seconds_per_image": t / 100, "peak_memory_mb": 100 * t})
+                    rows.append(
+                        {
+                            "cell_id": f"{method}-{c}-k{k}-r{r}",
+                            "method": method,
+                            "label": label,
+                            "protocol": "individual",
+                            "dataset": dataset,
+                            "category": c,
+                            "k": k,
+                            "run": r,
+                            "image_auroc": float(np.clip(base + 0.02 * rng.standard_normal(), 0, 1)),
+                            "pixel_auroc": float(np.clip(base + 0.1 + 0.02 * rng.standard_normal(), 0, 1)),
+                            "aupro": np.nan,
+                            "adapt_seconds": t,
+                            "train_seconds": 3 * t,
+                            "infer_seconds_per_image": t / 100,
+                            "peak_memory_mb": 100 * t,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -39,8 +75,10 @@ def test_paired_cells_and_names():
     df = records()
     pairs = paired_cells(df, "good", "weak")  # method name resolves to its single label
     assert len(pairs) == 4 * 2 * 3
-    expected = 100 * (df[df.method == "good"].set_index(["category", "k", "run"])["image_auroc"]
-                      - df[df.method == "weak"].set_index(["category", "k", "run"])["image_auroc"])
+    expected = 100 * (
+        df[df.method == "good"].set_index(["category", "k", "run"])["image_auroc"]
+        - df[df.method == "weak"].set_index(["category", "k", "run"])["image_auroc"]
+    )
     got = pairs.set_index(["category", "k", "run"])["diff"]
     np.testing.assert_allclose(got.sort_index().to_numpy(), expected.sort_index().to_numpy())
     with pytest.raises(FsadError):
@@ -69,8 +107,9 @@ def test_wilcoxon_matches_scipy():
 def test_bootstrap_matches_scipy_and_hand_computation():
     d = np.array([3.1, -0.4, 2.2, 5.0, 1.7, -1.1, 4.4, 0.9, 2.8, 3.3, -0.2, 1.5])
     lo, hi = bootstrap_ci(d, n_resamples=10_000, seed=7)
-    ref = stats.bootstrap((d,), np.mean, n_resamples=10_000, method="percentile", confidence_level=0.95,
-                          rng=np.random.default_rng(7))
+    ref = stats.bootstrap(
+        (d,), np.mean, n_resamples=10_000, method="percentile", confidence_level=0.95, rng=np.random.default_rng(7)
+    )
     assert lo == pytest.approx(ref.confidence_interval.low, abs=1e-12)
     assert hi == pytest.approx(ref.confidence_interval.high, abs=1e-12)
     # hand computation with the same draws

@@ -26,8 +26,11 @@ def interrupted(make_suite, spies, tmp_path):
     run_suite(make_suite(methods=["random", "spy-ind"], k=[1, 2], runs=2, train_seeds=2), out)
     store = ResultStore(out)
     first = min(r["category"] for r in store.records())
-    gone = {r["cell_id"] for r in store.records() if r["method"] == "spy-ind" and r["k"] == 2
-            and not (r["category"] == first and r["train_seed"] == 0)}
+    gone = {
+        r["cell_id"]
+        for r in store.records()
+        if r["method"] == "spy-ind" and r["k"] == 2 and not (r["category"] == first and r["train_seed"] == 0)
+    }
     assert len(gone) == 10
     store.remove(gone)
     return out, first
@@ -82,8 +85,11 @@ def test_export_has_a_complete_column(interrupted, tmp_path):
 def test_compare_refuses_unpaired_cells(interrupted, capsys):
     out, _ = interrupted
     df = ResultStore(out).frame()
-    with pytest.raises(FsadError, match=r"'spy-ind' and 'random' are not paired: 0 cells of 'spy-ind' and 4 of "
-                                        r"'random' have no partner .*--allow-unpaired"):
+    with pytest.raises(
+        FsadError,
+        match=r"'spy-ind' and 'random' are not paired: 0 cells of 'spy-ind' and 4 of "
+        r"'random' have no partner .*--allow-unpaired",
+    ):
         check_paired(df, "spy-ind", "random")
     with pytest.raises(SystemExit) as exc:
         main(["compare", str(out), "--a", "spy-ind", "--b", "random"])
@@ -122,13 +128,20 @@ def test_plot_draws_partial_points_hollow(interrupted, monkeypatch):
 
 
 def test_planned_cells_read_back_method_and_category():
-    ids = ["regad-l-bottle-k2-r0-t1-0123456789", "regad-bottle-k2-r0-t0-0123456789",
-           "anomalib_Padim-metal_nut-k4-r3-t0-abcdefabcd", "regad-l-screw-k2-r1-t0-0123456789"]
+    ids = [
+        "regad-l-bottle-k2-r0-t1-0123456789",
+        "regad-bottle-k2-r0-t0-0123456789",
+        "anomalib_Padim-metal_nut-k4-r3-t0-abcdefabcd",
+        "regad-l-screw-k2-r1-t0-0123456789",
+    ]
     suite = {"methods": ["regad", "regad-l", "anomalib:Padim"], "categories": [], "cell_ids": ids}
     p = planned_cells(suite, {"bottle", "metal_nut"})
     assert list(zip(p["method"], p["category"], p["k"], p["run"], p["train_seed"])) == [
-        ("regad-l", "bottle", 2, 0, 1), ("regad", "bottle", 2, 0, 0), ("anomalib:Padim", "metal_nut", 4, 3, 0),
-        ("regad-l", "screw", 2, 1, 0)]  # screw: no record names it, the longest method prefix decides
+        ("regad-l", "bottle", 2, 0, 1),
+        ("regad", "bottle", 2, 0, 0),
+        ("anomalib:Padim", "metal_nut", 4, 3, 0),
+        ("regad-l", "screw", 2, 1, 0),
+    ]  # screw: no record names it, the longest method prefix decides
 
 
 def test_folder_without_plan_counts_as_complete(make_suite, tmp_path):

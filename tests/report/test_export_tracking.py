@@ -9,11 +9,26 @@ import pytest
 
 from fsad_bench.cli import main
 from fsad_bench.errors import FsadError
-from fsad_bench.report.export import ANOMALIB_METRICS, export
 from fsad_bench.metrics import METRICS
+from fsad_bench.report.export import ANOMALIB_METRICS, export
 
-RUN = ["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64",
-       "--methods", "random", "--categories", None]
+RUN = [
+    "run",
+    "--suite",
+    "demo",
+    "--k",
+    "1",
+    "--runs",
+    "1",
+    "--weights",
+    "none",
+    "--image-size",
+    "64",
+    "--methods",
+    "random",
+    "--categories",
+    None,
+]
 
 
 def _run(synth_root, out, *extra):
@@ -38,8 +53,19 @@ def test_records_export_and_metric_tables(synth_root, tmp_path, capsys):
     assert back.loc[0, "image_f1max"] == pytest.approx(rec["image_f1max"])
 
     an = export(out, tmp_path / "anomalib.csv", "anomalib")
-    for col in ("model", "category", "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "fit_duration", "test_duration",
-                "model.class_path", "data.init_args.category", "k_shot", "seed"):
+    for col in (
+        "model",
+        "category",
+        "image_AUROC",
+        "pixel_AUROC",
+        "pixel_AUPRO",
+        "fit_duration",
+        "test_duration",
+        "model.class_path",
+        "data.init_args.category",
+        "k_shot",
+        "seed",
+    ):
         assert col in an.columns
     assert an.loc[0, "pixel_AUPRO"] == pytest.approx(rec["aupro"])
     assert an.loc[0, "test_duration"] == pytest.approx(rec["infer_seconds_per_image"] * rec["n_test"])

@@ -97,8 +97,12 @@ def test_report_is_self_contained_with_every_table_and_figure(tiny_run):
     # every figure written to plots/ is inline, as a PNG that decodes
     plots = sorted((tiny_run / "plots").glob("*.png"))
     names = {p.name for p in plots}
-    assert {"synthetic_image_auroc_vs_k.png", "synthetic_image_auroc_categories.png",
-            "synthetic_image_auroc_vs_adapt_cost.png", "synthetic_roc.png"} <= names
+    assert {
+        "synthetic_image_auroc_vs_k.png",
+        "synthetic_image_auroc_categories.png",
+        "synthetic_image_auroc_vs_adapt_cost.png",
+        "synthetic_roc.png",
+    } <= names
     assert {f"synthetic_{c}_maps.png" for c in ResultStore(tiny_run).frame()["category"].unique()} <= names
     assert len(page.images) == len(plots)
     for src in page.images:
@@ -118,8 +122,15 @@ def test_report_is_self_contained_with_every_table_and_figure(tiny_run):
     assert "http://" not in html_text and "https://" not in html_text
     assert "url(" not in html_text and "@import" not in html_text
     # provenance from the records and suite.json
-    for needle in ("fsad-bench run --suite t", "--methods random,gaussian", "torch", "config hashes", "cpu",
-                   "± is the sample std over support draws", "Significance against gaussian"):
+    for needle in (
+        "fsad-bench run --suite t",
+        "--methods random,gaussian",
+        "torch",
+        "config hashes",
+        "cpu",
+        "± is the sample std over support draws",
+        "Significance against gaussian",
+    ):
         assert needle in text, needle
     records = ResultStore(tiny_run).records()
     assert all(r["config_hash"] in text for r in records)
@@ -146,8 +157,11 @@ def test_report_command(tiny_run, tmp_path, capsys):
 def test_tables_render_whatever_the_table_functions_return():
     """Marks, notes and extra rows of tables.py pass through as text; Mean rows are marked; Δ one decimal."""
     cols = pd.MultiIndex.from_tuples([("k=1", "a [x]"), ("k=1", "b")], names=["k", "method"])
-    t = pd.DataFrame([["50.0 ± 1.0", "–"], ["50.0 ± 1.0*", "60.0"], ["1.0", "2.0"]],
-                     index=pd.Index(["c0", "Mean", "Std (categories)"], name="category"), columns=cols)
+    t = pd.DataFrame(
+        [["50.0 ± 1.0", "–"], ["50.0 ± 1.0*", "60.0"], ["1.0", "2.0"]],
+        index=pd.Index(["c0", "Mean", "Std (categories)"], name="category"),
+        columns=cols,
+    )
     out = table_html(t, "table-x")
     assert 'id="table-x"' in out and out.count('<tr class="mean">') == 2 and "50.0 ± 1.0*" in out
     assert "<th>category</th>" in out and "<script" not in table_html(t.rename(index={"c0": "<script>"}), "y")
@@ -156,12 +170,28 @@ def test_tables_render_whatever_the_table_functions_return():
 
 
 def test_equivalent_command():
-    cmd = equivalent_command({"name": "quick", "methods": ["random", "gaussian"], "k": [2, 4], "runs": 2,
-                              "train_seeds": 2, "categories": [], "data_root": ["/a b", "/c"], "weights": "auto",
-                              "image_size": 128, "seed": 0, "preset": "cpu", "arch": None}, Path("/tmp/out"))
-    assert cmd == ("fsad-bench run --suite quick --methods random,gaussian --k 2,4 --runs 2 --train-seeds 2 "
-                   "--data-root '/a b' --data-root /c --weights auto --preset cpu --image-size 128 --seed 0 "
-                   "--out /tmp/out")
+    cmd = equivalent_command(
+        {
+            "name": "quick",
+            "methods": ["random", "gaussian"],
+            "k": [2, 4],
+            "runs": 2,
+            "train_seeds": 2,
+            "categories": [],
+            "data_root": ["/a b", "/c"],
+            "weights": "auto",
+            "image_size": 128,
+            "seed": 0,
+            "preset": "cpu",
+            "arch": None,
+        },
+        Path("/tmp/out"),
+    )
+    assert cmd == (
+        "fsad-bench run --suite quick --methods random,gaussian --k 2,4 --runs 2 --train-seeds 2 "
+        "--data-root '/a b' --data-root /c --weights auto --preset cpu --image-size 128 --seed 0 "
+        "--out /tmp/out"
+    )
 
 
 def test_spread_words_names_training_seeds_only_when_there_are_several():
@@ -171,8 +201,10 @@ def test_spread_words_names_training_seeds_only_when_there_are_several():
     two = pd.DataFrame([dict(base, run=r, train_seed=t) for r in range(2) for t in range(2)])
     assert spread_words(two) == "support draws × training seeds"
     assert spread_words(pd.DataFrame([dict(base, run=0)])) == ""
-    assert spread_words(with_train_seed(pd.DataFrame([dict(base, run=0, train_seed=t) for t in range(3)]))) == \
-        "training seeds"
+    assert (
+        spread_words(with_train_seed(pd.DataFrame([dict(base, run=0, train_seed=t) for t in range(3)])))
+        == "training seeds"
+    )
 
 
 def test_wrap_titles():
@@ -195,11 +227,23 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
             pytest.fail("no chromium binary on PATH, and FSAD_BENCH_REQUIRE_CHROMIUM is set (CI)")
         pytest.skip("no chromium binary on PATH (CI installs Debian's chromium: apt-get install chromium)")
     shot = tmp_path / "shot.png"
-    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                           "--window-size=1280,2000", "--hide-scrollbars",
-                           (tiny_run / REPORT_NAME).resolve().as_uri()],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, "HOME": str(tmp_path)},
-                          check=False)
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1280,2000",
+            "--hide-scrollbars",
+            (tiny_run / REPORT_NAME).resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HOME": str(tmp_path)},
+        check=False,
+    )
     assert shot.is_file(), proc.stderr[-2000:]
     with Image.open(shot) as im:
         px = np.asarray(im.convert("RGB"), dtype=np.float32)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+from fsad_bench.records.store import ResultStore, pick_examples, save_example_maps
 from fsad_bench.report.plots import load_example_maps, write_plots
-from fsad_bench.records.store import pick_examples, save_example_maps
-from fsad_bench.records.store import ResultStore
 
 CATS, KS, RUNS, N_TEST, S = ("c0", "c1"), (2, 4), 2, 12, 16
 
@@ -26,20 +25,41 @@ def fabricate(out, with_scores: bool, with_maps: bool) -> None:
                 for r in range(RUNS):
                     cell_id = f"{method}-{c}-k{k}-r{r}"
                     scores = strength * labels + rng.standard_normal(N_TEST)
-                    rec = {"cell_id": cell_id, "method": method, "label": method, "protocol": "individual",
-                           "dataset": "synthetic", "category": c, "k": k, "run": r,
-                           "image_auroc": float(rng.uniform(0.5, 0.6) + 0.15 * strength),
-                           "pixel_auroc": float(rng.uniform(0.6, 0.7)), "aupro": 0.5, "config_hash": "0",
-                           "image_aupr": 0.5, "image_f1max": 0.5, "pixel_aupr": 0.5, "pixel_f1max": 0.5,
-                           "adapt_seconds": 1.0, "train_seconds": 1.0, "infer_seconds_per_image": 0.01,
-                           "peak_memory_mb": 100.0}
+                    rec = {
+                        "cell_id": cell_id,
+                        "method": method,
+                        "label": method,
+                        "protocol": "individual",
+                        "dataset": "synthetic",
+                        "category": c,
+                        "k": k,
+                        "run": r,
+                        "image_auroc": float(rng.uniform(0.5, 0.6) + 0.15 * strength),
+                        "pixel_auroc": float(rng.uniform(0.6, 0.7)),
+                        "aupro": 0.5,
+                        "config_hash": "0",
+                        "image_aupr": 0.5,
+                        "image_f1max": 0.5,
+                        "pixel_aupr": 0.5,
+                        "pixel_f1max": 0.5,
+                        "adapt_seconds": 1.0,
+                        "train_seconds": 1.0,
+                        "infer_seconds_per_image": 0.01,
+                        "peak_memory_mb": 100.0,
+                    }
                     if with_scores:
                         rec.update(scores=scores.tolist(), labels=labels.tolist())
                     store.put(rec)
                     if with_maps and k == max(KS) and r == 0:
                         maps = rng.random((N_TEST, S, S)) + strength * masks
-                        save_example_maps(out / "maps" / f"{cell_id}.npz", maps, images, masks,
-                                          [f"/d/{c}/test/x/{i:03d}.png" for i in range(N_TEST)], labels=labels)
+                        save_example_maps(
+                            out / "maps" / f"{cell_id}.npz",
+                            maps,
+                            images,
+                            masks,
+                            [f"/d/{c}/test/x/{i:03d}.png" for i in range(N_TEST)],
+                            labels=labels,
+                        )
 
 
 def check_png(path):
@@ -52,10 +72,18 @@ def test_all_plots(tmp_path):
     fabricate(tmp_path, with_scores=True, with_maps=True)
     paths = write_plots(tmp_path)
     names = {p.name for p in paths}
-    assert names == {"synthetic_image_auroc_vs_k.png", "synthetic_image_auroc_categories.png",
-                     "synthetic_pixel_auroc_vs_k.png", "synthetic_pixel_auroc_categories.png",
-                     "synthetic_aupro_vs_k.png", "synthetic_aupro_categories.png", "synthetic_roc.png",
-                     "synthetic_image_auroc_vs_adapt_cost.png", "synthetic_c0_maps.png", "synthetic_c1_maps.png"}
+    assert names == {
+        "synthetic_image_auroc_vs_k.png",
+        "synthetic_image_auroc_categories.png",
+        "synthetic_pixel_auroc_vs_k.png",
+        "synthetic_pixel_auroc_categories.png",
+        "synthetic_aupro_vs_k.png",
+        "synthetic_aupro_categories.png",
+        "synthetic_roc.png",
+        "synthetic_image_auroc_vs_adapt_cost.png",
+        "synthetic_c0_maps.png",
+        "synthetic_c1_maps.png",
+    }
     for p in paths:
         assert p.parent == tmp_path / "plots"
         check_png(p)
@@ -64,10 +92,15 @@ def test_all_plots(tmp_path):
 def test_skips_roc_and_maps_when_absent(tmp_path):
     fabricate(tmp_path, with_scores=False, with_maps=False)
     names = {p.name for p in write_plots(tmp_path)}
-    assert names == {"synthetic_image_auroc_vs_k.png", "synthetic_image_auroc_categories.png",
-                     "synthetic_pixel_auroc_vs_k.png", "synthetic_pixel_auroc_categories.png",
-                     "synthetic_aupro_vs_k.png", "synthetic_aupro_categories.png",
-                     "synthetic_image_auroc_vs_adapt_cost.png"}
+    assert names == {
+        "synthetic_image_auroc_vs_k.png",
+        "synthetic_image_auroc_categories.png",
+        "synthetic_pixel_auroc_vs_k.png",
+        "synthetic_pixel_auroc_categories.png",
+        "synthetic_aupro_vs_k.png",
+        "synthetic_aupro_categories.png",
+        "synthetic_image_auroc_vs_adapt_cost.png",
+    }
     assert not (tmp_path / "maps").exists()
 
 
@@ -92,8 +125,14 @@ def test_example_maps_keep_the_contrast_of_tiny_maps(tmp_path):
     masks = np.zeros((6, S, S))
     labels = np.array([0, 0, 1, 1, 1, 1])
     asked = []
-    path = save_example_maps(tmp_path / "m.npz", maps, lambda idx: (asked.append(list(idx)), images[idx])[1],
-                             masks, [f"x/{i}.png" for i in range(6)], labels=labels)
+    path = save_example_maps(
+        tmp_path / "m.npz",
+        maps,
+        lambda idx: (asked.append(list(idx)), images[idx])[1],
+        masks,
+        [f"x/{i}.png" for i in range(6)],
+        labels=labels,
+    )
     with np.load(path) as z:
         saved, index = z["maps"], z["index"]
     assert asked == [list(index)]
@@ -101,8 +140,9 @@ def test_example_maps_keep_the_contrast_of_tiny_maps(tmp_path):
     assert saved.min() < saved.max() and np.ptp(saved) > 0.5e-8
 
 
-@pytest.mark.parametrize("labels,n,expected", [(None, 3, [0, 1, 2]), ([1, 1, 1, 1, 1], 3, [0, 1, 2]),
-                                               ([0, 0, 1, 0, 1], 4, [0, 1, 2, 4])])
+@pytest.mark.parametrize(
+    "labels,n,expected", [(None, 3, [0, 1, 2]), ([1, 1, 1, 1, 1], 3, [0, 1, 2]), ([0, 0, 1, 0, 1], 4, [0, 1, 2, 4])]
+)
 def test_pick_examples(labels, n, expected):
     got = pick_examples(None if labels is None else np.array(labels), n, 5)
     assert sorted(got.tolist()) == sorted(expected)

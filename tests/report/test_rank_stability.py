@@ -9,17 +9,36 @@ import pandas as pd
 import pytest
 
 from fsad_bench.cli import main
-from fsad_bench.report.significance import (compare_methods, lottery_table, rank_stability, win_probability,
-                                            with_ahead_column)
 from fsad_bench.errors import FsadError
+from fsad_bench.report.significance import (
+    compare_methods,
+    lottery_table,
+    rank_stability,
+    win_probability,
+    with_ahead_column,
+)
 
 
 def frame(values: dict[str, dict[tuple[str, int, int], float]], k: int = 2, trained=()) -> pd.DataFrame:
     """Records from ``{label: {(category, run, train_seed): auroc}}``."""
-    return pd.DataFrame([{"cell_id": f"{lab}-{c}-{r}-{s}", "method": lab, "label": lab, "dataset": "d", "category": c,
-                          "k": k, "run": r, "train_seed": s, "image_auroc": v,
-                          "protocol": "individual" if lab in trained else "training-free"}
-                         for lab, cells in values.items() for (c, r, s), v in cells.items()])
+    return pd.DataFrame(
+        [
+            {
+                "cell_id": f"{lab}-{c}-{r}-{s}",
+                "method": lab,
+                "label": lab,
+                "dataset": "d",
+                "category": c,
+                "k": k,
+                "run": r,
+                "train_seed": s,
+                "image_auroc": v,
+                "protocol": "individual" if lab in trained else "training-free",
+            }
+            for lab, cells in values.items()
+            for (c, r, s), v in cells.items()
+        ]
+    )
 
 
 def test_win_probability_by_hand():
@@ -60,8 +79,10 @@ def test_one_draw_has_no_bootstrap_and_unpaired_is_refused():
 
 def test_rank_stability_clear_and_close_races():
     rng = np.random.default_rng(1)
-    vals = {lab: {(c, r, 0): base + 0.01 * rng.standard_normal() for c in ("c0", "c1") for r in range(6)}
-            for lab, base in (("best", 0.95), ("close", 0.949), ("far", 0.6))}
+    vals = {
+        lab: {(c, r, 0): base + 0.01 * rng.standard_normal() for c in ("c0", "c1") for r in range(6)}
+        for lab, base in (("best", 0.95), ("close", 0.949), ("far", 0.6))
+    }
     t = rank_stability(frame(vals), n_resamples=3000).set_index("label")
     assert t["p_first"].sum() == pytest.approx(1)
     assert t.loc["far", "p_first"] == 0 and t.loc["far", "rank"] == 3 and t.loc["far", "mean_rank"] == 3
@@ -85,7 +106,9 @@ def test_ahead_column_joins_the_compare_table():
     a = {(c, r, 0): 0.9 for c in ("c0", "c1") for r in range(3)}
     b = {(c, r, 0): 0.8 for c in ("c0", "c1") for r in range(3)}
     df = frame({"A": a, "B": b})
-    t = with_ahead_column(compare_methods(df, "A", "B", n_resamples=200), win_probability(df, "A", "B", n_resamples=200))
+    t = with_ahead_column(
+        compare_methods(df, "A", "B", n_resamples=200), win_probability(df, "A", "B", n_resamples=200)
+    )
     assert list(t["k"]) == [2, "all"] and list(t["p_a_ahead"]) == [1.0, 1.0]
 
 
@@ -94,8 +117,15 @@ def _record_files(out, df: pd.DataFrame):
 
     (out / "cells").mkdir(parents=True)
     for r in df.to_dict("records"):
-        r.update({m: r["image_auroc"] for m in METRICS}, config_hash="x", support=["000.png", "001.png"],
-                 adapt_seconds=1.0, train_seconds=0.0, infer_seconds_per_image=0.01, peak_memory_mb=100.0)
+        r.update(
+            {m: r["image_auroc"] for m in METRICS},
+            config_hash="x",
+            support=["000.png", "001.png"],
+            adapt_seconds=1.0,
+            train_seconds=0.0,
+            infer_seconds_per_image=0.01,
+            peak_memory_mb=100.0,
+        )
         (out / "cells" / f"{r['cell_id']}.json").write_text(json.dumps(r))
 
 
@@ -104,8 +134,10 @@ def test_compare_and_table_commands_write_rank_stability(tmp_path, capsys):
     from fsad_bench.report.tables import write_tables
 
     rng = np.random.default_rng(2)
-    vals = {lab: {(c, r, 0): base + 0.02 * rng.standard_normal() for c in ("c0", "c1") for r in range(4)}
-            for lab, base in (("A", 0.9), ("B", 0.85))}
+    vals = {
+        lab: {(c, r, 0): base + 0.02 * rng.standard_normal() for c in ("c0", "c1") for r in range(4)}
+        for lab, base in (("A", 0.9), ("B", 0.85))
+    }
     out = tmp_path / "r"
     _record_files(out, frame(vals))
     assert len(ResultStore(out).frame()) == 16

@@ -1,9 +1,9 @@
 import numpy as np
 import pandas as pd
 
-from fsad_bench.run.schedule import run_suite
 from fsad_bench.report.costs import cost_table
 from fsad_bench.report.tables import MEAN_ROW, STD_ROW, paper_table, summary, write_tables
+from fsad_bench.run.schedule import run_suite
 
 
 def _records():
@@ -12,10 +12,23 @@ def _records():
         for k in (2, 4):
             for run in range(3):
                 for method, shift in (("m1", 0.0), ("m2", 0.05)):
-                    rows.append(dict(dataset="d", category=cat, k=k, run=run, method=method, label=method,
-                                     image_auroc=base + shift + 0.01 * run, pixel_auroc=np.nan, aupro=np.nan,
-                                     adapt_seconds=1.0 + k, train_seconds=0.0, infer_seconds_per_image=0.01,
-                                     peak_memory_mb=100.0))
+                    rows.append(
+                        dict(
+                            dataset="d",
+                            category=cat,
+                            k=k,
+                            run=run,
+                            method=method,
+                            label=method,
+                            image_auroc=base + shift + 0.01 * run,
+                            pixel_auroc=np.nan,
+                            aupro=np.nan,
+                            adapt_seconds=1.0 + k,
+                            train_seconds=0.0,
+                            infer_seconds_per_image=0.01,
+                            peak_memory_mb=100.0,
+                        )
+                    )
     return pd.DataFrame(rows)
 
 

@@ -3,14 +3,27 @@
 import json
 import shutil
 
-import pytest
-
 from fsad_bench.cli import main
-from fsad_bench.report.tables import rerun_agreement
 from fsad_bench.records.store import ResultStore
+from fsad_bench.report.tables import rerun_agreement
 
-ARGS = ["run", "--suite", "demo", "--k", "1", "--runs", "2", "--weights", "none", "--image-size", "64",
-        "--methods", "random,gaussian", "--categories", "grid,washer"]
+ARGS = [
+    "run",
+    "--suite",
+    "demo",
+    "--k",
+    "1",
+    "--runs",
+    "2",
+    "--weights",
+    "none",
+    "--image-size",
+    "64",
+    "--methods",
+    "random,gaussian",
+    "--categories",
+    "grid,washer",
+]
 
 
 def _exit(args):

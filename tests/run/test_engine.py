@@ -5,18 +5,24 @@ import torch
 
 from fsad_bench.data.images import load_images
 from fsad_bench.data.mvtec import MVTecDataset
-from fsad_bench.run.plan import plan
-from fsad_bench.run.schedule import run_suite
 from fsad_bench.data.sampler import SupportSampler
 from fsad_bench.records.store import ResultStore
+from fsad_bench.run.plan import plan
+from fsad_bench.run.schedule import run_suite
 
-TIMING_KEYS = {"adapt_seconds", "train_seconds", "infer_seconds_per_image", "infer_warm_seconds_per_image",
-               "peak_memory_mb", "finished_at", "operating_point_seconds"}
+TIMING_KEYS = {
+    "adapt_seconds",
+    "train_seconds",
+    "infer_seconds_per_image",
+    "infer_warm_seconds_per_image",
+    "peak_memory_mb",
+    "finished_at",
+    "operating_point_seconds",
+}
 
 
 def _stable(records):
-    return sorted((json.dumps({k: v for k, v in r.items() if k not in TIMING_KEYS}, sort_keys=True)
-                   for r in records))
+    return sorted(json.dumps({k: v for k, v in r.items() if k not in TIMING_KEYS}, sort_keys=True) for r in records)
 
 
 def test_aggregated_fit_never_sees_the_held_out_category(make_suite, spies, synth_root):
@@ -89,8 +95,10 @@ def test_resume_after_interruption_runs_only_missing_cells(make_suite, spies, tm
     monkeypatch.setattr(spies["meandiff"], "adapt", original)
     done_before = part.done_ids()
     ran = []
-    monkeypatch.setattr("fsad_bench.run.cell.ResultStore.put",
-                        lambda self, rec, _put=ResultStore.put: (ran.append(rec["cell_id"]), _put(self, rec)))
+    monkeypatch.setattr(
+        "fsad_bench.run.cell.ResultStore.put",
+        lambda self, rec, _put=ResultStore.put: (ran.append(rec["cell_id"]), _put(self, rec)),
+    )
     run_suite(suite, tmp_path / "part")
     cells = plan(suite).cells
     assert set(ran) == {c.cell_id for c in cells} - done_before  # only the missing cells ran

@@ -21,8 +21,9 @@ def _fingerprint(monkeypatch, cls, edited: Path | None = None) -> str:
     """``code_fingerprint(cls)`` as if ``edited`` had one more line (the hasher's reads patched)."""
     original = identity._source
     target = edited.resolve() if edited else None
-    monkeypatch.setattr(identity, "_source",
-                        lambda p: original(p) + (b"\n# edited\n" if Path(p).resolve() == target else b""))
+    monkeypatch.setattr(
+        identity, "_source", lambda p: original(p) + (b"\n# edited\n" if Path(p).resolve() == target else b"")
+    )
     identity.code_fingerprint.cache_clear()
     try:
         return identity.code_fingerprint(cls)
@@ -31,11 +32,33 @@ def _fingerprint(monkeypatch, cls, edited: Path | None = None) -> str:
         monkeypatch.setattr(identity, "_source", original)
 
 
-NUMBERS = ["run/cell.py", "run/predict.py", "run/seeds.py", "run/model_cache.py", "metrics.py", "data/images.py", "data/torch_datasets.py",
-           "data/sampler.py", "data/image_cache.py", "adapter.py"]
-NOT_NUMBERS = ["run/schedule.py", "run/plan.py", "run/paths.py", "run/workers.py", "run/devices.py",
-               "run/peak_memory.py", "records/store.py", "records/tracking.py", "report/tables.py", "cli.py",
-               "identity.py", "registry.py", "errors.py"]
+NUMBERS = [
+    "run/cell.py",
+    "run/predict.py",
+    "run/seeds.py",
+    "run/model_cache.py",
+    "metrics.py",
+    "data/images.py",
+    "data/torch_datasets.py",
+    "data/sampler.py",
+    "data/image_cache.py",
+    "adapter.py",
+]
+NOT_NUMBERS = [
+    "run/schedule.py",
+    "run/plan.py",
+    "run/paths.py",
+    "run/workers.py",
+    "run/devices.py",
+    "run/peak_memory.py",
+    "records/store.py",
+    "records/tracking.py",
+    "report/tables.py",
+    "cli.py",
+    "identity.py",
+    "registry.py",
+    "errors.py",
+]
 
 
 @pytest.mark.parametrize("method", ["gaussian", "random"])
@@ -76,7 +99,9 @@ def test_fingerprint_does_not_depend_on_what_the_process_imported():
 
     identity.code_fingerprint.cache_clear()
     here = identity.code_fingerprint(registry.get("gaussian"))
-    code = ("import sys; from fsad_bench import registry; from fsad_bench.identity import code_fingerprint; "
-            "assert 'fsad_bench.run' not in sys.modules; print(code_fingerprint(registry.get('gaussian')))")
+    code = (
+        "import sys; from fsad_bench import registry; from fsad_bench.identity import code_fingerprint; "
+        "assert 'fsad_bench.run' not in sys.modules; print(code_fingerprint(registry.get('gaussian')))"
+    )
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert fresh == here

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fsad_bench.protocols import check_types
 from PIL import Image
 
 from fsad_bench.cli import main
@@ -21,6 +20,7 @@ from fsad_bench.metrics import (
     support_threshold,
     tied_pair_fraction,
 )
+from fsad_bench.protocols import check_types
 from fsad_bench.records.store import check_record
 from fsad_bench.report.tables import write_tables
 from fsad_bench.run.flags import cell_flags
@@ -35,12 +35,14 @@ def test_operating_point_by_hand():
     t = support_threshold(np.array([0.1, 0.3]))  # max
     assert t == 0.3
     # above 0.3: 0.5 (normal), 0.4, 0.6, 0.9 (anomalous) -> TP 3, FP 1, FN 0
-    assert at_threshold(labels, scores, t) == pytest.approx({"fpr": 1 / 3, "recall": 1.0, "precision": 0.75,
-                                                            "f1": 6 / 7})
+    assert at_threshold(labels, scores, t) == pytest.approx(
+        {"fpr": 1 / 3, "recall": 1.0, "precision": 0.75, "f1": 6 / 7}
+    )
     assert support_threshold(np.array([0.1, 0.3, 0.5]), "q0.5") == pytest.approx(0.3)
     # strictly above: a score equal to the threshold is normal; 0.55 -> TP 2 (0.6, 0.9), FP 0, FN 1
-    assert at_threshold(labels, scores, 0.55) == pytest.approx({"fpr": 0.0, "recall": 2 / 3, "precision": 1.0,
-                                                               "f1": 0.8})
+    assert at_threshold(labels, scores, 0.55) == pytest.approx(
+        {"fpr": 0.0, "recall": 2 / 3, "precision": 1.0, "f1": 0.8}
+    )
     assert at_threshold(labels, scores, 5.0) == {"fpr": 0.0, "recall": 0.0, "precision": 1.0, "f1": 0.0}
     with pytest.raises(ValueError, match="unknown threshold rule"):
         support_threshold(np.array([1.0]), "median")
@@ -73,8 +75,15 @@ def test_evaluate_unchanged_by_the_new_metrics():
     masks = (rng.random((12, 8, 8)) > 0.8).astype(np.uint8)
     masks[:6] = 0
     maps = rng.random((12, 8, 8)).astype(np.float32)
-    assert set(evaluate(labels, scores, masks, maps)) == {"image_auroc", "pixel_auroc", "aupro", "image_aupr",
-                                                         "image_f1max", "pixel_aupr", "pixel_f1max"}
+    assert set(evaluate(labels, scores, masks, maps)) == {
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "image_aupr",
+        "image_f1max",
+        "pixel_aupr",
+        "pixel_f1max",
+    }
 
 
 # -- flags ---------------------------------------------------------------------------------------------
@@ -148,8 +157,13 @@ def test_operating_point_leave_one_out(make_suite, spies, tmp_path, synth_root):
         by_hand = (support[i] - rest.mean(0)).abs().mean(0).max()
         assert op["support_scores"][i] == pytest.approx(float(by_hand), rel=1e-6)
     # numbers of the cell are those of a run without the operating point
-    off = {r["k"]: r for r in run_suite(make_suite(methods=["meandiff"], k=[1, 3], runs=1, categories=["grid"],
-                                                   operating_point=False), tmp_path / "b").records()}
+    off = {
+        r["k"]: r
+        for r in run_suite(
+            make_suite(methods=["meandiff"], k=[1, 3], runs=1, categories=["grid"], operating_point=False),
+            tmp_path / "b",
+        ).records()
+    }
     assert "operating_point" not in off[3]
     for k in (1, 3):
         for key in ("scores", "image_auroc", "pixel_auroc", "aupro", "image_f1max", "flags", "per_defect_auroc"):

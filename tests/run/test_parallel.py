@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
+from fsad_bench.records.store import ResultStore
+from fsad_bench.report.tables import paper_table
 from fsad_bench.run.plan import plan
 from fsad_bench.run.schedule import run_suite
-from fsad_bench.report.tables import paper_table
-from fsad_bench.records.store import ResultStore
 
 
 def _same_numbers(a, b):
@@ -46,8 +46,9 @@ def test_dask_backend_on_a_local_cluster(make_suite, tmp_path):
     distributed = pytest.importorskip("distributed")
     suite = make_suite(methods=["random"], k=[1, 2], runs=2)
     serial = run_suite(suite, tmp_path / "serial")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         store = run_suite(suite, tmp_path / "dask", backend="dask", scheduler=cluster.scheduler_address)
     _same_numbers(store, serial)
 
@@ -55,13 +56,35 @@ def test_dask_backend_on_a_local_cluster(make_suite, tmp_path):
 @pytest.mark.slow  # end to end in subprocesses: ~10 s or more
 def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path):
     out = tmp_path / "r"
-    args = [sys.executable, "-m", "fsad_bench.cli", "run", "--suite", "demo", "--data-root", str(synth_root),
-            "--methods", "random,gaussian", "--k", "1,2", "--runs", "3", "--weights", "none",
-            "--image-size", "64", "--jobs", "2", "--out", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "fsad_bench.cli",
+        "run",
+        "--suite",
+        "demo",
+        "--data-root",
+        str(synth_root),
+        "--methods",
+        "random,gaussian",
+        "--k",
+        "1,2",
+        "--runs",
+        "3",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # cwd outside the checkout: `python -m` must import the installed package
-    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     cells = out / "cells"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(cells.glob("*.json")) if cells.is_dir() else []) < 4:

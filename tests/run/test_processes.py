@@ -42,19 +42,46 @@ def slow_plugin(tmp_path):
     site = tmp_path / "site"
     (site / "slowplugin-0.1.dist-info").mkdir(parents=True)
     (site / "slowmod.py").write_text(textwrap.dedent(SLOW))
-    (site / "slowplugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: slowplugin\nVersion: 0.1\n")
+    (site / "slowplugin-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: slowplugin\nVersion: 0.1\n"
+    )
     (site / "slowplugin-0.1.dist-info" / "entry_points.txt").write_text("[fsad_bench.methods]\nslow = slowmod:Slow\n")
     pids = tmp_path / "pids"
     pids.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "SLOW_PIDS": str(pids), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        "SLOW_PIDS": str(pids),
+        "OMP_NUM_THREADS": "1",
+    }
     return env, pids
 
 
 def _args(synth_root, out, jobs):
-    return [sys.executable, "-m", "fsad_bench.cli", "run", "--suite", "demo", "--data-root", str(synth_root),
-            "--methods", "slow", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64",
-            "--jobs", str(jobs), "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "fsad_bench.cli",
+        "run",
+        "--suite",
+        "demo",
+        "--data-root",
+        str(synth_root),
+        "--methods",
+        "slow",
+        "--k",
+        "1",
+        "--runs",
+        "1",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--jobs",
+        str(jobs),
+        "--out",
+        str(out),
+    ]
 
 
 def _alive(pid: int) -> bool:
@@ -70,9 +97,16 @@ def _start(args, env, tmp_path, pids, n_workers, in_parent=False):
     # a library imported by an earlier test may leave SIGINT ignored in this process; an ignored signal
     # stays ignored across exec (and Python then installs no KeyboardInterrupt), so start the run as a
     # terminal would: with SIGINT at its default
-    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(pids.iterdir())) < n_workers:
         assert proc.poll() is None, proc.stderr.read()
@@ -142,12 +176,50 @@ def test_second_run_on_a_locked_folder_refuses(synth_root, tmp_path, capsys):
         f.write("4242\n")
         f.flush()
         with pytest.raises(SystemExit) as exc:
-            main(["run", "--suite", "demo", "--data-root", str(synth_root), "--methods", "random", "--k", "1",
-                  "--runs", "1", "--weights", "none", "--image-size", "64", "--out", str(out)])
+            main(
+                [
+                    "run",
+                    "--suite",
+                    "demo",
+                    "--data-root",
+                    str(synth_root),
+                    "--methods",
+                    "random",
+                    "--k",
+                    "1",
+                    "--runs",
+                    "1",
+                    "--weights",
+                    "none",
+                    "--image-size",
+                    "64",
+                    "--out",
+                    str(out),
+                ]
+            )
         err = capsys.readouterr().err
     assert exc.value.code == 2 and f"results folder {out} is in use by another fsad-bench run (pid 4242)" in err
     assert len(err.strip().splitlines()) == 1
     assert not (out / "cells").exists()
-    main(["run", "--suite", "demo", "--data-root", str(synth_root), "--methods", "random", "--k", "1",
-          "--runs", "1", "--weights", "none", "--image-size", "64", "--out", str(out)])  # lock released: runs
+    main(
+        [
+            "run",
+            "--suite",
+            "demo",
+            "--data-root",
+            str(synth_root),
+            "--methods",
+            "random",
+            "--k",
+            "1",
+            "--runs",
+            "1",
+            "--weights",
+            "none",
+            "--image-size",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )  # lock released: runs
     assert len(list((out / "cells").glob("*.json"))) == 3

@@ -1,7 +1,6 @@
 """Issue 13: never a stale or mixed record, every bad input caught before the work, safe I/O."""
 
 import errno
-import json
 import os
 import shutil
 import stat
@@ -14,10 +13,10 @@ from PIL import Image
 from fsad_bench import identity, registry
 from fsad_bench.adapter import Adapter
 from fsad_bench.cli import main
-from fsad_bench.run.plan import config_hash, open_dataset, plan
-from fsad_bench.run.schedule import run_suite
-from fsad_bench.report.tables import paper_table
 from fsad_bench.records.store import ResultStore
+from fsad_bench.report.tables import paper_table
+from fsad_bench.run.plan import config_hash, open_dataset
+from fsad_bench.run.schedule import run_suite
 
 BASE = ["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64"]
 
@@ -78,9 +77,11 @@ def test_config_hash_covers_what_changes_numbers(make_suite, synth_root, tmp_pat
 
 def test_code_edit_changes_the_hash(make_suite, tmp_path, monkeypatch):
     mod = tmp_path / "editme.py"
-    src = ("from fsad_bench.adapter import Adapter\n"
-           "class EditMe(Adapter):\n    name = 'editme'\n    def adapt(self, s): pass\n"
-           "    def predict(self, x): return x.mean((1, 2, 3)), x.mean(1)  # v1\n")
+    src = (
+        "from fsad_bench.adapter import Adapter\n"
+        "class EditMe(Adapter):\n    name = 'editme'\n    def adapt(self, s): pass\n"
+        "    def predict(self, x): return x.mean((1, 2, 3)), x.mean(1)  # v1\n"
+    )
     mod.write_text(src)
     monkeypatch.syspath_prepend(str(tmp_path))
     import editme
@@ -173,33 +174,47 @@ def test_force_and_dry_run(synth_root, tmp_path, capsys):
 
 # -- §3 bad input --------------------------------------------------------------------------------
 def _suite_file(tmp_path, synth_root, extra="", **replace):
-    lines = {"name": '"t"', "dataset": '"synthetic"', "data_root": f'"{synth_root}"',
-             "methods": '["random", "gaussian"]', "k": "[1]", "runs": "1", "image_size": "64", "weights": '"none"'}
+    lines = {
+        "name": '"t"',
+        "dataset": '"synthetic"',
+        "data_root": f'"{synth_root}"',
+        "methods": '["random", "gaussian"]',
+        "k": "[1]",
+        "runs": "1",
+        "image_size": "64",
+        "weights": '"none"',
+    }
     lines.update(replace)
     path = tmp_path / "s.toml"
     path.write_text("\n".join(f"{k} = {v}" for k, v in lines.items()) + "\n" + extra)
     return path
 
 
-@pytest.mark.parametrize("extra,needles", [
-    ("[options.gaussian]\nepss = 0.5\n", ["unknown option 'epss' for method 'gaussian'", "valid:", "eps"]),
-    ("[options.gausian]\neps = 0.5\n", ["[options.gausian] names no method of this suite", "gaussian"]),
-    ('[options.gaussian]\neps = "big"\n', ["option 'eps' of method 'gaussian' must be a number > 0", "'big'"]),
-    ("[options.gaussian]\naugment = 1\n", ["option 'augment' of method 'gaussian' must be true or false"]),
-])
+@pytest.mark.parametrize(
+    "extra,needles",
+    [
+        ("[options.gaussian]\nepss = 0.5\n", ["unknown option 'epss' for method 'gaussian'", "valid:", "eps"]),
+        ("[options.gausian]\neps = 0.5\n", ["[options.gausian] names no method of this suite", "gaussian"]),
+        ('[options.gaussian]\neps = "big"\n', ["option 'eps' of method 'gaussian' must be a number > 0", "'big'"]),
+        ("[options.gaussian]\naugment = 1\n", ["option 'augment' of method 'gaussian' must be true or false"]),
+    ],
+)
 def test_bad_options_are_errors_before_any_work(extra, needles, synth_root, tmp_path, capsys):
     path = _suite_file(tmp_path, synth_root, extra)
     _one_line_error(["run", "--suite", str(path), "--out", str(tmp_path / "r")], capsys, *needles)
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("runs", '"two"', "key 'runs' must be an integer, got 'two' (str)"),
-    ("image_size", "64.5", "key 'image_size' must be an integer, got 64.5 (float)"),
-    ("weights", "false", "key 'weights' must be a string, got False (bool)"),
-    ("k", '[1, "2"]', "key 'k' must be a list of integers"),
-    ("categories", "[1]", "key 'categories' must be a list of strings"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("runs", '"two"', "key 'runs' must be an integer, got 'two' (str)"),
+        ("image_size", "64.5", "key 'image_size' must be an integer, got 64.5 (float)"),
+        ("weights", "false", "key 'weights' must be a string, got False (bool)"),
+        ("k", '[1, "2"]', "key 'k' must be a list of integers"),
+        ("categories", "[1]", "key 'categories' must be a list of strings"),
+    ],
+)
 def test_suite_types_are_checked(key, value, needle, synth_root, tmp_path, capsys):
     path = _suite_file(tmp_path, synth_root, **{key: value})
     _one_line_error(["run", "--suite", str(path), "--out", str(tmp_path / "r")], capsys, needle, str(path))
@@ -256,8 +271,11 @@ def test_duplicates_are_computed_once(synth_root, spies, tmp_path, capsys, monke
 def test_truncated_image_found_at_planning(synth_root, tmp_path, capsys):
     root = shutil.copytree(synth_root, tmp_path / "d")
     (root / "washer" / "train" / "good" / "011.png").write_bytes(b"")  # a file no k=1 draw may ever pick
-    err = _one_line_error(BASE + ["--data-root", str(root), "--methods", "random", "--out", str(tmp_path / "r")],
-                          capsys, "washer/train/good/011.png")
+    err = _one_line_error(
+        BASE + ["--data-root", str(root), "--methods", "random", "--out", str(tmp_path / "r")],
+        capsys,
+        "washer/train/good/011.png",
+    )
     assert not (tmp_path / "r").exists(), err
 
 
@@ -318,8 +336,12 @@ def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(store_mod.np, "savez_compressed", full)
     out = tmp_path / "r"
-    _one_line_error(BASE + ["--data-root", str(synth_root), "--methods", "random", "--out", str(out)], capsys,
-                    f"cannot write {out / 'maps'}", "No space left on device")
+    _one_line_error(
+        BASE + ["--data-root", str(synth_root), "--methods", "random", "--out", str(out)],
+        capsys,
+        f"cannot write {out / 'maps'}",
+        "No space left on device",
+    )
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
     assert not list((out / "maps").glob("*.npz"))
 

@@ -21,8 +21,14 @@ from fsad_bench.run import progress as prog
 from fsad_bench.run.plan import plan
 from fsad_bench.run.schedule import run_suite
 
-TIMING_KEYS = {"adapt_seconds", "train_seconds", "infer_seconds_per_image", "infer_warm_seconds_per_image",
-               "peak_memory_mb", "finished_at"}
+TIMING_KEYS = {
+    "adapt_seconds",
+    "train_seconds",
+    "infer_seconds_per_image",
+    "infer_warm_seconds_per_image",
+    "peak_memory_mb",
+    "finished_at",
+}
 
 
 def _cell(i, k=1, run=0):
@@ -38,6 +44,7 @@ class Clock:
 
 
 # -- ETA and status files, no terminal ----------------------------------------------------------
+
 
 def test_eta_is_per_method_and_never_blank_after_a_first_cell():
     # nothing known yet: no ETA; a prior (earlier run's records) gives one
@@ -81,10 +88,30 @@ def test_watcher_counts_cells_names_the_stage_and_forwards_warnings(tmp_path):
 
 
 def test_prior_costs_from_earlier_records():
-    recs = [{"method": "agg", "protocol": "aggregated", "category": "a", "train_seed": 0, "config_hash": "h",
-             "adapt_seconds": 1.0, "infer_warm_seconds_per_image": 0.5, "n_test": 4, "train_seconds": 30.0}] * 3
-    recs += [{"method": "ind", "protocol": "individual", "adapt_seconds": 7.0, "infer_warm_seconds_per_image": 0.0,
-              "n_test": 4, "train_seconds": 6.0}, {"method": "bad"}]
+    recs = [
+        {
+            "method": "agg",
+            "protocol": "aggregated",
+            "category": "a",
+            "train_seed": 0,
+            "config_hash": "h",
+            "adapt_seconds": 1.0,
+            "infer_warm_seconds_per_image": 0.5,
+            "n_test": 4,
+            "train_seconds": 30.0,
+        }
+    ] * 3
+    recs += [
+        {
+            "method": "ind",
+            "protocol": "individual",
+            "adapt_seconds": 7.0,
+            "infer_warm_seconds_per_image": 0.0,
+            "n_test": 4,
+            "train_seconds": 6.0,
+        },
+        {"method": "bad"},
+    ]
     assert prog.prior_costs(recs) == {"agg": 1.0 + 2.0 + 10.0, "ind": 7.0}
 
 
@@ -109,10 +136,30 @@ def test_worker_warnings_go_to_the_status_file(tmp_path):
 
 # -- torch threads recorded and exported --------------------------------------------------------
 
+
 def test_torch_threads_in_records_and_export(synth_root, tmp_path):
     out = tmp_path / "r"
-    main(["run", "--suite", "demo", "--data-root", str(synth_root), "--methods", "random", "--k", "1", "--runs", "1",
-          "--weights", "none", "--image-size", "64", "--out", str(out)])
+    main(
+        [
+            "run",
+            "--suite",
+            "demo",
+            "--data-root",
+            str(synth_root),
+            "--methods",
+            "random",
+            "--k",
+            "1",
+            "--runs",
+            "1",
+            "--weights",
+            "none",
+            "--image-size",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     recs = ResultStore(out).records()
     assert recs and all(isinstance(r["torch_threads"], int) and r["torch_threads"] >= 1 for r in recs)
     main(["export", str(out), str(tmp_path / "x.csv")])
@@ -122,6 +169,7 @@ def test_torch_threads_in_records_and_export(synth_root, tmp_path):
 
 # -- the lock comes before planning -------------------------------------------------------------
 
+
 def test_a_locked_folder_is_refused_before_planning(synth_root, tmp_path, capsys, monkeypatch):
     import fsad_bench.run.plan as plan_module
 
@@ -130,8 +178,25 @@ def test_a_locked_folder_is_refused_before_planning(synth_root, tmp_path, capsys
     monkeypatch.setattr(plan_module, "plan", lambda *a, **kw: planned.append(1) or real_plan(*a, **kw))
     out = tmp_path / "r"
     out.mkdir()
-    args = ["run", "--suite", "demo", "--data-root", str(synth_root), "--methods", "random", "--k", "1", "--runs", "1",
-            "--weights", "none", "--image-size", "64", "--out", str(out)]
+    args = [
+        "run",
+        "--suite",
+        "demo",
+        "--data-root",
+        str(synth_root),
+        "--methods",
+        "random",
+        "--k",
+        "1",
+        "--runs",
+        "1",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--out",
+        str(out),
+    ]
     with open(out / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write("4242\n")
@@ -148,6 +213,7 @@ def test_a_locked_folder_is_refused_before_planning(synth_root, tmp_path, capsys
 
 # -- Dask worker threads: the numbers of a serial run ------------------------------------------
 
+
 def _stable(store):
     return {r["cell_id"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in store.records()}
 
@@ -160,16 +226,18 @@ def test_dask_threads_loky_and_serial_give_identical_records(make_suite, tmp_pat
     assert len(serial) == 16 and {r["torch_threads"] for r in serial.values()} == {1}
     assert _stable(run_suite(suite, tmp_path / "loky", jobs=2, threads=1)) == serial
     for tpw in (2, 1):
-        with distributed.LocalCluster(n_workers=1, threads_per_worker=tpw, processes=True, host="127.0.0.1",
-                                      dashboard_address=":0") as cluster:
-            store = run_suite(suite, tmp_path / f"dask{tpw}", backend="dask", scheduler=cluster.scheduler_address,
-                              threads=1)
+        with distributed.LocalCluster(
+            n_workers=1, threads_per_worker=tpw, processes=True, host="127.0.0.1", dashboard_address=":0"
+        ) as cluster:
+            store = run_suite(
+                suite, tmp_path / f"dask{tpw}", backend="dask", scheduler=cluster.scheduler_address, threads=1
+            )
         assert _stable(store) == serial, f"threads_per_worker={tpw}"
 
 
 # -- worker loss ends the run -------------------------------------------------------------------
 
-SLOW = '''
+SLOW = """
 import os, time
 from pathlib import Path
 from fsad_bench.adapter import Adapter
@@ -187,7 +255,7 @@ class Slow(Adapter):
     def predict(self, images):
         import torch
         return torch.zeros(len(images)), torch.zeros(len(images), *images.shape[-2:])
-'''
+"""
 
 
 @pytest.fixture
@@ -195,12 +263,18 @@ def slow_env(tmp_path):
     site = tmp_path / "site"
     (site / "slowplugin-0.1.dist-info").mkdir(parents=True)
     (site / "slowmod.py").write_text(SLOW)
-    (site / "slowplugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: slowplugin\nVersion: 0.1\n")
+    (site / "slowplugin-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: slowplugin\nVersion: 0.1\n"
+    )
     (site / "slowplugin-0.1.dist-info" / "entry_points.txt").write_text("[fsad_bench.methods]\nslow = slowmod:Slow\n")
     pids = tmp_path / "pids"
     pids.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "SLOW_PIDS": str(pids), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        "SLOW_PIDS": str(pids),
+        "OMP_NUM_THREADS": "1",
+    }
     return env, pids
 
 
@@ -222,16 +296,43 @@ def _kill(pids):
 
 
 def _run_args(synth_root, out, *extra):
-    return [sys.executable, "-m", "fsad_bench.cli", "run", "--suite", "demo", "--data-root", str(synth_root),
-            "--methods", "slow", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64",
-            "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fsad_bench.cli",
+        "run",
+        "--suite",
+        "demo",
+        "--data-root",
+        str(synth_root),
+        "--methods",
+        "slow",
+        "--k",
+        "1",
+        "--runs",
+        "1",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.slow  # end to end in subprocesses: ~10 s
 def test_a_killed_loky_worker_ends_the_run_with_one_line(slow_env, synth_root, tmp_path):
     env, pids = slow_env
-    proc = subprocess.Popen(_run_args(synth_root, tmp_path / "r", "--jobs", "2"), env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _run_args(synth_root, tmp_path / "r", "--jobs", "2"),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     workers = []
     try:
         workers = _wait_for(pids, 2, [proc])
@@ -260,16 +361,45 @@ def test_a_killed_dask_worker_ends_the_run_with_one_line(slow_env, synth_root, t
     address = f"tcp://127.0.0.1:{port}"
     procs = []
     try:
-        procs.append(subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                       "--dashboard-address", ":0"], env=env, cwd=tmp_path,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        worker = subprocess.Popen([dask, "worker", address, "--no-nanny", "--nthreads", "2", "--host", "127.0.0.1",
-                                   "--dashboard-address", ":0"], env=env, cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        procs.append(
+            subprocess.Popen(
+                [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        worker = subprocess.Popen(
+            [
+                dask,
+                "worker",
+                address,
+                "--no-nanny",
+                "--nthreads",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--dashboard-address",
+                ":0",
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         procs.append(worker)
-        run = subprocess.Popen(_run_args(synth_root, tmp_path / "r", "--backend", "dask", "--scheduler", address),
-                               env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+        run = subprocess.Popen(
+            _run_args(synth_root, tmp_path / "r", "--backend", "dask", "--scheduler", address),
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         procs.append(run)
         children = _wait_for(pids, 2, [run])  # both worker threads busy, each driving its own process
         assert worker.pid not in children and len(set(children)) == 2

@@ -12,17 +12,14 @@ import torch
 from torch import nn
 
 from fsad_bench import registry
-
-from fsad_bench.run import cell, predict
-from fsad_bench.data.images import load_image
-from fsad_bench.data.mvtec import MVTecDataset
-from fsad_bench.run.schedule import run_suite
+from fsad_bench.adapter import Adapter
 from fsad_bench.components.feature_cache import CachedBackbone
 from fsad_bench.data.image_cache import load_cached_image
+from fsad_bench.data.images import load_image
+from fsad_bench.data.mvtec import MVTecDataset
 from fsad_bench.metrics import image_auroc
-from fsad_bench.records.store import ResultStore
-
-from fsad_bench.adapter import Adapter
+from fsad_bench.run import cell, predict
+from fsad_bench.run.schedule import run_suite
 
 
 class MeanDiff(Adapter):
@@ -140,8 +137,9 @@ def test_test_set_streamed_in_batches(make_suite, extra, tmp_path, monkeypatch):
     asked = []
     original = predict.load_cached_images
     for module in (predict, cell):  # test batches, support sets
-        monkeypatch.setattr(module, "load_cached_images",
-                            lambda paths, *a: (asked.append(len(paths)), original(paths, *a))[1])
+        monkeypatch.setattr(
+            module, "load_cached_images", lambda paths, *a: (asked.append(len(paths)), original(paths, *a))[1]
+        )
     run_suite(make_suite(methods=["spy-hires"], k=[1], runs=1, operating_point=False), tmp_path / "r")
     n_test = len(MVTecDataset(make_suite().data_root).split("grid").test)
     batches = [shape[0] for kind, shape in Hires.seen if kind == "test"]

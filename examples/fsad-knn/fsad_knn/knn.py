@@ -45,7 +45,8 @@ class KNN(Adapter):
         emb = self.embed(images)
         n, h, w, c = emb.shape
         k = min(self.hparams["n_neighbors"], len(self.bank))
-        patch = torch.stack([torch.cdist(e.reshape(h * w, c), self.bank).topk(k, largest=False).values.mean(-1)
-                             for e in emb]).reshape(n, 1, h, w)  # one image at a time: (h*w, bank) distances
+        patch = torch.stack(
+            [torch.cdist(e.reshape(h * w, c), self.bank).topk(k, largest=False).values.mean(-1) for e in emb]
+        ).reshape(n, 1, h, w)  # one image at a time: (h*w, bank) distances
         maps = F.interpolate(patch, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return maps.flatten(1).amax(1).cpu(), maps.cpu()
