@@ -169,3 +169,12 @@ def test_every_module_is_named_in_the_files_section():
         if f"`{rel}`" not in text and not (rel.startswith("methods/") and f"`{folder}`" in text):
             missing.append(rel)
     assert not missing, f"docs/architecture.md names no line for {missing}"
+
+
+def test_every_package_is_installed():
+    """A non-editable install ships every package folder (pyproject's explicit ``packages`` list)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages <= listed, f"add {sorted(packages - listed)} to [tool.setuptools] packages in pyproject.toml"
