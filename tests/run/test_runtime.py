@@ -28,6 +28,7 @@ TIMING_KEYS = {
     "infer_warm_seconds_per_image",
     "peak_memory_mb",
     "finished_at",
+    "operating_point_seconds",
 }
 
 
