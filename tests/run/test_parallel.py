@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -54,32 +53,9 @@ def test_dask_backend_on_a_local_cluster(make_suite, tmp_path):
 
 
 @pytest.mark.slow  # end to end in subprocesses: ~10 s or more
-def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path):
+def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path, demo_subprocess_args):
     out = tmp_path / "r"
-    args = [
-        sys.executable,
-        "-m",
-        "fsad_bench.cli",
-        "run",
-        "--suite",
-        "demo",
-        "--data-root",
-        str(synth_root),
-        "--methods",
-        "random,gaussian",
-        "--k",
-        "1,2",
-        "--runs",
-        "3",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-        "--jobs",
-        "2",
-        "--out",
-        str(out),
-    ]
+    args = demo_subprocess_args(synth_root, out, "--jobs", "2", methods="random,gaussian", k="1,2", runs="3")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # cwd outside the checkout: `python -m` must import the installed package
     proc = subprocess.Popen(
