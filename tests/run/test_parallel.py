@@ -55,7 +55,11 @@ def test_dask_backend_on_a_local_cluster(make_suite, tmp_path):
 @pytest.mark.slow  # end to end in subprocesses: ~10 s or more
 def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path, demo_subprocess_args):
     out = tmp_path / "r"
-    args = demo_subprocess_args(synth_root, out, "--jobs", "2", methods="random,gaussian", k="1,2", runs="3")
+
+    def run_args(folder):
+        return demo_subprocess_args(synth_root, folder, "--jobs", "2", methods="random,gaussian", k="1,2", runs="3")
+
+    args = run_args(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # cwd outside the checkout: `python -m` must import the installed package
     proc = subprocess.Popen(
@@ -83,7 +87,7 @@ def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path, de
     assert finished[sorted(before)[0]] == untouched  # finished cells were not recomputed
 
     full = tmp_path / "full"
-    subprocess.run(args[:-1] + [str(full)], env=env, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    subprocess.run(run_args(full), env=env, cwd=tmp_path, check=True, capture_output=True, timeout=300)
     a, b = store.frame(), ResultStore(full).frame()
     for metric in ("image_auroc", "pixel_auroc", "aupro"):
         assert paper_table(a, metric).equals(paper_table(b, metric))
