@@ -7,13 +7,6 @@ import pytest
 from fsad_bench.cli import main
 
 
-def _run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 def _ok(args, capsys):
     main(args)
     return capsys.readouterr().out
@@ -44,45 +37,45 @@ def test_run_table_methods_datasets(synth_root, tmp_path, capsys):
         (["--runs", "0"], "runs must be >= 1"),
     ],
 )
-def test_run_bad_arguments(args, message, synth_root, tmp_path, capsys):
+def test_run_bad_arguments(args, message, synth_root, tmp_path, capsys, cli):
     out = tmp_path / "r"
-    code, _, err = _run(BASE + ["--data-root", str(synth_root), "--out", str(out)] + args, capsys)
+    code, _, err = cli(BASE + ["--data-root", str(synth_root), "--out", str(out)] + args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (out / "cells").exists()  # validated before anything is written
 
 
-def test_unknown_suite_and_missing_data_root(tmp_path, capsys):
-    code, _, err = _run(["run", "--suite", "nosuch"], capsys)
+def test_unknown_suite_and_missing_data_root(tmp_path, capsys, cli):
+    code, _, err = cli(["run", "--suite", "nosuch"])
     assert code == 2 and "unknown suite 'nosuch'" in err
-    code, _, err = _run(BASE + ["--data-root", str(tmp_path / "missing")], capsys)
+    code, _, err = cli(BASE + ["--data-root", str(tmp_path / "missing")])
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
-    code, _, err = _run(["run", "--suite", "paper_mvtec"], capsys)
+    code, _, err = cli(["run", "--suite", "paper_mvtec"])
     assert code == 2 and "needs --data-root" in err
 
 
-def test_corrupt_image_keeps_finished_cells(synth_root, tmp_path, capsys):
+def test_corrupt_image_keeps_finished_cells(synth_root, tmp_path, capsys, cli):
     root = shutil.copytree(synth_root, tmp_path / "d")
     out = tmp_path / "r"
     _ok(BASE + ["--data-root", str(root), "--methods", "random", "--out", str(out)], capsys)
     (root / "washer" / "test" / "good" / "002.png").write_bytes(b"\x89PNG garbage")
-    code, _, err = _run(BASE + ["--data-root", str(root), "--methods", "random", "--k", "2", "--out", str(out)], capsys)
+    code, _, err = cli(BASE + ["--data-root", str(root), "--methods", "random", "--k", "2", "--out", str(out)])
     assert code == 2 and "cannot read image" in err and "washer/test/good/002.png" in err
     assert len(list((out / "cells").glob("*.json"))) >= 3  # the k=1 cells survive
     assert not list((out / "cells").glob("*.tmp"))
 
 
-def test_missing_mask(synth_root, tmp_path, capsys):
+def test_missing_mask(synth_root, tmp_path, capsys, cli):
     root = shutil.copytree(synth_root, tmp_path / "d")
     (root / "grid" / "ground_truth" / "stain" / "001_mask.png").unlink()
-    code, _, err = _run(BASE + ["--data-root", str(root), "--out", str(tmp_path / "r")], capsys)
+    code, _, err = cli(BASE + ["--data-root", str(root), "--out", str(tmp_path / "r")])
     assert code == 2 and "missing ground-truth mask" in err and "stain/001_mask.png" in err
 
 
-def test_table_on_missing_folder(tmp_path, capsys):
-    code, _, err = _run(["table", str(tmp_path / "nothing")], capsys)
+def test_table_on_missing_folder(tmp_path, capsys, cli):
+    code, _, err = cli(["table", str(tmp_path / "nothing")])
     assert code == 2 and "does not exist" in err
     (tmp_path / "empty").mkdir()
-    code, _, err = _run(["table", str(tmp_path / "empty")], capsys)
+    code, _, err = cli(["table", str(tmp_path / "empty")])
     assert code == 2 and "no results in" in err
 
 

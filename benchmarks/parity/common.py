@@ -46,6 +46,15 @@ class Table:
         return "\n".join(lines)
 
 
+def print_dtype_table(dtypes: list[str], results: list[list[tuple[str, float, float]]]) -> None:
+    """Print stages (rows) x ``dtypes`` (columns): ``results[i]``, the (stage, max abs, max rel) rows of
+    ``dtypes[i]``, stages in the same order for every dtype."""
+    print("| stage | " + " | ".join(f"{dt} max abs | {dt} max rel" for dt in dtypes) + " |")
+    print("|---|" + "---|---|" * len(dtypes))
+    for rows in zip(*results):
+        print(f"| {rows[-1][0]} | " + " | ".join(f"{r[1]:.2e} | {r[2]:.2e}" for r in rows) + " |")
+
+
 def _fmt(v: float) -> str:
     if math.isnan(v):
         return "–"

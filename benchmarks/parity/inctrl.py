@@ -44,6 +44,7 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -52,6 +53,9 @@ from fsad_bench.adapter import AdapterConfig
 from fsad_bench.components.clip import CLIP_MEAN, CLIP_STD, FrozenCLIP
 from fsad_bench.methods.inctrl.adapter import InCTRL
 from fsad_bench.methods.inctrl.torch_model import InCTRLHead, patch_residuals
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_dtype_table  # noqa: E402
 
 #: ViT-B-16-plus-240's shape (what the official head hard-codes) with narrow blocks
 PARITY_CLIP = {
@@ -223,10 +227,7 @@ def main() -> None:
     results = [run(official, getattr(torch, dt), a.k, a.queries, a.seed, a.category) for dt in dtypes]
     torch.set_default_dtype(torch.float32)
     print(f"\nInCTRL parity (official {a.official}; k = {a.k}, {a.queries} queries, seed {a.seed})\n")
-    print("| stage | " + " | ".join(f"{dt} max abs | {dt} max rel" for dt in dtypes) + " |")
-    print("|---|" + "---|---|" * len(dtypes))
-    for rows in zip(*results):
-        print(f"| {rows[-1][0]} | " + " | ".join(f"{r[1]:.2e} | {r[2]:.2e}" for r in rows) + " |")
+    print_dtype_table(dtypes, results)
 
 
 if __name__ == "__main__":

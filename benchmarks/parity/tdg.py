@@ -55,6 +55,7 @@ import os
 import sys
 import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,30 +70,23 @@ from fsad_bench.methods.tdg.torch_model import (
 )
 from fsad_bench.methods.tdg.training import HierarchyTrainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_dtype_table  # noqa: E402
+
 #: official ``WDiscriminatorMulti`` / ``GeneratorConcatSkip2CleanAdd`` key -> ours (prefix rewrite)
+_CONV_NORM = [  # the head and body blocks: the same in both
+    ("head.conv.", "features.0.0."),
+    ("head.norm.", "features.0.1."),
+    ("body.block1.conv.", "features.1.0."),
+    ("body.block1.norm.", "features.1.1."),
+    ("body.block2.conv.", "features.2.0."),
+    ("body.block2.norm.", "features.2.1."),
+    ("body.block3.conv.", "features.3.0."),
+    ("body.block3.norm.", "features.3.1."),
+]
 KEY_MAP = {
-    "D": [
-        ("head.conv.", "features.0.0."),
-        ("head.norm.", "features.0.1."),
-        ("body.block1.conv.", "features.1.0."),
-        ("body.block1.norm.", "features.1.1."),
-        ("body.block2.conv.", "features.2.0."),
-        ("body.block2.norm.", "features.2.1."),
-        ("body.block3.conv.", "features.3.0."),
-        ("body.block3.norm.", "features.3.1."),
-        ("tail.", "classifier."),
-    ],
-    "G": [
-        ("head.conv.", "features.0.0."),
-        ("head.norm.", "features.0.1."),
-        ("body.block1.conv.", "features.1.0."),
-        ("body.block1.norm.", "features.1.1."),
-        ("body.block2.conv.", "features.2.0."),
-        ("body.block2.norm.", "features.2.1."),
-        ("body.block3.conv.", "features.3.0."),
-        ("body.block3.norm.", "features.3.1."),
-        ("tail.0.", "to_rgb.0."),
-    ],
+    "D": [*_CONV_NORM, ("tail.", "classifier.")],
+    "G": [*_CONV_NORM, ("tail.0.", "to_rgb.0.")],
 }
 
 
@@ -437,10 +431,7 @@ def main() -> None:
     results = [run(off, getattr(torch, dt), a.size, a.k, a.seed) for dt in dtypes]
     torch.set_default_dtype(torch.float32)
     print(f"\nTDG parity (official {a.official}; size {a.size}, k = {a.k}, seed {a.seed})\n")
-    print("| stage | " + " | ".join(f"{dt} max abs | {dt} max rel" for dt in dtypes) + " |")
-    print("|---|" + "---|---|" * len(dtypes))
-    for rows in zip(*results):
-        print(f"| {rows[-1][0]} | " + " | ".join(f"{r[1]:.2e} | {r[2]:.2e}" for r in rows) + " |")
+    print_dtype_table(dtypes, results)
 
 
 if __name__ == "__main__":

@@ -333,6 +333,20 @@ def _png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(path)).decode("ascii")
 
 
+def _table_entry(name: str, table: pd.DataFrame, dataset: str | None, collapsed: bool) -> dict:
+    """The template's entry of table ``name`` (its title names ``dataset``; None: every dataset)."""
+    from markupsafe import Markup
+
+    return {
+        "id": f"table-{name}",
+        "name": name,
+        "title": _table_title(name, dataset),
+        "html": Markup(table_html(table, f"table-{name}")),
+        "notes": table.attrs.get("notes", []),
+        "collapsed": collapsed,
+    }
+
+
 def _figure(path: Path, caption: str) -> dict[str, Any]:
     from PIL import Image
 
@@ -379,14 +393,7 @@ def build_report(
     for ds in datasets:
         sub = df[df["dataset"] == ds]
         ts = [
-            {
-                "id": f"table-{name}",
-                "name": name,
-                "title": _table_title(name, ds),
-                "html": Markup(table_html(t, f"table-{name}")),
-                "notes": t.attrs.get("notes", []),
-                "collapsed": name.endswith("_std_components"),
-            }  # a detail: folded, the accuracy tables first
+            _table_entry(name, t, ds, collapsed=name.endswith("_std_components"))  # a detail: folded, accuracy first
             for name, t in tables.items()
             if _dataset_of(name, datasets) == ds
         ]
@@ -421,18 +428,7 @@ def build_report(
             }
         )
     shown = {t["name"] for s in sections for t in s["tables"]}
-    cost = [
-        {
-            "id": f"table-{name}",
-            "name": name,
-            "title": _table_title(name, None),
-            "html": Markup(table_html(t, f"table-{name}")),
-            "notes": t.attrs.get("notes", []),
-            "collapsed": False,
-        }
-        for name, t in tables.items()
-        if name not in shown
-    ]
+    cost = [_table_entry(name, t, None, collapsed=False) for name, t in tables.items() if name not in shown]
     placed = {f["file"].split("/", 1)[1] for s in sections for f in s["figures"] + s["maps"]}
     other_figures = [_figure(p, p.stem) for p in figures if p.name not in placed]
 

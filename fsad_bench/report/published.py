@@ -219,6 +219,11 @@ def attach_reference(
     return merged
 
 
+def _row(head: list, category: str, measured: float, paper: float, n_runs: int, basis: str, caveat: str) -> list:
+    """One row of :func:`paper_difference`: ``head`` (dataset, label, method, paper name, k), then the values."""
+    return [*head, category, measured, paper, measured - paper, n_runs, basis, caveat]
+
+
 def paper_difference(
     df: pd.DataFrame, dataset: str, metric: str = "image_auroc", reference: pd.DataFrame | None = None
 ) -> pd.DataFrame:
@@ -267,23 +272,13 @@ def paper_difference(
         caveat = marks.get(pm, ("", ""))[1]
         published = dict(zip(r["category"], r["value"]))
         cats_ref = {c for c in published if c != MEAN_ROW}
+        head = [dataset, label, method, pm, int(k)]
         for row in g.itertuples():
             if row.category in published:
                 rows.append(
-                    [
-                        dataset,
-                        label,
-                        method,
-                        pm,
-                        int(k),
-                        row.category,
-                        row.measured,
-                        published[row.category],
-                        row.measured - published[row.category],
-                        int(row.n_runs),
-                        "published",
-                        caveat,
-                    ]
+                    _row(
+                        head, row.category, row.measured, published[row.category], int(row.n_runs), "published", caveat
+                    )
                 )
         measured_mean = g["measured"].mean()
         measured_cats = set(g["category"])
@@ -305,20 +300,5 @@ def paper_difference(
             )
         else:
             continue
-        rows.append(
-            [
-                dataset,
-                label,
-                method,
-                pm,
-                int(k),
-                MEAN_ROW,
-                measured_mean,
-                paper,
-                measured_mean - paper,
-                int(g["n_runs"].min()),
-                basis,
-                caveat,
-            ]
-        )
+        rows.append(_row(head, MEAN_ROW, measured_mean, paper, int(g["n_runs"].min()), basis, caveat))
     return pd.DataFrame(rows, columns=columns)

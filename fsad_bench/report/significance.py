@@ -97,6 +97,18 @@ def check_paired(df: pd.DataFrame, a: str, b: str, metric: str = "image_auroc") 
         )
 
 
+def _shared_cells(df: pd.DataFrame, a: str, b: str, metric: str, allow_unpaired: bool) -> tuple[pd.DataFrame, str, str]:
+    """:func:`paired_cells` of ``a`` and ``b`` with their labels; refused (FsadError) when they share no cell,
+    or (unless ``allow_unpaired``) do not have the same cells (:func:`check_paired`)."""
+    if not allow_unpaired:
+        check_paired(df, a, b, metric)
+    pairs = paired_cells(df, a, b, metric)
+    la, lb = resolve_label(df, a), resolve_label(df, b)
+    if pairs.empty:
+        raise FsadError(f"{la!r} and {lb!r} share no finished cell with a {metric} value")
+    return pairs, la, lb
+
+
 def wilcoxon_p(diffs: Iterable[float]) -> tuple[float, float]:
     """Two-sided Wilcoxon signed-rank test of paired differences: ``(statistic, p)``.
 
@@ -170,12 +182,7 @@ def compare_methods(
     Values are AUROC percentage points; positive differences favour ``a``. Refused (FsadError, see
     :func:`check_paired`) when ``a`` and ``b`` do not have the same cells, unless ``allow_unpaired``:
     then only the shared cells are tested."""
-    if not allow_unpaired:
-        check_paired(df, a, b, metric)
-    pairs = paired_cells(df, a, b, metric)
-    la, lb = resolve_label(df, a), resolve_label(df, b)
-    if pairs.empty:
-        raise FsadError(f"{la!r} and {lb!r} share no finished cell with a {metric} value")
+    pairs, la, lb = _shared_cells(df, a, b, metric, allow_unpaired)
     rows = []
     for ds, dsp in pairs.groupby("dataset", sort=True):
         groups = [(int(k), g) for k, g in dsp.groupby("k", sort=True)] + [("all", dsp)]
@@ -315,12 +322,7 @@ def win_probability(
     keeps ``a`` ahead; ``a_min`` … ``b_max``, ``a_spread`` / ``b_spread`` — the support lottery, min and
     max over the draws and their difference. Bootstrap columns are NaN with fewer than 2 draws. Seeded:
     every row's resamples come from ``numpy.random.default_rng(seed)``, whatever the other rows."""
-    if not allow_unpaired:
-        check_paired(df, a, b, metric)
-    pairs = paired_cells(df, a, b, metric)
-    la, lb = resolve_label(df, a), resolve_label(df, b)
-    if pairs.empty:
-        raise FsadError(f"{la!r} and {lb!r} share no finished cell with a {metric} value")
+    pairs, la, lb = _shared_cells(df, a, b, metric, allow_unpaired)
     rows = []
     for ds, dsp in pairs.groupby("dataset", sort=True):
         groups = [(int(k), g, DRAW) for k, g in dsp.groupby("k", sort=True)] + [("all", dsp, ["k", *DRAW])]

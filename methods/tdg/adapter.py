@@ -144,6 +144,15 @@ class TDG(Adapter):
     def fit(self, train: TrainSet) -> None:
         """Train the whole hierarchy on the target's support images ``{target: (K, 3, S, S)}``."""
         (images,) = [torch.stack([ds[i] for i in range(len(ds))]) for ds in train.values()]
+        self._train(images)
+
+    def adapt(self, support: torch.Tensor) -> None:
+        """``fit`` already trained on the support; train here only if it was not called."""
+        if not self._trained:
+            self._train(support)
+
+    def _train(self, images: torch.Tensor) -> None:
+        """Train the hierarchy on support ``images`` ``(K, 3, S, S)`` (generator of seed offset 0)."""
         self.trainer.train(
             self.model,
             self.training_images(images),
@@ -152,18 +161,6 @@ class TDG(Adapter):
             batch_size=self.hparams["batch_size"],
         )
         self._trained = True
-
-    def adapt(self, support: torch.Tensor) -> None:
-        """``fit`` already trained on the support; train here only if it was not called."""
-        if not self._trained:
-            self.trainer.train(
-                self.model,
-                self.training_images(support),
-                self.hparams["niter"],
-                self._generator(0),
-                batch_size=self.hparams["batch_size"],
-            )
-            self._trained = True
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.score(images, self.hparams["fraction"])

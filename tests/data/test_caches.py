@@ -35,7 +35,7 @@ from fsad_bench.run.schedule import run_suite
 BASE = ["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64"]
 
 
-def _suite(root: Path, methods=("meandiff",)) -> Suite:
+def _suite(root: Path, methods=("meandiff",), runs: int = 2) -> Suite:
     return Suite(
         name="t",
         dataset="synthetic",
@@ -43,7 +43,7 @@ def _suite(root: Path, methods=("meandiff",)) -> Suite:
         methods=list(methods),
         categories=["grid"],
         k=[1],
-        runs=2,
+        runs=runs,
         image_size=64,
         weights="none",
         seed=0,
@@ -58,13 +58,6 @@ def _scores(out: Path, suite: Suite) -> dict[str, list[float]]:
 
 def _fresh_cache(monkeypatch, tmp_path: Path, name: str) -> None:
     monkeypatch.setenv("FSAD_BENCH_CACHE", str(tmp_path / name))
-
-
-def _run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 # -- 1. the decoded-image cache is keyed by what produced its pixels ----------------------------------------
@@ -254,18 +247,7 @@ def _model_file() -> Path:
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "flipped", "no-record"])
 def test_damaged_model_is_deleted_and_retrained(damage, synth_root, spies, tmp_path):
-    suite = Suite(
-        name="t",
-        dataset="synthetic",
-        data_root=str(synth_root),
-        methods=["spy-agg"],
-        categories=["grid"],
-        k=[1],
-        runs=1,
-        image_size=64,
-        weights="none",
-        seed=0,
-    )
+    suite = _suite(synth_root, ["spy-agg"], runs=1)
     run_suite(suite, tmp_path / "a")
     assert len(spies["spy-agg"].fit_calls) == 1
     model = _model_file()
@@ -298,16 +280,14 @@ def test_empty_model_through_the_cli_is_not_an_interrupt(synth_root, spies, tmp_
     assert len(ResultStore(tmp_path / "b").records()) == 1
 
 
-def test_eof_error_is_a_crash_not_an_interrupt(synth_root, tmp_path, capsys, monkeypatch):
+def test_eof_error_is_a_crash_not_an_interrupt(synth_root, tmp_path, capsys, monkeypatch, cli):
     import fsad_bench.run.schedule as schedule
 
     def fail(*a, **k):
         raise EOFError("Ran out of input")
 
     monkeypatch.setattr(schedule, "run_suite", fail)
-    code, _, err = _run(
-        BASE + ["--data-root", str(synth_root), "--methods", "random", "--out", str(tmp_path / "r")], capsys
-    )
+    code, _, err = cli(BASE + ["--data-root", str(synth_root), "--methods", "random", "--out", str(tmp_path / "r")])
     assert code == 1 and "EOFError: Ran out of input" in err and "interrupted" not in err
 
 
@@ -353,7 +333,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 @pytest.mark.parametrize("side", [14000, 9500])  # Pillow's bomb error (> 2x its limit), and just over the limit
-def test_too_large_image_is_one_line_naming_the_file(side, synth_root, tmp_path, capsys):
+def test_too_large_image_is_one_line_naming_the_file(side, synth_root, tmp_path, capsys, cli):
     assert side * side > MAX_PIXELS
     bomb = _png_header_only(tmp_path / "bomb.png", side, side)
     with pytest.raises(FsadError, match=rf"cannot read image {bomb}: .*larger than {MAX_PIXELS} pixels"):
@@ -363,7 +343,7 @@ def test_too_large_image_is_one_line_naming_the_file(side, synth_root, tmp_path,
     shutil.copy(bomb, victim)
     with pytest.raises(FsadError, match=rf"{victim}.*larger than {MAX_PIXELS} pixels"):
         verify_readable(MVTecDataset(root))
-    code, _, err = _run(BASE + ["--data-root", str(root), "--methods", "random", "--out", str(tmp_path / "r")], capsys)
+    code, _, err = cli(BASE + ["--data-root", str(root), "--methods", "random", "--out", str(tmp_path / "r")])
     assert code == 2 and str(victim) in err and f"larger than {MAX_PIXELS} pixels" in err
     assert len(err.strip().splitlines()) == 1, err
 

@@ -266,38 +266,13 @@ def test_pooled_roots(tmp_path, synth_root):
         open_data_root("pair", [synth_root, dup])
 
 
-def test_cli_pools_data_roots_and_sets_arch(synth_root, tmp_path, capsys):
+def test_cli_pools_data_roots_and_sets_arch(synth_root, tmp_path, capsys, demo_args):
     from fsad_bench.cli import main
 
     extra = _mvtec(tmp_path / "extra", "tile", ".jpg", sizes=[(70, 64), (64, 80)])
     out = tmp_path / "r"
-    main(
-        [
-            "run",
-            "--suite",
-            "demo",
-            "--k",
-            "1",
-            "--runs",
-            "1",
-            "--weights",
-            "none",
-            "--image-size",
-            "64",
-            "--methods",
-            "random,gaussian",
-            "--categories",
-            "grid,tile",
-            "--arch",
-            "mobilenet_v2",
-            "--data-root",
-            str(synth_root),
-            "--data-root",
-            str(extra),
-            "--out",
-            str(out),
-        ]
-    )
+    args = ["--categories", "grid,tile", "--arch", "mobilenet_v2", "--data-root", str(extra)]
+    main(demo_args(synth_root, out, *args, methods="random,gaussian"))
     text = capsys.readouterr().out
     assert "4 cells (0 done)" in text and "gaussian [paper, mobilenet_v2, random-init]" in text
     assert {p.name.split("-k1")[0] for p in (out / "cells").glob("*.json")} == {

@@ -82,13 +82,6 @@ def write_regad(data, out, stacked=False):
     return out
 
 
-def _run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 def _ok(args, capsys):
     main(args)
     return capsys.readouterr().out
@@ -141,31 +134,31 @@ def test_inctrl_files_round_trip(data, tmp_path, capsys):
     assert [(s.category, s.k, s.run) for s in one] == [("cat_a", 2, 0)]
 
 
-def test_bad_support_files_are_one_line_exit_2(data, tmp_path, capsys):
+def test_bad_support_files_are_one_line_exit_2(data, tmp_path, capsys, cli):
     bad = tmp_path / "bad" / "cat_a"
     bad.mkdir(parents=True)
     torch.save([torch.rand(2, 1, SIZE, SIZE)], bad / "2_1.pt")  # one channel
-    code, _, err = _run(_import(bad / "2_1.pt", data, "regad", tmp_path / "s.json"), capsys)
+    code, _, err = cli(_import(bad / "2_1.pt", data, "regad", tmp_path / "s.json"))
     assert code == 2 and "2_1.pt: expected 1 draws of (k=2, 3, 24, 24) images" in err and len(err.splitlines()) == 1
     torch.save([torch.rand(3, 3, SIZE, SIZE)], bad / "2_1.pt")  # k = 3 in a file named k = 2
-    assert _run(_import(bad, data, "regad", tmp_path / "s.json"), capsys)[0] == 2
+    assert cli(_import(bad, data, "regad", tmp_path / "s.json"))[0] == 2
     (bad / "2_1.pt").write_text("not a torch file")
-    code, _, err = _run(_import(bad, data, "regad", tmp_path / "s.json"), capsys)
+    code, _, err = cli(_import(bad, data, "regad", tmp_path / "s.json"))
     assert code == 2 and "cannot read" in err and "2_1.pt" in err
     torch.save([torch.rand(3, SIZE, SIZE)], bad / "cat_a.pt")  # InCTRL: a (3, S, S) image of nothing in the data
-    code, _, err = _run(_import(bad / "cat_a.pt", data, "inctrl", tmp_path / "s.json"), capsys)
+    code, _, err = cli(_import(bad / "cat_a.pt", data, "inctrl", tmp_path / "s.json"))
     assert code == 2 and "cat_a.pt image 0: no normal training image of cat_a within 1.0 grey levels" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "s.json").exists()
     torch.save([torch.zeros(3, SIZE, SIZE)], bad / "nosuch.pt")
-    code, _, err = _run(_import(bad / "nosuch.pt", data, "inctrl", tmp_path / "s.json"), capsys)
+    code, _, err = cli(_import(bad / "nosuch.pt", data, "inctrl", tmp_path / "s.json"))
     assert code == 2 and "category 'nosuch' is not in" in err
 
 
-def test_ambiguous_match_is_refused(data, tmp_path, capsys):
+def test_ambiguous_match_is_refused(data, tmp_path, capsys, cli):
     good = data / "cat_a" / "train" / "good"
     shutil.copy(good / "005.png", good / "008.png")  # the same image twice in the data
     src = write_regad(data, tmp_path / "support_set")
-    code, _, err = _run(_import(src, data, "regad", tmp_path / "s.json"), capsys)
+    code, _, err = cli(_import(src, data, "regad", tmp_path / "s.json"))
     assert code == 2 and "cat_a/2_3.pt draw 0 image 1: ambiguous, 005.png (0.00) and 008.png (0.00)" in err
 
 
@@ -206,21 +199,21 @@ RUN = [
 ]
 
 
-def test_run_refuses_bad_lists_before_the_first_cell(data, tmp_path, capsys):
+def test_run_refuses_bad_lists_before_the_first_cell(data, tmp_path, capsys, cli):
     src = write_regad(data, tmp_path / "support_set")
     _ok(_import(src, data, "regad", tmp_path / "s.json"), capsys)
     lists = json.loads((tmp_path / "s.json").read_text())
     lists["_sha256"]["cat_b"]["000.png"] = "f" * 64  # run 2 of cat_b: checked in the plan, not after 5 cells
     (tmp_path / "t.json").write_text(json.dumps(lists))
     args = RUN + ["--data-root", str(data), "--out", str(tmp_path / "r"), "--dry-run", "--support-lists"]
-    code, _, err = _run(args + [str(tmp_path / "t.json")], capsys)
+    code, _, err = cli(args + [str(tmp_path / "t.json")])
     assert code == 2 and "cat_b/000.png has sha256" in err and len(err.splitlines()) == 1
     lists["cat_b"]["2"]["2"] = ["000.png", "missing.png"]  # a list naming a file not in the data
     (tmp_path / "t.json").write_text(json.dumps(lists))
-    code, _, err = _run(args + [str(tmp_path / "t.json")], capsys)
+    code, _, err = cli(args + [str(tmp_path / "t.json")])
     assert code == 2 and "'missing.png' is not in" in err and len(err.splitlines()) == 1
     (tmp_path / "t.json").write_text("[]")
-    code, _, err = _run(args + [str(tmp_path / "t.json")], capsys)
+    code, _, err = cli(args + [str(tmp_path / "t.json")])
     assert code == 2 and "must be a JSON object" in err
 
 
@@ -252,6 +245,6 @@ def test_lists_from_records_refuses_disagreeing_records():
         lists_from_records([{"method": "a", "category": "c", "k": 2, "run": 0}])
 
 
-def test_export_refuses_what_is_not_a_results_folder(tmp_path, capsys):
-    code, _, err = _run(["supports", "export", str(tmp_path)], capsys)
+def test_export_refuses_what_is_not_a_results_folder(tmp_path, capsys, cli):
+    code, _, err = cli(["supports", "export", str(tmp_path)])
     assert code == 2 and "is not a results folder" in err

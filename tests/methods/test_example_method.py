@@ -74,7 +74,7 @@ def test_example_runs_through_a_tiny_suite(knn, make_suite, tmp_path):
 
 
 @pytest.mark.slow
-def test_installed_example_runs_from_the_command_line(synth_root, tmp_path):
+def test_installed_example_runs_from_the_command_line(synth_root, tmp_path, demo_args):
     target = tmp_path / "site"
     pip = [
         sys.executable,
@@ -92,27 +92,7 @@ def test_installed_example_runs_from_the_command_line(synth_root, tmp_path):
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
     )
-    run = [
-        "run",
-        "--suite",
-        "demo",
-        "--methods",
-        "knn,gaussian",
-        "--k",
-        "1",
-        "--runs",
-        "1",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-        "--preset",
-        "paper",
-        "--data-root",
-        str(synth_root),
-        "--out",
-        str(tmp_path / "r"),
-    ]
+    run = demo_args(synth_root, tmp_path / "r", "--preset", "paper", methods="knn,gaussian")
     code = f"from fsad_bench.cli import main; main({run!r})"
     res = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False

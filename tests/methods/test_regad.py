@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fsad_bench.adapter import AdapterConfig, accepts
+from fsad_bench.adapter import AdapterConfig
 from fsad_bench.components.affine import (
     IDENTITY_PARAMS,
     N_PARAMS,
@@ -230,12 +230,9 @@ def test_frames_agree_when_the_stns_are_the_identity():
     torch.testing.assert_close(image.predict(x)[1], registered.predict(x)[1], rtol=1e-3, atol=1e-4)
 
 
-def test_declared_options():
+def test_declared_options(presets_declared):
     for cls in (RegAD, RegADL):
-        for name, preset in cls.presets.items():
-            assert set(preset) == set(cls.option_constraints), (cls.name, name)
-            for key, value in preset.items():
-                assert any(accepts(c, value) for c in cls.option_constraints[key]), (cls.name, name, key, value)
+        presets_declared(cls)
     RegAD.check_options({"feature_frame": "registered", "max_queries_per_category": None, "lr": 1, "eps": 0.1})
     for bad in (
         {"stn_mode": "projective"},

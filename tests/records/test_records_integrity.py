@@ -31,14 +31,6 @@ SUITE = dict(
 )
 
 
-def _exit(args):
-    try:
-        main(args)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
-
-
 def _rec(method, cat, run, h="h1", k=1, t=0, auroc=None):
     """A complete record as the run layer writes it (per-image scores left short)."""
     auroc = 0.6 + 0.1 * run + (0.05 if cat == "b" else 0.0) if auroc is None else auroc
@@ -114,7 +106,7 @@ CORRUPT = {
 
 
 @pytest.mark.parametrize("kind", CORRUPT)
-def test_invalid_record_is_named_counted_and_recomputed(kind, tmp_path, capsys):
+def test_invalid_record_is_named_counted_and_recomputed(kind, tmp_path, capsys, cli_exit):
     out = tmp_path / "r"
     store, recs = _folder(out)
     assert _mean(out) == (72.5, 3)
@@ -128,7 +120,7 @@ def test_invalid_record_is_named_counted_and_recomputed(kind, tmp_path, capsys):
     note = "1 invalid record skipped"
     assert any(note in n for n in tables["d_image_auroc"].attrs["notes"])
     assert note in (out / "tables" / "d_image_auroc.md").read_text()
-    assert _exit(["table", str(out)]) == 0
+    assert cli_exit(["table", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.count(note) >= 1 and "fsad-bench run" in text and bad.name in text
 
@@ -148,27 +140,9 @@ def test_undefined_pixel_metrics_are_null_not_invalid(tmp_path):
         store.put(dict(rec, image_auroc=float("nan")))
 
 
-def test_dry_run_and_run_recompute_an_invalid_record(synth_root, tmp_path, capsys):
+def test_dry_run_and_run_recompute_an_invalid_record(synth_root, tmp_path, capsys, demo_args):
     out = tmp_path / "r"
-    args = [
-        "run",
-        "--suite",
-        "demo",
-        "--k",
-        "1",
-        "--runs",
-        "1",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-        "--methods",
-        "random",
-        "--data-root",
-        str(synth_root),
-        "--out",
-        str(out),
-    ]
+    args = demo_args(synth_root, out)
     main(args)
     store = ResultStore(out)
     first = sorted(store.done_ids())[0]
@@ -192,7 +166,7 @@ def _rerun_with(out, h, methods=("m1",)):
     return recs
 
 
-def test_export_writes_only_the_current_suite(tmp_path, capsys):
+def test_export_writes_only_the_current_suite(tmp_path, capsys, cli_exit):
     out = tmp_path / "r"
     _folder(out, h="h1")
     new = _rerun_with(out, "h2")
@@ -203,7 +177,7 @@ def test_export_writes_only_the_current_suite(tmp_path, capsys):
         "h1": {False},
         "h2": {True},
     }
-    assert _exit(["export", str(out), str(tmp_path / "x.csv"), "--all", "--format", "anomalib"]) == 0
+    assert cli_exit(["export", str(out), str(tmp_path / "x.csv"), "--all", "--format", "anomalib"]) == 0
     back = pd.read_csv(tmp_path / "x.csv")
     assert len(back) == 12 and back["current"].sum() == 6
     store = ResultStore(out)
@@ -212,7 +186,7 @@ def test_export_writes_only_the_current_suite(tmp_path, capsys):
 
 
 # -- 3. prune never deletes a valid record ------------------------------------------------------------
-def test_method_subset_run_does_not_orphan_the_other_methods(tmp_path, capsys, monkeypatch):
+def test_method_subset_run_does_not_orphan_the_other_methods(tmp_path, capsys, monkeypatch, cli_exit):
     out = tmp_path / "r"
     store, recs = _folder(out, methods=("m1", "m2"))
     m1 = {r["cell_id"] for r in recs if r["method"] == "m1"}
@@ -225,12 +199,12 @@ def test_method_subset_run_does_not_orphan_the_other_methods(tmp_path, capsys, m
 
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
     capsys.readouterr()
-    assert _exit(["prune", str(out)]) == 2
+    assert cli_exit(["prune", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--yes" in err
     assert len(list(store.cells.glob("*.json"))) == 12 + 6 + 1  # nothing deleted
 
-    assert _exit(["prune", str(out), "--yes"]) == 0
+    assert cli_exit(["prune", str(out), "--yes"]) == 0
     text = capsys.readouterr().out
     assert "m2: 6" in text and "invalid: 1" in text and "removed 7 records" in text
     assert {p.stem for p in store.cells.glob("*.json")} == m1 | {r["cell_id"] for r in new}
@@ -241,47 +215,27 @@ def test_method_subset_run_does_not_orphan_the_other_methods(tmp_path, capsys, m
     assert {store.path(c) for c in m1} == set(store.prunable())
 
 
-def test_prune_asks_on_a_terminal(tmp_path, capsys, monkeypatch):
+def test_prune_asks_on_a_terminal(tmp_path, capsys, monkeypatch, cli_exit):
     out = tmp_path / "r"
     _folder(out, h="h1")
     _rerun_with(out, "h2")
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)
     monkeypatch.setattr("click.confirm", lambda *a, **k: False)
-    assert _exit(["prune", str(out)]) == 0
+    assert cli_exit(["prune", str(out)]) == 0
     assert "nothing deleted" in capsys.readouterr().out and len(list((out / "cells").glob("*.json"))) == 12
     monkeypatch.setattr("click.confirm", lambda *a, **k: True)
-    assert _exit(["prune", str(out)]) == 0
+    assert cli_exit(["prune", str(out)]) == 0
     assert "removed 6 records" in capsys.readouterr().out and len(list((out / "cells").glob("*.json"))) == 6
 
 
 # -- 4. one suite per results folder --------------------------------------------------------------------
-def test_a_results_folder_belongs_to_one_suite(synth_root, tmp_path, capsys):
+def test_a_results_folder_belongs_to_one_suite(synth_root, tmp_path, capsys, cli_exit, demo_args):
     out = tmp_path / "r"
     store, _ = _folder(out)
     with pytest.raises(FsadError, match="holds suite 't'"):
         store.save_suite(dict(SUITE, name="other"), [])
     before = sorted(p.name for p in store.cells.iterdir())
-    code = _exit(
-        [
-            "run",
-            "--suite",
-            "demo",
-            "--k",
-            "1",
-            "--runs",
-            "1",
-            "--weights",
-            "none",
-            "--image-size",
-            "64",
-            "--methods",
-            "random",
-            "--data-root",
-            str(synth_root),
-            "--out",
-            str(out),
-        ]
-    )
+    code = cli_exit(demo_args(synth_root, out))
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "holds suite 't'" in err and "--out" in err
     assert sorted(p.name for p in store.cells.iterdir()) == before and store.load_suite()["name"] == "t"
@@ -298,34 +252,34 @@ def test_a_results_folder_belongs_to_one_suite(synth_root, tmp_path, capsys):
         (dict(seed=1), "seed"),
     ],
 )
-def test_rerun_refuses_another_suite(change, needle, tmp_path, capsys):
+def test_rerun_refuses_another_suite(change, needle, tmp_path, capsys, cli_exit):
     _folder(tmp_path / "ref")
     store, _ = _folder(tmp_path / "other")
     suite = store.load_suite()
     suite.update(change)
     (tmp_path / "other" / "suite.json").write_text(json.dumps(suite))
     capsys.readouterr()
-    assert _exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "other")]) == 2
+    assert cli_exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and needle in err and "not a rerun" in err
 
 
-def test_rerun_refuses_other_config_hashes_and_accepts_another_machine(tmp_path, capsys):
+def test_rerun_refuses_other_config_hashes_and_accepts_another_machine(tmp_path, capsys, cli_exit):
     _folder(tmp_path / "ref")
     _folder(tmp_path / "moved", data_root="/elsewhere/d")  # the same data at another path: another machine
-    assert _exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "moved")]) == 0
+    assert cli_exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "moved")]) == 0
     _folder(tmp_path / "changed", h="h2")  # same suite, same data path, other config hashes: code or data changed
     capsys.readouterr()
-    assert _exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "changed")]) == 2
+    assert cli_exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "changed")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "config_hash" in err
     store, recs = _folder(tmp_path / "hp", data_root="/elsewhere/d")
     store.put(dict(recs[0], hparams={"x": 2}))  # what the records say they ran differs
-    assert _exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "hp")]) == 2
+    assert cli_exit(["rerun", str(tmp_path / "ref"), str(tmp_path / "hp")]) == 2
     assert "hparams" in capsys.readouterr().err
 
 
-def test_folder_written_before_kept_ids_loses_no_valid_record(tmp_path, capsys):
+def test_folder_written_before_kept_ids_loses_no_valid_record(tmp_path, capsys, cli_exit):
     out = tmp_path / "r"
     store, recs = _folder(out, methods=("m1", "m2"))
     m2 = [r["cell_id"] for r in recs if r["method"] == "m2"]
@@ -333,7 +287,7 @@ def test_folder_written_before_kept_ids_loses_no_valid_record(tmp_path, capsys):
     del suite["kept_ids"]
     (out / "suite.json").write_text(json.dumps(dict(suite, cell_ids=m2)))  # the old `run --methods m2`
     assert store.kept_ids() == {r["cell_id"] for r in recs} - set(m2) and not store.prunable()
-    assert _exit(["prune", str(out), "--yes"]) == 0 and len(store.records()) == 12
+    assert cli_exit(["prune", str(out), "--yes"]) == 0 and len(store.records()) == 12
     _rerun_with(out, "h2", methods=("m2",))
     assert store.kept_ids() == {r["cell_id"] for r in recs} - set(m2)
     assert set(store.prunable()) == {store.path(c) for c in m2}

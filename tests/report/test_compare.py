@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from fsad_bench.data.roots import KNOWN_DATASETS
 from fsad_bench.errors import FsadError
 from fsad_bench.report.costs import cost_ratio_table
 from fsad_bench.report.published import attach_reference, load_reference, paper_difference, reference_rows
@@ -20,23 +21,7 @@ from fsad_bench.report.significance import (
     wilcoxon_p,
 )
 
-MVTEC = [
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
-]
+MVTEC = KNOWN_DATASETS["mvtec"]
 
 
 def records(

@@ -12,35 +12,15 @@ from fsad_bench.errors import FsadError
 from fsad_bench.metrics import METRICS
 from fsad_bench.report.export import ANOMALIB_METRICS, export
 
-RUN = [
-    "run",
-    "--suite",
-    "demo",
-    "--k",
-    "1",
-    "--runs",
-    "1",
-    "--weights",
-    "none",
-    "--image-size",
-    "64",
-    "--methods",
-    "random",
-    "--categories",
-    None,
-]
 
-
-def _run(synth_root, out, *extra):
-    args = [a if a is not None else "grid" for a in RUN]
+def _run(demo_args, synth_root, out, *extra):
     cats = sorted(p.name for p in synth_root.iterdir() if p.is_dir())
-    args[-1] = cats[0]
-    main(args + ["--data-root", str(synth_root), "--out", str(out), *extra])
+    main(demo_args(synth_root, out, "--categories", cats[0], *extra))
 
 
-def test_records_export_and_metric_tables(synth_root, tmp_path, capsys):
+def test_records_export_and_metric_tables(synth_root, tmp_path, capsys, demo_args):
     out = tmp_path / "r"
-    _run(synth_root, out, "--metrics", "image_auroc,image_f1max,pixel_aupr")
+    _run(demo_args, synth_root, out, "--metrics", "image_auroc,image_f1max,pixel_aupr")
     text = capsys.readouterr().out
     assert "image_f1max" in text and "pixel_aupr" in text and "pixel_auroc —" not in text
     rec = json.loads(next((out / "cells").glob("*.json")).read_text())
@@ -79,13 +59,13 @@ def test_records_export_and_metric_tables(synth_root, tmp_path, capsys):
         export(out, tmp_path / "y.csv", "xml")
 
 
-def test_bad_metric_name(synth_root, tmp_path, capsys):
+def test_bad_metric_name(synth_root, tmp_path, capsys, demo_args):
     with pytest.raises(SystemExit) as exc:
-        _run(synth_root, tmp_path / "r", "--metrics", "image_auroc,accuracy")
+        _run(demo_args, synth_root, tmp_path / "r", "--metrics", "image_auroc,accuracy")
     assert exc.value.code == 2 and "--metrics: unknown accuracy" in capsys.readouterr().err
 
 
-def test_mlflow_missing_is_one_line(synth_root, tmp_path, capsys, monkeypatch):
+def test_mlflow_missing_is_one_line(synth_root, tmp_path, capsys, monkeypatch, demo_args):
     import builtins
 
     real = builtins.__import__
@@ -97,16 +77,16 @@ def test_mlflow_missing_is_one_line(synth_root, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_mlflow)
     with pytest.raises(SystemExit) as exc:
-        _run(synth_root, tmp_path / "r", "--mlflow")
+        _run(demo_args, synth_root, tmp_path / "r", "--mlflow")
     assert exc.value.code == 2 and "fsad-bench[mlflow]" in capsys.readouterr().err
 
 
-def test_mlflow_file_store(synth_root, tmp_path, monkeypatch):
+def test_mlflow_file_store(synth_root, tmp_path, monkeypatch, demo_args):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("FSAD_BENCH_MLFLOW", "")  # restored after the test (the CLI sets it for its workers)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     out = tmp_path / "r"
-    _run(synth_root, out, "--mlflow")  # default: a file store under the results folder
+    _run(demo_args, synth_root, out, "--mlflow")  # default: a file store under the results folder
     uri = (out / "mlruns").resolve().as_uri()
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("fsad-bench/r")

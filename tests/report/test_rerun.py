@@ -7,31 +7,7 @@ from fsad_bench.cli import main
 from fsad_bench.records.store import ResultStore
 from fsad_bench.report.tables import rerun_agreement
 
-ARGS = [
-    "run",
-    "--suite",
-    "demo",
-    "--k",
-    "1",
-    "--runs",
-    "2",
-    "--weights",
-    "none",
-    "--image-size",
-    "64",
-    "--methods",
-    "random,gaussian",
-    "--categories",
-    "grid,washer",
-]
-
-
-def _exit(args):
-    try:
-        main(args)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
+CATEGORIES = ["--categories", "grid,washer"]
 
 
 def _shift(folder, method, points):
@@ -41,12 +17,12 @@ def _shift(folder, method, points):
         p.write_text(json.dumps(r))
 
 
-def test_rerun_inside_and_outside_the_error_bars(synth_root, tmp_path, capsys):
+def test_rerun_inside_and_outside_the_error_bars(synth_root, tmp_path, capsys, cli_exit, demo_args):
     ref = tmp_path / "ref"
-    main(ARGS + ["--data-root", str(synth_root), "--out", str(ref)])
+    main(demo_args(synth_root, ref, *CATEGORIES, methods="random,gaussian", runs="2"))
     again = shutil.copytree(ref, tmp_path / "again")
     capsys.readouterr()
-    assert _exit(["rerun", str(ref), str(again)]) == 0
+    assert cli_exit(["rerun", str(ref), str(again)]) == 0
     out = capsys.readouterr().out
     assert "Mean rows inside the reference's ±: 2 of 2" in out
     assert (again / "tables" / "rerun_vs_ref_image_auroc.csv").is_file()
@@ -54,7 +30,7 @@ def test_rerun_inside_and_outside_the_error_bars(synth_root, tmp_path, capsys):
     t = rerun_agreement(ResultStore(ref).frame(), ResultStore(again).frame())
     std = float(t[(t["category"] == "Mean") & t["label"].str.startswith("random")]["std_ref"].iloc[0])
     _shift(again, "random", std + 1.0)  # every random cell moves by more than the printed ±
-    assert _exit(["rerun", str(ref), str(again)]) == 1
+    assert cli_exit(["rerun", str(ref), str(again)]) == 1
     out = capsys.readouterr().out
     assert "Mean rows inside the reference's ±: 1 of 2" in out and "NO" in out
     t = rerun_agreement(ResultStore(ref).frame(), ResultStore(again).frame())
@@ -64,7 +40,7 @@ def test_rerun_inside_and_outside_the_error_bars(synth_root, tmp_path, capsys):
     assert t[t["label"].str.startswith("gaussian")]["inside"].all()
 
 
-def test_rerun_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
-    assert _exit(["rerun", str(tmp_path), str(tmp_path / "missing")]) == 2
+def test_rerun_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys, cli_exit):
+    assert cli_exit(["rerun", str(tmp_path), str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "missing" in err

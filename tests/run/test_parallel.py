@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -54,32 +53,13 @@ def test_dask_backend_on_a_local_cluster(make_suite, tmp_path):
 
 
 @pytest.mark.slow  # end to end in subprocesses: ~10 s or more
-def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path):
+def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path, demo_subprocess_args):
     out = tmp_path / "r"
-    args = [
-        sys.executable,
-        "-m",
-        "fsad_bench.cli",
-        "run",
-        "--suite",
-        "demo",
-        "--data-root",
-        str(synth_root),
-        "--methods",
-        "random,gaussian",
-        "--k",
-        "1,2",
-        "--runs",
-        "3",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-        "--jobs",
-        "2",
-        "--out",
-        str(out),
-    ]
+
+    def run_args(folder):
+        return demo_subprocess_args(synth_root, folder, "--jobs", "2", methods="random,gaussian", k="1,2", runs="3")
+
+    args = run_args(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # cwd outside the checkout: `python -m` must import the installed package
     proc = subprocess.Popen(
@@ -107,7 +87,7 @@ def test_killed_parallel_run_resumes_missing_cells_only(synth_root, tmp_path):
     assert finished[sorted(before)[0]] == untouched  # finished cells were not recomputed
 
     full = tmp_path / "full"
-    subprocess.run(args[:-1] + [str(full)], env=env, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    subprocess.run(run_args(full), env=env, cwd=tmp_path, check=True, capture_output=True, timeout=300)
     a, b = store.frame(), ResultStore(full).frame()
     for metric in ("image_auroc", "pixel_auroc", "aupro"):
         assert paper_table(a, metric).equals(paper_table(b, metric))

@@ -4,8 +4,6 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -13,75 +11,6 @@ import pytest
 
 from fsad_bench.cli import main
 from fsad_bench.records.store import ResultStore
-
-SLOW = '''
-import os, time
-from pathlib import Path
-from fsad_bench.adapter import Adapter
-
-class Slow(Adapter):
-    """Training-free; adapt announces its worker's pid, then works for a minute."""
-    name = "slow"
-    protocol = "training-free"
-
-    def adapt(self, support):
-        Path(os.environ["SLOW_PIDS"], str(os.getpid())).touch()
-        end = time.time() + float(os.environ.get("SLOW_SECONDS", "60"))
-        while time.time() < end:
-            sum(range(10000))
-
-    def predict(self, images):
-        import torch
-        return torch.zeros(len(images)), torch.zeros(len(images), *images.shape[-2:])
-'''
-
-
-@pytest.fixture
-def slow_plugin(tmp_path):
-    """A method registered through an entry point (so loky workers see it too) that keeps a worker busy."""
-    site = tmp_path / "site"
-    (site / "slowplugin-0.1.dist-info").mkdir(parents=True)
-    (site / "slowmod.py").write_text(textwrap.dedent(SLOW))
-    (site / "slowplugin-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: slowplugin\nVersion: 0.1\n"
-    )
-    (site / "slowplugin-0.1.dist-info" / "entry_points.txt").write_text("[fsad_bench.methods]\nslow = slowmod:Slow\n")
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-        "SLOW_PIDS": str(pids),
-        "OMP_NUM_THREADS": "1",
-    }
-    return env, pids
-
-
-def _args(synth_root, out, jobs):
-    return [
-        sys.executable,
-        "-m",
-        "fsad_bench.cli",
-        "run",
-        "--suite",
-        "demo",
-        "--data-root",
-        str(synth_root),
-        "--methods",
-        "slow",
-        "--k",
-        "1",
-        "--runs",
-        "1",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-        "--jobs",
-        str(jobs),
-        "--out",
-        str(out),
-    ]
 
 
 def _alive(pid: int) -> bool:
@@ -135,10 +64,10 @@ def _cleanup(proc, workers):
 
 
 @pytest.mark.slow  # end to end in subprocesses: ~10 s or more
-def test_kill_9_of_the_run_kills_its_workers(slow_plugin, synth_root, tmp_path):
+def test_kill_9_of_the_run_kills_its_workers(slow_plugin, synth_root, tmp_path, demo_subprocess_args):
     env, pids = slow_plugin
     out = tmp_path / "r"
-    proc, workers = _start(_args(synth_root, out, 2), env, tmp_path, pids, 2)
+    proc, workers = _start(demo_subprocess_args(synth_root, out, "--jobs", "2", methods="slow"), env, tmp_path, pids, 2)
     try:
         os.kill(proc.pid, signal.SIGKILL)  # the parent only, as an OOM killer or `kill -9 PID` would
         proc.wait()
@@ -151,9 +80,11 @@ def test_kill_9_of_the_run_kills_its_workers(slow_plugin, synth_root, tmp_path):
 
 @pytest.mark.slow  # end to end in subprocesses: ~10 s each
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_and_sigterm_with_two_jobs(sig, code, slow_plugin, synth_root, tmp_path):
+def test_ctrl_c_and_sigterm_with_two_jobs(sig, code, slow_plugin, synth_root, tmp_path, demo_subprocess_args):
     env, pids = slow_plugin
-    proc, workers = _start(_args(synth_root, tmp_path / "r", 2), env, tmp_path, pids, 2)
+    proc, workers = _start(
+        demo_subprocess_args(synth_root, tmp_path / "r", "--jobs", "2", methods="slow"), env, tmp_path, pids, 2
+    )
     try:
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # Ctrl-C in a terminal reaches the whole process group
@@ -168,7 +99,7 @@ def test_ctrl_c_and_sigterm_with_two_jobs(sig, code, slow_plugin, synth_root, tm
         _cleanup(proc, workers)
 
 
-def test_second_run_on_a_locked_folder_refuses(synth_root, tmp_path, capsys):
+def test_second_run_on_a_locked_folder_refuses(synth_root, tmp_path, capsys, demo_args):
     out = tmp_path / "r"
     out.mkdir()
     with open(out / ".lock", "w") as f:  # another live run holds the folder (its own open file)
@@ -176,50 +107,10 @@ def test_second_run_on_a_locked_folder_refuses(synth_root, tmp_path, capsys):
         f.write("4242\n")
         f.flush()
         with pytest.raises(SystemExit) as exc:
-            main(
-                [
-                    "run",
-                    "--suite",
-                    "demo",
-                    "--data-root",
-                    str(synth_root),
-                    "--methods",
-                    "random",
-                    "--k",
-                    "1",
-                    "--runs",
-                    "1",
-                    "--weights",
-                    "none",
-                    "--image-size",
-                    "64",
-                    "--out",
-                    str(out),
-                ]
-            )
+            main(demo_args(synth_root, out))
         err = capsys.readouterr().err
     assert exc.value.code == 2 and f"results folder {out} is in use by another fsad-bench run (pid 4242)" in err
     assert len(err.strip().splitlines()) == 1
     assert not (out / "cells").exists()
-    main(
-        [
-            "run",
-            "--suite",
-            "demo",
-            "--data-root",
-            str(synth_root),
-            "--methods",
-            "random",
-            "--k",
-            "1",
-            "--runs",
-            "1",
-            "--weights",
-            "none",
-            "--image-size",
-            "64",
-            "--out",
-            str(out),
-        ]
-    )  # lock released: runs
+    main(demo_args(synth_root, out))  # lock released: runs
     assert len(list((out / "cells").glob("*.json"))) == 3

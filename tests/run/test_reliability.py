@@ -21,15 +21,8 @@ from fsad_bench.run.schedule import run_suite
 BASE = ["run", "--suite", "demo", "--k", "1", "--runs", "1", "--weights", "none", "--image-size", "64"]
 
 
-def _run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def _one_line_error(args, capsys, *needles):
-    code, _, err = _run(args, capsys)
+def _one_line_error(args, cli, *needles):
+    code, _, err = cli(args)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1, err
     for n in needles:
@@ -199,9 +192,9 @@ def _suite_file(tmp_path, synth_root, extra="", **replace):
         ("[options.gaussian]\naugment = 1\n", ["option 'augment' of method 'gaussian' must be true or false"]),
     ],
 )
-def test_bad_options_are_errors_before_any_work(extra, needles, synth_root, tmp_path, capsys):
+def test_bad_options_are_errors_before_any_work(extra, needles, synth_root, tmp_path, capsys, cli):
     path = _suite_file(tmp_path, synth_root, extra)
-    _one_line_error(["run", "--suite", str(path), "--out", str(tmp_path / "r")], capsys, *needles)
+    _one_line_error(["run", "--suite", str(path), "--out", str(tmp_path / "r")], cli, *needles)
     assert not (tmp_path / "r").exists()
 
 
@@ -215,9 +208,9 @@ def test_bad_options_are_errors_before_any_work(extra, needles, synth_root, tmp_
         ("categories", "[1]", "key 'categories' must be a list of strings"),
     ],
 )
-def test_suite_types_are_checked(key, value, needle, synth_root, tmp_path, capsys):
+def test_suite_types_are_checked(key, value, needle, synth_root, tmp_path, capsys, cli):
     path = _suite_file(tmp_path, synth_root, **{key: value})
-    _one_line_error(["run", "--suite", str(path), "--out", str(tmp_path / "r")], capsys, needle, str(path))
+    _one_line_error(["run", "--suite", str(path), "--out", str(tmp_path / "r")], cli, needle, str(path))
 
 
 def test_single_values_of_list_keys_are_lists(synth_root, tmp_path, capsys):
@@ -227,17 +220,17 @@ def test_single_values_of_list_keys_are_lists(synth_root, tmp_path, capsys):
     assert (suite.k, suite.categories, suite.methods) == ([2], ["washer"], ["random"])
 
 
-def test_unknown_preset_and_device(synth_root, tmp_path, capsys):
+def test_unknown_preset_and_device(synth_root, tmp_path, capsys, cli):
     args = BASE + ["--data-root", str(synth_root), "--methods", "random,diffnet", "--out", str(tmp_path / "r")]
-    _one_line_error(args + ["--preset", "papr"], capsys, "unknown preset 'papr'", "cpu, paper")
-    _one_line_error(args + ["--device", "tpu"], capsys, "unknown --device 'tpu'", "cpu, cuda")
+    _one_line_error(args + ["--preset", "papr"], cli, "unknown preset 'papr'", "cpu, paper")
+    _one_line_error(args + ["--device", "tpu"], cli, "unknown --device 'tpu'", "cpu, cuda")
     assert not (tmp_path / "r").exists()
 
 
-def test_missing_weights_file_is_an_error_at_planning(synth_root, tmp_path, capsys):
+def test_missing_weights_file_is_an_error_at_planning(synth_root, tmp_path, capsys, cli):
     args = BASE + ["--data-root", str(synth_root), "--methods", "gaussian", "--out", str(tmp_path / "r")]
     missing = tmp_path / "nope.pth"
-    _one_line_error(args + ["--weights", str(missing)], capsys, f"weights file {missing} does not exist")
+    _one_line_error(args + ["--weights", str(missing)], cli, f"weights file {missing} does not exist")
     assert not (tmp_path / "r").exists()
 
 
@@ -268,29 +261,29 @@ def test_duplicates_are_computed_once(synth_root, spies, tmp_path, capsys, monke
     assert len(calls) == 3
 
 
-def test_truncated_image_found_at_planning(synth_root, tmp_path, capsys):
+def test_truncated_image_found_at_planning(synth_root, tmp_path, capsys, cli):
     root = shutil.copytree(synth_root, tmp_path / "d")
     (root / "washer" / "train" / "good" / "011.png").write_bytes(b"")  # a file no k=1 draw may ever pick
     err = _one_line_error(
         BASE + ["--data-root", str(root), "--methods", "random", "--out", str(tmp_path / "r")],
-        capsys,
+        cli,
         "washer/train/good/011.png",
     )
     assert not (tmp_path / "r").exists(), err
 
 
 # -- §4 I/O ---------------------------------------------------------------------------------------
-def test_unusable_out_folders(synth_root, tmp_path, capsys, monkeypatch):
+def test_unusable_out_folders(synth_root, tmp_path, capsys, monkeypatch, cli):
     args = BASE + ["--data-root", str(synth_root), "--methods", "random", "--out"]
     afile = tmp_path / "afile"
     afile.write_text("x")
-    _one_line_error(args + [str(afile)], capsys, f"--out {afile} is a file")
-    _one_line_error(args + [str(afile / "sub")], capsys, f"cannot write to results folder {afile / 'sub'}")
+    _one_line_error(args + [str(afile)], cli, f"--out {afile} is a file")
+    _one_line_error(args + [str(afile / "sub")], cli, f"cannot write to results folder {afile / 'sub'}")
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o555)
     if _writable_anyway(ro):  # root (CAP_DAC_OVERRIDE, as in CI) ignores modes: refuse as the kernel refuses others
         _refuse_new_entries(ro, monkeypatch)
-    _one_line_error(args + [str(ro / "r")], capsys, f"cannot write to results folder {ro / 'r'}", "Permission denied")
+    _one_line_error(args + [str(ro / "r")], cli, f"cannot write to results folder {ro / 'r'}", "Permission denied")
 
 
 def _writable_anyway(folder) -> bool:
@@ -325,7 +318,7 @@ def _refuse_new_entries(folder, monkeypatch) -> None:
     monkeypatch.setattr(os, "open", open_)
 
 
-def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypatch):
+def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypatch, cli):
     import fsad_bench.records.store as store_mod
 
     real = np.savez_compressed
@@ -338,7 +331,7 @@ def test_disk_full_leaves_nothing_partial(synth_root, tmp_path, capsys, monkeypa
     out = tmp_path / "r"
     _one_line_error(
         BASE + ["--data-root", str(synth_root), "--methods", "random", "--out", str(out)],
-        capsys,
+        cli,
         f"cannot write {out / 'maps'}",
         "No space left on device",
     )

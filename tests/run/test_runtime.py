@@ -21,16 +21,6 @@ from fsad_bench.run import progress as prog
 from fsad_bench.run.plan import plan
 from fsad_bench.run.schedule import run_suite
 
-TIMING_KEYS = {
-    "adapt_seconds",
-    "train_seconds",
-    "infer_seconds_per_image",
-    "infer_warm_seconds_per_image",
-    "peak_memory_mb",
-    "finished_at",
-    "operating_point_seconds",
-}
-
 
 def _cell(i, k=1, run=0):
     return SimpleNamespace(cell_id=f"c{i}", k=k, run=run, train_seed=0, method="m", category="a")
@@ -138,29 +128,9 @@ def test_worker_warnings_go_to_the_status_file(tmp_path):
 # -- torch threads recorded and exported --------------------------------------------------------
 
 
-def test_torch_threads_in_records_and_export(synth_root, tmp_path):
+def test_torch_threads_in_records_and_export(synth_root, tmp_path, demo_args):
     out = tmp_path / "r"
-    main(
-        [
-            "run",
-            "--suite",
-            "demo",
-            "--data-root",
-            str(synth_root),
-            "--methods",
-            "random",
-            "--k",
-            "1",
-            "--runs",
-            "1",
-            "--weights",
-            "none",
-            "--image-size",
-            "64",
-            "--out",
-            str(out),
-        ]
-    )
+    main(demo_args(synth_root, out))
     recs = ResultStore(out).records()
     assert recs and all(isinstance(r["torch_threads"], int) and r["torch_threads"] >= 1 for r in recs)
     main(["export", str(out), str(tmp_path / "x.csv")])
@@ -171,7 +141,7 @@ def test_torch_threads_in_records_and_export(synth_root, tmp_path):
 # -- the lock comes before planning -------------------------------------------------------------
 
 
-def test_a_locked_folder_is_refused_before_planning(synth_root, tmp_path, capsys, monkeypatch):
+def test_a_locked_folder_is_refused_before_planning(synth_root, tmp_path, capsys, monkeypatch, demo_args):
     import fsad_bench.run.plan as plan_module
 
     planned = []
@@ -179,25 +149,7 @@ def test_a_locked_folder_is_refused_before_planning(synth_root, tmp_path, capsys
     monkeypatch.setattr(plan_module, "plan", lambda *a, **kw: planned.append(1) or real_plan(*a, **kw))
     out = tmp_path / "r"
     out.mkdir()
-    args = [
-        "run",
-        "--suite",
-        "demo",
-        "--data-root",
-        str(synth_root),
-        "--methods",
-        "random",
-        "--k",
-        "1",
-        "--runs",
-        "1",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-        "--out",
-        str(out),
-    ]
+    args = demo_args(synth_root, out)
     with open(out / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write("4242\n")
@@ -215,17 +167,17 @@ def test_a_locked_folder_is_refused_before_planning(synth_root, tmp_path, capsys
 # -- Dask worker threads: the numbers of a serial run ------------------------------------------
 
 
-def _stable(store):
-    return {r["cell_id"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in store.records()}
+def _stable(untimed, store):
+    return {r["cell_id"]: untimed(r) for r in store.records()}
 
 
 @pytest.mark.slow  # local Dask clusters and loky workers: ~30 s or more
-def test_dask_threads_loky_and_serial_give_identical_records(make_suite, tmp_path):
+def test_dask_threads_loky_and_serial_give_identical_records(make_suite, tmp_path, untimed):
     distributed = pytest.importorskip("distributed")
     suite = make_suite(methods=["random", "gaussian"], k=[1, 2], runs=2, categories=["grid", "washer"])
-    serial = _stable(run_suite(suite, tmp_path / "serial", threads=1))
+    serial = _stable(untimed, run_suite(suite, tmp_path / "serial", threads=1))
     assert len(serial) == 16 and {r["torch_threads"] for r in serial.values()} == {1}
-    assert _stable(run_suite(suite, tmp_path / "loky", jobs=2, threads=1)) == serial
+    assert _stable(untimed, run_suite(suite, tmp_path / "loky", jobs=2, threads=1)) == serial
     for tpw in (2, 1):
         with distributed.LocalCluster(
             n_workers=1, threads_per_worker=tpw, processes=True, host="127.0.0.1", dashboard_address=":0"
@@ -233,50 +185,10 @@ def test_dask_threads_loky_and_serial_give_identical_records(make_suite, tmp_pat
             store = run_suite(
                 suite, tmp_path / f"dask{tpw}", backend="dask", scheduler=cluster.scheduler_address, threads=1
             )
-        assert _stable(store) == serial, f"threads_per_worker={tpw}"
+        assert _stable(untimed, store) == serial, f"threads_per_worker={tpw}"
 
 
 # -- worker loss ends the run -------------------------------------------------------------------
-
-SLOW = """
-import os, time
-from pathlib import Path
-from fsad_bench.adapter import Adapter
-
-class Slow(Adapter):
-    name = "slow"
-    protocol = "training-free"
-
-    def adapt(self, support):
-        Path(os.environ["SLOW_PIDS"], str(os.getpid())).touch()
-        end = time.time() + 60
-        while time.time() < end:
-            sum(range(10000))
-
-    def predict(self, images):
-        import torch
-        return torch.zeros(len(images)), torch.zeros(len(images), *images.shape[-2:])
-"""
-
-
-@pytest.fixture
-def slow_env(tmp_path):
-    site = tmp_path / "site"
-    (site / "slowplugin-0.1.dist-info").mkdir(parents=True)
-    (site / "slowmod.py").write_text(SLOW)
-    (site / "slowplugin-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: slowplugin\nVersion: 0.1\n"
-    )
-    (site / "slowplugin-0.1.dist-info" / "entry_points.txt").write_text("[fsad_bench.methods]\nslow = slowmod:Slow\n")
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-        "SLOW_PIDS": str(pids),
-        "OMP_NUM_THREADS": "1",
-    }
-    return env, pids
 
 
 def _wait_for(pids, n, procs, seconds=120):
@@ -296,44 +208,17 @@ def _kill(pids):
             pass
 
 
-def _run_args(synth_root, out, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "fsad_bench.cli",
-        "run",
-        "--suite",
-        "demo",
-        "--data-root",
-        str(synth_root),
-        "--methods",
-        "slow",
-        "--k",
-        "1",
-        "--runs",
-        "1",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-        "--out",
-        str(out),
-        *extra,
-    ]
+def _start_run(args, env, cwd) -> subprocess.Popen:
+    """The run in a session of its own (a process group to kill), its stderr (text) piped."""
+    return subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 @pytest.mark.slow  # end to end in subprocesses: ~10 s
-def test_a_killed_loky_worker_ends_the_run_with_one_line(slow_env, synth_root, tmp_path):
-    env, pids = slow_env
-    proc = subprocess.Popen(
-        _run_args(synth_root, tmp_path / "r", "--jobs", "2"),
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def test_a_killed_loky_worker_ends_the_run_with_one_line(slow_plugin, synth_root, tmp_path, demo_subprocess_args):
+    env, pids = slow_plugin
+    proc = _start_run(demo_subprocess_args(synth_root, tmp_path / "r", "--jobs", "2", methods="slow"), env, tmp_path)
     workers = []
     try:
         workers = _wait_for(pids, 2, [proc])
@@ -352,12 +237,12 @@ def test_a_killed_loky_worker_ends_the_run_with_one_line(slow_env, synth_root, t
 
 
 @pytest.mark.slow  # a Dask scheduler, a worker and a run in subprocesses: ~20 s
-def test_a_killed_dask_worker_ends_the_run_with_one_line(slow_env, synth_root, tmp_path):
+def test_a_killed_dask_worker_ends_the_run_with_one_line(slow_plugin, synth_root, tmp_path, demo_subprocess_args):
     pytest.importorskip("distributed")
     dask = shutil.which("dask", path=os.path.dirname(sys.executable))
     if dask is None:
         pytest.skip("no dask command")
-    env, pids = slow_env
+    env, pids = slow_plugin
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = []
@@ -392,14 +277,12 @@ def test_a_killed_dask_worker_ends_the_run_with_one_line(slow_env, synth_root, t
             start_new_session=True,
         )
         procs.append(worker)
-        run = subprocess.Popen(
-            _run_args(synth_root, tmp_path / "r", "--backend", "dask", "--scheduler", address),
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+        run = _start_run(
+            demo_subprocess_args(
+                synth_root, tmp_path / "r", "--backend", "dask", "--scheduler", address, methods="slow"
+            ),
+            env,
+            tmp_path,
         )
         procs.append(run)
         children = _wait_for(pids, 2, [run])  # both worker threads busy, each driving its own process
