@@ -125,7 +125,7 @@ def _run_group(
     batches at the adapter's input size (:func:`predict_stream`); only scores, maps at the
     suite's ``image_size`` and uint8 masks stay in memory. ``feature_cache``: folder where
     frozen-backbone features may be cached on disk."""
-    if threads:
+    if threads and threads != torch.get_num_threads():  # see schedule.torch_threads
         torch.set_num_threads(threads)
     store = ResultStore(out)
     cls = registry.get(method)

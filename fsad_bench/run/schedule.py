@@ -195,10 +195,13 @@ def _run_locked(
 
 
 def torch_threads(n: int | None = None) -> int:
-    """Torch's intra-op threads now; sets them to ``n`` first when given."""
+    """Torch's intra-op threads now; sets them to ``n`` first when given and different. Only when different:
+    a ``torch.set_num_threads`` call, even to the current count, leaves MKL's batched LU
+    (``torch.linalg.inv``, used by anomalib's PaDiM) failing with "Pivots given to lu_solve must all be
+    greater or equal to 1" in torch 2.14.1 on this CPU (AMD EPYC); a run that changes the count keeps it."""
     import torch
 
-    if n:
+    if n and n != torch.get_num_threads():
         torch.set_num_threads(n)
     return torch.get_num_threads()
 

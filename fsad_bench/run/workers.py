@@ -131,7 +131,8 @@ def _child_main(fd: int) -> None:
     if threads:
         import torch
 
-        torch.set_num_threads(threads)
+        if threads != torch.get_num_threads():  # see schedule.torch_threads
+            torch.set_num_threads(threads)
     try:
         result = (True, fn(*args))
     except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
