@@ -233,6 +233,7 @@ def _train(trainer_cls, batch_size, niter=2, n_img=3, transforms_per_step=None, 
     return model
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 @pytest.mark.parametrize("batch_size,per_step,sample_every", [(None, None, 1), (2, 2, 0)])
 def test_training_equals_the_code_before(batch_size, per_step, sample_every):
     """Same random draws, bit-identical trained weights and noise amplitudes (reconstruction input computed

@@ -91,7 +91,11 @@ def missing_packages(name: str) -> list[str]:
     return [m for m in needed if importlib.util.find_spec(m) is None]
 
 
-@pytest.fixture(params=method_names())
+#: methods whose tiny contract run still takes tens of seconds on 2 cores: checked in the slow tier
+SLOW_METHODS = {"regad"}
+
+
+@pytest.fixture(params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW_METHODS else n for n in method_names()])
 def name(request) -> str:
     n = request.param
     missing = missing_packages(n)
