@@ -184,10 +184,11 @@ def run(
     and the old record is no longer shown (``fsad-bench prune OUT`` deletes it)."""
     _check_arguments(ks, data_root, train_data_root, jobs, metric_list)  # before torch is imported
     from fsad_bench.protocols import apply_arch, load_suite, validate_numbers
+
+    suite = load_suite(suite_name)  # a bad suite is reported before torch is imported
     from fsad_bench.run.devices import pick_device
     from fsad_bench.run.plan import cell_status, plan
 
-    suite = load_suite(suite_name)
     overrides = {
         "methods": None if methods is None else registry.method_names(methods),
         "k": _ints(ks, "--k"),
