@@ -93,8 +93,12 @@ def test_declared_module_lists_name_existing_modules():
     assert all(identity.counts_for_numbers(n) for n in hashed)
 
 
-def test_fingerprint_does_not_depend_on_what_the_process_imported():
-    """A process that imported nothing of the run layer hashes the same files as one that did."""
+def test_fingerprint_does_not_depend_on_what_the_process_imported(tmp_path):
+    """A process that imported nothing of the run layer hashes the same files as one that did.
+
+    The child runs outside the checkout (``cwd=tmp_path``): with a regular install, ``python -c`` in the
+    repository root would import the checkout's ``fsad_bench/``, which has no ``methods`` subpackage.
+    """
     import fsad_bench.run.schedule  # noqa: F401  (this process: the whole run layer)
 
     identity.code_fingerprint.cache_clear()
@@ -103,5 +107,6 @@ def test_fingerprint_does_not_depend_on_what_the_process_imported():
         "import sys; from fsad_bench import registry; from fsad_bench.identity import code_fingerprint; "
         "assert 'fsad_bench.run' not in sys.modules; print(code_fingerprint(registry.get('gaussian')))"
     )
-    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert fresh == here
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == here
