@@ -281,6 +281,11 @@ class Adapter(ABC):
         the run layer resizes them to the suite's ``image_size`` (masks stay at that size)."""
         return None
 
+    #: options that change adaptation or scoring only, never :meth:`fit` (e.g. fine-tuning epochs on
+    #: the support set): swept variants that differ only in them share one trained model (the run
+    #: layer's fit key leaves them out, :func:`fsad_bench.run.plan.config_hash` with ``fit_only``)
+    adapt_only_options: ClassVar[frozenset[str]] = frozenset()
+
     # -- labels -----------------------------------------------------------------------
     #: options that cannot change a number (batch sizes, chunking): never labelled
     bookkeeping_options: ClassVar[frozenset[str]] = frozenset()

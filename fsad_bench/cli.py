@@ -79,6 +79,12 @@ def cli() -> None:
 @click.option("--k", "ks", help="Comma-separated shot counts, e.g. 2,4,8.")
 @click.option("--runs", type=int, help="Runs (support-set draws) per k.")
 @click.option(
+    "--test-subset",
+    type=int,
+    help="Score each category on a seeded, stratified subset of N test images, the same for every method "
+    "(the suite key test_subset; for budget sweeps; records say n_test).",
+)
+@click.option(
     "--train-seeds",
     type=int,
     help="Training seeds of every trained method (replaces the suite key train_seeds, a per-method table too; "
@@ -152,6 +158,7 @@ def run(
     methods,
     ks,
     runs,
+    test_subset,
     train_seeds,
     std_components,
     categories,
@@ -193,6 +200,7 @@ def run(
         "methods": None if methods is None else registry.method_names(methods),
         "k": _ints(ks, "--k"),
         "runs": runs,
+        "test_subset": test_subset,
         "train_seeds": train_seeds,
         "categories": _names(categories),
         "data_root": ([str(r) for r in data_root] if len(data_root) > 1 else str(data_root[0])) if data_root else None,

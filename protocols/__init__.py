@@ -117,6 +117,7 @@ SUITE_KEYS = {
     "folder",
     "operating_point",
     "sweep",
+    "test_subset",
 }
 
 
@@ -161,6 +162,9 @@ class Suite:
     #: method -> option -> values: the method runs once per value (several options: per combination),
     #: each a variant ``method@option=value`` of its own (:func:`check_sweep`)
     sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    #: score each category on at most this many test images, a seeded stratified subset identical for
+    #: every method (:func:`fsad_bench.data.sampler.subsample_test`); None = every test image
+    test_subset: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -271,6 +275,7 @@ SUITE_TYPES = {
     "folder": "table",
     "operating_point": "bool",
     "sweep": "sweep",
+    "test_subset": "int",
 }
 
 
@@ -356,6 +361,8 @@ def validate_numbers(suite: Suite, source: str = "suite") -> None:
         raise FsadError(f"{source}: k must be a list of positive integers, got {suite.k}")
     if suite.runs < 1:
         raise FsadError(f"{source}: runs must be >= 1, got {suite.runs}")
+    if suite.test_subset is not None and suite.test_subset < 2:
+        raise FsadError(f"{source}: test_subset must be >= 2 test images per category, got {suite.test_subset}")
     seeds = suite.train_seeds if isinstance(suite.train_seeds, dict) else {"default": suite.train_seeds}
     for name, n in seeds.items():
         if not _is_int(n) or n < 1:

@@ -195,3 +195,41 @@ def test_presets_satisfy_the_declared_options(name):
     cls.check_options(TINY.get(name, {}), "tiny test settings")
     with pytest.raises(FsadError, match="unknown option 'no_such_option'"):
         cls.check_options({"no_such_option": 1})
+
+
+def _changed(value):
+    """Another value of an option, for the adapt-only check (ints and floats: one more)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AssertionError(f"no other value known for {value!r}: extend _changed")
+    return value + 1
+
+
+def test_adapt_only_options_do_not_change_the_fit(name, dataset):
+    """Variants that differ only in ``adapt_only_options`` share one trained model (the run layer's fit
+    key leaves them out): fitted with another value of each, the trained state is the same."""
+    cls = registry.get(name)
+    if not cls.adapt_only_options:
+        pytest.skip(f"{name} declares no adapt-only options")
+    assert cls.protocol in CACHED, "adapt-only options matter only to a shared (cached) fit"
+    a = make(name)
+    size, support, _ = cell_data(a, dataset)
+    fit(a, dataset, support, size)
+    hp = a.hparams
+    torch.manual_seed(SEED)
+    options = {**TINY.get(name, {}), **{o: _changed(hp[o]) for o in cls.adapt_only_options}}
+    b = cls(AdapterConfig(weights="none", image_size=SIZE, seed=SEED, options=options))
+    fit(b, dataset, support, size)
+    sa, sb = a.state_dict(), b.state_dict()
+
+    def flat(state, prefix=""):
+        if isinstance(state, torch.Tensor):
+            return {prefix: state}
+        if isinstance(state, dict):
+            return {k: v for key, val in state.items() for k, v in flat(val, f"{prefix}/{key}").items()}
+        return {prefix: state}
+
+    fa, fb = flat(sa), flat(sb)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        va, vb = fa[key], fb[key]
+        assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, key

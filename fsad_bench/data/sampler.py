@@ -13,6 +13,7 @@ file is checked before it is used, and a copy of the data that differs is refuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -73,3 +74,35 @@ class SupportSampler:
             raise FsadError(f"support-set list {self.lists_path}: {split.name}/k={k}/run={run} has {len(paths)} files")
         check_hashes(self.lists, self.lists_path, split.name, paths, self._verified)
         return paths
+
+
+def subsample_test(split: CategorySplit, n: int | None, seed: int = 0) -> CategorySplit:
+    """``split`` with at most ``n`` of its test images (None or ``n >= len(split.test)``: ``split`` itself).
+
+    Stratified by (label, defect type): each stratum keeps its share of ``n`` (largest remainders,
+    at least one image per stratum while ``n`` allows), chosen by a generator seeded by (dataset,
+    category, n, seed) alone, so every method and every cell sees the same images; the kept images stay
+    in their original order. For calibration sweeps whose test sets cost more than their comparison
+    needs; a record's ``n_test`` says how many images scored it."""
+    if n is None or n >= len(split.test):
+        return split
+    if n < 2:
+        raise FsadError(f"test_subset must be at least 2 (one normal, one anomalous image), got {n}")
+    strata: dict[tuple[int, str], list[int]] = {}
+    for i, s in enumerate(split.test):
+        strata.setdefault((s.label, s.defect), []).append(i)
+    keys = sorted(strata)
+    total = len(split.test)
+    exact = {key: n * len(strata[key]) / total for key in keys}
+    take = {key: min(len(strata[key]), max(1, int(exact[key]))) for key in keys}
+    while sum(take.values()) > n:  # more strata than n: drop the smallest shares first
+        key = min((k for k in keys if take[k] > 0), key=lambda k: (exact[k], k))
+        take[key] -= 1
+    by_remainder = sorted(keys, key=lambda k: (-(exact[k] - int(exact[k])), k))
+    while sum(take.values()) < n:
+        for key in by_remainder:
+            if sum(take.values()) < n and take[key] < len(strata[key]):
+                take[key] += 1
+    rng = np.random.default_rng(stable_seed("test-subset", split.dataset, split.name, n, seed))
+    kept = sorted(int(i) for key in keys for i in rng.permutation(strata[key])[: take[key]])
+    return dataclasses.replace(split, test=[split.test[i] for i in kept])

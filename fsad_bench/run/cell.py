@@ -38,7 +38,7 @@ from fsad_bench import __version__, registry
 from fsad_bench.adapter import AdapterConfig
 from fsad_bench.data.dataset import Dataset
 from fsad_bench.data.image_cache import ImageCache, load_cached_images
-from fsad_bench.data.sampler import SupportSampler
+from fsad_bench.data.sampler import SupportSampler, subsample_test
 from fsad_bench.metrics import evaluate, per_defect_auroc
 from fsad_bench.protocols import Suite, training_data
 from fsad_bench.records.store import ResultStore, save_example_maps
@@ -139,7 +139,7 @@ def _run_group(
         return 0
     if dataset is None:
         dataset = open_dataset(suite)
-    split = dataset.split(category)
+    split = subsample_test(dataset.split(category), suite.test_subset, suite.seed)
     test_paths = [s.path for s in split.test]
     labels = np.array([s.label for s in split.test], dtype=np.int64)
     defects = [s.defect for s in split.test]
@@ -171,13 +171,27 @@ def _run_group(
             shared, shared_key = make(adapter_seed(suite.seed, cell.train_seed)), fit_key
             if cls.protocol == "aggregated":
                 train_seconds = fit_cached(
-                    shared, suite, dataset, category, cell.config_hash, cell.train_seed, images_cache, shot=cell.k
+                    shared,
+                    suite,
+                    dataset,
+                    category,
+                    cell.fit_hash or cell.config_hash,
+                    cell.train_seed,
+                    images_cache,
+                    shot=cell.k,
                 )
             elif cls.protocol == "cross-dataset":
                 if train_dataset is None:
                     train_dataset = open_train_dataset(suite)
                 train_seconds = fit_cached(
-                    shared, suite, train_dataset, "", cell.config_hash, cell.train_seed, images_cache, shot=cell.k
+                    shared,
+                    suite,
+                    train_dataset,
+                    "",
+                    cell.fit_hash or cell.config_hash,
+                    cell.train_seed,
+                    images_cache,
+                    shot=cell.k,
                 )
         support_paths = sampler.support(split, cell.k, cell.run)
         seed = cell_seed(suite.seed, method, category, cell.k, cell.run, cell.train_seed)
@@ -232,6 +246,7 @@ def _run_group(
             "infer_warm_seconds_per_image": infer_warm,
             "peak_memory_mb": peak_memory_mb(device),
             "n_test": int(len(labels)),
+            "test_subset": suite.test_subset,
             "n_support": len(support_paths),
             "support": [p.name for p in support_paths],
             "image_size": suite.image_size,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fsad_bench import registry
 from fsad_bench.data.dataset import Dataset
 from fsad_bench.data.image_cache import ImageCache
 from fsad_bench.identity import digest_path, digest_problem, discard_corrupt, write_with_digest
@@ -43,7 +44,10 @@ def model_cache_path(
     """Where the fit of ``method`` for ``held_out`` and ``train_seed`` (and ``shot`` = k for a per-shot
     fit; None: one fit for every k) is cached. ``chash`` (the cell's config hash) covers hyper-parameters,
     code, weights, data identity, image size and seed, and the fit seed enters the key, so a cached model
-    is reused only for the configuration, training seed and k that trained it."""
+    is reused only for the configuration, training seed and k that trained it. A swept variant's
+    model lives under its base method (``chash``: the cell's ``fit_hash``, shared by variants that
+    differ only in adapt-only options)."""
+    method = registry.base_name(method)
     seed = fit_seed(suite, method, train_ds, held_out, train_seed)
     raw = f"{chash}|{train_ds.root.resolve()}|{','.join(train_ds.categories)}|fit{seed}"
     raw += "" if shot is None else f"|k{shot}"
@@ -146,7 +150,7 @@ def forget_models(planned: Plan) -> None:
                     suite,
                     train_ds,
                     held_out,
-                    group[0].config_hash,
+                    group[0].fit_hash or group[0].config_hash,
                     t,
                     shot,
                 )

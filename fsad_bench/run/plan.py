@@ -49,6 +49,9 @@ class Cell:
     run: int
     config_hash: str
     train_seed: int = 0
+    #: key of the shared fit (aggregated / cross-dataset): the config hash without the adapter's
+    #: ``adapt_only_options`` and with the base method of a variant; "" = ``config_hash``
+    fit_hash: str = ""
 
     @property
     def cell_id(self) -> str:
@@ -196,6 +199,7 @@ def config_hash(
     dataset: Dataset | None = None,
     train_dataset: Dataset | None = None,
     memo: dict[str, str] | None = None,
+    fit_only: bool = False,
 ) -> str:
     """Hash of everything that changes a method's numbers on ``category`` besides (k, run):
 
@@ -204,17 +208,22 @@ def config_hash(
     compute numbers and the fsad_bench modules they import), the weights' content, image size, seed,
     the support lists' content, and the data's identity (folder, file list, sizes, mtimes; no image is read): the
     category's own folder, every category's for ``aggregated`` methods, the training dataset's for
-    ``cross-dataset`` ones. Part of every cell id and of the trained-model cache key."""
+    ``cross-dataset`` ones, and the test subset. Part of every cell id. ``fit_only``: the hash of what
+    changes a shared fit (the trained-model cache key): the base method of a variant, hyper-parameters
+    without the adapter's ``adapt_only_options``, no test subset or operating point."""
     cls = registry.get(method)
     memo = {} if memo is None else memo
     options = suite.options.get(method, {})
     wkey = f"weights|{suite.weights}"
     if wkey not in memo:  # one hash of the weights per plan
         memo[wkey] = weights_fingerprint(suite.weights, cache_dir())
+    hparams = cls.resolve_hparams(suite.preset, options)
+    if fit_only:
+        hparams = {k: v for k, v in hparams.items() if k not in cls.adapt_only_options}
     payload: dict[str, Any] = {
         # the resolved values, not the preset's name: presets with equal values give equal numbers
-        "method": method,
-        "hparams": cls.resolve_hparams(suite.preset, options),
+        "method": registry.base_name(method) if fit_only else method,
+        "hparams": hparams,
         "code": code_fingerprint(cls),
         "weights": memo[wkey],
         "image_size": suite.image_size,
@@ -224,6 +233,8 @@ def config_hash(
     }
     if cls.protocol == "individual" and suite.operating_point:  # records then hold the operating point
         payload["operating_point"] = True
+    if suite.test_subset is not None and not fit_only:
+        payload["test_subset"] = suite.test_subset
     if dataset is not None:
         cats = dataset.categories if cls.protocol == "aggregated" or category is None else [category]
         payload["data"] = {
@@ -291,10 +302,12 @@ def plan(suite: Suite) -> Plan:
     for m, cls in adapters.items():
         for c in evaluated:
             h = config_hash(suite, m, c, dataset, train_ds, memo)
+            shared = cls.protocol in ("aggregated", "cross-dataset")
+            fh = config_hash(suite, m, c, dataset, train_ds, memo, fit_only=True) if shared else ""
             for t in train_seeds_of(cls.protocol, suite.train_seeds_for(m)):
                 for k in suite.k:
                     for r in range(suite.runs):
-                        cell = Cell(m, cls.protocol, dataset.name, c, k, r, h, t)
+                        cell = Cell(m, cls.protocol, dataset.name, c, k, r, h, t, fh)
                         cells.setdefault(cell.cell_id, cell)
     return Plan(suite, dataset, list(cells.values()), adapters, train_ds)
 

@@ -272,6 +272,7 @@ class DiffNetPlus(DiffNet):
         "cpu": {**DiffNet.presets["cpu"], "meta_epochs": 3, "sub_epochs": 8, "feature_pool": 8, "finetune_epochs": 16},
     }
     option_constraints = {**DiffNet.option_constraints, "finetune_epochs": [Interval(int, 0)]}
+    adapt_only_options = frozenset({"finetune_epochs"})
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -45,6 +45,9 @@ _PAPER = {
     "clahe_tiles": 8,
     "pyramid_sides": "official",
     "sample_forward": True,
+    # official Dataloaders/mvtec_loader.py: T.Resize(128, Image.ANTIALIAS) (= LANCZOS), then
+    # T.CenterCrop(128), a no-op on square images (the only ones TDG's loader is written for)
+    "resize": "lanczos",
 }
 _CPU = {
     **_PAPER,
@@ -91,6 +94,7 @@ _CONSTRAINTS = {
     "clahe_tiles": [Interval(int, 1)],
     "pyramid_sides": [OneOf(*PYRAMID_SIDES)],
     "sample_forward": [bool],
+    "resize": [OneOf("lanczos", "bilinear")],
 }
 
 
@@ -162,6 +166,11 @@ class TDG(Adapter):
         )
         self._trained = True
 
+    @property
+    def resize_filter(self) -> str:
+        """``"lanczos"`` in both presets (the official loader's ``Image.ANTIALIAS``); ``"bilinear"`` by option."""
+        return str(self.hparams["resize"])
+
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.score(images, self.hparams["fraction"])
 
@@ -199,6 +208,7 @@ class TDGPlus(TDG):
         "adapt_niter": [Interval(int, 0)],
         "pretrain_index": [OneOf("scaled", "raw")],
     }
+    adapt_only_options = frozenset({"adapt_niter"})
 
     def __init__(self, config=None):
         super().__init__(config)

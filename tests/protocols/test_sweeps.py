@@ -290,3 +290,50 @@ def test_a_variant_draws_its_base_methods_seeds(powered, make_suite, tmp_path):
         if r["method"] == "powered-ind@power=1"
     }
     assert len(base) == 4 and swept == base
+
+
+class PoweredAgg(Powered):
+    """The same, aggregated: ``fit`` learns a mean from the other categories; ``shift`` is adapt-only."""
+
+    name = "powered-agg"
+    protocol = "aggregated"
+    adapt_only_options = frozenset({"shift"})
+    fits: ClassVar[list[dict]] = []
+
+    def fit(self, train):
+        PoweredAgg.fits.append(dict(self.hparams))
+        self.prior = torch.stack([ds[i] for ds in train.values() for i in range(len(ds))]).mean(0)
+
+    def adapt(self, support):
+        self.mean = 0.5 * (support.mean(0) + self.prior)
+
+    def state_dict(self):
+        return {"prior": self.prior}
+
+    def load_state_dict(self, state):
+        self.prior = state["prior"]
+
+
+def test_variants_differing_in_adapt_only_options_share_one_fit(make_suite, tmp_path):
+    registry.register(PoweredAgg)
+    try:
+        PoweredAgg.fits.clear()
+        kw = dict(methods=["powered-agg"], categories=["stripes"], k=[1], runs=2)
+        suite = make_suite(sweep={"powered-agg": {"shift": [0.0, 0.5, 1.0]}}, **kw)
+        planned = plan(suite)
+        by_method = defaultdict(set)
+        for c in planned.cells:
+            by_method[c.method].add((c.config_hash, c.fit_hash))
+        assert len(by_method) == 3 and all(len(v) == 1 for v in by_method.values())
+        assert len({h for v in by_method.values() for h, _ in v}) == 3  # three configurations ...
+        assert len({f for v in by_method.values() for _, f in v}) == 1  # ... one fit
+        run_suite(suite, tmp_path / "r")
+        assert len(PoweredAgg.fits) == 1  # the other two variants loaded it from the model cache
+        recs = ResultStore(tmp_path / "r").current_records()
+        assert len(recs) == 6 and len({tuple(r["scores"]) for r in recs if r["run"] == 0}) == 3
+        # a fit option (power) is part of the fit key: one fit per value
+        PoweredAgg.fits.clear()
+        run_suite(make_suite(sweep={"powered-agg": {"power": [2, 3]}}, **kw), tmp_path / "p")
+        assert [f["power"] for f in PoweredAgg.fits] == [2, 3]
+    finally:
+        registry.unregister(PoweredAgg.name)

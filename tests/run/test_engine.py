@@ -101,3 +101,15 @@ def test_same_command_same_numbers(make_suite, tmp_path, untimed):
     b = run_suite(suite, tmp_path / "b").records()
     assert _stable(untimed, a) == _stable(untimed, b)
     assert len({r["image_auroc"] for r in a}) > 1  # runs differ from each other
+
+
+def test_test_subset_scores_the_same_images_for_every_method(make_suite, tmp_path):
+    full = plan(make_suite(methods=["random", "gaussian"], categories=["stripes"], k=[1], runs=1))
+    suite = make_suite(methods=["random", "gaussian"], categories=["stripes"], k=[1], runs=1, test_subset=6)
+    sub = plan(suite)
+    assert {c.config_hash for c in sub.cells}.isdisjoint(c.config_hash for c in full.cells)  # its own cells
+    run_suite(suite, tmp_path / "r")
+    recs = ResultStore(tmp_path / "r").current_records()
+    n_full = len(full.dataset.split("stripes").test)
+    assert n_full > 6 and {r["n_test"] for r in recs} == {6} and {r["test_subset"] for r in recs} == {6}
+    assert len({tuple(r["labels"]) for r in recs}) == 1 and 0 < sum(recs[0]["labels"]) < 6
