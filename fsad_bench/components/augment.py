@@ -8,7 +8,8 @@ code's list, each transform applied on its own):
 3. 8 translations by (±0.2, ±0.2) and (±0.1, ±0.1) of the half-width (reflection padding),
    i.e. 10% and 5% of the image size;
 4. a horizontal flip;
-5. a grey version (ITU-R 601 luma, repeated to 3 channels);
+5. a grey version (ITU-R 601 luma 0.299 R + 0.587 G + 0.114 B, the weights of the official code's
+   kornia ``rgb_to_grayscale``; torchvision's are rounded to 0.2989), repeated to 3 channels;
 6. rotations by 90°, 180°, 270°.
 
 The views are then shuffled with the caller's generator (the official code shuffles too;
@@ -34,6 +35,17 @@ def _rotation(angle: float) -> torch.Tensor:
     return torch.tensor([[c, -s, 0.0], [s, c, 0.0]])
 
 
+#: luma weights of the grey view: ITU-R 601, as kornia's ``rgb_to_grayscale`` in the official RegAD code
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> its luma (:data:`GREY_WEIGHTS`) repeated to ``(B, 3, H, W)``."""
+    r, g, b = images.unbind(dim=-3)
+    luma = GREY_WEIGHTS[0] * r + GREY_WEIGHTS[1] * g + GREY_WEIGHTS[2] * b
+    return luma.unsqueeze(-3).expand_as(images).contiguous()
+
+
 def _translation(a: float, b: float) -> torch.Tensor:
     return torch.tensor([[1.0, 0.0, a], [0.0, 1.0, b]])
 
@@ -48,7 +60,7 @@ def augment_support(images: torch.Tensor, generator: torch.Generator | None = No
         images,
         warped,
         TF.horizontal_flip(images),
-        TF.rgb_to_grayscale(images, num_output_channels=3),
+        grey(images),
         *(torch.rot90(images, r, dims=(-2, -1)) for r in (1, 2, 3)),
     ]
     out = torch.cat(views)
