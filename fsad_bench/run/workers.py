@@ -79,9 +79,21 @@ class WorkerLost(RuntimeError):
     suite: exit 2 stays for bad input). Finished cells are kept; a rerun resumes."""
 
 
+#: the child's program: drop the working directory ("" first on ``sys.path`` under ``-c``), then run
+CHILD_BOOT = (
+    "import sys\n"
+    "if sys.path and sys.path[0] == '': del sys.path[0]\n"
+    "from fsad_bench.run.workers import _child_main\n"
+    "_child_main(int(sys.argv[1]))\n"
+)
+
+
 def run_in_child(fn, args: tuple, threads: int | None = None):
-    """``fn(*args)`` in a fresh Python process started here (``sys.executable -m
-    fsad_bench.run.workers``); returns its result or raises its exception.
+    """``fn(*args)`` in a fresh Python process started here (``sys.executable``, :data:`CHILD_BOOT`);
+    returns its result or raises its exception. The child imports the fsad_bench of this process's
+    installation, never a checkout in the working directory (``python -m`` would put the working
+    directory first on ``sys.path``: a regular install run from a clone imported the clone's
+    ``fsad_bench/``, which has no ``methods`` / ``protocols`` subpackages).
 
     Why a process per task on a Dask worker: torch's random generator is process-wide (module
     initialisation draws from it), so two tasks running as threads of one multi-threaded Dask
@@ -99,7 +111,7 @@ def run_in_child(fn, args: tuple, threads: int | None = None):
     payload = pickle.dumps((os.getpid(), threads, fn, args))
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fsad_bench.run.workers", str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,)
+        [sys.executable, "-c", CHILD_BOOT, str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,)
     )
     os.close(write_fd)
     try:

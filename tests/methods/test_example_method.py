@@ -95,7 +95,7 @@ def test_installed_example_runs_from_the_command_line(synth_root, tmp_path, demo
     run = demo_args(synth_root, tmp_path / "r", "--preset", "paper", methods="knn,gaussian")
     code = f"from fsad_bench.cli import main; main({run!r})"
     res = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
     )
     assert res.returncode == 0, res.stderr
     assert "knn [resnet18, random-init, cpu]" in res.stdout
