@@ -61,6 +61,7 @@ NOT_NUMBERS = {
     "fsad_bench.report": "tables, significance, published numbers, costs, plots, export",
     "fsad_bench.cli": "the command line",
     "fsad_bench.registry": "names -> adapter classes (each class's own code is hashed)",
+    "fsad_bench.budgets": "what budget sweeps measured of the cpu presets: label tags only",
     "fsad_bench.errors": "the one-line user error",
     "fsad_bench.data.support_lists": "the SHA-256 check of a support list's files (refuses, never changes which "
     "files are used: the list's text is in config_hash), writing lists",

@@ -33,7 +33,11 @@ from fsad_bench.errors import FsadError
 
 #: Resize filters of :func:`load_image` (PIL's, through torchvision): ``"bilinear"`` (default) and
 #: ``"lanczos"`` (PIL's ``LANCZOS``, formerly ``Image.ANTIALIAS``: RegAD's official loader).
-RESIZE_FILTERS = {"bilinear": InterpolationMode.BILINEAR, "lanczos": InterpolationMode.LANCZOS}
+RESIZE_FILTERS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "lanczos": InterpolationMode.LANCZOS,  # PIL's ANTIALIAS (RegAD, TDG loaders)
+    "bicubic": InterpolationMode.BICUBIC,  # InCTRL's / CLIP's Resize(..., BICUBIC)
+}
 
 #: Largest image accepted, in pixels (width x height): Pillow's default ``Image.MAX_IMAGE_PIXELS``,
 #: written out so that a Pillow release changing its default does not change what fsad-bench accepts.

@@ -36,6 +36,8 @@ class InCTRL(Adapter):
             "loss_on": "as_logits",
             "feature_cache_mb": 4096,
             "encode_batch": 32,
+            # engine_IC.py: transforms.Resize(240, BICUBIC) of the original, CenterCrop(240)
+            "resize": "bicubic",
         },
         "cpu": {
             "clip_model": "ViT-B-32",
@@ -51,6 +53,7 @@ class InCTRL(Adapter):
             "loss_on": "as_logits",
             "feature_cache_mb": 1024,
             "encode_batch": 16,
+            "resize": "bicubic",
         },
     }
     option_constraints = {
@@ -67,7 +70,19 @@ class InCTRL(Adapter):
         "loss_on": [OneOf("as_logits", "probability")],
         "feature_cache_mb": [Interval(float, 0)],
         "encode_batch": [Interval(int, 1)],
+        "resize": [OneOf("bicubic", "bilinear")],
     }
+
+    @property
+    def resize_filter(self) -> str:
+        """``"bicubic"`` (the official ``Resize(240, BICUBIC)``); ``"bilinear"`` by option (labelled)."""
+        return str(self.hparams["resize"])
+
+    @property
+    def input_size(self) -> int:
+        """The CLIP's input side (240 for ``ViT-B-16-plus-240``): images are resized once, from the
+        original files, as the official loader does (no second resampling inside the CLIP)."""
+        return int(self.clip.image_size)
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -19,6 +19,7 @@ from fsad_bench.methods.diffnet.adapter import DiffNet
 from fsad_bench.methods.diffnet.torch_model import rotate_nearest_uint8
 from fsad_bench.methods.regad import adapter as regad_adapter
 from fsad_bench.methods.regad.adapter import RegAD, RegADL
+from fsad_bench.methods.tdg.adapter import TDG
 from fsad_bench.run import model_cache
 from fsad_bench.run.paths import cache_dir
 from fsad_bench.run.plan import open_dataset
@@ -198,8 +199,9 @@ def test_resize_filter_is_pils(tmp_path):
     assert torch.equal(bilinear, TF.to_tensor(pil.resize((17, 17), Image.BILINEAR)))
     assert not torch.equal(lanczos, bilinear)
     assert torch.equal(load_image(path, 17, "bilinear"), bilinear)  # the default is bilinear
+    assert torch.equal(load_image(path, 17, "bicubic"), TF.to_tensor(pil.resize((17, 17), Image.BICUBIC)))
     with pytest.raises(FsadError, match="resize filter"):
-        load_image(path, 17, "bicubic")
+        load_image(path, 17, "nearest")
     cache = tmp_path / "cache"
     for _ in range(2):  # decoded, then read back: each filter its own cache entry
         assert torch.equal(load_cached_image(path, 17, cache, "lanczos"), lanczos)
@@ -208,6 +210,19 @@ def test_resize_filter_is_pils(tmp_path):
     assert RegAD(AdapterConfig(weights="none", preset="paper", image_size=64)).resize_filter == "lanczos"
     assert RegAD(AdapterConfig(weights="none", preset="cpu", image_size=64)).resize_filter == "bilinear"
     assert MeanDiff().resize_filter == "bilinear"
+    for preset in ("paper", "cpu"):  # the official loaders' filters: TDG Lanczos (ANTIALIAS)
+        assert TDG(AdapterConfig(weights="none", preset=preset, image_size=64)).resize_filter == "lanczos"
+    bil = TDG(AdapterConfig(weights="none", preset="cpu", image_size=64, options={"resize": "bilinear"}))
+    assert bil.resize_filter == "bilinear" and "resize=bilinear" in bil.label
+
+
+def test_inctrl_loads_bicubic_at_the_clips_side():
+    pytest.importorskip("open_clip")
+    from fsad_bench.methods.inctrl.adapter import InCTRL
+
+    a = InCTRL(AdapterConfig(weights="none", image_size=64, options={"clip_model": "tiny"}))
+    assert a.resize_filter == "bicubic" and a.input_size == a.clip.image_size == 64
+    assert InCTRL.presets["paper"]["resize"] == "bicubic" and InCTRL.presets["paper"]["clip_model"].endswith("-240")
 
 
 @pytest.mark.parametrize("spy", [LanczosSpy], indirect=True)
