@@ -4,7 +4,8 @@ A suite's ``[sweep.<method>]`` runs each value as a method variant ``<method>@<o
 (:func:`fsad_bench.registry.variant_name`); every record carries the variant's name in ``method``.
 Here the variants of one base method and one set of swept options form a *sweep*:
 
-* :func:`sweep_tables` — per (dataset, sweep, metric) one row per value (``48``; several options:
+* :func:`sweep_tables` — per (dataset, sweep, metric), and per (category, sweep, metric) when the
+  dataset has several categories, one row per value (``48``; several options:
   ``meta_epochs=3, finetune_epochs=48``), columns ``k=<k>``: the macro average over categories, ``mean ± std`` in % with the std over
   every (train seed, run) pair of macro averages (as the ``Mean`` row of the paper tables), then
   ``adapt_s k=<k>`` (mean seconds) and ``train_s`` (mean seconds of the fit over cells);
@@ -68,7 +69,9 @@ def _suffix(found: dict, ds: str, base: str, keys: tuple[str, ...]) -> str:
 def sweeps(df: pd.DataFrame) -> dict[tuple[str, str, tuple[str, ...]], pd.DataFrame]:
     """The records of method variants by (dataset, base method, swept options), each with the
     columns ``setting`` (:func:`setting_text`) and ``order`` (rank of the swept values: numbers
-    numerically); a sweep needs two values at least (a lone variant is no sweep)."""
+    numerically); a sweep needs two values at least (a lone variant is no sweep). A dataset of
+    several categories also gives one sweep per category, under ``<dataset>_<category>`` (its
+    tables and plots are named so: e.g. ``real_pair_bottle_sweep_tdg.png``)."""
     if df.empty or "method" not in df.columns:
         return {}
     parsed = {m: split_variant(m) for m in df["method"].unique()}
@@ -91,6 +94,10 @@ def sweeps(df: pd.DataFrame) -> dict[tuple[str, str, tuple[str, ...]], pd.DataFr
                 order=d["method"].map({m: i for i, m in enumerate(ranked)}),
             )
             out[(ds, base, keys)] = d
+            categories = sorted(d["category"].unique())
+            if len(categories) > 1:  # a budget is chosen per category (dataset) too: one sweep each
+                for c in categories:
+                    out[(f"{ds}_{c}", base, keys)] = d[d["category"] == c]
     return out
 
 

@@ -164,6 +164,18 @@ def test_sweep_table_orders_numbers_numerically(powered, make_suite, tmp_path):
     assert list(t.index) == ["1", "2", "4"] and t.index.name == "power"
 
 
+def test_a_sweep_over_several_categories_has_a_table_and_plot_per_category(powered, make_suite, tmp_path):
+    suite = make_suite(methods=["powered"], sweep={"powered": {"power": [1, 2]}}, categories=["stripes", "grid"], k=[1])
+    run_suite(suite, tmp_path / "r")
+    df = ResultStore(tmp_path / "r").frame()
+    tables = sweep_tables(df, ["image_auroc"])
+    assert set(tables) == {f"synthetic{c}_image_auroc_sweep_powered" for c in ("", "_grid", "_stripes")}
+    one = df[(df["category"] == "grid") & (df["method"] == "powered@power=2")]["image_auroc"].mean()
+    assert tables["synthetic_grid_image_auroc_sweep_powered"].loc["2", "k=1"].startswith(f"{100 * one:.1f}")
+    names = sorted(p.name for p in write_sweep_plots(tmp_path / "r", metrics=["image_auroc"]))
+    assert names == sorted(f"synthetic{c}_sweep_powered.png" for c in ("", "_grid", "_stripes"))
+
+
 # -- the CLI: validation before any work, table and plot ------------------------------------------------
 def _write(tmp_path, body: str):
     path = tmp_path / "s.toml"
