@@ -66,6 +66,11 @@ def _suffix(found: dict, ds: str, base: str, keys: tuple[str, ...]) -> str:
     return _safe(base) + ("_" + "_".join(keys) if several else "")
 
 
+def _over(d: pd.DataFrame) -> str:
+    cats = sorted(d["category"].unique())
+    return f"category {cats[0]}" if len(cats) == 1 else f"macro average over {len(cats)} categories"
+
+
 def sweeps(df: pd.DataFrame) -> dict[tuple[str, str, tuple[str, ...]], pd.DataFrame]:
     """The records of method variants by (dataset, base method, swept options), each with the
     columns ``setting`` (:func:`setting_text`) and ``order`` (rank of the swept values: numbers
@@ -163,7 +168,7 @@ def sweep_tables(
             t.attrs["notes"] = [
                 (
                     f"{base} swept over {', '.join(keys)} on {ds}: {METRICS_TEXT.get(metric, metric)}, "
-                    f"macro average over categories, ± = sample std over (train seed, run) pairs; "
+                    f"{_over(d)}, ± = sample std over (train seed, run) pairs; "
                     f"seconds: mean over cells"
                 )
             ]
