@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fsad_bench.budgets import budget_tag
 from fsad_bench.errors import FsadError
 
 PROTOCOLS = ("aggregated", "individual", "training-free", "cross-dataset")
@@ -315,16 +314,12 @@ class Adapter(ABC):
         equal the ``paper`` preset's is called ``paper``), backbone architecture and weights kind
         (``imagenet`` | ``random-init`` | ``file``) for methods with an ``arch`` hyper-parameter,
         e.g. ``gaussian [paper, mobilenet_v2, file]``; other methods show their weights tag unless
-        it is ``imagenet`` / ``n/a``; after the preset, its measured budget status when it is not
-        calibrated (``capped −3.1``, ``uncalibrated``: :func:`fsad_bench.budgets.budget_tag`); then one tag per option set to a non-official value
+        it is ``imagenet`` / ``n/a``; then one tag per option set to a non-official value
         (:meth:`label_tags`) and one per option overridden in the suite (:meth:`override_tags`)."""
         tags = []
         if len(self.presets) > 1:
             same_as_paper = self.presets[self.preset_name] == self.presets.get("paper")
             tags.append("paper" if same_as_paper else self.preset_name)
-        budget = budget_tag(self.name, self.preset_name, self.hparams, self.presets[self.preset_name])
-        if budget:  # what the budget sweeps measured of this preset (fsad_bench.budgets)
-            tags.append(budget)
         arch = self.hparams.get("arch")
         if arch:
             tags.append(str(arch))

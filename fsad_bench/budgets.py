@@ -1,31 +1,34 @@
 """What is known about the training budget of each trained method's ``cpu`` preset: measured on real
 data by budget sweeps (``docs/budgets.md``), never part of a configuration.
 
-A label carries the result (:func:`budget_tag`): a ``calibrated`` preset needs no tag (its image AUROC
-lies within 1 point, and inside the ±, of the largest budget measured, on both datasets); a ``capped``
-one (the converged budget would cost more than 120 s of adaptation a cell on 2 cores) shows
+Tables carry it in the label (:func:`budget_tag`, applied when records are read for a report:
+:meth:`fsad_bench.records.store.ResultStore.current_records`): a ``calibrated`` preset needs no tag (its
+image AUROC lies within 1 point, and inside the ±, of the largest budget measured, on both datasets); a
+``capped`` one (the converged budget would cost more than 120 s of adaptation a cell on 2 cores) shows
 ``capped −x`` with its measured shortfall x (image AUROC points); an ``uncalibrated`` one says so. A
-suite that overrides one of the preset's budget knobs gets no tag: its override tags say the budget.
+configuration whose budget knobs differ from the calibrated values (another preset, a suite's
+``[options]``, a sweep variant) gets no tag: its label names the budget it ran.
 
 This module changes no number (``fsad_bench.identity.NOT_NUMBERS``): updating what is known about a
 budget relabels tables without invalidating a record."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
 @dataclass(frozen=True)
 class Budget:
-    """The measured status of one preset's training budget.
+    """The measured status of the ``cpu`` preset's training budget of one method.
 
-    ``knobs``: the options that set it (epochs, iterations, ...); ``shortfall``: image AUROC points
-    (%) below the largest measured budget, the worse of the two datasets (``capped`` only);
-    ``measured``: one line naming the sweep and where its numbers are."""
+    ``knobs``: the options that set it, with the preset's values (a test keeps them equal to the
+    adapter's ``cpu`` preset); ``shortfall``: image AUROC points (%) below the largest budget measured,
+    the worse of the datasets (``capped`` only); ``measured``: one line naming the sweep and where its
+    numbers are."""
 
     status: Literal["calibrated", "capped", "uncalibrated"]
-    knobs: tuple[str, ...]
+    knobs: dict[str, Any] = field(default_factory=dict)
     shortfall: float | None = None
     measured: str = ""
 
@@ -47,16 +50,22 @@ class Budget:
 CPU_BUDGETS: dict[str, Budget] = {}
 
 
-def budget_of(method: str, preset: str) -> Budget | None:
-    """The measured budget of ``method``'s ``preset`` (only ``cpu`` presets are calibrated; the
-    ``paper`` preset is the paper's budget); a variant ``base@option=value`` is looked up by its base."""
-    return CPU_BUDGETS.get(method.partition("@")[0]) if preset == "cpu" else None
-
-
-def budget_tag(method: str, preset: str, hparams: dict[str, Any], preset_values: dict[str, Any]) -> str | None:
-    """The label tag of a configuration: the preset's budget tag while every budget knob keeps the
-    preset's value, else None (the override tags name the budget run instead)."""
-    budget = budget_of(method, preset)
-    if budget is None or any(hparams.get(k) != preset_values.get(k) for k in budget.knobs):
+def budget_tag(method: str, preset: str | None, hparams: dict[str, Any]) -> str | None:
+    """The tag of a configuration run with ``preset`` and resolved ``hparams``: its ``cpu`` budget's tag
+    while every budget knob has the calibrated value, else None. A variant ``base@option=value`` is
+    looked up by its base (its knob values decide)."""
+    budget = CPU_BUDGETS.get(method.partition("@")[0]) if preset == "cpu" else None
+    if budget is None or any(hparams.get(k) != v for k, v in budget.knobs.items()):
         return None
     return budget.tag
+
+
+def with_budget_tag(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its budget tag after the preset in ``label`` (``diffnet+ [cpu, capped −3.1, ...]``);
+    the record itself when it has none (or its label does not start with ``<method> [cpu``)."""
+    tag = budget_tag(str(record.get("method", "")), record.get("preset"), record.get("hparams") or {})
+    label = str(record.get("label", ""))
+    head = f"{str(record.get('method', '')).partition('@')[0]} [cpu"
+    if tag is None or not label.startswith(head) or tag in label:
+        return record
+    return {**record, "label": head + ", " + tag + label[len(head) :]}

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fsad_bench.budgets import with_budget_tag
 from fsad_bench.errors import FsadError
 from fsad_bench.metrics import METRICS
 
@@ -306,9 +307,11 @@ class ResultStore:
         return _unreplaced(self.done_ids(), set(suite["cell_ids"]))
 
     def current_records(self) -> list[dict[str, Any]]:
-        """The valid records of the suite as last run (every valid record without ``cell_ids``)."""
+        """The valid records of the suite as last run (every valid record without ``cell_ids``), as reports
+        show them: a ``cpu`` budget that is not calibrated is tagged in ``label``
+        (:func:`fsad_bench.budgets.with_budget_tag`; the file keeps the label it was written with)."""
         ids = self.current_ids()
-        return [r for r in self.records() if ids is None or r["cell_id"] in ids]
+        return [with_budget_tag(r) for r in self.records() if ids is None or r["cell_id"] in ids]
 
     def frame(self, everything: bool = False) -> pd.DataFrame:
         """The valid records of the current suite as a DataFrame (one row per cell); ``everything``: all valid records."""
