@@ -269,7 +269,7 @@ class DiffNetPlus(DiffNet):
     paper = "DiffNet+ baseline of RegAD (Huang et al., ECCV 2022), after DifferNet (Rudolph et al., WACV 2021)"
     presets = {
         "paper": {**DiffNet.presets["paper"], "finetune_epochs": 192},
-        "cpu": {**DiffNet.presets["cpu"], "meta_epochs": 3, "sub_epochs": 8, "feature_pool": 8, "finetune_epochs": 16},
+        "cpu": {**DiffNet.presets["cpu"], "meta_epochs": 3, "sub_epochs": 8, "feature_pool": 8, "finetune_epochs": 48},
     }
     option_constraints = {**DiffNet.option_constraints, "finetune_epochs": [Interval(int, 0)]}
     adapt_only_options = frozenset({"finetune_epochs"})

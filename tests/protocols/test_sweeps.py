@@ -285,8 +285,18 @@ def test_calibrate_cpu_suite_is_valid():
     ):
         cls = registry.get(m)
         assert (
-            suite.sweep[m][key][0] == cls.presets["cpu"][key] and suite.sweep[m][key][-1] == cls.presets["paper"][key]
+            cls.presets["cpu"][key] in suite.sweep[m][key] and suite.sweep[m][key][-1] == cls.presets["paper"][key]
         )
+
+
+def test_the_calibration_as_run_is_shipped_and_valid():
+    """protocols/calibrate_cpu_run.toml: the reduced calibration whose numbers docs/budgets.md reports."""
+    suite = load_suite("calibrate_cpu_run")
+    assert suite.k == [2, 8] and suite.runs == 5 and suite.test_subset == 120 and suite.dataset == "real_pair"
+    expanded = expand_sweeps(suite)
+    assert {registry.base_name(m) for m in expanded.methods} == {"regad", "regad-l", "diffnet", "diffnet+", "tdg", "tdg+"}
+    for m in expanded.methods:
+        registry.get(m).check_options(expanded.options.get(m, {}))
 
 
 def test_a_variant_draws_its_base_methods_seeds(powered, make_suite, tmp_path):
