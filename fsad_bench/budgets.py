@@ -46,8 +46,24 @@ class Budget:
         return None if self.status == "calibrated" else "uncalibrated"
 
 
-#: method -> what the budget sweeps measured of its ``cpu`` preset (docs/budgets.md)
-CPU_BUDGETS: dict[str, Budget] = {}
+_RUN = "calibrate_cpu_run, 2026-12-02: bottle + magnetic tile, k 2/8, 5 draws, MobileNetV2 (docs/budgets.md)"
+
+#: method -> what the budget sweeps measured of its ``cpu`` preset (docs/budgets.md); only the knobs that
+#: set the training length were swept: resolution, widths and pre-training lengths stay the preset's
+CPU_BUDGETS: dict[str, Budget] = {
+    "regad": Budget("calibrated", {"epochs": 10}, measured=f"epochs 3/10/25, 1 training seed; {_RUN}"),
+    "regad-l": Budget(
+        "calibrated", {"epochs": 4}, measured=f"epochs 4/12/50 (longer training lowers AUROC), 1 seed; {_RUN}"
+    ),
+    "diffnet": Budget("calibrated", {"meta_epochs": 24}, measured=f"meta_epochs 4/16/24 (the paper's), 1 seed; {_RUN}"),
+    "diffnet+": Budget(
+        "calibrated", {"finetune_epochs": 48}, measured=f"finetune_epochs 16/48/96/192, 3 seeds at 48; {_RUN}"
+    ),
+    "tdg": Budget("calibrated", {"niter": 1000}, measured=f"niter 40/200/600/1000 (the paper's), 1 seed; {_RUN}"),
+    "tdg+": Budget(
+        "calibrated", {"adapt_niter": 1000}, measured=f"adapt_niter 20/100/300/1000 (the paper's), 1 seed; {_RUN}"
+    ),
+}
 
 
 def budget_tag(method: str, preset: str | None, hparams: dict[str, Any]) -> str | None:
