@@ -284,9 +284,7 @@ def test_calibrate_cpu_suite_is_valid():
         ("tdg+", "adapt_niter"),
     ):
         cls = registry.get(m)
-        assert (
-            cls.presets["cpu"][key] in suite.sweep[m][key] and suite.sweep[m][key][-1] == cls.presets["paper"][key]
-        )
+        assert cls.presets["cpu"][key] in suite.sweep[m][key] and suite.sweep[m][key][-1] == cls.presets["paper"][key]
 
 
 def test_the_calibration_as_run_is_shipped_and_valid():
@@ -294,7 +292,14 @@ def test_the_calibration_as_run_is_shipped_and_valid():
     suite = load_suite("calibrate_cpu_run")
     assert suite.k == [2, 8] and suite.runs == 5 and suite.test_subset == 120 and suite.dataset == "real_pair"
     expanded = expand_sweeps(suite)
-    assert {registry.base_name(m) for m in expanded.methods} == {"regad", "regad-l", "diffnet", "diffnet+", "tdg", "tdg+"}
+    assert {registry.base_name(m) for m in expanded.methods} == {
+        "regad",
+        "regad-l",
+        "diffnet",
+        "diffnet+",
+        "tdg",
+        "tdg+",
+    }
     for m in expanded.methods:
         registry.get(m).check_options(expanded.options.get(m, {}))
 
