@@ -51,9 +51,9 @@ _RUN = "calibrate_cpu_run, 2026-12-02: bottle + magnetic tile, k 2/8, 5 draws, M
 #: method -> what the budget sweeps measured of its ``cpu`` preset (docs/budgets.md); only the knobs that
 #: set the training length were swept: resolution, widths and pre-training lengths stay the preset's
 CPU_BUDGETS: dict[str, Budget] = {
-    "regad": Budget("calibrated", {"epochs": 10}, measured=f"epochs 3/10/25, 1 training seed; {_RUN}"),
+    "regad": Budget("calibrated", {"epochs": 10}, measured=f"epochs 3/10/25, 3 seeds at 10; {_RUN}"),
     "regad-l": Budget(
-        "calibrated", {"epochs": 4}, measured=f"epochs 4/12/50 (longer training lowers AUROC), 1 seed; {_RUN}"
+        "calibrated", {"epochs": 4}, measured=f"epochs 4/12/50 (longer training lowers AUROC), 3 seeds at 4; {_RUN}"
     ),
     "diffnet": Budget("calibrated", {"meta_epochs": 24}, measured=f"meta_epochs 4/16/24 (the paper's), 1 seed; {_RUN}"),
     "diffnet+": Budget(
