@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fsad_bench.registry import base_name
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -70,7 +72,7 @@ def budget_tag(method: str, preset: str | None, hparams: dict[str, Any]) -> str 
     """The tag of a configuration run with ``preset`` and resolved ``hparams``: its ``cpu`` budget's tag
     while every budget knob has the calibrated value, else None. A variant ``base@option=value`` is
     looked up by its base (its knob values decide)."""
-    budget = CPU_BUDGETS.get(method.partition("@")[0]) if preset == "cpu" else None
+    budget = CPU_BUDGETS.get(base_name(method)) if preset == "cpu" else None
     if budget is None or any(hparams.get(k) != v for k, v in budget.knobs.items()):
         return None
     return budget.tag
@@ -79,9 +81,10 @@ def budget_tag(method: str, preset: str | None, hparams: dict[str, Any]) -> str 
 def with_budget_tag(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with its budget tag after the preset in ``label`` (``diffnet+ [cpu, capped −3.1, ...]``);
     the record itself when it has none (or its label does not start with ``<method> [cpu``)."""
-    tag = budget_tag(str(record.get("method", "")), record.get("preset"), record.get("hparams") or {})
+    method = str(record.get("method", ""))
+    tag = budget_tag(method, record.get("preset"), record.get("hparams") or {})
     label = str(record.get("label", ""))
-    head = f"{str(record.get('method', '')).partition('@')[0]} [cpu"
+    head = f"{base_name(method)} [cpu"
     if tag is None or not label.startswith(head) or tag in label:
         return record
     return {**record, "label": head + ", " + tag + label[len(head) :]}
