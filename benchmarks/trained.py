@@ -188,10 +188,19 @@ def diffnet_work(name: str, preset: str, size: int, k: int, n_test: int, device:
     ]
 
 
-def tdg_work(name: str, preset: str, size: int, k: int, n_test: int, device: torch.device) -> list[tuple]:
-    a = registry.get(name)(AdapterConfig(device=str(device), weights="none", preset=preset, image_size=size))
+#: TDG as it was before 2026-12-02's changes, reachable in the current code: the float ``F.interpolate``
+#: pyramid (now the option ``pyramid_resize = "bicubic"``) and the per-tensor Adam loop (``foreach=False``)
+TDG_BEFORE = ({"pyramid_resize": "bicubic"}, {"foreach": False})
+
+
+def tdg_work(
+    name: str, preset: str, size: int, k: int, n_test: int, device: torch.device, before: bool = False
+) -> list[tuple]:
+    options, trainer_fields = TDG_BEFORE if before else ({}, {})
+    config = AdapterConfig(device=str(device), weights="none", preset=preset, image_size=size, options=options)
+    a = registry.get(name)(config)
     hp, model = a.hparams, a.model
-    trainer = dataclasses.replace(a.trainer, sample_every=0)  # the 1-in-150 sample forward left out
+    trainer = dataclasses.replace(a.trainer, sample_every=0, **trainer_fields)  # the 1-in-150 sample forward left out
     support = a.training_images(_images(k, size, 2, torch.device("cpu"))).to(device)
     reals = model.pyramid(support)
     ids = torch.arange(k, dtype=torch.float32, device=device)
@@ -229,9 +238,11 @@ WORK = {
 }
 
 
-def measure(method: str, preset: str, args, peak: dict, device: torch.device) -> list[dict]:
+def measure(method: str, preset: str, args, peak: dict, device: torch.device, before: bool = False) -> list[dict]:
     rows = []
-    for label, fn, per in WORK[method](method, preset, args.size, args.k, args.test, device):
+    extra = {"before": True} if before else {}
+    for label, fn, per in WORK[method](method, preset, args.size, args.k, args.test, device, **extra):
+        label = f"before: {label}" if before else label
         seconds = median_time(fn, device, args.repeat) / per
         flops, nbytes = count(fn)
         flops, nbytes = flops / per, nbytes / per
@@ -355,6 +366,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each row")
     ap.add_argument(
+        "--tdg-before",
+        action="store_true",
+        help="tdg / tdg+ also as before 2026-12-02 (float bicubic pyramid, per-tensor Adam), measured first",
+    )
+    ap.add_argument(
         "--adaptation",
         action="store_true",
         help="also time regad / diffnet+ / tdg+ adaptations beside the paper's RTX 3090 seconds, and "
@@ -384,7 +400,8 @@ def main(argv=None) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|")
     for preset in presets:
         for m in methods:
-            for r in measure(m, preset, args, peak, device):
+            variants = [True, False] if args.tdg_before and m in ("tdg", "tdg+") else [False]
+            for r in (r for before in variants for r in measure(m, preset, args, peak, device, before)):
                 rows.append(r)
                 print(
                     f"| {m} | {preset} | {r['what']} | {1e3 * r['seconds']:.1f} | {r['flops'] / 1e9:.3f} | "
@@ -412,7 +429,7 @@ def main(argv=None) -> list[dict]:
     first = [r for r in rows if r["preset"] == presets[0]]
     summary = []
     for m in methods:
-        mine = [r for r in first if r["method"] == m]
+        mine = [r for r in first if r["method"] == m and not r["what"].startswith("before: ")]
         floor = sum(r["floor"] for r in mine)
         summary.append(f"{m} {sum(r['seconds'] for r in mine) / floor:.1f}x")
     print("summary: " + " ".join(summary))

@@ -13,7 +13,10 @@ weights (seeded random init) are copied into the official nets through :data:`KE
 
 * ``transform t``: the 54 transformations (official ``apply_augmentation``: kornia warps) on the same image;
 * ``pyramid``: the official test pyramid (``adjust_scales2image`` + ``creat_reals_pyramid``: SinGAN's
-  Matlab-style ``imresize`` with 8-bit quantisation) against ours (``F.interpolate`` bicubic);
+  Matlab-style ``imresize`` with 8-bit quantisation) against ours (``pyramid_resize = "official"``,
+  :func:`~fsad_bench.methods.tdg.torch_model.matlab_resize`) and against the option ``"bicubic"``
+  (``F.interpolate``); ``chain upsampling``: official ``imresize(x, 1 / factor)`` cropped to the next side
+  (``draw_concat``) against our ``TDGHierarchy.up`` at every scale;
 * ``G_n`` / ``D_n``: generator and discriminator forwards at every scale n on identical inputs;
 * ``loss ...``: the cross-entropies of one official training iteration at scale 0
   (``train_single_scale`` with ``niter = 1``) against ours (``HierarchyTrainer._train_scale``),
@@ -65,6 +68,7 @@ from fsad_bench.methods.tdg import training as our_training
 from fsad_bench.methods.tdg.adapter import SAMPLE_EVERY
 from fsad_bench.methods.tdg.torch_model import (
     TDGHierarchy,
+    official_scale_factor,
     official_transformations,
     pyramid_sizes,
 )
@@ -182,7 +186,8 @@ def run(off, dtype: torch.dtype, size: int, k: int, seed: int) -> list[tuple[str
     opt = make_opt(off, size, k, transforms)
     sizes = pyramid_sizes(size, opt.min_size, opt.max_size, opt.scale_factor)
     torch.manual_seed(seed)
-    ours = TDGHierarchy(sizes, transforms, opt.nfc, opt.min_nfc, opt.num_layer)
+    factor = official_scale_factor(size, opt.min_size, opt.max_size, opt.scale_factor)
+    ours = TDGHierarchy(sizes, transforms, opt.nfc, opt.min_nfc, opt.num_layer, resize="official", factor=factor)
     g = torch.Generator().manual_seed(seed + 1)
     images = torch.rand(k, 3, size, size, generator=g, dtype=dtype)
 
@@ -198,6 +203,17 @@ def run(off, dtype: torch.dtype, size: int, k: int, seed: int) -> list[tuple[str
             if d[0] >= worst[0]:
                 worst = (*d, f"{t}")
         rows.append((f"transform (worst of {T}: {worst[2]})", worst[0], worst[1]))
+
+        # (1b) the generator chain's upsampling: official draw_concat's imresize(x, 1 / factor), cropped
+        opt.scale_factor = factor
+        worst = (0.0, 0.0)
+        for n in range(len(sizes) - 1):
+            x = torch.rand(k, 3, sizes[n], sizes[n], generator=g, dtype=dtype) * 2 - 1
+            up_off = torch.cat([off.functions.imresize(x[i : i + 1], 1 / factor, opt) for i in range(k)])
+            d = diff(up_off[:, :, : sizes[n + 1], : sizes[n + 1]].to(dtype), ours.up(x, n))
+            worst = max(worst, d)
+        rows.append(("chain upsampling: official imresize(1/f) + crop vs ours, every scale", *worst))
+        opt.scale_factor = opt.scale_factor_init
 
         # (2) per-scale forwards on identical inputs
         nets_off = []
@@ -402,7 +418,13 @@ def test_scores(off, opt, ours, images, g, dtype):
         worst = max(
             (diff(a, b) for p_off, p_ours in zip(pyramids, ours_pyr) for a, b in zip(p_off, p_ours)), key=lambda d: d[0]
         )
-        rows.append(("pyramid: official imresize (8-bit) vs ours (bicubic)", *worst))
+        rows.append(("pyramid: official imresize (8-bit) vs ours (pyramid_resize = official)", *worst))
+        bicubic = TDGHierarchy(ours.sizes, ours.transforms, 8, 8, 2)
+        worst = max(
+            (diff(a, b) for i, p_off in enumerate(pyramids) for a, b in zip(p_off, bicubic.pyramid(test[i : i + 1]))),
+            key=lambda d: d[0],
+        )
+        rows.append(("pyramid: official imresize vs option pyramid_resize = bicubic", *worst))
     # scores on the official pyramid
     scores = []
     saved_pyr = ours.pyramid

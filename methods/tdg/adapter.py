@@ -10,10 +10,12 @@ import torch
 
 from fsad_bench.adapter import Adapter, Interval, OneOf, TrainSet
 from fsad_bench.methods.tdg.torch_model import (
+    PYRAMID_RESIZES,
     PYRAMID_SIDES,
     TRANSFORMATION_SETS,
     TDGHierarchy,
     clahe_rgb,
+    official_scale_factor,
     pyramid_sizes,
 )
 from fsad_bench.methods.tdg.training import HierarchyTrainer
@@ -44,6 +46,9 @@ _PAPER = {
     "clahe_clip": 2.0,
     "clahe_tiles": 8,
     "pyramid_sides": "official",
+    # official FewShot_models/imresize.py: every pyramid level and every upsampling of the generator chains
+    # through SinGAN's 8-bit Matlab-style bicubic imresize ("bicubic": F.interpolate in float, labelled)
+    "pyramid_resize": "official",
     "sample_forward": True,
     # official Dataloaders/mvtec_loader.py: T.Resize(128, Image.ANTIALIAS) (= LANCZOS), then
     # T.CenterCrop(128), a no-op on square images (the only ones TDG's loader is written for)
@@ -95,6 +100,7 @@ _CONSTRAINTS = {
     "clahe_clip": [Interval(float, 0)],
     "clahe_tiles": [Interval(int, 1)],
     "pyramid_sides": [OneOf(*PYRAMID_SIDES)],
+    "pyramid_resize": [OneOf(*PYRAMID_RESIZES)],
     "sample_forward": [bool],
     "resize": [OneOf("lanczos", "bilinear")],
 }
@@ -106,18 +112,29 @@ class TDG(Adapter):
     name = "tdg"
     protocol = "individual"
     paper = "Sheynin, Benaim, Wolf: A Hierarchical Transformation-Discriminating Generative Model for FSAD (ICCV 2021)"
-    labelled_options = frozenset({"clahe", "pyramid_sides", "sample_forward"})
+    labelled_options = frozenset({"clahe", "pyramid_sides", "pyramid_resize", "sample_forward"})
     presets = {"paper": dict(_PAPER), "cpu": dict(_CPU)}
     option_constraints = dict(_CONSTRAINTS)
 
     def __init__(self, config=None):
         super().__init__(config)
         hp = self.hparams
-        sizes = pyramid_sizes(
-            self.config.image_size, hp["min_size"], hp["max_size"], hp["scale_factor"], hp["pyramid_sides"]
-        )
+        if hp["pyramid_resize"] == "official" and hp["pyramid_sides"] != "official":
+            raise ValueError(
+                "tdg: pyramid_resize = 'official' sizes the pyramid itself; it needs pyramid_sides = 'official'"
+            )
+        size, lo, hi, f = self.config.image_size, hp["min_size"], hp["max_size"], hp["scale_factor"]
+        sizes = pyramid_sizes(size, lo, hi, f, hp["pyramid_sides"])
         transforms = TRANSFORMATION_SETS[hp["transforms"]]()
-        self.model = TDGHierarchy(sizes, transforms, hp["nfc"], hp["min_nfc"], hp["num_layer"]).to(self.device)
+        self.model = TDGHierarchy(
+            sizes,
+            transforms,
+            hp["nfc"],
+            hp["min_nfc"],
+            hp["num_layer"],
+            resize=hp["pyramid_resize"],
+            factor=official_scale_factor(size, lo, hi, f),
+        ).to(self.device)
         self.trainer = HierarchyTrainer(
             lr_g=hp["lr_g"],
             lr_d=hp["lr_d"],
@@ -145,6 +162,7 @@ class TDG(Adapter):
     def label_tags(self) -> list[str]:
         tags = [] if self.hparams["clahe"] else ["clahe=off"]
         tags += [] if self.hparams["pyramid_sides"] == "official" else [f"sides={self.hparams['pyramid_sides']}"]
+        tags += [] if self.hparams["pyramid_resize"] == "official" else [f"pyramid={self.hparams['pyramid_resize']}"]
         return tags + ([] if self.hparams["sample_forward"] else ["sample_forward=off"])
 
     def fit(self, train: TrainSet) -> None:
@@ -183,7 +201,7 @@ class TDGPlus(TDG):
     name = "tdg+"
     protocol = "aggregated"
     paper = "TDG with aggregated training, as compared in RegAD (Huang et al., ECCV 2022)"
-    labelled_options = frozenset({"clahe", "pyramid_sides", "sample_forward", "pretrain_index"})
+    labelled_options = frozenset({"clahe", "pyramid_sides", "pyramid_resize", "sample_forward", "pretrain_index"})
     presets = {
         "paper": {
             **_PAPER,

@@ -295,6 +295,73 @@ def pyramid_sizes(
     return [math.ceil(top * factor ** (stop_scale - i) - 1e-6) for i in range(stop_scale + 1)]
 
 
+def official_scale_factor(image_size: int, min_size: int, max_size: int, scale_factor: float) -> float:
+    """The factor between scales that the official code recomputes (``adjust_scales2image``):
+    ``(min_size / top)^(1 / stop_scale)`` in float64 (1.0 for a single scale)."""
+    num_scales = math.ceil(math.log(min_size / image_size, scale_factor)) + 1
+    stop_scale = num_scales - math.ceil(math.log(min(max_size, image_size) / image_size, scale_factor))
+    top = math.ceil(image_size * min(max_size / image_size, 1.0))
+    if stop_scale <= 0 or min_size >= top:
+        return 1.0
+    return math.pow(min_size / top, 1 / stop_scale)
+
+
+PYRAMID_RESIZES = ("official", "bicubic")
+
+
+def _cubic(x: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic kernel (a = -0.5), Matlab's ``imresize`` ``"cubic"``."""
+    a = x.abs()
+    return (1.5 * a**3 - 2.5 * a**2 + 1) * (a <= 1) + (-0.5 * a**3 + 2.5 * a**2 - 4 * a + 2) * ((a > 1) & (a <= 2))
+
+
+@functools.lru_cache(maxsize=64)
+def _matlab_matrix(in_len: int, out_len: int, scale: float) -> torch.Tensor:
+    """Dense ``(out_len, in_len)`` float64 resampling matrix of a Matlab-style bicubic resize along one axis.
+
+    Output pixel ``p`` (1-based) reads input position ``p / scale + (1 - 1 / scale) / 2``; when downscaling the
+    kernel is stretched by ``1 / scale`` (antialiasing). The taps past the far border are mirrored; taps before
+    the near border get weight 0 and the rest are renormalised: what SinGAN's ``imresize`` (used by the official
+    TDG code) computes on x86, where numpy casts a negative float tap index to a huge unsigned one.
+    """
+    antialias = scale < 1
+    width = 4.0 / scale if antialias else 4.0
+    match = torch.arange(1, out_len + 1, dtype=torch.float64) / scale + 0.5 * (1 - 1.0 / scale)
+    left = torch.floor(match - width / 2)
+    taps = left[:, None] + torch.arange(math.ceil(width) + 2, dtype=torch.float64) - 1  # (out, taps)
+    dist = match[:, None] - taps - 1
+    w = scale * _cubic(scale * dist) if antialias else _cubic(dist)
+    w = w.masked_fill(taps < 0, 0.0)
+    total = w.sum(1, keepdim=True)
+    w = w / torch.where(total == 0, torch.ones_like(total), total)
+    mirror = torch.cat([torch.arange(in_len), torch.arange(in_len - 1, -1, -1)])
+    idx = mirror[taps.clamp_min(0).long() % (2 * in_len)]
+    return torch.zeros(out_len, in_len, dtype=torch.float64).scatter_add_(1, idx, w)
+
+
+def matlab_resize(x: torch.Tensor, scale: float, size: int | None = None) -> torch.Tensor:
+    """SinGAN's ``imresize`` (the official TDG pyramid and generator-chain resize), re-implemented in torch.
+
+    ``x`` ``(B, C, H, W)`` in [-1, 1] -> ``(B, C, h, w)`` in [-1, 1], ``h = ceil(H · scale)`` (in float64), cropped to
+    ``size`` (top-left, as the official chain crops) when given. As officially: the image is first truncated to
+    8 bits (``uint8(255 · (x + 1) / 2)`` in ``x``'s dtype), resized with the bicubic kernel in float64 (rows, then
+    columns; antialiased when ``scale < 1``; identity when ``scale == 1``), divided by 255, rounded to float32 and
+    mapped back to [-1, 1] (clamped); returned in ``x``'s dtype. No gradient flows through it (8-bit truncation).
+    """
+    q = torch.floor(255 * ((x.detach() + 1) / 2).clamp(0, 1)).to(torch.float64)
+    if scale != 1.0:
+        h, w = x.shape[-2:]
+        oh, ow = math.ceil(h * scale), math.ceil(w * scale)
+        mh = _matlab_matrix(h, oh, scale).to(q.device)
+        mw = _matlab_matrix(w, ow, scale).to(q.device)
+        q = torch.einsum("oh,bchw->bcow", mh, q)
+        q = torch.einsum("bcow,pw->bcop", q, mw)
+    if size is not None:
+        q = q[..., :size, :size]
+    out = ((q / 255).to(torch.float32) - 0.5) * 2
+    return out.clamp(-1, 1).to(x.dtype)
+
+
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size:
         return x
@@ -329,10 +396,25 @@ class TDGHierarchy(nn.Module):
     """
 
     def __init__(
-        self, sizes: list[int], transforms: list[Transformation], width: int, min_width: int, num_layer: int = 5
+        self,
+        sizes: list[int],
+        transforms: list[Transformation],
+        width: int,
+        min_width: int,
+        num_layer: int = 5,
+        resize: str = "bicubic",
+        factor: float | None = None,
     ):
         super().__init__()
+        if resize not in PYRAMID_RESIZES:
+            raise ValueError(f"resize must be one of {PYRAMID_RESIZES}, got {resize!r}")
+        if resize == "official" and factor is None:
+            raise ValueError("resize='official' needs the official scale factor (official_scale_factor)")
         self.sizes = sizes
+        #: ``"official"``: :func:`matlab_resize` (8-bit, Matlab-style bicubic) for the pyramid and the chains'
+        #: upsampling, as the official code; ``"bicubic"``: ``F.interpolate`` bicubic (antialiased) in float
+        self.resize = resize
+        self.factor = factor
         self.transforms = transforms
         T = len(transforms)
         widths = [min(width * 2 ** (n // 4), 128) for n in range(len(sizes))]
@@ -351,6 +433,10 @@ class TDGHierarchy(nn.Module):
     def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(B, 3, S, S)`` in [0, 1] -> list of ``(B, 3, s_n, s_n)`` in [-1, 1], coarsest first."""
         x = (images * 2 - 1).clamp(-1, 1)
+        if self.resize == "official":  # functions.adjust_scales2image + creat_reals_pyramid
+            top = matlab_resize(x, min(self.sizes[-1] / x.shape[-1], 1.0))
+            stop = len(self.sizes) - 1
+            return [matlab_resize(top, math.pow(self.factor, stop - i)) for i in range(stop + 1)]
         return [_resize(x, s).clamp(-1, 1) for s in self.sizes]
 
     @staticmethod
@@ -361,7 +447,10 @@ class TDGHierarchy(nn.Module):
         return z.expand(b, 3, size, size)
 
     def up(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """``(B, 3, s_n, s_n)`` -> ``(B, 3, s_{n+1}, s_{n+1})`` (bicubic)."""
+        """``(B, 3, s_n, s_n)`` -> ``(B, 3, s_{n+1}, s_{n+1})``: official ``draw_concat``'s
+        ``imresize(x, 1 / factor)`` cropped to the next side, or bicubic ``F.interpolate``."""
+        if self.resize == "official":
+            return matlab_resize(x, 1 / self.factor, self.sizes[n + 1])
         return _resize(x, self.sizes[n + 1])
 
     @torch.no_grad()

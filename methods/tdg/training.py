@@ -28,7 +28,9 @@ class HierarchyTrainer:
     ``sample_every``: every that many iterations (0: never), and at the last one, one more generator
     forward of the reconstruction input in training mode, as the official loop's sample-saving step
     (``plt.imsave(... G(z_opt) ...)`` at epochs 0, 150, 300, …, niter − 1): it updates only G's BatchNorm
-    running statistics, which the coarser-scale chains use in eval mode.
+    running statistics, which the coarser-scale chains use in eval mode. ``foreach``: Adam's multi-tensor
+    implementation (the same element-wise ops in the same order, bit-identical to the per-tensor loop on
+    CPU, test ``test_foreach_adam_is_bit_identical``; ≈ 2x faster steps on these nets' many small tensors).
     """
 
     lr_g: float
@@ -43,6 +45,7 @@ class HierarchyTrainer:
     noise_amp: float
     transforms_per_step: int | None = None
     sample_every: int = 0
+    foreach: bool = True
 
     def train(
         self,
@@ -108,8 +111,8 @@ class HierarchyTrainer:
         z_rec_all = model.z_rec[n].expand(len(real_all), 3, -1, -1)
         noisy_rec_all = amps[:, n].view(-1, 1, 1, 1) * z_rec_all + rec_all
         G.train(), D.train()
-        opt_d = torch.optim.Adam(D.parameters(), lr=self.lr_d, betas=(self.beta1, 0.999))
-        opt_g = torch.optim.Adam(G.parameters(), lr=self.lr_g, betas=(self.beta1, 0.999))
+        opt_d = torch.optim.Adam(D.parameters(), lr=self.lr_d, betas=(self.beta1, 0.999), foreach=self.foreach)
+        opt_g = torch.optim.Adam(G.parameters(), lr=self.lr_g, betas=(self.beta1, 0.999), foreach=self.foreach)
         sched_d = torch.optim.lr_scheduler.MultiStepLR(opt_d, [self.milestone_d], gamma=self.gamma)
         sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, [self.milestone_g], gamma=self.gamma)
         size = model.sizes[n]
