@@ -2,8 +2,8 @@
 
 Files: PNG, JPEG, BMP, TIFF (any case of the suffix). Images are returned as float tensors in
 [0, 1] of shape ``(3, S, S)`` (grayscale replicated; 16-bit scaled by 65535, not clipped; alpha
-dropped; resized with a named filter of :data:`RESIZE_FILTERS`, default bilinear; PIL's filters
-antialias when they shrink); masks as ``(S, S)`` float tensors with values in {0, 1}
+dropped; resized with a named filter of :data:`RESIZE_FILTERS`, default bilinear, to the square or, with
+``"<filter>-crop"``, shorter side first and the centre square kept; PIL's filters antialias when they shrink); masks as ``(S, S)`` float tensors with values in {0, 1}
 (nearest resize); a mask must have its image's size (FsadError naming both files otherwise).
 
 Errors: any failure to read or decode a file (unknown format, truncated data, a mode that cannot
@@ -38,6 +38,34 @@ RESIZE_FILTERS = {
     "lanczos": InterpolationMode.LANCZOS,  # PIL's ANTIALIAS (RegAD, TDG loaders)
     "bicubic": InterpolationMode.BICUBIC,  # InCTRL's / CLIP's Resize(..., BICUBIC)
 }
+
+#: Suffix of a resize name that keeps the aspect ratio: ``"<filter>-crop"`` resizes the shorter side to the
+#: target size with ``<filter>`` and keeps the centre square (torchvision ``Resize(size)`` +
+#: ``CenterCrop(size)``: the official InCTRL and TDG loaders); a plain filter name squashes the image to the
+#: square. Identical on square images.
+CROP_SUFFIX = "-crop"
+
+
+def parse_resize(resize: str) -> tuple[str, bool]:
+    """``resize`` -> (filter of :data:`RESIZE_FILTERS`, centre crop?); FsadError for an unknown name."""
+    base = resize[: -len(CROP_SUFFIX)] if resize.endswith(CROP_SUFFIX) else resize
+    if base not in RESIZE_FILTERS:
+        valid = ", ".join([*RESIZE_FILTERS, *(f + CROP_SUFFIX for f in RESIZE_FILTERS)])
+        raise FsadError(f"unknown resize filter {resize!r} (valid: {valid})")
+    return base, base != resize
+
+
+def crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The centre crop of a ``"<filter>-crop"`` resize of a ``width`` x ``height`` image to ``size``, as
+    fractions of the original frame: ``(left, top, right, bottom)`` in [0, 1] (``(0, 0, 1, 1)`` when square).
+    Follows torchvision: the shorter side becomes ``size``, the longer ``int(size · long / short)``, and the
+    crop starts at ``int(round((side - size) / 2))``."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    nw, nh = (size, new_long) if width <= height else (new_long, size)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return left / nw, top / nh, (left + size) / nw, (top + size) / nh
+
 
 #: Largest image accepted, in pixels (width x height): Pillow's default ``Image.MAX_IMAGE_PIXELS``,
 #: written out so that a Pillow release changing its default does not change what fsad-bench accepts.
@@ -130,12 +158,16 @@ def image_size_of(path: Path) -> tuple[int, int]:
 
 def load_image(path: Path, size: int, resize: str = "bilinear") -> torch.Tensor:
     """Read an RGB image resized to ``(3, size, size)`` in [0, 1] with the filter ``resize`` (a key of
-    :data:`RESIZE_FILTERS`); FsadError if unreadable."""
-    if resize not in RESIZE_FILTERS:
-        raise FsadError(f"unknown resize filter {resize!r} (valid: {', '.join(RESIZE_FILTERS)})")
+    :data:`RESIZE_FILTERS`, squashing the image to the square, or ``"<filter>-crop"``: shorter side to
+    ``size``, centre square kept, :func:`crop_box`); FsadError if unreadable."""
+    base, crop = parse_resize(resize)
     with open_image(path) as im:
         rgb = _as_rgb(im)
-        rgb = TF.resize(rgb, [size, size], interpolation=RESIZE_FILTERS[resize], antialias=True)
+        if crop:
+            rgb = TF.resize(rgb, size, interpolation=RESIZE_FILTERS[base], antialias=True)
+            rgb = TF.center_crop(rgb, [size, size])
+        else:
+            rgb = TF.resize(rgb, [size, size], interpolation=RESIZE_FILTERS[base], antialias=True)
         return TF.to_tensor(rgb)
 
 

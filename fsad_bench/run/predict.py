@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fsad_bench.components.feature_cache import CachedBackbone
 from fsad_bench.data.image_cache import load_cached_images
-from fsad_bench.data.images import load_mask
+from fsad_bench.data.images import crop_box, image_size_of, load_mask, parse_resize
 from fsad_bench.errors import FsadError
 from fsad_bench.run.devices import sync
 
@@ -88,6 +88,22 @@ def _to_size(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
+def _uncrop(maps: torch.Tensor, paths: list[Path], out_size: int) -> torch.Tensor:
+    """Maps ``(B, s, s)`` of centre-cropped images (``"<filter>-crop"`` resizes) -> ``(B, out_size, out_size)``
+    in the full frame the masks use (the whole image squashed to the square): each map resized bilinearly onto
+    its crop's rectangle (:func:`~fsad_bench.data.images.crop_box`); outside it, where the method saw nothing,
+    the map's minimum (its most normal value). A square image's crop is the whole frame (plain resize)."""
+    out = []
+    for m, p in zip(maps, paths):
+        left, top, right, bottom = crop_box(*image_size_of(p), m.shape[-1])
+        x0, x1, y0, y1 = (round(v * out_size) for v in (left, right, top, bottom))
+        full = torch.full((out_size, out_size), float(m.min()))
+        box = F.interpolate(m[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+        full[y0:y1, x0:x1] = box[0, 0]
+        out.append(full)
+    return torch.stack(out) if out else maps.new_zeros(0, out_size, out_size)
+
+
 def predict_stream(
     adapter,
     paths: list[Path],
@@ -139,7 +155,8 @@ def predict_stream(
         if cold is None:
             cold = dt / len(images)
         scores[i : i + len(images)] = s.numpy()
-        maps[i : i + len(images)] = _to_size(m, out_size).numpy()
+        full = _uncrop(m, paths[i : i + batch], out_size) if parse_resize(resize)[1] else _to_size(m, out_size)
+        maps[i : i + len(images)] = full.numpy()
     return scores, maps, float(cold or 0.0), seconds / max(n, 1)
 
 

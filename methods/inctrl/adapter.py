@@ -36,8 +36,8 @@ class InCTRL(Adapter):
             "loss_on": "as_logits",
             "feature_cache_mb": 4096,
             "encode_batch": 32,
-            # engine_IC.py: transforms.Resize(240, BICUBIC) of the original, CenterCrop(240)
-            "resize": "bicubic",
+            # engine_IC.py / engine_test.py: transforms.Resize(240, BICUBIC) of the original, CenterCrop(240)
+            "resize": "bicubic-crop",
         },
         "cpu": {
             "clip_model": "ViT-B-32",
@@ -53,7 +53,7 @@ class InCTRL(Adapter):
             "loss_on": "as_logits",
             "feature_cache_mb": 1024,
             "encode_batch": 16,
-            "resize": "bicubic",
+            "resize": "bicubic-crop",
         },
     }
     option_constraints = {
@@ -70,12 +70,14 @@ class InCTRL(Adapter):
         "loss_on": [OneOf("as_logits", "probability")],
         "feature_cache_mb": [Interval(float, 0)],
         "encode_batch": [Interval(int, 1)],
-        "resize": [OneOf("bicubic", "bilinear")],
+        "resize": [OneOf("bicubic-crop", "bicubic", "bilinear")],
     }
 
     @property
     def resize_filter(self) -> str:
-        """``"bicubic"`` (the official ``Resize(240, BICUBIC)``); ``"bilinear"`` by option (labelled)."""
+        """``"bicubic-crop"`` (the official ``Resize(240, BICUBIC)`` of the shorter side + ``CenterCrop(240)``;
+        the maps are put back into the full frame by the run layer); ``"bicubic"`` (squashed to the square)
+        or ``"bilinear"`` by option (labelled)."""
         return str(self.hparams["resize"])
 
     @property

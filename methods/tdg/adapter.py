@@ -50,9 +50,9 @@ _PAPER = {
     # through SinGAN's 8-bit Matlab-style bicubic imresize ("bicubic": F.interpolate in float, labelled)
     "pyramid_resize": "official",
     "sample_forward": True,
-    # official Dataloaders/mvtec_loader.py: T.Resize(128, Image.ANTIALIAS) (= LANCZOS), then
-    # T.CenterCrop(128), a no-op on square images (the only ones TDG's loader is written for)
-    "resize": "lanczos",
+    # official Dataloaders/mvtec_loader.py: T.Resize(128, Image.ANTIALIAS) (= LANCZOS) of the shorter side,
+    # then T.CenterCrop(128) (a no-op on square images; "lanczos": squashed to the square, labelled)
+    "resize": "lanczos-crop",
 }
 _CPU = {
     **_PAPER,
@@ -102,7 +102,7 @@ _CONSTRAINTS = {
     "pyramid_sides": [OneOf(*PYRAMID_SIDES)],
     "pyramid_resize": [OneOf(*PYRAMID_RESIZES)],
     "sample_forward": [bool],
-    "resize": [OneOf("lanczos", "bilinear")],
+    "resize": [OneOf("lanczos-crop", "lanczos", "bilinear")],
 }
 
 
@@ -188,7 +188,8 @@ class TDG(Adapter):
 
     @property
     def resize_filter(self) -> str:
-        """``"lanczos"`` in both presets (the official loader's ``Image.ANTIALIAS``); ``"bilinear"`` by option."""
+        """``"lanczos-crop"`` in both presets (the official loader's ``Resize(128, Image.ANTIALIAS)`` of the
+        shorter side + ``CenterCrop(128)``); ``"lanczos"`` (squashed) or ``"bilinear"`` by option (labelled)."""
         return str(self.hparams["resize"])
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from torchvision.transforms import functional as TF
 from fsad_bench import registry
 from fsad_bench.adapter import Adapter, AdapterConfig
 from fsad_bench.data.image_cache import load_cached_image
-from fsad_bench.data.images import load_image, load_images
+from fsad_bench.data.images import crop_box, load_image, load_images
 from fsad_bench.errors import FsadError
 from fsad_bench.methods.diffnet.adapter import DiffNet
 from fsad_bench.methods.diffnet.torch_model import rotate_nearest_uint8
@@ -211,7 +211,7 @@ def test_resize_filter_is_pils(tmp_path):
     assert RegAD(AdapterConfig(weights="none", preset="cpu", image_size=64)).resize_filter == "bilinear"
     assert MeanDiff().resize_filter == "bilinear"
     for preset in ("paper", "cpu"):  # the official loaders' filters: TDG Lanczos (ANTIALIAS)
-        assert TDG(AdapterConfig(weights="none", preset=preset, image_size=64)).resize_filter == "lanczos"
+        assert TDG(AdapterConfig(weights="none", preset=preset, image_size=64)).resize_filter == "lanczos-crop"
     bil = TDG(AdapterConfig(weights="none", preset="cpu", image_size=64, options={"resize": "bilinear"}))
     assert bil.resize_filter == "bilinear" and "resize=bilinear" in bil.label
 
@@ -221,8 +221,51 @@ def test_inctrl_loads_bicubic_at_the_clips_side():
     from fsad_bench.methods.inctrl.adapter import InCTRL
 
     a = InCTRL(AdapterConfig(weights="none", image_size=64, options={"clip_model": "tiny"}))
-    assert a.resize_filter == "bicubic" and a.input_size == a.clip.image_size == 64
-    assert InCTRL.presets["paper"]["resize"] == "bicubic" and InCTRL.presets["paper"]["clip_model"].endswith("-240")
+    assert a.resize_filter == "bicubic-crop" and a.input_size == a.clip.image_size == 64
+    assert InCTRL.presets["paper"]["resize"] == "bicubic-crop" and InCTRL.presets["paper"]["clip_model"].endswith(
+        "-240"
+    )
+    squashed = InCTRL(AdapterConfig(weights="none", image_size=64, options={"clip_model": "tiny", "resize": "bicubic"}))
+    assert squashed.resize_filter == "bicubic" and "resize=bicubic" in squashed.label
+
+
+@pytest.mark.parametrize("shape", [(40, 52), (52, 40), (33, 33)])
+def test_crop_resize_is_torchvisions_resize_then_center_crop(tmp_path, shape):
+    """``"<filter>-crop"``: the official InCTRL / TDG loaders' ``Resize(size)`` + ``CenterCrop(size)``."""
+    h, w = shape
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    pil = Image.open(path).convert("RGB")
+    official = TF.center_crop(TF.resize(pil, 17, interpolation=TF.InterpolationMode.BICUBIC), [17, 17])
+    assert torch.equal(load_image(path, 17, "bicubic-crop"), TF.to_tensor(official))
+    if h == w:  # a square image: the crop is the whole frame, the same pixels as the squashing resize
+        assert torch.equal(load_image(path, 17, "bicubic-crop"), load_image(path, 17, "bicubic"))
+        assert crop_box(w, h, 17) == (0.0, 0.0, 1.0, 1.0)
+    else:
+        assert not torch.equal(load_image(path, 17, "bicubic-crop"), load_image(path, 17, "bicubic"))
+        left, top, right, bottom = crop_box(w, h, 17)
+        assert (left > 0) == (w > h) and (top > 0) == (h > w) and 0 < right <= 1 and 0 < bottom <= 1
+    cache = tmp_path / "cache"
+    for _ in range(2):  # its own cache entry, read back bit for bit
+        assert torch.equal(load_cached_image(path, 17, cache, "bicubic-crop"), load_image(path, 17, "bicubic-crop"))
+    with pytest.raises(FsadError, match="bicubic-crop"):
+        load_image(path, 17, "nearest-crop")
+
+
+def test_uncrop_puts_the_map_on_its_crop_and_the_minimum_around_it(tmp_path):
+    from fsad_bench.run.predict import _to_size, _uncrop
+
+    paths = []
+    for name, (h, w) in {"wide": (20, 40), "square": (30, 30)}.items():
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(paths[-1])
+    maps = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) + 1
+    full = _uncrop(maps, paths, 16)
+    assert full.shape == (2, 16, 16)
+    assert torch.equal(full[1], _to_size(maps[1:], 16)[0])  # square: the plain resize
+    assert torch.all(full[0][:, :4] == maps[0].min()) and torch.all(full[0][:, 12:] == maps[0].min())
+    inner = torch.nn.functional.interpolate(maps[:1, None], size=(16, 8), mode="bilinear", align_corners=False)
+    assert torch.equal(full[0][:, 4:12], inner[0, 0])
 
 
 @pytest.mark.parametrize("spy", [LanczosSpy], indirect=True)
