@@ -204,3 +204,18 @@ def test_declared_options(presets_declared):
         DiffNet.check_options({"finetune_epochs": 3})
     with pytest.raises(FsadError, match="betas"):
         DiffNet(AdapterConfig(weights="none", options={"betas": [0.8, 0.8, 0.8]}))
+
+
+def test_foreach_adam_is_bit_identical(category, monkeypatch):
+    """``training.ADAM_FOREACH`` (a speed-up, not an option): the same flow as the per-tensor Adam loop."""
+    from fsad_bench.methods.diffnet import training
+
+    train, _ = category
+    states = []
+    for foreach in (False, True):
+        monkeypatch.setattr(training, "ADAM_FOREACH", foreach)
+        a = new(DiffNet, config(weight_decay=1e-5))
+        a.fit({"c": TensorImages(train)})
+        states.append({k: v.clone() for k, v in a.flow.state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
