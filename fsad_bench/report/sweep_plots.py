@@ -124,8 +124,7 @@ def plot_sweep(
             )
             for o in series
         ]
-    if trained:
-        handles.append(Line2D([], [], color="grey", marker="o", label="fit (aggregated)"))
+    fit_handle = [Line2D([], [], color="grey", marker="o", label="fit (aggregated)")] if trained else []
     for ax in axes:
         if log:
             ax.set_xscale("log")
@@ -134,7 +133,9 @@ def plot_sweep(
         ax.set_xlabel(keys[-1], fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-        ax.legend(handles=handles, fontsize=6, loc="best")
+        ax.legend(
+            handles=handles + (fit_handle if ax is axes[-1] else []), fontsize=6, loc="best"
+        )  # grey: seconds only
     fig.suptitle(f"{dataset}: {base} swept over {', '.join(keys)}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -150,7 +150,7 @@ def forget_models(planned: Plan) -> None:
                     suite,
                     train_ds,
                     held_out,
-                    group[0].fit_hash or group[0].config_hash,
+                    group[0].fit_config_hash,
                     t,
                     shot,
                 )

@@ -54,6 +54,11 @@ class Cell:
     fit_hash: str = ""
 
     @property
+    def fit_config_hash(self) -> str:
+        """The hash a shared fit is cached and seeded under: :attr:`fit_hash`, else :attr:`config_hash`."""
+        return self.fit_hash or self.config_hash
+
+    @property
     def cell_id(self) -> str:
         key = (
             f"{self.method}|{self.protocol}|{self.dataset}|{self.category}|{self.k}|{self.run}|{self.config_hash}"
