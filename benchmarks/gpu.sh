@@ -23,11 +23,11 @@ if [ "$DEVICE" = "cuda" ]; then
   run "$PY" benchmarks/adaptation.py --k 8 --size 224 --skip-loop --device cuda
   run "$PY" benchmarks/trained.py --preset paper --size 224 --k 8 --test 32 --repeat 3 --device cuda \
       --adaptation --adapt-fraction 0.05 --profile
-  run "$PY" benchmarks/trained.py --preset cpu --size 128 --k 2 --repeat 3 --device cuda
+  run "$PY" benchmarks/trained.py --preset cpu --size 128 --k 2 --repeat 3 --device cuda --before
 else
   STEP_LIMIT=120
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   run "$PY" benchmarks/trained.py --preset cpu --size 64 --k 1 --test 2 --repeat 1 --threads 1 --device cpu \
-      --methods regad,diffnet+,tdg+ --adaptation --adapt-fraction 0.05
+      --methods regad,diffnet+,tdg+ --adaptation --adapt-fraction 0.05 --before
 fi
 echo "gpu.sh: done on $DEVICE" | tee -a "$LOG"

@@ -20,7 +20,7 @@ of a large copy. Time: median of ``--repeat`` runs after one warm-up. Weights: r
 (``weights="none"``); inputs: random images of the real shape.
 
 Usage: python benchmarks/trained.py [--preset cpu|paper|cpu,paper] [--size 128] [--k 2] [--threads 1]
-       [--device cpu] [--methods regad,...] [--profile] [--project]
+       [--device cpu] [--methods regad,...] [--profile] [--adaptation] [--before]
 The last line is ``summary: <method> <ratio>x ...``: the method's summed time over its summed floor at
 the first preset given (default ``cpu``).
 """
@@ -159,7 +159,11 @@ def regad_work(name: str, preset: str, size: int, k: int, n_test: int, device: t
     ]
 
 
-def diffnet_work(name: str, preset: str, size: int, k: int, n_test: int, device: torch.device) -> list[tuple]:
+def diffnet_work(
+    name: str, preset: str, size: int, k: int, n_test: int, device: torch.device, before: bool = False
+) -> list[tuple]:
+    """``before``: the flow step with the per-tensor Adam loop (before 2026-12-02: ``ADAM_FOREACH = False``)."""
+    from fsad_bench.methods.diffnet import training
     from fsad_bench.methods.diffnet.torch_model import nll_per_sample
 
     a = registry.get(name)(AdapterConfig(device=str(device), weights="none", preset=preset, image_size=size))
@@ -174,6 +178,7 @@ def diffnet_work(name: str, preset: str, size: int, k: int, n_test: int, device:
         betas=tuple(hp["betas"]),
         eps=hp["eps"],
         weight_decay=hp["weight_decay"],
+        foreach=False if before else training.ADAM_FOREACH,
     )
 
     def step():
@@ -227,6 +232,9 @@ def tdg_work(
     work.append(("test image", lambda: a.predict(test), 1))
     return work
 
+
+#: methods whose work function can also measure the code as it was before 2026-12-02 (``--before``)
+BEFORE = ("diffnet", "diffnet+", "tdg", "tdg+")
 
 WORK = {
     "regad": regad_work,
@@ -366,9 +374,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each row")
     ap.add_argument(
-        "--tdg-before",
+        "--before",
         action="store_true",
-        help="tdg / tdg+ also as before 2026-12-02 (float bicubic pyramid, per-tensor Adam), measured first",
+        help="tdg / tdg+ / diffnet / diffnet+ also as before 2026-12-02 (TDG: float bicubic pyramid, per-tensor "
+        "Adam; DiffNet: per-tensor Adam in the flow step), measured first, in the same run",
     )
     ap.add_argument(
         "--adaptation",
@@ -400,7 +409,7 @@ def main(argv=None) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|")
     for preset in presets:
         for m in methods:
-            variants = [True, False] if args.tdg_before and m in ("tdg", "tdg+") else [False]
+            variants = [True, False] if args.before and m in BEFORE else [False]
             for r in (r for before in variants for r in measure(m, preset, args, peak, device, before)):
                 rows.append(r)
                 print(

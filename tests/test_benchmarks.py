@@ -288,4 +288,5 @@ def test_gpu_sh_runs_in_its_cpu_mode(tmp_path):
     assert lines[-1] == "gpu.sh: done on cpu"
     assert lines[-2].startswith("summary: regad ") and "tdg+" in lines[-2]
     assert any(line.startswith("projected paper_mvtec wall time") for line in lines)
+    assert any(line.startswith("| tdg+ | cpu | before: iteration at scale 0") for line in lines)  # --before
     assert (tmp_path / "gpu_sh.txt").read_text().endswith("gpu.sh: done on cpu\n")
