@@ -3,8 +3,9 @@
 Files: PNG, JPEG, BMP, TIFF (any case of the suffix). Images are returned as float tensors in
 [0, 1] of shape ``(3, S, S)`` (grayscale replicated; 16-bit scaled by 65535, not clipped; alpha
 dropped; resized with a named filter of :data:`RESIZE_FILTERS`, default bilinear, to the square or, with
-``"<filter>-crop"``, shorter side first and the centre square kept; PIL's filters antialias when they shrink); masks as ``(S, S)`` float tensors with values in {0, 1}
-(nearest resize); a mask must have its image's size (FsadError naming both files otherwise).
+``"<filter>-crop"``, shorter side first and the centre square kept; PIL's filters antialias when they
+shrink); masks as ``(S, S)`` float tensors with values in {0, 1} (nearest resize, the whole image); a mask
+must have its image's size (FsadError naming both files otherwise).
 
 Errors: any failure to read or decode a file (unknown format, truncated data, a mode that cannot
 be converted, any other Pillow error) is an FsadError naming the file, its mode and size when the

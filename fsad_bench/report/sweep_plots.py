@@ -133,9 +133,8 @@ def plot_sweep(
         ax.set_xlabel(keys[-1], fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-        ax.legend(
-            handles=handles + (fit_handle if ax is axes[-1] else []), fontsize=6, loc="best"
-        )  # grey: seconds only
+        # the grey fit line is drawn in the seconds panel only
+        ax.legend(handles=handles + (fit_handle if ax is axes[-1] else []), fontsize=6, loc="best")
     fig.suptitle(f"{dataset}: {base} swept over {', '.join(keys)}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
