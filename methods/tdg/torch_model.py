@@ -270,6 +270,13 @@ class PatchGenerator(nn.Module):
 PYRAMID_SIDES = ("official", "exact")
 
 
+def _stop_scale(image_size: int, min_size: int, max_size: int, scale_factor: float) -> int:
+    """Index of the finest scale (official ``adjust_scales2image``: ``num_scales`` minus the scales above
+    ``max_size``)."""
+    num_scales = math.ceil(math.log(min_size / image_size, scale_factor)) + 1
+    return num_scales - math.ceil(math.log(min(max_size, image_size) / image_size, scale_factor))
+
+
 def pyramid_sizes(
     image_size: int, min_size: int, max_size: int, scale_factor: float, sides: str = "official"
 ) -> list[int]:
@@ -282,14 +289,13 @@ def pyramid_sizes(
     factor 0.75 -> [26, 32, 41, 51, 64]. ``sides="exact"`` (before the parity check): the same sides with
     that round-off removed (``ceil(x - 1e-6)``, ``top`` rounded): [25, 32, 40, 51, 64].
     """
-    num_scales = math.ceil(math.log(min_size / image_size, scale_factor)) + 1
-    stop_scale = num_scales - math.ceil(math.log(min(max_size, image_size) / image_size, scale_factor))
+    stop_scale = _stop_scale(image_size, min_size, max_size, scale_factor)
     scale1 = min(max_size / image_size, 1.0)
     top = math.ceil(image_size * scale1) if sides == "official" else round(image_size * scale1)
     if stop_scale <= 0 or min_size >= top:
         return [top]
     if sides == "official":
-        factor = math.pow(min_size / top, 1 / stop_scale)
+        factor = official_scale_factor(image_size, min_size, max_size, scale_factor)
         return [math.ceil(top * math.pow(factor, stop_scale - i)) for i in range(stop_scale + 1)]
     factor = (min_size / top) ** (1.0 / stop_scale)
     return [math.ceil(top * factor ** (stop_scale - i) - 1e-6) for i in range(stop_scale + 1)]
@@ -298,8 +304,7 @@ def pyramid_sizes(
 def official_scale_factor(image_size: int, min_size: int, max_size: int, scale_factor: float) -> float:
     """The factor between scales that the official code recomputes (``adjust_scales2image``):
     ``(min_size / top)^(1 / stop_scale)`` in float64 (1.0 for a single scale)."""
-    num_scales = math.ceil(math.log(min_size / image_size, scale_factor)) + 1
-    stop_scale = num_scales - math.ceil(math.log(min(max_size, image_size) / image_size, scale_factor))
+    stop_scale = _stop_scale(image_size, min_size, max_size, scale_factor)
     top = math.ceil(image_size * min(max_size / image_size, 1.0))
     if stop_scale <= 0 or min_size >= top:
         return 1.0

@@ -58,21 +58,13 @@ def test_invalid_sides_rejected():
         TDG.check_options({"pyramid_sides": "round"})
 
 
-def _trained(sample_every: int, niter: int = 2) -> TDGHierarchy:
+def _trained(sample_every: int, niter: int = 2, model=None, **trainer_options) -> TDGHierarchy:
+    """A tiny hierarchy (``model()``, default two dihedral scales) trained ``niter`` iterations; torch seeded first."""
     torch.manual_seed(0)
-    model = TDGHierarchy([16, 20], dihedral_transformations()[:2], 8, 8)
+    model = model() if model else TDGHierarchy([16, 20], dihedral_transformations()[:2], 8, 8)
+    options = {"milestone_d": 500, "milestone_g": 1000, "d_steps": 1, "g_steps": 1, **trainer_options}
     trainer = HierarchyTrainer(
-        lr_g=5e-4,
-        lr_d=5e-4,
-        beta1=0.5,
-        gamma=0.1,
-        milestone_d=500,
-        milestone_g=1000,
-        d_steps=1,
-        g_steps=1,
-        alpha=10.0,
-        noise_amp=0.1,
-        sample_every=sample_every,
+        lr_g=5e-4, lr_d=5e-4, beta1=0.5, gamma=0.1, alpha=10.0, noise_amp=0.1, sample_every=sample_every, **options
     )
     trainer.train(
         model,
@@ -167,31 +159,14 @@ def test_pyramid_resize_official_by_default_bicubic_labelled(cls):
 
 def test_foreach_adam_is_bit_identical():
     """``HierarchyTrainer.foreach`` (a speed-up, not an option): the same weights as the per-tensor Adam."""
-    out = []
-    for foreach in (False, True):
-        torch.manual_seed(0)
+
+    def official():
         sizes, f = pyramid_sizes(24, 12, 24, 0.75), official_scale_factor(24, 12, 24, 0.75)
-        model = TDGHierarchy(sizes, dihedral_transformations()[:3], 8, 8, resize="official", factor=f)
-        trainer = HierarchyTrainer(
-            lr_g=5e-4,
-            lr_d=5e-4,
-            beta1=0.5,
-            gamma=0.1,
-            milestone_d=2,
-            milestone_g=3,
-            d_steps=2,
-            g_steps=2,
-            alpha=10.0,
-            noise_amp=0.1,
-            sample_every=2,
-            foreach=foreach,
-        )
-        trainer.train(
-            model,
-            torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1)),
-            4,
-            torch.Generator().manual_seed(2),
-        )
-        out.append(model.state_dict())
+        return TDGHierarchy(sizes, dihedral_transformations()[:3], 8, 8, resize="official", factor=f)
+
+    out = [
+        _trained(2, 4, official, milestone_d=2, milestone_g=3, d_steps=2, g_steps=2, foreach=foreach).state_dict()
+        for foreach in (False, True)
+    ]
     assert out[0].keys() == out[1].keys()
     assert all(torch.equal(out[0][k], out[1][k]) for k in out[0])
