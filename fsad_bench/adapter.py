@@ -86,20 +86,27 @@ class OneOf:
 
 
 class ListOf:
-    """A list (or tuple) of at least ``min_len`` items, each accepted by ``item`` (a type or a constraint)."""
+    """A list (or tuple) of ``min_len`` to ``max_len`` items (None: no upper bound), each accepted by
+    ``item`` (a type or a constraint)."""
 
-    def __init__(self, item: Any, min_len: int = 1):
-        self.item, self.min_len = item, min_len
+    def __init__(self, item: Any, min_len: int = 1, max_len: int | None = None):
+        self.item, self.min_len, self.max_len = item, min_len, max_len
 
     def accepts(self, value: Any) -> bool:
         return (
             isinstance(value, (list, tuple))
-            and len(value) >= self.min_len
+            and self.min_len <= len(value) <= (len(value) if self.max_len is None else self.max_len)
             and all(accepts(self.item, v) for v in value)
         )
 
     def __str__(self) -> str:
-        return f"a list of {describe(self.item)} (at least {self.min_len})"
+        if self.max_len is None:
+            count = f"at least {self.min_len}"
+        elif self.max_len == self.min_len:
+            count = f"exactly {self.min_len}"
+        else:
+            count = f"{self.min_len} to {self.max_len}"
+        return f"a list of {describe(self.item)} ({count})"
 
 
 def accepts(constraint: Any, value: Any) -> bool:
@@ -168,6 +175,7 @@ class Adapter(ABC):
         self.config = config or AdapterConfig()
         self.preset_name = self.resolve_preset(self.config.preset)
         self.hparams: dict[str, Any] = self.resolve_hparams(self.config.preset, self.config.options)
+        self.check_hparams(self.hparams)
         self.device = torch.device(self.config.device)
         #: Backbone weights actually used ("imagenet", "random-init", "file:x.pth"); set by subclasses.
         self.weights_tag = "n/a"
@@ -239,6 +247,13 @@ class Adapter(ABC):
                     f"got {value!r} ({type(value).__name__})"
                 )
 
+    @classmethod  # noqa: B027  (optional, as fit)
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        """FsadError (one line) when resolved hyper-parameters ``hparams`` (preset + options) are
+        individually valid but do not work together, e.g. an image size too small for the number of
+        scales. Planning calls it for every method of a suite before any work (sweep variants with
+        their values), ``__init__`` again. Default: nothing to check."""
+
     # -- the three stages -------------------------------------------------------------
     def fit(self, train: TrainSet) -> None:  # noqa: B027  (optional: training-free methods keep the default)
         """Train on ``train`` (see module docstring). Default: nothing to train."""
@@ -285,6 +300,11 @@ class Adapter(ABC):
     #: the support set): swept variants that differ only in them share one trained model (the run
     #: layer's fit key leaves them out, :func:`fsad_bench.run.plan.config_hash` with ``fit_only``)
     adapt_only_options: ClassVar[frozenset[str]] = frozenset()
+    #: whether :meth:`adapt` trains (fine-tunes a network on the support set) instead of computing
+    #: statistics of it: the label-free operating point's leave-one-out then costs k more trainings a
+    #: cell, so it is computed only when the suite asks (as for ``individual`` methods, whose :meth:`fit`
+    #: on the support set is training); :func:`fsad_bench.run.operating_point.wanted`
+    adapt_trains: ClassVar[bool] = False
 
     # -- labels -----------------------------------------------------------------------
     #: options that cannot change a number (batch sizes, chunking): never labelled

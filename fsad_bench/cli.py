@@ -151,7 +151,8 @@ def cli() -> None:
     "--operating-point/--no-operating-point",
     default=None,
     help="Label-free threshold from leave-one-out support scores for every method (the suite key "
-    "operating_point; default: all but individual methods, for which it costs k extra trainings a cell).",
+    "operating_point; default: all but the methods whose adaptation trains — individual ones, diffnet+, tdg+ — "
+    "for which it costs k extra trainings a cell).",
 )
 def run(
     suite_name,

@@ -21,8 +21,9 @@ that a record or a cached model is reused only when its inputs are unchanged:
   streamed prediction), with every module they import from the adapter's package and from
   ``fsad_bench``, transitively (data reading and decoding, sampling, metrics, protocols, components).
   The walk neither hashes nor follows the modules of :data:`NOT_NUMBERS` (scheduling, planning,
-  paths, devices and memory measurement, records, reports, the CLI). Editing a hashed file makes
-  earlier records and cached models of that method stale; editing an excluded one does not.
+  paths, devices and memory measurement, records, reports, the CLI). Editing the code of a hashed file
+  makes earlier records and cached models of that method stale; editing an excluded one, or only the
+  comments, docstrings or blank lines of a hashed one (:func:`code_text`), does not.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import ast
 import functools
 import hashlib
 import inspect
+import io
 import json
 import os
 import stat
 import sys
 import tempfile
+import tokenize
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -322,8 +325,45 @@ def _imports(name: str, path: Path, tree: ast.AST, roots: set[str]) -> list[str]
 
 
 def _source(path: Path) -> bytes:
-    """What the fingerprint hashes of one module (a seam for tests)."""
+    """One module's source as the fingerprint reads it (a seam for tests); :func:`code_text` of it is hashed."""
     return path.read_bytes()
+
+
+_DOCSTRING_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def code_text(source: bytes) -> bytes:
+    """``source`` without what cannot change a number: comments, docstrings, blank lines and trailing
+    spaces (a source that does not parse is returned unchanged). Editing a comment or a docstring then
+    leaves every fingerprint, record and cached model valid; any other edit, layout within a line included,
+    changes it. Pure text surgery at the tokens' positions, so the result is the same on every Python."""
+    try:
+        text = source.decode("utf-8")
+        tree = ast.parse(text)
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (SyntaxError, ValueError, tokenize.TokenError):  # UnicodeDecodeError is a ValueError
+        return source
+    docstrings = {
+        (node.body[0].lineno, node.body[0].col_offset)
+        for node in ast.walk(tree)
+        if isinstance(node, _DOCSTRING_OWNERS)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+        and isinstance(node.body[0].value.value, str)
+    }
+    lines = io.StringIO(text).readlines()  # the lines tokenize numbers (split at "\n" only)
+    cuts = [
+        (t.start, t.end)
+        for t in tokens
+        if t.type == tokenize.COMMENT or (t.type == tokenize.STRING and t.start in docstrings)
+    ]
+    for (r0, c0), (r1, c1) in reversed(cuts):  # later cuts first: earlier positions stay valid
+        if r0 == r1:
+            lines[r0 - 1] = lines[r0 - 1][:c0] + lines[r0 - 1][c1:]
+        else:
+            lines[r0 - 1 : r1] = [lines[r0 - 1][:c0], *[""] * (r1 - r0 - 1), lines[r1 - 1][c1:]]
+    return "\n".join(line.rstrip() for line in lines if line.strip()).encode()
 
 
 def _hashed_modules(module: str, file: str) -> dict[str, str]:
@@ -346,7 +386,7 @@ def _walk_sources(todo: list[tuple[str, Path | None]], roots: set[str]) -> dict[
             seen[name] = ""
             continue
         source = _source(path)
-        seen[name] = hashlib.sha256(source).hexdigest()
+        seen[name] = hashlib.sha256(code_text(source)).hexdigest()
         try:
             tree = ast.parse(source)
         except SyntaxError:

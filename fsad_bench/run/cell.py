@@ -269,7 +269,7 @@ def _run_group(
                 labels=labels,
             )
         del maps
-        if op.wanted(cls.protocol, suite.operating_point):  # after the timings above, never inside them
+        if op.wanted(cls, suite.operating_point):  # after the timings above, never inside them
             fresh = (
                 None
                 if shared is not None

@@ -15,10 +15,12 @@ strictly above the threshold; ``f1max`` is the oracle F1 at the best threshold, 
 ``image_f1max``) and ``operating_point_seconds`` (the k extra adaptations and predictions; never
 part of ``adapt_seconds``).
 
-Cost and default (:func:`wanted`): training-free, aggregated and cross-dataset methods adapt
-cheaply, so it is computed unless the suite says ``operating_point = false``; an individual method
-trains k more models per cell (k + 1 trainings instead of 1), so only with ``operating_point = true``
-(or ``fsad-bench run --operating-point``). The global random states (torch, CUDA, numpy, random) are
+Cost and default (:func:`wanted`): training-free, aggregated and cross-dataset methods that adapt by
+statistics of the support set adapt cheaply, so it is computed unless the suite says
+``operating_point = false``; an individual method trains k more models per cell (k + 1 trainings
+instead of 1), and a method whose adaptation fine-tunes (``Adapter.adapt_trains``: ``diffnet+``,
+``tdg+``) k more fine-tunings, so for those only with ``operating_point = true`` (or
+``fsad-bench run --operating-point``). The global random states (torch, CUDA, numpy, random) are
 restored afterwards and a shared adapter is re-adapted by the next cell anyway, so the cell's other
 numbers, and every later cell's, are those of a run without it.
 """
@@ -43,10 +45,16 @@ SELF_SCORING = "self (k=1)"
 LOO_SCORING = "leave-one-out"
 
 
-def wanted(protocol: str, setting: bool | None) -> bool:
-    """Whether a cell of a method of ``protocol`` computes the operating point: the suite's
-    ``operating_point`` when set, else every protocol but ``individual`` (whose adaptation is training)."""
-    return protocol != "individual" if setting is None else bool(setting)
+def by_default(cls) -> bool:
+    """Whether adapter class ``cls`` computes the operating point when the suite does not say: not when
+    adapting it trains a network (``individual`` methods, and :attr:`~fsad_bench.adapter.Adapter.adapt_trains`)."""
+    return cls.protocol != "individual" and not cls.adapt_trains
+
+
+def wanted(cls, setting: bool | None) -> bool:
+    """Whether a cell of adapter class ``cls`` computes the operating point: the suite's
+    ``operating_point`` when set, else :func:`by_default`."""
+    return by_default(cls) if setting is None else bool(setting)
 
 
 @contextmanager

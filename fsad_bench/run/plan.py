@@ -28,6 +28,7 @@ from fsad_bench.data.synthetic import generate
 from fsad_bench.errors import FsadError
 from fsad_bench.identity import code_fingerprint, tree_fingerprint, weights_fingerprint
 from fsad_bench.protocols import Suite, check_sweep
+from fsad_bench.run import operating_point as op
 from fsad_bench.run.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -167,8 +168,9 @@ def expand_sweeps(suite: Suite) -> Suite:
 
 
 def validate_suite(suite: Suite) -> None:
-    """Presets, option names and option value types against the adapters (FsadError listing what is
-    valid), before anything is computed. A preset must exist in at least one of the suite's methods;
+    """Presets, option names, option value types and the resolved options together
+    (``Adapter.check_hparams``) against the adapters (FsadError listing what is valid), before
+    anything is computed. A preset must exist in at least one of the suite's methods;
     a method without it runs its ``cpu`` preset (single-configuration methods like ``gaussian``)."""
     classes = {m: registry.get(m) for m in suite.methods}
     check_weights_argument(str(suite.weights or "auto"), suite.arch)
@@ -183,6 +185,8 @@ def validate_suite(suite: Suite) -> None:
         if not isinstance(opts, dict):
             raise FsadError(f"suite {suite.name!r}: [options.{m}] must be a table of option = value")
         (classes.get(m) or registry.get(m)).check_options(opts, f"[options.{m}] of suite {suite.name!r}")
+    for m, cls in classes.items():  # the options together, as each method will run (variants: with their values)
+        cls.check_hparams(cls.resolve_hparams(suite.preset, suite.options.get(m, {})))
 
 
 def _dataset_identity(ds: Dataset, categories: list[str], memo: dict[str, str]) -> dict[str, str]:
@@ -236,7 +240,7 @@ def config_hash(
         "synthetic": suite.synthetic if suite.dataset == "synthetic" else None,
         "support_lists": Path(suite.support_lists).read_text() if suite.support_lists else None,
     }
-    if cls.protocol == "individual" and suite.operating_point:  # records then hold the operating point
+    if suite.operating_point and not op.by_default(cls) and not fit_only:  # records then hold the operating point
         payload["operating_point"] = True
     if suite.test_subset is not None and not fit_only:
         payload["test_subset"] = suite.test_subset

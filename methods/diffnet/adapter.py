@@ -109,7 +109,7 @@ class DiffNet(Adapter):
         "clamp_alpha": [_POSITIVE],
         "dropout": [Interval(float, 0, 1, closed="left")],
         "lr": [_POSITIVE],
-        "betas": [ListOf(Interval(float, 0, 1, closed="left"), min_len=2)],
+        "betas": [ListOf(Interval(float, 0, 1, closed="left"), min_len=2, max_len=2)],
         "eps": [_POSITIVE],
         "weight_decay": [Interval(float, 0, None)],
         "meta_epochs": [Interval(int, 1)],
@@ -133,17 +133,20 @@ class DiffNet(Adapter):
         "grad_map": [OneOf("official", "summed")],
     }
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        hp = self.hparams
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        """AlexNet needs its smallest scale, ``img_size // 2**(n_scales - 1)`` px, to be at least 63 px."""
+        hp = hparams
         if hp["arch"] == "alexnet" and hp["img_size"] // 2 ** (hp["n_scales"] - 1) < ALEXNET_MIN_SIZE:
             raise FsadError(
-                f"{self.name}: img_size {hp['img_size']} with {hp['n_scales']} scales gives a smallest "
+                f"{cls.name}: img_size {hp['img_size']} with {hp['n_scales']} scales gives a smallest "
                 f"scale below AlexNet's minimum input of {ALEXNET_MIN_SIZE} px "
                 f"(valid: img_size // 2**(n_scales - 1) >= {ALEXNET_MIN_SIZE})"
             )
-        if len(hp["betas"]) != 2:
-            raise FsadError(f"{self.name}: option 'betas' must be two numbers (Adam's betas), got {hp['betas']!r}")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        hp = self.hparams
         self.extractor = AlexNetMultiScale(self.config.weights, hp["n_scales"], hp["arch"]).to(self.device)
         self.weights_tag = self.extractor.weights_tag
         self.flow = self.new_flow()
@@ -273,6 +276,7 @@ class DiffNetPlus(DiffNet):
     }
     option_constraints = {**DiffNet.option_constraints, "finetune_epochs": [Interval(int, 0)]}
     adapt_only_options = frozenset({"finetune_epochs"})
+    adapt_trains = True  # finetune_epochs of the flow on the support set
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -5,10 +5,12 @@ fit / adapt / predict and :class:`~.torch_model.TDGHierarchy` / :class:`~.traini
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
 from fsad_bench.adapter import Adapter, Interval, OneOf, TrainSet
+from fsad_bench.errors import FsadError
 from fsad_bench.methods.tdg.torch_model import (
     PYRAMID_RESIZES,
     PYRAMID_SIDES,
@@ -116,13 +118,18 @@ class TDG(Adapter):
     presets = {"paper": dict(_PAPER), "cpu": dict(_CPU)}
     option_constraints = dict(_CONSTRAINTS)
 
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        """The official resize sizes the pyramid itself: it needs ``pyramid_sides = "official"``."""
+        if hparams["pyramid_resize"] == "official" and hparams["pyramid_sides"] != "official":
+            raise FsadError(
+                f"{cls.name}: pyramid_resize = 'official' sizes the pyramid itself; it needs pyramid_sides = "
+                f"'official' (got {hparams['pyramid_sides']!r}; or set pyramid_resize = 'bicubic')"
+            )
+
     def __init__(self, config=None):
         super().__init__(config)
         hp = self.hparams
-        if hp["pyramid_resize"] == "official" and hp["pyramid_sides"] != "official":
-            raise ValueError(
-                "tdg: pyramid_resize = 'official' sizes the pyramid itself; it needs pyramid_sides = 'official'"
-            )
         size, lo, hi, f = self.config.image_size, hp["min_size"], hp["max_size"], hp["scale_factor"]
         sizes = pyramid_sizes(size, lo, hi, f, hp["pyramid_sides"])
         transforms = TRANSFORMATION_SETS[hp["transforms"]]()
@@ -230,6 +237,7 @@ class TDGPlus(TDG):
         "pretrain_index": [OneOf("scaled", "raw")],
     }
     adapt_only_options = frozenset({"adapt_niter"})
+    adapt_trains = True  # adapt_niter GAN iterations on the support set
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -72,7 +72,7 @@ def test_decoder_edit_is_not_served_old_pixels(synth_root, spies, tmp_path, monk
     monkeypatch.setattr(
         identity,
         "_source",
-        lambda p: original_source(p) + (b"\n# gamma 2\n" if Path(p).resolve() == images_py else b""),
+        lambda p: original_source(p) + (b"\nGAMMA = 2\n" if Path(p).resolve() == images_py else b""),
     )
     for f in (identity.code_fingerprint, identity.module_fingerprint, decoder_fingerprint):
         f.cache_clear()

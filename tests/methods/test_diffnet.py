@@ -202,8 +202,10 @@ def test_declared_options(presets_declared):
         DiffNetPlus.check_options({"finetune_epochs": -1})
     with pytest.raises(FsadError, match="finetune_epochs"):  # not an option of diffnet
         DiffNet.check_options({"finetune_epochs": 3})
-    with pytest.raises(FsadError, match="betas"):
-        DiffNet(AdapterConfig(weights="none", options={"betas": [0.8, 0.8, 0.8]}))
+    with pytest.raises(FsadError, match=r"betas.*\(exactly 2\)"):
+        DiffNet.check_options({"betas": [0.8, 0.8, 0.8]})
+    with pytest.raises(FsadError, match="smallest scale below AlexNet"):  # checked on construction too
+        DiffNet(AdapterConfig(weights="none", options={"arch": "alexnet", "img_size": 128, "n_scales": 3}))
 
 
 def test_foreach_adam_is_bit_identical(category, monkeypatch):

@@ -49,7 +49,7 @@ def test_presets_default_to_official_and_exact_is_labelled(cls):
     )
     assert b.model.sizes == [25, 32, 40, 51, 64]
     assert "sides=exact" in b.label and "pyramid_sides" not in b.label
-    with pytest.raises(ValueError, match="pyramid_sides = 'official'"):
+    with pytest.raises(FsadError, match="pyramid_sides = 'official'"):
         cls(AdapterConfig(preset="paper", image_size=128, options={"pyramid_sides": "exact"}))
 
 

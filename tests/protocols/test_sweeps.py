@@ -180,8 +180,9 @@ def test_a_sweep_over_several_categories_has_a_table_and_plot_per_category(power
 def _write(tmp_path, body: str):
     path = tmp_path / "s.toml"
     path.write_text(
-        'name = "s"\ndataset = "synthetic"\nmethods = ["random", "tdg"]\nk = [1]\nruns = 1\n'
-        'image_size = 64\nweights = "none"\n' + body
+        'name = "s"\ndataset = "synthetic"\nk = [1]\nruns = 1\nimage_size = 64\nweights = "none"\n'
+        + ("" if body.startswith("methods") else 'methods = ["random", "tdg"]\n')
+        + body
     )
     return path
 
@@ -199,6 +200,14 @@ def _write(tmp_path, body: str):
         ("[sweep.gaussian]\neps = [0.1]\n", "[sweep.gaussian] names no method of this suite"),
         ("[options.tdg]\nniter = 40\n[sweep.tdg]\nniter = [40, 200]\n", "option 'niter' of 'tdg' is both swept"),
         ("sweep = 3\n", "key 'sweep' must be a table of per-method tables"),
+        # options valid one by one, not together (Adapter.check_hparams), as fixed options or as a sweep value
+        ('[options.tdg]\npyramid_sides = "exact"\n', "tdg: pyramid_resize = 'official' sizes the pyramid itself"),
+        ('[sweep.tdg]\npyramid_sides = ["official", "exact"]\n', "tdg@pyramid_sides=exact: pyramid_resize"),
+        ('methods = ["diffnet"]\n[options.diffnet]\narch = "alexnet"\nn_scales = 3\n', "smallest scale below AlexNet"),
+        (
+            'methods = ["diffnet"]\n[options.diffnet]\nbetas = [0.8, 0.8, 0.8]\n',
+            "'betas' of method 'diffnet' must be a list of",
+        ),
     ],
 )
 def test_bad_sweep_is_one_line_before_any_work(body, message, synth_root, tmp_path, capsys):

@@ -22,7 +22,7 @@ def _fingerprint(monkeypatch, cls, edited: Path | None = None) -> str:
     original = identity._source
     target = edited.resolve() if edited else None
     monkeypatch.setattr(
-        identity, "_source", lambda p: original(p) + (b"\n# edited\n" if Path(p).resolve() == target else b"")
+        identity, "_source", lambda p: original(p) + (b"\nEDITED = 1\n" if Path(p).resolve() == target else b"")
     )
     identity.code_fingerprint.cache_clear()
     try:
@@ -110,3 +110,72 @@ def test_fingerprint_does_not_depend_on_what_the_process_imported(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == here
+
+
+MODULE = b'''"""Module doc."""
+
+import torch  # the backend
+
+
+def scale(x):
+    """Doubles ``x``.
+
+    Shape kept."""
+    # a comment line
+    return 2 * x  # trailing
+
+
+class Model:
+    "one-line doc"
+
+    width = 3
+'''
+
+
+@pytest.mark.parametrize(
+    "edited",
+    [
+        MODULE.replace(b"# the backend", b"# the one backend"),
+        MODULE.replace(b"Doubles ``x``.", b"Twice ``x`` (float, unit-free).\n\n    More."),
+        MODULE.replace(b'"one-line doc"', b'"""Another doc."""'),
+        MODULE.replace(b'"""Module doc."""\n', b""),
+        MODULE.replace(b"    # a comment line\n", b"\n\n"),
+        MODULE.replace(b"  # trailing", b"   "),
+        MODULE + b"\n# the end\n\n",
+    ],
+)
+def test_comments_docstrings_and_blank_lines_do_not_count(edited):
+    assert identity.code_text(edited) == identity.code_text(MODULE)
+
+
+@pytest.mark.parametrize(
+    "edited",
+    [
+        MODULE.replace(b"2 * x", b"3 * x"),
+        MODULE.replace(b"width = 3", b'width = 3\n    "not a docstring"'),
+        MODULE.replace(b"return 2 * x", b'"# not a comment"\n    return 2 * x'),
+        MODULE.replace(b"import torch", b"import numpy"),
+        MODULE.replace(b"    width = 3", b"    width = 3\n    depth = 1"),
+    ],
+)
+def test_every_other_edit_counts(edited):
+    assert identity.code_text(edited) != identity.code_text(MODULE)
+
+
+def test_a_source_that_does_not_parse_is_hashed_as_it_is():
+    assert identity.code_text(b"def broken(:\n") == b"def broken(:\n"
+    assert identity.code_text(b"\xff\xfe") == b"\xff\xfe"
+
+
+def test_comment_only_edit_of_a_number_module_keeps_the_fingerprint(monkeypatch):
+    cls, cell = registry.get("gaussian"), (PACKAGE / "run/cell.py").resolve()
+    base = _fingerprint(monkeypatch, cls)
+    original = identity._source
+    monkeypatch.setattr(
+        identity, "_source", lambda p: original(p) + (b"\n# a note\n" if Path(p).resolve() == cell else b"")
+    )
+    identity.code_fingerprint.cache_clear()
+    try:
+        assert identity.code_fingerprint(cls) == base
+    finally:
+        identity.code_fingerprint.cache_clear()

@@ -183,6 +183,33 @@ def test_individual_operating_point_only_on_request(make_suite, spies, tmp_path)
     assert rec_on["scores"] == rec["scores"]
 
 
+def test_fine_tuning_aggregated_method_operating_point_only_on_request(make_suite, spies, tmp_path, monkeypatch):
+    """An aggregated method whose adaptation trains (``adapt_trains``, e.g. tdg+) is treated as an individual
+    one: off by default, and ``true`` makes other records (not reused from a run without it)."""
+    from fsad_bench.run import operating_point as op
+
+    agg = spies["spy-agg"]
+    assert op.by_default(agg) and not op.by_default(spies["spy-ind"])
+    monkeypatch.setattr(agg, "adapt_trains", True)
+    assert not op.by_default(agg) and op.wanted(agg, True) and not op.wanted(agg, None)
+    (rec,) = run_suite(make_suite(methods=["spy-agg"], k=[2], runs=1, categories=["grid"]), tmp_path / "a").records()
+    assert "operating_point" not in rec
+    on = make_suite(methods=["spy-agg"], k=[2], runs=1, categories=["grid"], operating_point=True)
+    (rec_on,) = run_suite(on, tmp_path / "b").records()
+    assert rec_on["operating_point"]["scoring"] == "leave-one-out" and rec_on["cell_id"] != rec["cell_id"]
+    assert rec_on["scores"] == rec["scores"]
+    assert len(agg.fit_calls) == 1  # one shared fit, the operating point did not enter its key
+
+
+def test_shipped_defaults():
+    from fsad_bench import registry
+    from fsad_bench.run import operating_point as op
+
+    off = {m for m in registry.available() if not op.by_default(registry.get(m))}
+    assert {"diffnet+", "tdg+", "diffnet", "tdg", "regad-l"} <= off
+    assert not off & {"regad", "gaussian", "patchcore", "random"}
+
+
 def test_operating_point_suite_key_type():
     assert check_types({"operating_point": True}, "s")["operating_point"] is True
     with pytest.raises(FsadError, match="operating_point.*true or false"):
