@@ -192,6 +192,7 @@ def test_presets_satisfy_the_declared_options(name):
                 assert any(accepts(c, values[key]) for c in constraints), (
                     f"preset {preset!r}: {key}={values[key]!r} is not {' or '.join(map(describe, constraints))}"
                 )
+        cls.check_hparams(cls.resolve_hparams(preset))  # its options work together too
     cls.check_options(TINY.get(name, {}), "tiny test settings")
     with pytest.raises(FsadError, match="unknown option 'no_such_option'"):
         cls.check_options({"no_such_option": 1})
